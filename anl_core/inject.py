@@ -1,0 +1,368 @@
+"""Attach ANL blocks to a frozen diffusers ``UNet2DModel``; save and load adapters.
+
+``UNet2DModel`` has no cross-attention and passes nothing extra to its blocks, so the adapter
+works through forward hooks on the chosen blocks. The wrapper ``ANLUNet`` projects the
+condition tokens once per call, holds the result while the U-Net runs and clears it afterwards;
+a hook with no condition set is a no-op, so the bare U-Net keeps computing its base output.
+
+Down blocks return ``(hidden, residuals)`` and the last residual *is* the hidden output (the
+tensor the up path later receives as its deepest skip at that level). The hook adapts the
+hidden output and substitutes it for that last residual, so the ANL block behaves exactly like
+a layer appended inside the block. The earlier residuals (outputs of inner resnets) are left
+alone: adapting them would need a block per resnet for little gain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from anl_core.anl import ANLBlock
+
+CONFIG_NAME = "anl_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter was loaded onto a base model or encoder it was not trained for."""
+
+
+def _default_placement() -> dict[str, Any]:
+    return {"down": "all", "mid": True, "up": "all"}
+
+
+@dataclasses.dataclass
+class ANLConfig:
+    """Everything needed to rebuild an adapter: where its blocks go, their sizes, what it fits.
+
+    ``placement``: ``{"down": [i, ...] | "all", "mid": bool, "up": [i, ...] | "all"}`` by block
+    index in ``unet.down_blocks`` / ``unet.up_blocks``. ``token_dim`` and ``num_tokens`` are the
+    encoder's token shape; ``context_dim`` the shared projected width of the tokens.
+    ``base_fingerprint`` is filled in by ``attach_anl`` when left empty.
+    """
+
+    token_dim: int
+    num_tokens: int
+    encoder_id: str = ""
+    placement: dict[str, Any] = dataclasses.field(default_factory=_default_placement)
+    context_dim: int = 256
+    head_dim: int = 32
+    ff_mult: int = 2
+    positional: bool = True  # learned per-position embedding of the condition tokens
+    base_fingerprint: str = ""
+    block_channels: dict[str, int] = dataclasses.field(default_factory=dict)  # filled on attach
+
+    @classmethod
+    def for_encoder(cls, encoder: Any, **overrides: Any) -> ANLConfig:
+        """Config sized for a ``ConditionEncoder`` (its token shape and id)."""
+        return cls(token_dim=encoder.token_dim, num_tokens=encoder.num_tokens,
+                   encoder_id=encoder.encoder_id, **overrides)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ANLConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ANLConfig fields {sorted(unknown)}; was the adapter saved "
+                             "by a newer anl_core?")
+        return cls(**data)
+
+
+def base_fingerprint(unet: nn.Module, samples_per_tensor: int = 1024) -> str:
+    """sha256 of the U-Net config and a strided sample of every weight tensor.
+
+    Sampling keeps it cheap for large models (constant work per tensor) while any two
+    differently trained or initialised bases differ in the sampled values. Values are hashed as
+    float32 on CPU, so the fingerprint does not depend on the device the model sits on.
+    """
+    h = hashlib.sha256()
+    config = dict(getattr(unet, "config", {}))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(unet.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resolve_indices(spec: Any, count: int, path: str) -> list[int]:
+    if spec in (None, False):
+        return []
+    if spec in ("all", True):
+        return list(range(count))
+    indices = sorted({int(i) for i in spec})
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"placement[{path!r}] has block indices {bad}; this U-Net has {count} "
+                         f"{path} blocks (valid: 0..{count - 1} or 'all')")
+    return indices
+
+
+def _out_channels(block: nn.Module) -> int:
+    return block.resnets[-1].out_channels
+
+
+def _placed_blocks(unet: UNet2DModel, placement: dict[str, Any]) -> dict[str, nn.Module]:
+    """Map adapter slot name ('down.0', 'mid', 'up.2', ...) -> the U-Net block it follows."""
+    unknown = set(placement) - {"down", "mid", "up"}
+    if unknown:
+        raise ValueError(f"placement keys must be 'down', 'mid', 'up'; got {sorted(unknown)}")
+    slots: dict[str, nn.Module] = {}
+    for i in _resolve_indices(placement.get("down"), len(unet.down_blocks), "down"):
+        slots[f"down.{i}"] = unet.down_blocks[i]
+    if placement.get("mid") and unet.mid_block is not None:
+        slots["mid"] = unet.mid_block
+    for i in _resolve_indices(placement.get("up"), len(unet.up_blocks), "up"):
+        slots[f"up.{i}"] = unet.up_blocks[i]
+    if not slots:
+        raise ValueError("placement selects no U-Net blocks; use e.g. "
+                         "{'down': 'all', 'mid': True, 'up': 'all'}")
+    return slots
+
+
+class ConditionProjection(nn.Module):
+    """Encoder tokens (B, N, D) -> context (B, N, Dc), with a learned null token for masking."""
+
+    def __init__(self, token_dim: int, context_dim: int, num_tokens: int, positional: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(token_dim)
+        self.proj = nn.Linear(token_dim, context_dim)
+        # The null token lives in context space so it does not depend on encoder statistics.
+        self.null_token = nn.Parameter(torch.randn(context_dim) * 0.02)
+        # Zero-init: positions start indistinguishable and are learned only if they help.
+        self.pos_embed = nn.Parameter(torch.zeros(num_tokens, context_dim)) if positional else None
+        self.num_tokens = num_tokens
+
+    def forward(self, tokens: torch.Tensor | None, token_mask: torch.Tensor | None = None,
+                batch_size: int | None = None) -> torch.Tensor:
+        """``token_mask``: bool (B, N), True where a token is masked (replaced by the null token).
+
+        ``tokens=None`` gives the all-null (unconditional) context for ``batch_size`` samples.
+        """
+        if tokens is None:
+            if batch_size is None:
+                raise ValueError("pass batch_size for an unconditional (tokens=None) context")
+            ctx = self.null_token.expand(batch_size, self.num_tokens, -1)
+        else:
+            if tokens.ndim != 3 or tokens.shape[1] != self.num_tokens:
+                raise ValueError(f"expected tokens (B, {self.num_tokens}, D), got "
+                                 f"{tuple(tokens.shape)}: was the adapter built for this encoder?")
+            ctx = self.proj(self.norm(tokens.to(self.proj.weight.dtype)))
+            if token_mask is not None:
+                ctx = torch.where(token_mask.to(ctx.device)[..., None],
+                                  self.null_token.to(ctx.dtype), ctx)
+        if self.pos_embed is not None:
+            ctx = ctx + self.pos_embed
+        return ctx
+
+
+class ANLUNet(nn.Module):
+    """A frozen ``UNet2DModel`` plus ANL adapter; call like the U-Net with condition tokens.
+
+    ``model(sample, timestep, tokens=None, token_mask=None)`` returns the noise prediction
+    tensor. ``tokens=None`` (or ``token_mask`` all True) is the null condition used for
+    classifier-free guidance. A precomputed ``context=model.context(tokens, mask)`` may be
+    passed instead of tokens to skip re-projecting them at every denoising step.
+    """
+
+    def __init__(self, unet: UNet2DModel, config: ANLConfig):
+        super().__init__()
+        self.unet = unet
+        self.config = config
+        slots = _placed_blocks(unet, config.placement)
+        config.block_channels = {name: _out_channels(b) for name, b in slots.items()}
+        self.condition = ConditionProjection(config.token_dim, config.context_dim,
+                                             config.num_tokens, config.positional)
+        # ModuleDict keys cannot contain '.', hence 'down_0' for slot 'down.0'.
+        self.blocks = nn.ModuleDict({
+            name.replace(".", "_"): ANLBlock(ch, config.context_dim, config.head_dim, config.ff_mult)
+            for name, ch in config.block_channels.items()
+        })
+        self._context: torch.Tensor | None = None
+        self._hooks = [block.register_forward_hook(self._make_hook(name.replace(".", "_")))
+                       for name, block in slots.items()]
+        self.freeze_base()
+
+    # -- base / adapter bookkeeping ---------------------------------------------------------
+    def freeze_base(self) -> None:
+        """Base weights never train; eval mode turns off any dropout in the base."""
+        self.unet.requires_grad_(False)
+        self.unet.eval()
+
+    def train(self, mode: bool = True) -> ANLUNet:
+        super().train(mode)
+        self.unet.eval()  # the frozen base stays in eval mode whatever the adapter does
+        return self
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("unet.")]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("unet.")}
+
+    def param_counts(self) -> dict[str, int]:
+        """Trainable (adapter) vs frozen (base) vs total parameter counts."""
+        adapter = sum(p.numel() for p in self.adapter_parameters())
+        base = sum(p.numel() for p in self.unet.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"adapter": adapter, "base": base, "trainable": trainable, "total": adapter + base}
+
+    def remove_hooks(self) -> UNet2DModel:
+        """Detach the adapter from the U-Net and return the bare base model."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return self.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.condition.proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    # -- forward ------------------------------------------------------------------------------
+    def _make_hook(self, key: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            ctx = self._context
+            if ctx is None:
+                return None  # bare U-Net call: leave the output alone
+            block = self.blocks[key]
+            if isinstance(output, torch.Tensor):  # mid block
+                return block(output, ctx)
+            hidden = output[0]
+            adapted = block(hidden, ctx)
+            rest = list(output[1:])
+            # Down block: keep the deepest skip consistent with the adapted main path.
+            if rest and isinstance(rest[0], tuple) and rest[0] and rest[0][-1] is hidden:
+                rest[0] = rest[0][:-1] + (adapted,)
+            return (adapted, *rest)
+        return hook
+
+    def context(self, tokens: torch.Tensor | None, token_mask: torch.Tensor | None = None,
+                batch_size: int | None = None) -> torch.Tensor:
+        """Projected condition (B, N, context_dim); ``tokens=None`` gives the null condition."""
+        return self.condition(tokens, token_mask, batch_size)
+
+    @contextlib.contextmanager
+    def conditioned(self, context: torch.Tensor):
+        """Hold ``context`` for the hooks during the block; always cleared after."""
+        self._context = context
+        try:
+            yield
+        finally:
+            self._context = None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                tokens: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is None:
+            context = self.context(tokens, token_mask, batch_size=sample.shape[0])
+        if context.shape[0] != sample.shape[0]:
+            raise ValueError(f"{sample.shape[0]} samples but {context.shape[0]} conditions")
+        with self.conditioned(context):
+            return self.unet(sample, timestep, return_dict=False)[0]
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        return save_adapter(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, unet: UNet2DModel, directory: str | os.PathLike,
+                        encoder_id: str | None = None) -> ANLUNet:
+        return load_adapter(unet, directory, encoder_id=encoder_id)
+
+
+def attach_anl(unet: UNet2DModel, config: ANLConfig) -> ANLUNet:
+    """Freeze ``unet`` and attach fresh (identity) ANL blocks per ``config.placement``.
+
+    The returned model's adapter parameters sit on the U-Net's device and dtype.
+    """
+    config = dataclasses.replace(config, placement=dict(config.placement),
+                                 block_channels=dict(config.block_channels))
+    fingerprint = base_fingerprint(unet)
+    if config.base_fingerprint and config.base_fingerprint != fingerprint:
+        raise AdapterMismatchError(
+            "this ANLConfig was made for a different base U-Net (fingerprint "
+            f"{config.base_fingerprint[:12]}..., this U-Net is {fingerprint[:12]}...); "
+            "attach to the base it was made for, or clear config.base_fingerprint")
+    config.base_fingerprint = fingerprint
+    model = ANLUNet(unet, config)
+    param = next(unet.parameters())
+    model.blocks.to(device=param.device, dtype=param.dtype)
+    model.condition.to(device=param.device, dtype=param.dtype)
+    return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(model: ANLUNet, directory: str | os.PathLike) -> Path:
+    """Write ``adapter.safetensors`` then ``anl_config.json`` (last: its presence = complete)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
+    return out
+
+
+def load_adapter(unet: UNet2DModel, directory: str | os.PathLike,
+                 encoder_id: str | None = None) -> ANLUNet:
+    """Rebuild the adapter saved in ``directory`` on ``unet``.
+
+    Refuses (``AdapterMismatchError``) a base U-Net whose fingerprint differs from the one the
+    adapter was tuned on, and, when ``encoder_id`` is given, a different condition encoder.
+    """
+    src = Path(directory)
+    if not (src / CONFIG_NAME).is_file() or not (src / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{src} is not a saved ANL adapter (needs {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}); save one with save_adapter(model, dir)")
+    config = ANLConfig.from_json((src / CONFIG_NAME).read_text())
+    if encoder_id is not None and config.encoder_id and encoder_id != config.encoder_id:
+        raise AdapterMismatchError(
+            f"adapter in {src} was tuned on tokens of encoder {config.encoder_id!r}, "
+            f"not {encoder_id!r}; load the encoder it was tuned with")
+    fingerprint = base_fingerprint(unet)
+    if fingerprint != config.base_fingerprint:
+        raise AdapterMismatchError(
+            f"adapter in {src} was tuned on a different base U-Net (fingerprint "
+            f"{config.base_fingerprint[:12]}..., given U-Net {fingerprint[:12]}...); "
+            "load the base model the adapter was tuned on")
+    model = attach_anl(unet, config)
+    state = load_file(src / WEIGHTS_NAME, device=str(model.device))
+    expected = set(model.adapter_state_dict())
+    if set(state) != expected:
+        raise AdapterMismatchError(
+            f"adapter weights in {src} do not match its config: missing "
+            f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model

@@ -1,0 +1,103 @@
+"""The ``augment`` flow: dataset -> split -> tokens -> adapters -> samples -> shards ->
+classifiers -> report, all in one run directory named by preset and config hash.
+
+Per-class tuning and sampling run in a subflow whose task runner the config chooses:
+threads on this machine (``task_runner: default``), or Prefect's Dask task runner
+(``task_runner: dask``) against ``dask_address`` or a local cluster of ``dask_n_workers``
+processes. Sampling of a class starts as soon as its own adapter is tuned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import tasks
+from pipeline.config import AugmentConfig, with_overrides
+from pipeline.runs import clear_running
+from pipeline.stages import adapter_units
+
+
+def make_task_runner(config: AugmentConfig):
+    """The task runner for the per-class tasks, as the config says."""
+    if config.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if config.dask_address:
+            return DaskTaskRunner(address=config.dask_address)
+        # Processes, one thread each: one worker per core (or, with CUDA_VISIBLE_DEVICES
+        # set per worker by whoever starts the cluster, one per GPU).
+        return DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_n_workers,
+                                              "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    # One device: per-class tasks run one after another.
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+@flow(name="augment-classes", log_prints=True)
+def adapt_classes(run_dir: str, config: AugmentConfig, classes: list[int]) -> dict[str, list[str]]:
+    """Tune every adapter unit and sample every class; sampling of class c waits only for
+    the adapter it uses."""
+    units = adapter_units(config, len(classes))
+    tuned = {c: tasks.tune_class.submit(run_dir, config, c) for c in units}
+    sampled = [tasks.sample_class.submit(run_dir, config, c,
+                                         wait_for=[tuned[None if None in tuned else c]])
+               for c in classes]
+    return {"adapters": [f.result() for f in tuned.values()],
+            "samples": [f.result() for f in sampled]}
+
+
+@flow(name="augment", log_prints=True)
+def augment(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None = None) -> str:
+    """Run (or resume) the whole pipeline for ``config``; returns the report's path.
+
+    ``overrides`` (``{"sampling.guidance": 3}`` or ``["sampling.guidance=3"]``) change single
+    fields of ``config``; a deployment keeps its preset in ``config`` and a run passes only
+    the overrides.
+    """
+    config = with_overrides(config, overrides)
+    tasks.preflight_task(config)
+    run_dir = tasks.prepare_run(config)
+    print(f"run directory: {run_dir}")
+    try:
+        split = tasks.split(run_dir, config)
+        if config.pretrains_base:
+            tasks.pretrain(run_dir, config)
+        tasks.encode(run_dir, config)
+        classes = list(range(int(split["metrics"]["num_classes"])))
+        runner = make_task_runner(config)
+        adapt_classes.with_options(task_runner=runner)(run_dir, config, classes)
+        tasks.tune(run_dir, config)
+        tasks.sample(run_dir, config)
+        tasks.shards(run_dir, config)
+        tasks.quality(run_dir, config)
+        # One device: arms run one after another (each already fills it).
+        for arm in config.ssl.arms:
+            for seed in config.ssl.seeds:
+                tasks.ssl_arm(run_dir, config, arm, seed)
+        tasks.ssl(run_dir, config)
+        report = tasks.report(run_dir, config)
+    finally:
+        clear_running(Path(run_dir))
+    (Path(run_dir) / "stages" / "failed.json").unlink(missing_ok=True)
+    path = Path(run_dir) / report["outputs"].get("html", "report.html")
+    print(f"report: {path}")
+    return str(path)
+
+
+@flow(name="benchmark", log_prints=True)
+def benchmark(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None = None,
+              history: str = "runs/benchmark-history.parquet") -> str:
+    """Run a fixed preset (resuming if it already ran) and append its figures to ``history``.
+
+    The nightly deployment schedules this; since the run directory is keyed by the config,
+    a rerun of an unchanged config and code reuses finished stages and records the same
+    figures again with the date and commit, which is what a history table is for.
+    """
+    report = augment(config, overrides)
+    row = tasks.append_history(str(Path(report).parent), history)
+    print(f"benchmark history: {row['history']}")
+    return row["history"]

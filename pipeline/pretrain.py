@@ -1,0 +1,336 @@
+"""Pretrain an unconditional DDPM base model on a dataset's unlabeled pool.
+
+The output is a plain diffusers ``DDPMPipeline`` directory (``unet/``, ``scheduler/``,
+``model_index.json``), so ``UNet2DModel.from_pretrained(out / "unet")`` and
+``DDPMPipeline.from_pretrained(out)`` load it unchanged. The saved weights are the EMA
+weights. Training checkpoints live in ``out/checkpoints/`` and a rerun resumes from the
+last one; a finished directory (``training.json`` present) is not retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.images import from_model_space, to_model_space
+
+
+@dataclass
+class PretrainConfig:
+    """Architecture and schedule of the base model. Defaults: the shipped Fashion-MNIST model."""
+
+    sample_size: int = 32
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[int, ...] = (2,)  # indices into block_out_channels (8x8 here)
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 4e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    ema_max_decay: float = 0.9995
+    hflip: bool = True
+    seed: int = 0
+    checkpoint_every: int = 250
+    sample_steps: int = 50  # DDIM steps for the final sample grid
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["block_out_channels"] = list(self.block_out_channels)
+        d["attention_levels"] = list(self.attention_levels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown pretrain option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        for k in ("block_out_channels", "attention_levels"):
+            if k in known:
+                known[k] = tuple(known[k])
+        return cls(**known)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_unet(config: PretrainConfig, channels: int):
+    from diffusers import UNet2DModel
+
+    levels = range(len(config.block_out_channels))
+    down = tuple("AttnDownBlock2D" if i in config.attention_levels else "DownBlock2D" for i in levels)
+    up = tuple("AttnUpBlock2D" if i in config.attention_levels else "UpBlock2D" for i in reversed(levels))
+    return UNet2DModel(
+        sample_size=config.sample_size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
+        down_block_types=down, up_block_types=up, attention_head_dim=config.attention_head_dim,
+        norm_num_groups=min(32, min(config.block_out_channels)),
+    )
+
+
+def build_scheduler(config: PretrainConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=config.num_train_timesteps,
+                         beta_schedule=config.beta_schedule)
+
+
+def data_hash(images: np.ndarray) -> str:
+    """sha256 of the training pool's pixels and shape: the model card's data fingerprint."""
+    h = hashlib.sha256(str(images.shape).encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    return h.hexdigest()
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | None = None,
+             progress: bool = True, fp16: bool = True, command: str | None = None) -> Path:
+    """Train a DDPM on ``images`` (uint8 N,H,W,C: the unlabeled pool only) into ``out_dir``."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    config = config or PretrainConfig()
+    out_dir = Path(out_dir)
+    if (out_dir / "training.json").exists():
+        return out_dir
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"pretrain needs uint8 (N, H, W, C) images, got {images.dtype} {images.shape}")
+    if len(images) < config.batch_size:
+        raise ValueError(f"pretrain pool has {len(images)} images, fewer than batch_size={config.batch_size}")
+    device = resolve_device(config.device)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.seed)
+    channels = images.shape[-1]
+    unet = build_unet(config, channels).to(device)
+    scheduler = build_scheduler(config)
+    ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
+                   inv_gamma=1.0, power=3 / 4)
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr_sched = get_cosine_schedule_with_warmup(opt, config.warmup_steps, config.steps)
+    # The pool lives on the device in model space: one copy, indexed per batch.
+    pool = to_model_space(images, config.sample_size, device=device)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    step, losses, wall = 0, [], 0.0
+
+    ckpt_path = ckpt_dir / "last.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        lr_sched.load_state_dict(state["lr_sched"])
+        gen.set_state(state["gen"])
+        step, losses, wall = state["step"], state["losses"], state["wall_s"]
+
+    use_bf16 = device.type == "cuda"
+    unet.train()
+    bar = tqdm(total=config.steps, initial=step, desc="pretrain", disable=not progress, unit="step")
+    t0 = time.perf_counter()
+    while step < config.steps:
+        idx = torch.randint(len(pool), (config.batch_size,), generator=gen)
+        x0 = pool[idx.to(device)]
+        if config.hflip:
+            flip = (torch.rand(config.batch_size, generator=gen) < 0.5).to(device)
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=gen)
+        t = t.to(device)
+        xt = scheduler.add_noise(x0, noise, t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            pred = unet(xt, t).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        ema.step(unet.parameters())
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _atomic_torch_save({
+                "unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "lr_sched": lr_sched.state_dict(), "gen": gen.get_state(), "step": step,
+                "losses": losses, "wall_s": wall + time.perf_counter() - t0,
+            }, ckpt_path)
+    bar.close()
+    wall += time.perf_counter() - t0
+
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    grid = sample_grid(unet, scheduler, config, device)
+
+    # Write the pipeline into a temp dir, then move its parts in; training.json marks done.
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    try:
+        export = unet.to(torch.float16) if fp16 else unet
+        DDPMPipeline(unet=export, scheduler=scheduler).save_pretrained(tmp)
+        for name in ("unet", "scheduler", "model_index.json"):
+            dest = out_dir / name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(tmp / name, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _save_grid(grid, out_dir / "samples.png")
+    record = {
+        "config": config.to_dict(), "steps": step, "wall_s": round(wall, 1),
+        "steps_per_s": round(step / max(wall, 1e-9), 3), "device": _device_name(device),
+        "num_images": int(len(images)), "data_sha256": data_hash(images),
+        "params": sum(p.numel() for p in unet.parameters()),
+        "final_loss": float(np.mean(losses[-200:])) if losses else None,
+        "loss_every_50": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
+        "weights_sha256": _sha256(out_dir / "unet" / "diffusion_pytorch_model.safetensors"),
+        "command": command, "sample_scheduler": DDIMScheduler.__name__,
+    }
+    _write_json(out_dir / "training.json", record)
+    return out_dir
+
+
+@torch.no_grad()
+def sample_grid(unet, scheduler, config: PretrainConfig, device, n: int = 64) -> np.ndarray:
+    """DDIM samples of the trained model as uint8 (n, H, W, C), seeded."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(config.sample_steps)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+    x = torch.randn((n, unet.config.in_channels, config.sample_size, config.sample_size), generator=gen)
+    x = x.to(device)
+    for t in ddim.timesteps:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            eps = unet(x, t).sample.float()
+        x = ddim.step(eps, t, x).prev_sample
+    return from_model_space(x)
+
+
+def _save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    canvas = np.zeros((rows * (h + 2), cols * (w + 2), c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        canvas[r * (h + 2) + 1:r * (h + 2) + 1 + h, q * (w + 2) + 1:q * (w + 2) + 1 + w] = im
+    Image.fromarray(canvas[..., 0] if c == 1 else canvas).resize(
+        (canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the card's files are for everyone to read
+    os.replace(tmp, path)
+
+
+def pretrain_on_unlabeled_pool(dataset_name: str, out_dir: str | Path, labels_per_class: int,
+                               split_seed: int, config: PretrainConfig, root: str | None = None,
+                               progress: bool = True, command: str | None = None) -> Path:
+    """Pretrain on the unlabeled pool of the standard split: never test images, never labels."""
+    from pipeline.datasets import load_dataset
+    from pipeline.splits import make_split
+
+    ds = load_dataset(dataset_name, root)
+    split = make_split(ds.train_labels, labels_per_class, split_seed, ds.num_classes)
+    return pretrain(ds.train_images[split.unlabeled_idx], out_dir, config, progress=progress,
+                    command=command)
+
+
+def build_arg_parser(parser=None):
+    import argparse
+
+    p = parser or argparse.ArgumentParser(prog="augment pretrain", description=__doc__)
+    p.add_argument("--dataset", default="fashion-mnist", help="registered dataset name")
+    p.add_argument("--root", default=None, help="dataset root (when not the default location)")
+    p.add_argument("--labels-per-class", type=int, default=4,
+                   help="split whose labeled images are held out of the pool")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (diffusers DDPMPipeline layout)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="PretrainConfig field, e.g. --set steps=4000 --set block_out_channels=[32,64,64]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run_from_args(args, command: str | None = None) -> Path:
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = yaml.safe_load(v)
+    config = PretrainConfig.from_dict({**PretrainConfig().to_dict(), **overrides})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pretrain_on_unlabeled_pool(args.dataset, args.out, args.labels_per_class, args.split_seed,
+                                      config, root=args.root, progress=not args.no_progress,
+                                      command=command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import shlex
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    out = run_from_args(build_arg_parser().parse_args(argv),
+                        command="augment pretrain " + shlex.join(argv))
+    print(f"base model written to {out}")
+
+
+if __name__ == "__main__":
+    main()

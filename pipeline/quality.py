@@ -1,0 +1,409 @@
+"""Quality and diversity of a run's synthetic images, per class and per mask ratio.
+
+Four questions, each answered against real images of the same class:
+
+* fidelity: KID (kernel inception distance: unbiased MMD^2 with a cubic polynomial kernel)
+  between synthetic and real features in a pretrained encoder's feature space (the run's
+  condition encoder by default, so no network and no Inception weights are needed);
+* diversity: mean pairwise cosine distance of features, synthetic vs real, overall and
+  within the samples of one condition image (what the mask ratio is meant to raise);
+* label consistency: the share of synthetic images that a reference classifier trained on
+  real labels (:mod:`pipeline.reference`) assigns to the label they inherited;
+* memorisation: pixel RMSE from each synthetic image to its nearest labeled image of the
+  class, beside the same distance for held-out real images of that class.
+
+The pure functions (``kid``, ``mean_pairwise_distance``, ...) work on arrays; ``evaluate_run_quality``
+reads a run directory (shards, split) and writes ``quality/quality.json`` plus sample grids.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.datasets import ImageDataset
+from pipeline.images import to_model_space
+
+QUALITY_DIR = "quality"
+QUALITY_FILE = "quality.json"
+FORMAT = "anl-augment-quality"
+VERSION = 1
+KID_NOTE = ("KID is unbiased in the number of images, but its variance is large for the small "
+            "per-class sets used here (std over random subsets is given); compare values only "
+            "between runs that used the same encoder and similar sample sizes.")
+
+FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, C) -> float (N, D)
+
+
+class QualityError(RuntimeError):
+    """Quality cannot be measured for this run; the message says which input is missing."""
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    reference: dict[str, Any] = field(default_factory=dict)  # pipeline.reference.ReferenceConfig
+    max_real_per_class: int = 1000
+    max_synthetic_per_class: int = 2000
+    grid_per_class: int = 8
+    kid_subsets: int = 20
+    kid_subset_size: int = 1000
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- metrics on arrays
+
+
+def kid(x: np.ndarray, y: np.ndarray, n_subsets: int = 20, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """KID between feature sets (N, D) and (M, D): mean and std over random subsets.
+
+    Kernel k(a, b) = (a.b / D + 1)^3, the estimator is the unbiased MMD^2 (diagonal terms
+    left out), so its expectation does not depend on the subset size; it can be negative.
+    When both sets fit in one subset there is nothing to resample and the std is 0.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"kid needs two (N, D) arrays of equal D, got {x.shape} and {y.shape}")
+    m = min(len(x), len(y), subset_size)
+    if m < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    single = len(x) == m and len(y) == m
+    values = []
+    for _ in range(1 if single else n_subsets):
+        a = x if len(x) == m else x[rng.choice(len(x), m, replace=False)]
+        b = y if len(y) == m else y[rng.choice(len(y), m, replace=False)]
+        d = a.shape[1]
+        kxx = (a @ a.T / d + 1) ** 3
+        kyy = (b @ b.T / d + 1) ** 3
+        kxy = (a @ b.T / d + 1) ** 3
+        off = m * (m - 1)
+        values.append((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off
+                      - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _unit_rows(f: np.ndarray) -> np.ndarray:
+    f = np.asarray(f, np.float64)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def mean_pairwise_distance(f: np.ndarray, max_items: int = 1000, seed: int = 0) -> float:
+    """Mean cosine distance (1 - cos) over all distinct pairs; NaN for fewer than 2 rows."""
+    if len(f) < 2:
+        return float("nan")
+    if len(f) > max_items:
+        f = f[np.random.default_rng(seed).choice(len(f), max_items, replace=False)]
+    u = _unit_rows(f)
+    n = len(u)
+    sim = u @ u.T
+    return float(1.0 - (sim.sum() - np.trace(sim)) / (n * (n - 1)))
+
+
+def within_group_diversity(f: np.ndarray, groups: np.ndarray) -> float:
+    """Mean pairwise distance among rows sharing a group (a condition image), averaged over
+    groups with at least two rows; NaN when there are none."""
+    groups = np.asarray(groups)
+    values = [mean_pairwise_distance(f[groups == g]) for g in np.unique(groups)
+              if (groups == g).sum() >= 2]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def nearest_rmse(queries: np.ndarray, pool: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """For each uint8 query image, the pixel RMSE (in [0, 1] units) to its nearest pool image."""
+    if len(pool) == 0:
+        raise ValueError("nearest_rmse needs a non-empty pool")
+    p = torch.as_tensor(pool.reshape(len(pool), -1), dtype=torch.float32) / 255.0
+    out = []
+    for i in range(0, len(queries), batch):
+        q = torch.as_tensor(queries[i:i + batch].reshape(-1, p.shape[1]), dtype=torch.float32) / 255
+        out.append(torch.cdist(q, p).min(dim=1).values / math.sqrt(p.shape[1]))
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+# --------------------------------------------------------------------------- feature spaces
+
+
+def encoder_features(encoder, batch_size: int = 256) -> FeatureFn:
+    """Pooled condition-encoder tokens: anything with ``encode(x in [-1, 1] NCHW) -> (B, N, D)``."""
+
+    def fn(images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = to_model_space(images[i:i + batch_size])
+            tokens = encoder.encode(x)
+            out.append((tokens.mean(dim=1) if tokens.ndim == 3 else tokens).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
+
+    return fn
+
+
+def resolve_features(encoder, device: str | None, reference) -> tuple[str, FeatureFn]:
+    """(feature space name, function) from an encoder name, encoder object, callable or None.
+
+    None falls back to the reference classifier's penultimate features.
+    """
+    if encoder is None:
+        return reference.reference_id, reference.features
+    if isinstance(encoder, str):
+        from anl_core.encoders import load_encoder
+
+        encoder = load_encoder(encoder, device=device)
+    if hasattr(encoder, "encode"):
+        return str(getattr(encoder, "encoder_id", type(encoder).__name__)), \
+            encoder_features(encoder)
+    if callable(encoder):
+        return getattr(encoder, "__name__", "custom"), encoder
+    raise QualityError(f"encoder must be a name, an object with .encode, a callable or None; "
+                       f"got {type(encoder).__name__}")
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def class_grid_png(real: np.ndarray, synthetic: dict[float, np.ndarray], title: str,
+                   cols: int = 8) -> bytes:
+    """PNG: one row of real labeled images, then one row of synthetic images per mask ratio."""
+    from matplotlib.figure import Figure
+
+    rows = [("real labeled", real[:cols])] + \
+        [(f"mask {r:g}", imgs[:cols]) for r, imgs in sorted(synthetic.items())]
+    h, w, c = (real if len(real) else next(iter(synthetic.values()))).shape[1:]
+    fig = Figure(figsize=(cols * 0.9 + 1.2, len(rows) * 0.95 + 0.4))
+    axes = fig.subplots(len(rows), 1, squeeze=False)
+    for ax, (label, imgs) in zip(axes[:, 0], rows, strict=True):
+        strip = np.full((h, cols * (w + 2), c), 255, np.uint8)
+        for j, im in enumerate(imgs):
+            strip[:, j * (w + 2):j * (w + 2) + w] = im
+        ax.imshow(strip[..., 0] if c == 1 else strip, cmap="gray" if c == 1 else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        for s in ax.spines.values():
+            s.set_visible(False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def grid_picks(frame, rows: np.ndarray, n: int) -> np.ndarray:
+    """Rows for a grid: first sample of each condition, then the second of each, and so on,
+    so a grid shows as many different condition images as it can."""
+    sub = frame.iloc[rows]
+    rank = sub.groupby("condition_id", dropna=False).cumcount().to_numpy()
+    cond = sub["condition_id"].fillna(-1).to_numpy()
+    order = np.lexsort((cond, rank))
+    return rows[order[:n]]
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _clean(obj):
+    """NaN/inf -> None (strict JSON), numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _nanmean(values) -> float:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
+def _set_metrics(feats: np.ndarray, real_feats: np.ndarray, conds: np.ndarray, pred: np.ndarray,
+                 label: int, config: QualityConfig) -> dict:
+    k, k_std = kid(feats, real_feats, config.kid_subsets, config.kid_subset_size, config.seed)
+    return {"n": len(feats), "kid": k, "kid_std": k_std,
+            "diversity_synthetic": mean_pairwise_distance(feats, seed=config.seed),
+            "within_condition_diversity": within_group_diversity(feats, conds),
+            "label_consistency": float((pred == label).mean()) if len(pred) else float("nan")}
+
+
+def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
+                         config: QualityConfig | None = None, *, encoder=None, reference=None,
+                         cache_dir: str | Path | None = None, device: str | None = None,
+                         progress: bool = True) -> Path:
+    """Measure ``run_dir/shards`` against the dataset's real images; write quality/quality.json.
+
+    ``encoder``: condition-encoder name (e.g. the run's ``"efficientnet-lite0"``), an encoder
+    object, a features callable, or None for the reference classifier's features.
+    ``reference``: a trained :class:`pipeline.reference.ReferenceClassifier`; by default the
+    one cached under ``cache_dir`` (default ``<runs_dir>/_cache/reference``), trained if absent.
+    Returns the path of quality.json (written last, atomically).
+    """
+    from pipeline.reference import ReferenceConfig, load_or_train_reference
+    from pipeline.shards import read_shards
+    from pipeline.splits import load_split
+
+    run_dir = Path(run_dir)
+    config = config or QualityConfig()
+    shard_dir = run_dir / "shards"
+    if not (shard_dir / "manifest.json").exists():
+        raise QualityError(f"{shard_dir} has no manifest.json; run the shards stage first")
+    split = load_split(run_dir / "split.parquet")
+    if len(split.labels) != len(dataset.train_labels):
+        raise QualityError(f"{run_dir / 'split.parquet'} indexes {len(split.labels)} training "
+                           f"images but {dataset.name} has {len(dataset.train_labels)}; "
+                           "pass the dataset this run was made from")
+    if reference is None:
+        cache_dir = Path(cache_dir) if cache_dir else run_dir.parent / "_cache" / "reference"
+        reference = load_or_train_reference(dataset, cache_dir,
+                                            ReferenceConfig(**config.reference), device, progress)
+    space, features = resolve_features(encoder, device, reference)
+
+    shards = read_shards(shard_dir, verify=True)
+    frame = shards.frame.reset_index(drop=True)
+    synth_mask = (frame["source"] == "synthetic").to_numpy(bool, na_value=False) if "source" in frame else \
+        np.ones(len(frame), bool)
+    mask_col = frame["mask_ratio"].to_numpy(np.float64, na_value=np.nan) if "mask_ratio" in frame \
+        else \
+        np.full(len(frame), np.nan)
+    ratios = sorted({float(r) for r in mask_col[synth_mask] if np.isfinite(r)})
+    out_dir = run_dir / QUALITY_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.seed)
+    labeled = set(split.labeled_idx.tolist())
+    per_class, all_pred, all_labels, by_ratio_rows = [], [], [], {r: [] for r in ratios}
+
+    for c in tqdm(range(dataset.num_classes), desc="quality", disable=not progress, leave=False):
+        name = dataset.class_names[c]
+        entry: dict[str, Any] = {"class": c, "name": name}
+        real_idx = np.array([i for i in np.flatnonzero(dataset.train_labels == c)
+                             if i not in labeled], np.int64)
+        if len(real_idx) > config.max_real_per_class:
+            real_idx = np.sort(rng.choice(real_idx, config.max_real_per_class, replace=False))
+        lab_idx = split.labeled_idx[split.labeled_labels == c]
+        rows = np.flatnonzero(synth_mask & (shards.labels == c))
+        if len(rows) > config.max_synthetic_per_class:
+            rows = np.sort(rng.choice(rows, config.max_synthetic_per_class, replace=False))
+        entry.update(n_synthetic=len(rows), n_real=len(real_idx),
+                     n_labeled=len(lab_idx),
+                     reference_accuracy=reference.per_class_test_accuracy[c])
+        real_feats = features(dataset.train_images[real_idx])
+        entry["diversity_real"] = mean_pairwise_distance(real_feats, seed=config.seed)
+        real_nn = nearest_rmse(dataset.train_images[real_idx], dataset.train_images[lab_idx]) \
+            if len(lab_idx) and len(real_idx) else np.zeros(0)
+        entry["nn_rmse_real"] = float(real_nn.mean()) if len(real_nn) else float("nan")
+        synth_grid: dict[float, np.ndarray] = {}
+        if len(rows):
+            images = shards.images[rows]
+            feats = features(images)
+            pred = reference.predict(images)
+            conds = frame["condition_id"].to_numpy(np.int64, na_value=-1)[rows] \
+                if "condition_id" in frame else np.zeros(len(rows), np.int64)
+            entry.update(_set_metrics(feats, real_feats, conds, pred, c, config))
+            entry["n_synthetic"] = entry.pop("n")
+            wrong = pred[pred != c]
+            if len(wrong):
+                top = int(np.bincount(wrong, minlength=dataset.num_classes).argmax())
+                entry["top_confusion"] = {"class": top, "name": dataset.class_names[top],
+                                          "share": float((pred == top).mean())}
+            synth_nn = nearest_rmse(images, dataset.train_images[lab_idx]) if len(lab_idx) \
+                else np.zeros(0)
+            entry["nn_rmse_synthetic"] = float(synth_nn.mean()) if len(synth_nn) else float("nan")
+            entry["closer_than_real_share"] = float((synth_nn < real_nn.min()).mean()) \
+                if len(synth_nn) and len(real_nn) else float("nan")
+            entry["by_mask_ratio"] = []
+            for r in ratios:
+                sel = mask_col[rows] == r
+                if not sel.any():
+                    continue
+                m = _set_metrics(feats[sel], real_feats, conds[sel], pred[sel], c, config)
+                entry["by_mask_ratio"].append({"mask_ratio": r, **m})
+                by_ratio_rows[r].append(m)
+                synth_grid[r] = shards.images[grid_picks(frame, rows[sel], config.grid_per_class)]
+            all_pred.append(pred)
+            all_labels.append(np.full(len(pred), c))
+        grid_name = f"samples-class-{c:02d}.png"
+        _atomic_bytes(out_dir / grid_name, class_grid_png(
+            dataset.train_images[lab_idx[:config.grid_per_class]], synth_grid,
+            f"{c}: {name}", cols=config.grid_per_class))
+        entry["grid"] = f"{QUALITY_DIR}/{grid_name}"
+        per_class.append(entry)
+
+    pred = np.concatenate(all_pred) if all_pred else np.zeros(0, np.int64)
+    labels = np.concatenate(all_labels) if all_labels else np.zeros(0, np.int64)
+    overall = {
+        "n_synthetic": len(pred),
+        "kid": _nanmean(e.get("kid") for e in per_class),
+        "label_consistency": float((pred == labels).mean()) if len(pred) else float("nan"),
+        "diversity_synthetic": _nanmean(e.get("diversity_synthetic") for e in per_class),
+        "diversity_real": _nanmean(e.get("diversity_real") for e in per_class),
+        "within_condition_diversity": _nanmean(e.get("within_condition_diversity")
+                                               for e in per_class),
+        "nn_rmse_synthetic": _nanmean(e.get("nn_rmse_synthetic") for e in per_class),
+        "nn_rmse_real": _nanmean(e.get("nn_rmse_real") for e in per_class),
+        "closer_than_real_share": _nanmean(e.get("closer_than_real_share") for e in per_class),
+        "reference_test_accuracy": reference.test_accuracy,
+    }
+    summary = {
+        "format": FORMAT, "version": VERSION, "feature_space": space,
+        "reference": {"reference_id": reference.reference_id,
+                      "test_accuracy": reference.test_accuracy,
+                      "train_images": reference.info.get("train_images"),
+                      "path": str(reference.path) if reference.path else None},
+        "config": config.to_dict(), "mask_ratios": ratios,
+        "notes": {"kid": KID_NOTE,
+                  "diversity": "mean pairwise cosine distance of features (1 - cos)",
+                  "label_consistency": "share of synthetic images the reference classifier "
+                                       "assigns to their inherited label; read it against "
+                                       "reference_accuracy, its accuracy on real test images",
+                  "nn_rmse": "pixel RMSE in [0, 1] to the nearest labeled image of the class; "
+                             "synthetic well below real suggests copies of the conditions"},
+        "overall": overall,
+        "by_mask_ratio": [{"mask_ratio": r, "n": int(sum(m["n"] for m in ms)),
+                           **{k: _nanmean(m[k] for m in ms) for k in
+                              ("kid", "diversity_synthetic", "within_condition_diversity")},
+                           "label_consistency": (sum(m["label_consistency"] * m["n"] for m in ms)
+                                                 / max(1, sum(m["n"] for m in ms)))}
+                          for r, ms in by_ratio_rows.items() if ms],
+        "per_class": per_class,
+    }
+    path = out_dir / QUALITY_FILE
+    _atomic_bytes(path, json.dumps(_clean(summary), indent=1).encode())
+    return path
+
+
+def load_quality(run_dir: str | Path) -> dict | None:
+    """quality/quality.json of a run, or None when the quality stage has not run."""
+    path = Path(run_dir) / QUALITY_DIR / QUALITY_FILE
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,247 @@
+"""What a report shows, read from a run directory's stage outputs.
+
+Every figure here is read from a file some stage wrote (``stages/*.json``,
+``ssl/<arm>/seed-<s>/metrics.json`` and ``learning_curve.parquet``, ``quality/quality.json``,
+``shards/manifest.json``, ``adapters/*/tune.json``, ``config.json``); the only arithmetic is
+aggregation over seeds (mean, sample std, paired differences). A file that is missing or
+unreadable leaves its part as None, which the report renders as "not run".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+NOT_RUN = "not run"
+STAGE_ORDER = ("split", "pretrain", "encode", "tune", "sample", "shards", "quality", "ssl",
+               "report")
+ARM_ORDER = ("supervised", "baseline", "augmented")
+# (arm, against): the differences a reader asks about, most important first.
+COMPARISONS = (("augmented", "baseline"), ("baseline", "supervised"),
+               ("augmented", "supervised"))
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean, sample std (ddof=1; None for one value) and n, over finite values."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if not v:
+        return None, None, 0
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None), len(v)
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    metrics: dict
+    path: Path
+    curve: pd.DataFrame | None = None
+
+    @property
+    def top1_error(self) -> float:
+        return float(self.metrics["top1_error"])
+
+
+@dataclass
+class ArmResult:
+    """One SSL arm over the seeds that finished (metrics.json present)."""
+
+    arm: str
+    seeds: list[SeedResult] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[float]:
+        return [s.top1_error for s in self.seeds]
+
+    @property
+    def summary(self) -> tuple[float | None, float | None, int]:
+        return mean_std(self.errors)
+
+    def per_class_accuracy(self) -> dict[str, float | None]:
+        """Mean over seeds of each class's test accuracy (metrics.json ``per_class_accuracy``)."""
+        names = list(self.seeds[0].metrics.get("per_class_accuracy", {}))
+        return {n: mean_std([s.metrics["per_class_accuracy"].get(n) for s in self.seeds])[0]
+                for n in names}
+
+    def confusion(self) -> np.ndarray | None:
+        """Confusion matrix summed over seeds (counts: true class x predicted class)."""
+        mats = [np.asarray(s.metrics["confusion_matrix"]) for s in self.seeds
+                if s.metrics.get("confusion_matrix")]
+        return np.sum(mats, axis=0) if mats else None
+
+
+@dataclass
+class Comparison:
+    """arm minus against, paired by seed (same seed = same init and split)."""
+
+    arm: str
+    against: str
+    seeds: list[int]
+    differences: list[float]
+
+    @property
+    def summary(self) -> tuple[float | None, float | None, int]:
+        return mean_std(self.differences)
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    config: dict | None
+    stages: dict[str, dict]
+    arms: dict[str, ArmResult]
+    quality: dict | None
+    manifest: dict | None
+    tunes: dict[str, dict]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def preset(self) -> str:
+        return str((self.config or {}).get("preset") or self.run_dir.name.rsplit("-", 1)[0])
+
+    @property
+    def config_hash(self) -> str | None:
+        return (self.config or {}).get("config_hash")
+
+    @property
+    def versions(self) -> dict:
+        return (self.config or {}).get("versions") or {}
+
+    def stage_status(self, stage: str) -> str:
+        rec = self.stages.get(stage)
+        if rec is None:
+            return NOT_RUN
+        return "reused" if rec.get("adopted_from") else "done"
+
+    def comparisons(self) -> list[Comparison]:
+        out = []
+        for arm, against in COMPARISONS:
+            a, b = self.arms.get(arm), self.arms.get(against)
+            if not a or not b:
+                continue
+            eb = {s.seed: s.top1_error for s in b.seeds}
+            common = [s for s in a.seeds if s.seed in eb]
+            if common:
+                out.append(Comparison(arm, against, [s.seed for s in common],
+                                      [s.top1_error - eb[s.seed] for s in common]))
+        return out
+
+    def sampling_images_per_s(self) -> float | None:
+        return ((self.stages.get("sample") or {}).get("metrics") or {}).get("images_per_s")
+
+    def param_counts(self) -> dict | None:
+        """Adapter vs base parameter counts, from the first adapter's tune.json."""
+        for info in self.tunes.values():
+            if info.get("param_counts"):
+                return info["param_counts"]
+        return None
+
+
+def _seed_of(path: Path) -> int | None:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def load_arms(run_dir: Path, problems: list[str] | None = None) -> dict[str, ArmResult]:
+    """Every ``ssl/<arm>/seed-<s>/metrics.json`` (arms in the usual order, then the rest)."""
+    problems = problems if problems is not None else []
+    ssl = run_dir / "ssl"
+    arms: dict[str, ArmResult] = {}
+    names = sorted((p.name for p in ssl.iterdir() if p.is_dir()),
+                   key=lambda a: (ARM_ORDER.index(a) if a in ARM_ORDER else 99, a)) \
+        if ssl.is_dir() else []
+    for arm in names:
+        seeds = []
+        for seed_dir in sorted((ssl / arm).glob("seed-*"), key=lambda p: _seed_of(p) or 0):
+            metrics = read_json(seed_dir / "metrics.json")
+            if metrics is None or "top1_error" not in metrics:
+                continue  # running or not started: not a result yet
+            seed = metrics.get("seed", _seed_of(seed_dir))
+            curve = None
+            if (seed_dir / "learning_curve.parquet").exists():
+                try:
+                    curve = pd.read_parquet(seed_dir / "learning_curve.parquet")
+                except (OSError, ValueError) as e:
+                    problems.append(f"{seed_dir / 'learning_curve.parquet'} unreadable: {e}")
+            seeds.append(SeedResult(int(seed), metrics, seed_dir, curve))
+        if seeds:
+            arms[arm] = ArmResult(arm, seeds)
+    return arms
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist; pass a directory "
+                                "under runs/ (see `augment runs`)")
+    problems: list[str] = []
+    config = read_json(run_dir / "config.json")
+    if config is None:
+        problems.append("config.json missing or unreadable")
+    stages = {}
+    for stage in STAGE_ORDER:
+        rec = read_json(run_dir / "stages" / f"{stage}.json")
+        if rec is not None:
+            stages[stage] = rec
+    tunes = {}
+    adapters = run_dir / "adapters"
+    if adapters.is_dir():
+        for d in sorted(adapters.iterdir()):
+            info = read_json(d / "tune.json")
+            if info is not None:
+                tunes[d.name] = info
+    return RunData(run_dir, config, stages, load_arms(run_dir, problems),
+                   read_json(run_dir / "quality" / "quality.json"),
+                   read_json(run_dir / "shards" / "manifest.json"), tunes, problems)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def results_table(run: RunData | str | Path) -> list[dict[str, Any]]:
+    """One row per SSL arm (error in %, mean/std/n over seeds, change vs baseline in points).
+
+    Flat JSON-friendly rows, the shape Prefect's ``create_table_artifact`` takes.
+    """
+    run = run if isinstance(run, RunData) else load_run(run)
+    base = run.arms.get("baseline")
+    paired = {(c.arm, c.against): c for c in run.comparisons()}
+    rows = []
+    for arm in (*ARM_ORDER, *[a for a in run.arms if a not in ARM_ORDER]):
+        res = run.arms.get(arm)
+        if res is None:
+            rows.append({"arm": arm, "status": NOT_RUN, "error_pct": None, "std_pct": None,
+                         "n_seeds": 0, "delta_vs_baseline_pp": None, "delta_std_pp": None})
+            continue
+        mean, std, n = res.summary
+        delta = paired.get((arm, "baseline"))
+        dm, ds, _ = delta.summary if delta else (None, None, 0)
+        rows.append({"arm": arm, "status": "done", "error_pct": _r(100 * mean),
+                     "std_pct": _r(None if std is None else 100 * std), "n_seeds": n,
+                     "delta_vs_baseline_pp": _r(None if dm is None or base is None else 100 * dm),
+                     "delta_std_pp": _r(None if ds is None else 100 * ds)})
+    return rows

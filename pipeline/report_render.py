@@ -1,0 +1,119 @@
+"""Jinja2 environment and number formats shared by the run, ablation and history reports.
+
+Formats in one place so every page writes an error, a difference or a time the same way;
+a missing value (None, NaN) always reads "not run" or a dash, never "nan".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+TEMPLATES = Path(__file__).parent / "templates"
+NOT_RUN = "not run"
+
+
+def _ok(x) -> bool:
+    return x is not None and not (isinstance(x, float) and not math.isfinite(x))
+
+
+def pct(x, nd: int = 2) -> str:
+    """A fraction as a percentage: 0.1234 -> '12.34%'."""
+    return f"{100 * float(x):.{nd}f}%" if _ok(x) else NOT_RUN
+
+
+def pct_or(x, default: str = "—", nd: int = 2) -> str:
+    return pct(x, nd) if _ok(x) else default
+
+
+def pp(x, nd: int = 2) -> str:
+    """A difference of fractions in signed percentage points: -0.0123 -> '−1.23 pp'."""
+    if not _ok(x):
+        return NOT_RUN
+    v = 100 * float(x)
+    return f"{'+' if v > 0 else '−' if v < 0 else '±'}{abs(v):.{nd}f} pp"
+
+
+def pp_or(x, default: str = "—") -> str:
+    return pp(x) if _ok(x) else default
+
+
+def pp_abs_or(x, default: str = "—") -> str:
+    return f"{100 * float(x):.2f} pp" if _ok(x) else default
+
+
+def num(x, nd: int = 3) -> str:
+    if not _ok(x):
+        return "—"
+    return f"{x:,}" if isinstance(x, int) else f"{float(x):,.{nd}f}"
+
+
+def seconds(x) -> str:
+    if not _ok(x):
+        return "—"
+    x = float(x)
+    if x < 120:
+        return f"{x:.1f} s"
+    return f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.2f} h"
+
+
+def mb(x) -> str:
+    if not _ok(x):
+        return "—"
+    return f"{float(x):,.0f} MB" if float(x) < 10240 else f"{float(x) / 1024:.1f} GB"
+
+
+def environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)),
+                      autoescape=select_autoescape(["html", "j2"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=pct, pct_or=pct_or, pp=pp, pp_or=pp_or, pp_abs_or=pp_abs_or,
+                       num=num, seconds=seconds, mb=mb)
+    return env
+
+
+def render(template: str, **context) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        gen = version("anl-augment")
+    except PackageNotFoundError:
+        gen = "dev"
+    context.setdefault("generated", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    context.setdefault("generator_version", gen)
+    return environment().get_template(template).render(**context)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def md_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A GitHub-flavoured Markdown table from flat dicts (None -> '—')."""
+    if not rows:
+        return "_none_\n"
+    columns = columns or list(rows[0])
+
+    def cell(v) -> str:
+        if not _ok(v):
+            return "—"
+        return (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,582 @@
+"""Parquet shards of labeled images, with a manifest written last.
+
+Layout of a shard directory::
+
+    shard-00000.parquet  shard-00001.parquet  ...  manifest.json
+
+Each row: ``image`` as ``struct{bytes: binary (PNG), path: string}`` (the layout Hugging
+Face ``datasets`` reads as an ``Image`` feature; the schema carries the ``huggingface``
+features metadata, so ``datasets.Dataset.from_parquet`` types it as such), ``label``,
+``label_name``, ``source`` (real | synthetic) and the provenance of synthetic rows
+(``condition_id``, ``adapter_id``, ``seed``, ``mask_ratio``, ``guidance``, ``steps``;
+null for real rows).
+
+Every shard is written under a temporary name and renamed when complete; ``manifest.json``
+(row count, bytes, sha256 and class histogram per shard) is written last, atomically. A
+directory without a manifest is an unfinished write; readers check every shard against
+the manifest and refuse a missing, truncated or altered one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.pngcodec import PNGError, decode_png_batch, encode_png_batch
+
+MANIFEST = "manifest.json"
+FORMAT = "anl-augment-shards"
+VERSION = 1
+SOURCES = ("real", "synthetic")
+MiB = 2**20
+# Parquet bytes per row besides the PNG (label, names, provenance), for the shard size bound.
+_ROW_OVERHEAD = 64
+
+PROVENANCE_TYPES: dict[str, pa.DataType] = {
+    "condition_id": pa.int64(),   # index (into the training set) of the condition image
+    "adapter_id": pa.string(),
+    "seed": pa.int64(),
+    "mask_ratio": pa.float64(),
+    "guidance": pa.float64(),
+    "steps": pa.int64(),
+}
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+_HF_VALUE = {pa.int64(): "int64", pa.float64(): "float64", pa.string(): "string"}
+
+
+class ShardError(RuntimeError):
+    """A shard set is missing, unfinished or damaged; the message names the file and the fix."""
+
+
+def shard_schema(class_names: Sequence[str]) -> pa.Schema:
+    """The Arrow schema of every shard, with Hugging Face ``datasets`` feature metadata."""
+    fields = [("image", IMAGE_TYPE), ("label", pa.int64()), ("label_name", pa.string()),
+              ("source", pa.string()), *PROVENANCE_TYPES.items()]
+    features: dict[str, Any] = {
+        "image": {"_type": "Image"},
+        "label": {"names": list(class_names), "_type": "ClassLabel"},
+        "label_name": {"dtype": "string", "_type": "Value"},
+        "source": {"dtype": "string", "_type": "Value"},
+    }
+    for name, typ in PROVENANCE_TYPES.items():
+        features[name] = {"dtype": _HF_VALUE[typ], "_type": "Value"}
+    meta = {"huggingface": json.dumps({"info": {"features": features}})}
+    return pa.schema(fields, metadata=meta)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _claim_dir(out_dir: Path, overwrite: bool) -> None:
+    """Make ``out_dir``; refuse a finished shard set there unless ``overwrite``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / MANIFEST
+    if manifest.exists():
+        if not overwrite:
+            raise ShardError(
+                f"{out_dir} already holds a finished shard set ({MANIFEST}); "
+                "pass overwrite=True to replace it, or write to another directory")
+        try:
+            old = json.loads(manifest.read_text()).get("shards", [])
+        except json.JSONDecodeError:
+            old = []
+        manifest.unlink()  # first, so a crash below leaves "unfinished", never "mixed"
+        for entry in old:
+            (out_dir / entry["file"]).unlink(missing_ok=True)
+
+
+def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
+    """Delete shards of an earlier crashed run that would otherwise sit beside ours, unlisted."""
+    for path in out_dir.glob(f"{prefix}-*.parquet"):
+        if path.name not in keep and re.fullmatch(rf"{re.escape(prefix)}-\d+\.parquet", path.name):
+            path.unlink()
+
+
+def _per_row(name: str, value: Any, n: int) -> list:
+    """A provenance value given as a scalar (same for every row) or one value per row."""
+    if value is None or isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+        item = value.item() if isinstance(value, np.generic) else value
+        return [item] * n
+    values = np.asarray(value, dtype=object).tolist()
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} values for {n} images; give one per image "
+                         "or a single scalar")
+    return values
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class ShardWriter:
+    """Write labeled uint8 images into size-bounded Parquet shards, then the manifest.
+
+    Use as a context manager: a clean exit writes ``manifest.json``; an exception removes
+    every file this writer made, so a failed stage leaves no half-written shard set.
+
+    ``rows_per_shard`` and ``max_shard_bytes`` bound each shard (whichever comes first);
+    ``row_group_rows`` is the unit of reading and shuffling. A directory that already holds
+    a manifest is refused unless ``overwrite=True``.
+    """
+
+    def __init__(self, out_dir: str | Path, class_names: Sequence[str], rows_per_shard: int = 4096,
+                 row_group_rows: int = 1024, max_shard_bytes: int = 256 * MiB,
+                 prefix: str = "shard", *, overwrite: bool = False,
+                 image_shape: Sequence[int] | None = None, compress_level: int = 1) -> None:
+        if rows_per_shard < 1 or row_group_rows < 1 or max_shard_bytes < 1:
+            raise ValueError("rows_per_shard, row_group_rows and max_shard_bytes must be >= 1")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
+            raise ValueError(f"prefix must be letters, digits, '-' or '_'; got {prefix!r}")
+        self.out_dir = Path(out_dir)
+        self.class_names = tuple(str(c) for c in class_names)
+        if not self.class_names:
+            raise ValueError("class_names is empty")
+        self.rows_per_shard, self.row_group_rows = int(rows_per_shard), int(row_group_rows)
+        self.max_shard_bytes, self.prefix = int(max_shard_bytes), prefix
+        self.compress_level = compress_level
+        self.image_shape = tuple(int(s) for s in image_shape) if image_shape else None
+        self.schema = shard_schema(self.class_names)
+        _claim_dir(self.out_dir, overwrite)
+        self._pending: list[pa.Table] = []
+        self._pending_sizes: list[np.ndarray] = []
+        self._shards: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        self._cur: dict = {}
+        self._closed = False
+        self.manifest: dict | None = None
+
+    # ----------------------------------------------------------------------- public
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s["rows"] for s in self._shards) + self._cur.get("rows", 0) + \
+            sum(len(t) for t in self._pending)
+
+    def write(self, images: np.ndarray, labels: Sequence[int] | np.ndarray, *,
+              source: str = "synthetic", condition_id=None, adapter_id=None, seed=None,
+              mask_ratio=None, guidance=None, steps=None) -> None:
+        """Append images (uint8 N, H, W, C) with their labels and provenance.
+
+        Each provenance field is a scalar for all rows or a sequence with one value per row;
+        None (or None entries) is stored as null.
+        """
+        if self._closed:
+            raise ShardError("this ShardWriter is closed; open a new one")
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} "
+                             f"{images.shape}; convert model outputs with "
+                             "pipeline.images.from_model_space")
+        if self.image_shape is None:
+            self.image_shape = tuple(int(s) for s in images.shape[1:])
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"images are {tuple(images.shape[1:])} but this shard set holds "
+                             f"{self.image_shape}; write other sizes to another directory")
+        n = len(images)
+        labels = np.asarray(labels).reshape(-1)
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64)
+        if len(labels) != n:
+            raise ValueError(f"{n} images but {len(labels)} labels")
+        if n and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise ValueError(f"labels must lie in [0, {len(self.class_names)}); "
+                             f"got {labels.min()}..{labels.max()}")
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if n == 0:
+            return
+        provenance = {"condition_id": condition_id, "adapter_id": adapter_id, "seed": seed,
+                      "mask_ratio": mask_ratio, "guidance": guidance, "steps": steps}
+        columns = {}
+        for name, typ in PROVENANCE_TYPES.items():  # checked before the costly PNG encoding
+            try:
+                columns[name] = pa.array(_per_row(name, provenance[name], n), typ)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                raise ValueError(f"{name} must be {typ} (or None): {e}") from e
+        pngs = encode_png_batch(images, self.compress_level)
+        columns |= {
+            "image": pa.StructArray.from_arrays(
+                [pa.array(pngs, pa.binary()), pa.nulls(n, pa.string())], fields=list(IMAGE_TYPE)),
+            "label": pa.array(labels, pa.int64()),
+            "label_name": pa.array(self.class_names, pa.string()).take(labels),
+            "source": pa.array([source] * n, pa.string()),
+        }
+        self._pending.append(pa.table(columns, schema=self.schema))
+        self._pending_sizes.append(np.fromiter(map(len, pngs), np.int64, n) + _ROW_OVERHEAD)
+        self._drain(final=False)
+
+    def close(self) -> dict:
+        """Flush the rest, finish the last shard, then write the manifest (atomically)."""
+        if self._closed:
+            if self.manifest is None:
+                raise ShardError("this ShardWriter was aborted; nothing to close")
+            return self.manifest
+        self._drain(final=True)
+        self._finish_shard()
+        self._closed = True
+        _remove_stale(self.out_dir, self.prefix, {s["file"] for s in self._shards})
+        self.manifest = _build_manifest(self._shards, self.class_names, self.image_shape,
+                                        self.schema, self.row_group_rows)
+        _atomic_write_text(self.out_dir / MANIFEST, json.dumps(self.manifest, indent=1))
+        return self.manifest
+
+    def abort(self) -> None:
+        """Remove everything this writer wrote; no manifest is written."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+        for s in self._shards:
+            (self.out_dir / s["file"]).unlink(missing_ok=True)
+        self._shards, self._pending, self._closed = [], [], True
+
+    # ----------------------------------------------------------------------- internals
+
+    def _drain(self, final: bool) -> None:
+        """Move pending rows into row groups, rolling to a new shard at either bound."""
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        sizes = np.concatenate(self._pending_sizes)
+        pos = 0
+        while (avail := len(table) - pos) > 0 and (final or avail >= self.row_group_rows):
+            if self._writer is None:
+                self._start_shard()
+            cur = self._cur
+            n = min(self.row_group_rows, self.rows_per_shard - cur["rows"], avail)
+            cum = np.cumsum(sizes[pos:pos + n])
+            fit = int(np.searchsorted(cum, self.max_shard_bytes - cur["bytes"], side="right"))
+            if fit == 0 and cur["rows"] > 0:
+                self._finish_shard()
+                continue
+            n = max(fit, 1) if fit < n else n  # an oversized single image still gets a shard
+            group = table.slice(pos, n)
+            self._writer.write_table(group, row_group_size=n)
+            cur["groups"].append(n)
+            cur["rows"] += n
+            cur["bytes"] += int(cum[n - 1])
+            cur["hist"] += np.bincount(group.column("label").to_numpy(),
+                                       minlength=len(self.class_names))
+            for src in SOURCES:
+                cur["sources"][src] += int(pc.sum(
+                    pc.equal(group.column("source"), src)).as_py() or 0)
+            pos += n
+            if cur["rows"] >= self.rows_per_shard or cur["bytes"] >= self.max_shard_bytes:
+                self._finish_shard()
+        self._pending = [table.slice(pos)] if pos < len(table) else []
+        self._pending_sizes = [sizes[pos:]] if pos < len(table) else []
+
+    def _start_shard(self) -> None:
+        name = f"{self.prefix}-{len(self._shards):05d}.parquet"
+        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        self._tmp = Path(tmp)
+        # PNG bytes are already compressed: storing them raw saves CPU and costs nothing.
+        compression = {c: "ZSTD" for c in self.schema.names if c != "image"}
+        compression |= {"image.bytes": "NONE", "image.path": "ZSTD"}
+        self._writer = pq.ParquetWriter(
+            self._tmp, self.schema, compression=compression,
+            use_dictionary=["label_name", "source", "adapter_id"],
+            write_statistics=["label", *PROVENANCE_TYPES])
+        self._cur = {"file": name, "rows": 0, "bytes": 0, "groups": [],
+                     "hist": np.zeros(len(self.class_names), np.int64),
+                     "sources": dict.fromkeys(SOURCES, 0)}
+
+    def _finish_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        final = self.out_dir / self._cur["file"]
+        os.replace(self._tmp, final)
+        self._tmp = None
+        cur = self._cur
+        self._shards.append({
+            "file": cur["file"], "rows": cur["rows"], "bytes": final.stat().st_size,
+            "sha256": _sha256(final), "row_groups": cur["groups"],
+            "class_histogram": cur["hist"].tolist(), "sources": cur["sources"],
+        })
+        self._cur = {}
+
+
+def _build_manifest(shards: list[dict], class_names: Sequence[str], image_shape, schema,
+                    row_group_rows: int) -> dict:
+    hist = np.zeros(len(class_names), np.int64)
+    for s in shards:
+        hist += np.asarray(s["class_histogram"], np.int64)
+    return {
+        "format": FORMAT, "version": VERSION,
+        "class_names": list(class_names),
+        "image_shape": list(image_shape) if image_shape else None,
+        "image_codec": "png",
+        "num_rows": sum(s["rows"] for s in shards),
+        "num_bytes": sum(s["bytes"] for s in shards),
+        "class_histogram": hist.tolist(),
+        "sources": {src: sum(s["sources"][src] for s in shards) for src in SOURCES},
+        "row_group_rows": row_group_rows,
+        "schema": {f.name: str(f.type) for f in schema},
+        "shards": shards,
+    }
+
+
+def write_shards(out_dir: str | Path, parts: Iterable[tuple[np.ndarray, Any, Mapping[str, Any]]],
+                 class_names: Sequence[str], **writer_kwargs) -> dict:
+    """Write one shard set from many ``(images, labels, provenance)`` parts; returns the manifest.
+
+    ``provenance`` holds the keyword arguments of :meth:`ShardWriter.write` (``source``,
+    ``condition_id``, ``seed``, ...). Parts may be a generator, so sampling can stream.
+    """
+    with ShardWriter(out_dir, class_names, **writer_kwargs) as writer:
+        for images, labels, provenance in parts:
+            writer.write(images, labels, **dict(provenance or {}))
+    return writer.manifest  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    """Parse ``manifest.json`` (no shard checks); ShardError if absent or not ours."""
+    shard_dir = Path(shard_dir)
+    path = shard_dir / MANIFEST
+    if not path.exists():
+        what = "no such directory" if not shard_dir.exists() else f"no {MANIFEST}"
+        raise ShardError(f"{shard_dir}: {what}. The shard set was never finished (the writer "
+                         "writes the manifest last); rerun the stage that writes it")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path} is not valid JSON ({e}); rerun the stage that wrote it") from e
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ShardError(f"{path} is not an {FORMAT} v{VERSION} manifest "
+                         f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})")
+    return manifest
+
+
+def verify_shards(shard_dir: str | Path, *, checksum: bool = True) -> dict:
+    """Check every shard against the manifest; return the manifest or raise ShardError.
+
+    Checks: file present, byte size, sha256 (skipped with ``checksum=False``), readable
+    Parquet footer and its row count.
+    """
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    fix = "rerun the stage that wrote this shard set (with overwrite=True)"
+    for s in manifest["shards"]:
+        path = shard_dir / s["file"]
+        if not path.exists():
+            raise ShardError(f"shard {path} listed in the manifest is missing; {fix}")
+        size = path.stat().st_size
+        if size != s["bytes"]:
+            kind = "truncated" if size < s["bytes"] else "grown"
+            raise ShardError(f"shard {path} is {kind}: {size} bytes, manifest says {s['bytes']}; "
+                             f"{fix}")
+        if checksum and _sha256(path) != s["sha256"]:
+            raise ShardError(f"shard {path} was altered: sha256 differs from the manifest; {fix}")
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:  # pyarrow raises several types for a bad footer
+            raise ShardError(f"shard {path} is not readable Parquet ({e}); {fix}") from e
+        if rows != s["rows"]:
+            raise ShardError(f"shard {path} holds {rows} rows, manifest says {s['rows']}; {fix}")
+    return manifest
+
+
+def shards_complete(shard_dir: str | Path, *, checksum: bool = False) -> bool:
+    """True when ``shard_dir`` holds a finished, intact shard set: a stage's rerun skips it."""
+    try:
+        verify_shards(shard_dir, checksum=checksum)
+    except ShardError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ShardArrays:
+    images: np.ndarray   # uint8 (N, H, W, C)
+    labels: np.ndarray   # int64 (N,)
+    frame: pd.DataFrame  # every column but the image, nullable dtypes
+    manifest: dict
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+_PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.float64(): pd.Float64Dtype(),
+                 pa.string(): pd.StringDtype()}
+
+
+def _decode_images(table: pa.Table, shape: Sequence[int], where: Path) -> np.ndarray:
+    blobs = table.column("image").combine_chunks().field("bytes").to_pylist()
+    try:
+        return decode_png_batch(blobs, shape)
+    except PNGError as e:
+        raise ShardError(f"shard {where}: {e}; rerun the stage that wrote it") from e
+
+
+def read_shards(shard_dir: str | Path, verify: bool = True) -> ShardArrays:
+    """Read a whole shard set into memory: images, labels and the other columns."""
+    shard_dir = Path(shard_dir)
+    manifest = verify_shards(shard_dir) if verify else load_manifest(shard_dir)
+    shape = manifest["image_shape"]
+    images, frames = [], []
+    for s in manifest["shards"]:
+        path = shard_dir / s["file"]
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise ShardError(f"cannot read shard {path} ({e}); rerun the stage that wrote it") \
+                from e
+        images.append(_decode_images(table, shape, path))
+        frames.append(table.drop_columns(["image"]))
+    if not frames:
+        h, w, c = shape or (0, 0, 0)
+        empty = shard_schema(manifest["class_names"]).empty_table().drop_columns(["image"])
+        return ShardArrays(np.zeros((0, h, w, c), np.uint8), np.zeros(0, np.int64),
+                           empty.to_pandas(types_mapper=_PANDAS_TYPES.get), manifest)
+    frame = pa.concat_tables(frames).to_pandas(types_mapper=_PANDAS_TYPES.get)
+    labels = frame["label"].to_numpy(dtype=np.int64)
+    return ShardArrays(np.concatenate(images), labels, frame, manifest)
+
+
+def merge_shards(src_dirs: Sequence[str | Path], out_dir: str | Path, *,
+                 overwrite: bool = False, prefix: str = "shard") -> dict:
+    """Join finished shard sets (e.g. one per class) into one, without re-encoding.
+
+    Each source is verified; its shard files are hard-linked (copied across file systems)
+    under new names, and the joined manifest is written last.
+    """
+    out_dir = Path(out_dir)
+    manifests = [verify_shards(d) for d in src_dirs]
+    if not manifests:
+        raise ValueError("merge_shards needs at least one source directory")
+    names = manifests[0]["class_names"]
+    shapes = {tuple(m["image_shape"]) for m in manifests if m["image_shape"]}
+    if any(m["class_names"] != names for m in manifests) or len(shapes) > 1:
+        raise ShardError("cannot merge shard sets with different class names or image shapes: "
+                         + ", ".join(f"{d}: {m['image_shape']}" for d, m in zip(src_dirs, manifests)))
+    _claim_dir(out_dir, overwrite)
+    shards: list[dict] = []
+    try:
+        for src, m in zip(src_dirs, manifests):
+            for s in m["shards"]:
+                name = f"{prefix}-{len(shards):05d}.parquet"
+                tmp = out_dir / f".{name}.merge.tmp"
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(Path(src) / s["file"], tmp)
+                except OSError:
+                    shutil.copyfile(Path(src) / s["file"], tmp)
+                os.replace(tmp, out_dir / name)
+                shards.append({**s, "file": name})
+    except BaseException:
+        for s in shards:
+            (out_dir / s["file"]).unlink(missing_ok=True)
+        raise
+    _remove_stale(out_dir, prefix, {s["file"] for s in shards})
+    manifest = _build_manifest(shards, names, next(iter(shapes), None), shard_schema(names),
+                               manifests[0]["row_group_rows"])
+    _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+# --------------------------------------------------------------------------- torch dataset
+
+
+class ShardDataset(IterableDataset):
+    """A shuffled stream of ``(image uint8 tensor (H, W, C), label int)`` from a shard set.
+
+    Shuffling is two-level, as for any sharded format: the row groups of all shards are
+    visited in a seeded random order, and the rows of ``mix_row_groups`` groups at a time
+    are shuffled together. DataLoader workers each take a disjoint slice of the row groups.
+    Call :meth:`set_epoch` each epoch for a fresh order (like DistributedSampler).
+    """
+
+    def __init__(self, shard_dir: str | Path, shuffle: bool = True, seed: int = 0, *,
+                 verify: bool = True, mix_row_groups: int = 4) -> None:
+        self.shard_dir = Path(shard_dir)
+        self.manifest = verify_shards(self.shard_dir) if verify else load_manifest(self.shard_dir)
+        self.shape = self.manifest["image_shape"]
+        self.shuffle, self.seed, self.epoch = shuffle, int(seed), 0
+        self.mix_row_groups = max(1, int(mix_row_groups))
+        self.units = [(s["file"], g, rows) for s in self.manifest["shards"]
+                      for g, rows in enumerate(s["row_groups"])]
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_rows"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _my_units(self, rng: np.random.Generator) -> list[tuple[str, int, int]]:
+        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
+        info = get_worker_info()
+        if info is not None:
+            order = order[info.id::info.num_workers]
+        return [self.units[i] for i in order]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        # Every worker draws the same group order from (seed, epoch), then takes its slice.
+        rng = np.random.default_rng([self.seed, self.epoch])
+        units = self._my_units(rng)
+        files: dict[str, pq.ParquetFile] = {}
+        for start in range(0, len(units), self.mix_row_groups):
+            images, labels = [], []
+            for file, group, _ in units[start:start + self.mix_row_groups]:
+                if file not in files:
+                    files[file] = pq.ParquetFile(self.shard_dir / file)
+                table = files[file].read_row_group(group, columns=["image", "label"])
+                images.append(_decode_images(table, self.shape, self.shard_dir / file))
+                labels.append(table.column("label").to_numpy())
+            x, y = np.concatenate(images), np.concatenate(labels)
+            order = rng.permutation(len(y)) if self.shuffle else np.arange(len(y))
+            for i in order:
+                yield torch.from_numpy(x[i]), int(y[i])

@@ -1,0 +1,108 @@
+"""Labeled split protocol: n labels per class, seeded and balanced; the rest is unlabeled.
+
+The split indexes the *training* set only, so it is disjoint from the test split by
+construction. It is saved as Parquet (index, label, role) and every later stage reads
+that file, so a rerun, or another machine, uses exactly the same labeled images.
+numpy's PCG64 generator gives the same stream on every platform for the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROLES = ("labeled", "unlabeled")
+
+
+class SplitError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabeledSplit:
+    labeled_idx: np.ndarray    # indices into the training set, sorted by (label, draw order)
+    unlabeled_idx: np.ndarray  # the rest of the training set, ascending
+    labels: np.ndarray         # labels of the whole training set (int64)
+    n_per_class: int
+    seed: int
+
+    @property
+    def labeled_labels(self) -> np.ndarray:
+        return self.labels[self.labeled_idx]
+
+    def class_subsets(self) -> dict[int, np.ndarray]:
+        """Labeled indices per class: the per-class subsets ANL adapters are tuned on."""
+        return {int(c): self.labeled_idx[self.labeled_labels == c] for c in np.unique(self.labeled_labels)}
+
+
+def make_split(labels: np.ndarray, n_per_class: int, seed: int,
+               num_classes: int | None = None) -> LabeledSplit:
+    labels = np.asarray(labels, dtype=np.int64)
+    if n_per_class < 1:
+        raise SplitError(f"n_per_class must be >= 1, got {n_per_class}")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < n_per_class:
+            raise SplitError(
+                f"class {c} has only {len(idx)} training images but n_per_class={n_per_class}; "
+                f"lower n_per_class to at most {len(idx)}"
+            )
+        chosen.append(idx[rng.permutation(len(idx))[:n_per_class]])
+    labeled = np.concatenate(chosen)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[labeled] = False
+    return LabeledSplit(labeled, np.flatnonzero(mask), labels, n_per_class, seed)
+
+
+def save_split(split: LabeledSplit, path: str | Path) -> Path:
+    """Write the split as Parquet (index, label, role), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index = np.concatenate([split.labeled_idx, split.unlabeled_idx])
+    role = ["labeled"] * len(split.labeled_idx) + ["unlabeled"] * len(split.unlabeled_idx)
+    table = pa.table({
+        "index": pa.array(index, pa.int64()),
+        "label": pa.array(split.labels[index], pa.int64()),
+        "role": pa.array(role, pa.dictionary(pa.int8(), pa.string())),
+    }).replace_schema_metadata({"n_per_class": str(split.n_per_class), "seed": str(split.seed)})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_split(path: str | Path) -> LabeledSplit:
+    path = Path(path)
+    if not path.exists():
+        raise SplitError(f"split file {path} not found; run the split stage first")
+    try:
+        table = pq.read_table(path, columns=["index", "label", "role"])
+    except Exception as e:  # pyarrow raises several types for a bad or foreign file
+        raise SplitError(f"cannot read split file {path} ({e}); delete it and rerun the split "
+                         "stage") from e
+    meta = table.schema.metadata or {}
+    index = table["index"].to_numpy()
+    label = table["label"].to_numpy()
+    role = np.asarray(table["role"].to_pylist())
+    # The file must cover every training index exactly once, else labels[] below is garbage.
+    if not np.array_equal(np.sort(index), np.arange(len(index))) or not np.isin(role, ROLES).all():
+        raise SplitError(f"split file {path} is corrupt (indices are not 0..N-1 exactly once, or "
+                         "unknown roles); delete it and rerun the split stage")
+    labels = np.empty(len(index), dtype=np.int64)
+    labels[index] = label
+    return LabeledSplit(index[role == "labeled"], np.sort(index[role == "unlabeled"]), labels,
+                        int(meta.get(b"n_per_class", b"0")), int(meta.get(b"seed", b"0")))

@@ -1,0 +1,224 @@
+"""The three arms of the comparison, from one config and seed, written to one directory.
+
+``supervised``  labeled images only (cross-entropy), same net, schedule and seed;
+``baseline``    the SSL algorithm (FixMatch) on the real labeled + unlabeled images;
+``augmented``   the same plus synthetic images read from Parquet shards, either as extra
+                labeled rows (loss weight ``synthetic_weight``) or as extra unlabeled rows.
+
+All arms share the split, the network initialisation (drawn from ``config.seed`` alone)
+and the schedule, so the difference between baseline and augmented is the synthetic
+data. Outputs in ``out_dir``: checkpoint.pt, learning_curve.parquet, metrics.json
+(written last; a rerun that finds it for the same run returns at once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..datasets import ImageDataset
+from ..splits import LabeledSplit
+from .algorithms import get_algorithm
+from .config import SSLConfig
+from .nets import build_net, resolve_net_name
+from .trainer import TrainData, Trainer, resolve_device
+
+ARMS = ("supervised", "baseline", "augmented")
+METRICS = "metrics.json"
+CURVE = "learning_curve.parquet"
+CHECKPOINT = "checkpoint.pt"
+
+
+class ArmError(ValueError):
+    """run_arm cannot run as asked; the message says what to change."""
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _hash_arrays(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def _channel_stats(images: np.ndarray, max_images: int = 10_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std in [0, 1] units, from a fixed subsample (enough for 3 decimals)."""
+    if len(images) > max_images:
+        images = images[np.random.default_rng(0).choice(len(images), max_images, replace=False)]
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return x.mean(axis=0).tolist(), np.maximum(x.std(axis=0), 1e-3).tolist()
+
+
+def load_synthetic(shard_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic (images uint8 NHWC, labels int64) from a finished, verified shard set."""
+    from ..shards import read_shards
+
+    arrays = read_shards(shard_dir, verify=True)
+    return arrays.images, arrays.labels
+
+
+def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConfig,
+                     device: torch.device,
+                     synthetic: tuple[np.ndarray, np.ndarray] | None = None) -> TrainData:
+    """Move images to the device once, as uint8, and index the labeled/unlabeled pools."""
+    n = len(dataset.train_labels)
+    images, labels = dataset.train_images, dataset.train_labels
+    weights = np.ones(n, dtype=np.float32)
+    synth_idx = np.zeros(0, dtype=np.int64)
+    if synthetic is not None:
+        s_images, s_labels = synthetic
+        images = np.concatenate([images, s_images])
+        labels = np.concatenate([labels, s_labels.astype(np.int64)])
+        weights = np.concatenate([weights, np.full(len(s_labels), config.synthetic_weight,
+                                                   dtype=np.float32)])
+        synth_idx = np.arange(n, n + len(s_labels), dtype=np.int64)
+    labeled_synth = synth_idx if config.synthetic_as == "labeled" else synth_idx[:0]
+    real_unlabeled = np.arange(n) if config.include_labeled_in_unlabeled else split.unlabeled_idx
+    unlabeled = real_unlabeled if config.synthetic_as == "labeled" else \
+        np.concatenate([real_unlabeled, synth_idx])
+    if config.eval_size is not None and config.eval_size < len(dataset.test_labels):
+        pick = np.sort(np.random.default_rng(config.seed).permutation(
+            len(dataset.test_labels))[:config.eval_size])
+    else:
+        pick = np.arange(len(dataset.test_labels))
+
+    def dev(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    test_images, test_labels = dev(dataset.test_images), dev(dataset.test_labels)
+    pick_t = dev(pick)
+    return TrainData(
+        store=dev(images), labels=dev(labels), weights=dev(weights),
+        labeled_real=dev(split.labeled_idx.astype(np.int64)), labeled_synth=dev(labeled_synth),
+        unlabeled=dev(np.asarray(unlabeled, dtype=np.int64)),
+        test_images=test_images, test_labels=test_labels,
+        curve_images=test_images[pick_t], curve_labels=test_labels[pick_t],
+        num_classes=dataset.num_classes,
+    )
+
+
+def _check_inputs(arm: str, dataset: ImageDataset, split: LabeledSplit,
+                  synthetic: tuple[np.ndarray, np.ndarray] | None) -> None:
+    if arm not in ARMS:
+        raise ArmError(f"unknown arm {arm!r}; choose one of {', '.join(ARMS)}")
+    if len(split.labels) != len(dataset.train_labels) or \
+            not np.array_equal(split.labels, dataset.train_labels):
+        raise ArmError("the split does not index this dataset's training set (labels differ); "
+                       "make the split from dataset.train_labels")
+    if arm == "augmented":
+        if synthetic is None:
+            raise ArmError("the augmented arm needs synthetic data: pass shard_dir= (a finished "
+                           "shard set) or synthetic=(images, labels)")
+        s_images, s_labels = synthetic
+        if len(s_labels) == 0:
+            raise ArmError("the synthetic shard set is empty; the augmented arm would equal "
+                           "the baseline. Generate samples first")
+        if tuple(s_images.shape[1:]) != tuple(dataset.image_shape):
+            raise ArmError(f"synthetic images are {tuple(s_images.shape[1:])} but the dataset's "
+                           f"are {dataset.image_shape}; write shards at the dataset's pixel grid "
+                           "(pipeline.images.from_model_space(x, shape=(H, W)))")
+        if s_labels.min() < 0 or s_labels.max() >= dataset.num_classes:
+            raise ArmError(f"synthetic labels span {s_labels.min()}..{s_labels.max()}, outside "
+                           f"the dataset's {dataset.num_classes} classes")
+
+
+def run_fingerprint(arm: str, dataset: ImageDataset, split: LabeledSplit, config: SSLConfig,
+                    synthetic: tuple[np.ndarray, np.ndarray] | None) -> str:
+    """What decides a run's result: config, arm, dataset, labeled split and synthetic data."""
+    parts = {
+        "config": config.fingerprint(), "arm": arm, "dataset": dataset.name,
+        "shape": list(dataset.image_shape), "classes": list(dataset.class_names),
+        "train": _hash_arrays(dataset.train_labels), "test": _hash_arrays(dataset.test_labels),
+        "labeled": _hash_arrays(np.sort(split.labeled_idx)),
+        "synthetic": _hash_arrays(*synthetic) if arm == "augmented" and synthetic else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str | Path,
+            config: SSLConfig, shard_dir: str | Path | None = None, progress: bool = True, *,
+            synthetic: tuple[np.ndarray, np.ndarray] | None = None,
+            on_step: Callable[[int], None] | None = None) -> Path:
+    """Train and evaluate one arm; return ``out_dir/metrics.json``.
+
+    ``shard_dir`` (or the in-memory ``synthetic=(images, labels)``) is read by the
+    augmented arm only. A finished run is not redone; an interrupted one resumes from
+    ``checkpoint.pt``. ``on_step(step)`` is called after every training step (raising
+    from it stops the run; the last checkpoint stays).
+    """
+    out_dir = Path(out_dir)
+    if arm == "augmented" and synthetic is None and shard_dir is not None:
+        synthetic = load_synthetic(shard_dir)
+    _check_inputs(arm, dataset, split, synthetic)
+    if arm != "augmented":
+        synthetic = None
+    fingerprint = run_fingerprint(arm, dataset, split, config, synthetic)
+    metrics_path = out_dir / METRICS
+    if metrics_path.exists():
+        done = json.loads(metrics_path.read_text())
+        if done.get("fingerprint") == fingerprint:
+            return metrics_path
+        raise ArmError(f"{metrics_path} holds a finished run with different inputs (fingerprint "
+                       f"{done.get('fingerprint')} != {fingerprint}); use another out_dir or "
+                       "delete that one to rerun")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(config.device)
+    data = build_train_data(dataset, split, config, device, synthetic)
+    mean, std = _channel_stats(dataset.train_images)
+    net_name = resolve_net_name(config.net, dataset.image_shape)
+    net = build_net(net_name, dataset.num_classes, dataset.image_shape, mean, std, config.seed)
+    algorithm_name = "supervised" if arm == "supervised" else config.algorithm
+    algorithm = get_algorithm(algorithm_name)(config, dataset.num_classes)
+    trainer = Trainer(net, algorithm, data, config, device, out_dir / CHECKPOINT, fingerprint,
+                      progress=progress)
+    resumed_from = trainer.step if trainer.load_checkpoint() else None
+    trainer.fit(on_step=on_step)
+    t0 = time.perf_counter()
+    result = trainer.evaluate_ema(full=True)
+    eval_s = time.perf_counter() - t0
+
+    curve = pd.DataFrame(trainer.curve)
+    _atomic_write_bytes(out_dir / CURVE, lambda tmp: curve.to_parquet(tmp, index=False))
+    n_synth = 0 if synthetic is None else len(synthetic[1])
+    metrics = {
+        "arm": arm, "algorithm": algorithm_name, "seed": config.seed, "steps": trainer.step,
+        "dataset": dataset.name, "net": net_name,
+        "num_params": sum(p.numel() for p in net.parameters()),
+        "top1_error": result.top1_error, "top1_accuracy": result.top1_accuracy,
+        # None for a class absent from the test split (strict JSON has no NaN).
+        "per_class_accuracy": {name: (None if np.isnan(acc) else acc) for name, acc in
+                               zip(dataset.class_names, result.per_class_accuracy, strict=True)},
+        "confusion_matrix": result.confusion.tolist(), "class_names": list(dataset.class_names),
+        "num_test": len(dataset.test_labels),
+        "num_labeled": len(split.labeled_idx), "num_unlabeled": len(data.unlabeled),
+        "num_synthetic": n_synth, "synthetic_as": config.synthetic_as if n_synth else None,
+        "train_time_s": trainer.train_time_s, "wall_time_s": trainer.wall_time_s + eval_s,
+        "steps_per_s": trainer.step / trainer.train_time_s if trainer.train_time_s else None,
+        "device": str(device), "resumed_from_step": resumed_from,
+        "fingerprint": fingerprint, "config": config.to_dict(),
+    }
+    _atomic_write_bytes(metrics_path, lambda tmp: Path(tmp).write_text(
+        json.dumps(metrics, indent=1)))
+    return metrics_path

@@ -1,0 +1,270 @@
+"""The training loop shared by every SSL algorithm: sample, augment, step, EMA, evaluate, save.
+
+Data never leaves the device: the images live there as one uint8 (N, H, W, C) tensor and
+each batch is a gather by index, drawn from one seeded ``torch.Generator`` that also
+drives augmentation. The checkpoint holds that generator's state together with the
+model, EMA, optimiser, LR schedule, algorithm state and the learning curve so far, so
+a resumed run continues the very same stream (bit-exact on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms import Batch, SSLAlgorithm
+from .augment import strong_augment, weak_from_store
+from .config import SSLConfig
+from .evaluate import EvalResult, autocast_for, evaluate
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint belongs to a different run (config, data or arm)."""
+
+
+@dataclass
+class TrainData:
+    """Everything the loop samples from, on the training device."""
+
+    store: torch.Tensor          # uint8 (N, H, W, C): real training images, then synthetic
+    labels: torch.Tensor         # int64 (N,); synthetic rows carry their shard labels
+    weights: torch.Tensor        # float (N,) loss weight when a row is drawn as labeled
+    labeled_real: torch.Tensor   # int64 indices into store
+    labeled_synth: torch.Tensor  # int64 indices into store (empty unless synthetic_as=labeled)
+    unlabeled: torch.Tensor      # int64 indices into store
+    test_images: torch.Tensor    # uint8 (M, H, W, C)
+    test_labels: torch.Tensor
+    curve_images: torch.Tensor   # the test subset used for learning-curve points
+    curve_labels: torch.Tensor
+    num_classes: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available; "
+                           "use device='auto' or 'cpu'")
+    return device
+
+
+def fixmatch_cosine(total_steps: int) -> Callable[[int], float]:
+    """FixMatch's schedule: lr * cos(7 pi k / (16 K)), ending at ~0.2 lr rather than 0."""
+    return lambda k: math.cos(7.0 * math.pi * k / (16.0 * total_steps))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # As USB: no weight decay on biases and BatchNorm parameters (the 1-d tensors).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, algorithm: SSLAlgorithm, data: TrainData,
+                 config: SSLConfig, device: torch.device, checkpoint_path: Path,
+                 fingerprint: str, progress: bool = True) -> None:
+        self.config, self.device, self.data, self.algorithm = config, device, data, algorithm
+        self.checkpoint_path, self.fingerprint, self.progress = checkpoint_path, fingerprint, progress
+        cuda = device.type == "cuda"
+        self.amp = config.amp and cuda
+        self.channels_last = config.channels_last and cuda  # CPU backward + NHWC can crash
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=fmt).train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.forward_model = torch.compile(self.model) if (config.compile and cuda) else self.model
+        self.optimizer = torch.optim.SGD(_param_groups(self.model, config.weight_decay),
+                                         lr=config.lr, momentum=config.momentum,
+                                         nesterov=config.nesterov)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           fixmatch_cosine(config.steps))
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(config.seed)
+        self.step = 0
+        self.curve: list[dict] = []
+        self.train_time_s = 0.0
+        self.wall_time_s = 0.0
+        # Loss terms summed since the last learning-curve point (checkpointed, so a resumed
+        # run averages over the same steps as an uninterrupted one).
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._ema_params = list(self.ema.parameters())
+        self._params = list(self.model.parameters())
+        self._ema_buffers = list(self.ema.buffers())
+        self._buffers = list(self.model.buffers())
+
+    # ------------------------------------------------------------------- batches
+
+    def _labeled_indices(self) -> torch.Tensor:
+        d, b, g = self.data, self.config.batch_size, self.generator
+        share = self.config.synthetic_batch_share
+        if share is None or len(d.labeled_synth) == 0:
+            pool = torch.cat([d.labeled_real, d.labeled_synth])
+            return pool[torch.randint(len(pool), (b,), generator=g, device=self.device)]
+        k = round(share * b)
+        real = d.labeled_real[torch.randint(len(d.labeled_real), (b - k,), generator=g,
+                                            device=self.device)]
+        synth = d.labeled_synth[torch.randint(len(d.labeled_synth), (k,), generator=g,
+                                              device=self.device)]
+        return torch.cat([real, synth])
+
+    def sample_batch(self) -> Batch:
+        d, g = self.data, self.generator
+        idx = self._labeled_indices()
+        batch = Batch(x_lb=weak_from_store(d.store, idx, g), y_lb=d.labels[idx], w_lb=d.weights[idx])
+        if self.algorithm.uses_unlabeled:
+            n_u = self.config.mu * self.config.batch_size
+            pos = torch.randint(len(d.unlabeled), (n_u,), generator=g, device=self.device)
+            uidx = d.unlabeled[pos]
+            batch.x_ulb_w = weak_from_store(d.store, uidx, g)
+            batch.x_ulb_s = strong_augment(weak_from_store(d.store, uidx, g), g)
+            batch.idx_ulb = pos
+        if self.channels_last:
+            for name in ("x_lb", "x_ulb_w", "x_ulb_s"):
+                x = getattr(batch, name)
+                if x is not None:
+                    setattr(batch, name, x.contiguous(memory_format=torch.channels_last))
+        return batch
+
+    # ------------------------------------------------------------------- one step
+
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        with autocast_for(self.device, self.amp):
+            out = self.algorithm.train_step(self.forward_model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self._update_ema()
+        return out.terms
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # As USB: weights are an exponential moving average, BN statistics are copied.
+        decay = self.config.ema
+        if self.config.ema_warmup:
+            decay = min(decay, (1.0 + self.step) / (10.0 + self.step))
+        torch._foreach_lerp_(self._ema_params, self._params, 1.0 - decay)
+        torch._foreach_copy_(self._ema_buffers, self._buffers)
+
+    # ------------------------------------------------------------------- evaluation
+
+    def evaluate_ema(self, full: bool = True) -> EvalResult:
+        d = self.data
+        images, labels = (d.test_images, d.test_labels) if full else (d.curve_images,
+                                                                      d.curve_labels)
+        return evaluate(self.ema, images, labels, d.num_classes, amp=self.amp,
+                        channels_last=self.channels_last)
+
+    # ------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint, "step": self.step,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(), "algorithm": self.algorithm.state_dict(),
+            "curve": list(self.curve), "train_time_s": self.train_time_s,
+            "wall_time_s": self.wall_time_s, "config": self.config.to_dict(),
+            "sums": dict(self._sums), "count": self._count,
+        }
+
+    def save_checkpoint(self) -> None:
+        atomic_torch_save(self.state_dict(), self.checkpoint_path)
+
+    def load_checkpoint(self) -> bool:
+        """Resume from ``checkpoint_path`` when it exists; False when starting fresh."""
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            raise CheckpointMismatchError(
+                f"{self.checkpoint_path} belongs to another run (fingerprint "
+                f"{state.get('fingerprint')} != {self.fingerprint}: different config, data or "
+                "arm); use another out_dir or delete the checkpoint to start over")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"].cpu())
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.step, self.curve = state["step"], list(state["curve"])
+        self.train_time_s, self.wall_time_s = state["train_time_s"], state["wall_time_s"]
+        self._sums, self._count = dict(state["sums"]), state["count"]
+        return True
+
+    # ------------------------------------------------------------------- the loop
+
+    def fit(self, on_step: Callable[[int], None] | None = None) -> None:
+        """Train from ``self.step`` to ``config.steps``; ``on_step(step)`` runs after each step.
+
+        Loss terms are summed on the device and read back only at evaluation points, so
+        the loop issues no host sync per step (except progress-bar updates every
+        ``progress_every`` steps).
+        """
+        cfg = self.config
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
+                   desc=f"{self.algorithm.name}", unit="step", dynamic_ncols=True)
+        session_start = time.perf_counter()
+        mark = time.perf_counter()
+        try:
+            while self.step < cfg.steps:
+                terms = self.train_step(self.sample_batch())
+                self.step += 1
+                self._count += 1
+                for k, v in terms.items():
+                    self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+                bar.update(1)
+                if self.progress and self.step % cfg.progress_every == 0:
+                    bar.set_postfix(loss=f"{float(terms['loss']):.3f}")
+                boundary = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                save = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                if boundary or save:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self.train_time_s += time.perf_counter() - mark
+                    if boundary:
+                        self._record()
+                    if save:
+                        self.wall_time_s += time.perf_counter() - session_start
+                        session_start = time.perf_counter()
+                        self.save_checkpoint()
+                    mark = time.perf_counter()
+                if on_step is not None:
+                    on_step(self.step)
+        finally:
+            bar.close()
+        self.wall_time_s += time.perf_counter() - session_start
+
+    def _record(self) -> None:
+        row = {"step": self.step, "lr": float(self.scheduler.get_last_lr()[0])}
+        row.update({k: float(v) / max(self._count, 1) for k, v in self._sums.items()})
+        self._sums, self._count = {}, 0
+        result = self.evaluate_ema(full=False)
+        row.update(test_error=result.top1_error, eval_images=len(self.data.curve_labels),
+                   train_time_s=self.train_time_s)
+        self.curve.append(row)

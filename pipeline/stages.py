@@ -1,0 +1,769 @@
+"""The pipeline's stages: one function per stage, ``run_<stage>(run_dir, config) -> record``.
+
+Every stage reads paths and writes paths inside the run directory and ends by writing its
+completion record ``stages/<stage>.json`` (atomically, last). A stage whose record exists
+with the same key returns it without doing anything: the key hashes the config parts the
+stage reads plus its upstream keys (:func:`pipeline.config.stage_key`), never a run id.
+
+Reuse across runs: when another run directory under the same ``runs_dir`` already finished
+a stage (or one class's adapter or samples) with the same key, its outputs are hard-linked
+into this run instead of recomputed. So a changed sampling parameter gives a new run
+directory but reruns only sampling and what follows it.
+
+Per-class work (tuning, sampling) is split into units, ``run_tune_class`` and
+``run_sample_class``, which a task runner may run in parallel; ``run_tune`` and
+``run_sample`` run any missing units and then write the stage record.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+
+from pipeline.config import AugmentConfig, stage_key
+from pipeline.runs import STAGE_ORDER, atomic_write_json, read_json
+
+UNIT_MARKER = "unit.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run because an upstream output is missing or inconsistent."""
+
+
+# --------------------------------------------------------------------------- shared inputs
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset_cached(name: str, root: str | None, download: bool = False):
+    """Datasets are read by several stages; one load per process is enough."""
+    from pipeline.datasets import load_dataset
+
+    return load_dataset(name, root, download)
+
+
+def dataset_for(config: AugmentConfig):
+    return load_dataset_cached(config.dataset, config.dataset_root, config.download)
+
+
+def split_for(run_dir: Path):
+    from pipeline.splits import load_split
+
+    return load_split(run_dir / "split.parquet")
+
+
+def base_model_dir(run_dir: Path, config: AugmentConfig) -> Path:
+    from pipeline.preflight import resolve_base_model
+
+    if config.pretrains_base:
+        base = run_dir / "base"
+        if not (base / "training.json").exists():
+            raise StageError(f"{base} is not finished; run the pretrain stage first")
+        return resolve_base_model(str(base))
+    return resolve_base_model(config.base_model)
+
+
+def load_base(run_dir: Path, config: AugmentConfig, device: str):
+    """The frozen base U-Net (fp32 on CPU; the stored dtype is not trusted) and its scheduler."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from pipeline.preflight import resolve_scheduler_config
+
+    unet_dir = base_model_dir(run_dir, config)
+    unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32,
+                                       low_cpu_mem_usage=False).to(device).eval()
+    sched_cfg = resolve_scheduler_config(unet_dir)
+    scheduler = (DDPMScheduler.from_pretrained(sched_cfg.parent) if sched_cfg
+                 else DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"))
+    if unet.config.sample_size != config.image_size:
+        raise StageError(f"image_size={config.image_size} but the base model works at "
+                         f"{unet.config.sample_size}; set image_size={unet.config.sample_size}")
+    return unet, scheduler
+
+
+def stage_keys(config: AugmentConfig, run_dir: Path | None = None) -> dict[str, str | None]:
+    """Every stage's key. The tune key includes the base model's content fingerprint."""
+    from pipeline.preflight import base_model_fingerprint, resolve_base_model
+
+    k: dict[str, str | None] = {"split": stage_key(config, "split")}
+    k["pretrain"] = stage_key(config, "pretrain", {"split": k["split"]}) \
+        if config.pretrains_base else None
+    k["encode"] = stage_key(config, "encode", {"split": k["split"]})
+    base = None if config.pretrains_base else \
+        base_model_fingerprint(resolve_base_model(config.base_model))
+    k["tune"] = stage_key(config, "tune", {"encode": k["encode"], "pretrain": k["pretrain"]},
+                          extra={"base": base})
+    k["sample"] = stage_key(config, "sample", {"tune": k["tune"]})
+    k["shards"] = stage_key(config, "shards", {"sample": k["sample"]})
+    k["quality"] = stage_key(config, "quality", {"shards": k["shards"], "split": k["split"]})
+    k["ssl"] = stage_key(config, "ssl", {"split": k["split"], "shards": k["shards"]})
+    k["report"] = stage_key(config, "report", {"quality": k["quality"], "ssl": k["ssl"]})
+    return k
+
+
+def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
+    """Only the augmented arm reads the shards: the other arms survive a sampling change."""
+    up = {"split": keys["split"], "arm": arm, "seed": str(seed)}
+    if arm == "augmented":
+        up["shards"] = keys["shards"]
+    return stage_key(config, "ssl", up)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Meter:
+    """Wall time and peak memory of a block: CUDA peak allocation, else sampled RSS growth."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> Self:
+        self.started = time.time()
+        self._t0 = time.perf_counter()
+        self._rss0 = self._peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.wall_s = time.perf_counter() - self._t0
+        self.finished = time.time()
+        if self.device == "cuda":
+            import torch
+
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.peak_mb = max(self._peak, _rss_bytes()) - self._rss0
+            self.peak_mb = max(0.0, self.peak_mb / 2**20)
+
+
+def _device_label(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+# --------------------------------------------------------------------------- reuse
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` (file or tree) to ``dst`` through a temp name, then swap it in."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.adopt-{os.getpid()}")
+    _remove(tmp)
+    if src.is_dir():
+        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(src), str(tmp))
+    _remove(dst)
+    os.replace(tmp, dst)
+
+
+def _siblings(run_dir: Path):
+    root = run_dir.parent
+    if not root.is_dir():
+        return
+    for other in sorted(root.iterdir()):
+        if other.is_dir() and other.resolve() != run_dir.resolve() \
+                and not other.name.startswith((".", "_")):
+            yield other
+
+
+def _adopt_stage(run_dir: Path, stage: str, key: str) -> dict | None:
+    """Link a sibling run's finished outputs of this stage (same key) into ``run_dir``."""
+    for other in _siblings(run_dir):
+        rec = read_json(other / "stages" / f"{stage}.json")
+        if not rec or rec.get("key") != key:
+            continue
+        outputs = [other / rel for rel in _flat_outputs(rec.get("outputs", {}))]
+        if not all(p.exists() for p in outputs):
+            continue
+        for p in outputs:
+            _place(p, run_dir / p.relative_to(other))
+        rec = {**rec, "adopted_from": other.name}
+        atomic_write_json(run_dir / "stages" / f"{stage}.json", rec)
+        return rec
+    return None
+
+
+def _adopt_unit(run_dir: Path, rel: str, key: str) -> dict | None:
+    for other in _siblings(run_dir):
+        marker = read_json(other / rel / UNIT_MARKER)
+        if marker and marker.get("key") == key:
+            _place(other / rel, run_dir / rel)
+            return {**marker, "adopted_from": other.name}
+    return None
+
+
+def _flat_outputs(outputs: dict) -> list[str]:
+    out = []
+    for v in outputs.values():
+        if isinstance(v, dict):
+            out += _flat_outputs(v)
+        elif isinstance(v, list):
+            out += [str(x) for x in v]
+        elif v:
+            out.append(str(v))
+    return out
+
+
+# --------------------------------------------------------------------------- stage frame
+
+
+def finished_record(run_dir: Path, stage: str, key: str) -> dict | None:
+    rec = read_json(Path(run_dir) / "stages" / f"{stage}.json")
+    return rec if rec and rec.get("key") == key else None
+
+
+def _run_stage(run_dir: Path, config: AugmentConfig, stage: str, key: str,
+               body: Callable[[str], tuple[dict, dict]], adopt: bool = True) -> dict:
+    """Skip (same key), adopt (sibling with same key), or run ``body`` and record it."""
+    run_dir = Path(run_dir)
+    rec = finished_record(run_dir, stage, key)
+    if rec is not None:
+        return {**rec, "skipped": True}
+    if adopt and (rec := _adopt_stage(run_dir, stage, key)) is not None:
+        return rec
+    device = config.resolved_device()
+    with _Meter(device) as m:
+        outputs, metrics = body(device)
+    rec = {"stage": stage, "key": key, "started": m.started, "finished": m.finished,
+           "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
+           "device": _device_label(device), "outputs": outputs, "metrics": metrics}
+    atomic_write_json(run_dir / "stages" / f"{stage}.json", rec)
+    return rec
+
+
+def _unit(run_dir: Path, rel: str, key: str, config: AugmentConfig,
+          body: Callable[[Path, str], dict]) -> dict:
+    """One unit of a mapped stage (a class's adapter or samples) in ``run_dir/rel``.
+
+    ``body(dir, device)`` writes the unit's files into ``dir`` and returns its metrics;
+    the marker ``unit.json`` (with the key) is written last.
+    """
+    unit_dir = Path(run_dir) / rel
+    marker = read_json(unit_dir / UNIT_MARKER)
+    if marker and marker.get("key") == key:
+        return {**marker, "skipped": True}
+    if (adopted := _adopt_unit(Path(run_dir), rel, key)) is not None:
+        return adopted
+    device = config.resolved_device()
+    with _Meter(device) as m:
+        metrics = body(unit_dir, device)
+    marker = {"unit": rel, "key": key, "started": m.started, "finished": m.finished,
+              "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
+              "device": _device_label(device), "metrics": metrics}
+    atomic_write_json(unit_dir / UNIT_MARKER, marker)
+    return marker
+
+
+def _aggregate_units(run_dir: Path, config: AugmentConfig, stage: str, key: str,
+                     units: dict[str, dict], outputs: dict, metrics: dict) -> dict:
+    """Stage record for a mapped stage: wall time and memory summed/maxed over its units."""
+    done = [u for u in units.values()]
+    device = config.resolved_device()
+    rec = {"stage": stage, "key": key,
+           "started": min((u.get("started", time.time()) for u in done), default=time.time()),
+           "finished": time.time(),
+           "wall_s": round(sum(u.get("wall_s", 0.0) for u in done), 3),
+           "peak_mem_mb": max((u.get("peak_mem_mb", 0.0) for u in done), default=0.0),
+           "device": _device_label(device), "outputs": outputs,
+           "metrics": {**metrics, "units": {name: u.get("metrics", {}) for name, u in units.items()}}}
+    atomic_write_json(Path(run_dir) / "stages" / f"{stage}.json", rec)
+    return rec
+
+
+# --------------------------------------------------------------------------- split
+
+
+def run_split(run_dir: Path, config: AugmentConfig) -> dict:
+    from pipeline.splits import make_split, save_split
+
+    def body(device: str) -> tuple[dict, dict]:
+        ds = dataset_for(config)
+        split = make_split(ds.train_labels, config.labels_per_class, config.split_seed,
+                           ds.num_classes)
+        save_split(split, Path(run_dir) / "split.parquet")
+        return ({"split": "split.parquet"},
+                {"labeled": len(split.labeled_idx),
+                 "unlabeled": len(split.unlabeled_idx), "num_classes": ds.num_classes})
+
+    return _run_stage(run_dir, config, "split", stage_key(config, "split"), body)
+
+
+# --------------------------------------------------------------------------- pretrain
+
+
+def run_pretrain(run_dir: Path, config: AugmentConfig) -> dict | None:
+    """Pretrain the base model on the unlabeled pool, when the config asks for it."""
+    if not config.pretrains_base:
+        return None
+    keys = stage_keys(config)
+
+    def body(device: str) -> tuple[dict, dict]:
+        from pipeline.pretrain import PretrainConfig, pretrain
+
+        ds, split = dataset_for(config), split_for(Path(run_dir))
+        pcfg = PretrainConfig.from_dict({**config.pretrain.model_dump(),
+                                         "sample_size": config.image_size, "device": device})
+        out = pretrain(ds.train_images[split.unlabeled_idx], Path(run_dir) / "base", pcfg,
+                       progress=config.progress)
+        info = read_json(out / "training.json") or {}
+        return ({"base": "base"},
+                {k: info.get(k) for k in ("steps", "steps_per_s", "final_loss", "params")})
+
+    return _run_stage(run_dir, config, "pretrain", keys["pretrain"], body)
+
+
+# --------------------------------------------------------------------------- encode
+
+TOKENS_FILE = "conditions/tokens.safetensors"
+
+
+def run_encode(run_dir: Path, config: AugmentConfig) -> dict:
+    """Condition tokens of every labeled image, in split order (one row per labeled index)."""
+    keys = stage_keys(config)
+
+    def body(device: str) -> tuple[dict, dict]:
+        import torch
+        from safetensors.torch import save_file
+
+        from anl_core.encoders import load_encoder
+        from pipeline.images import to_model_space
+
+        ds, split = dataset_for(config), split_for(Path(run_dir))
+        encoder = load_encoder(config.encoder, device=device)
+        images = to_model_space(ds.train_images[split.labeled_idx], device=device)
+        t0 = time.perf_counter()
+        tokens = encoder.encode(images).cpu().contiguous()
+        seconds = time.perf_counter() - t0
+        out = Path(run_dir) / TOKENS_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tokens.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"tokens": tokens,
+                       "index": torch.as_tensor(split.labeled_idx, dtype=torch.int64),
+                       "labels": torch.as_tensor(split.labeled_labels, dtype=torch.int64)},
+                      tmp, metadata={"encoder_id": encoder.encoder_id,
+                                     "token_dim": str(encoder.token_dim),
+                                     "num_tokens": str(encoder.num_tokens)})
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return ({"tokens": TOKENS_FILE},
+                {"images": len(tokens), "images_per_s": round(len(tokens) / max(seconds, 1e-9), 2),
+                 "encoder_id": encoder.encoder_id, "num_tokens": encoder.num_tokens,
+                 "token_dim": encoder.token_dim})
+
+    return _run_stage(run_dir, config, "encode", keys["encode"], body)
+
+
+def load_tokens(run_dir: Path) -> dict:
+    """Tokens, labeled indices, labels and encoder metadata written by the encode stage."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / TOKENS_FILE
+    if not path.exists():
+        raise StageError(f"{path} not found; run the encode stage first")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        data = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    return {**data, "encoder_id": meta["encoder_id"], "token_dim": int(meta["token_dim"]),
+            "num_tokens": int(meta["num_tokens"])}
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def adapter_units(config: AugmentConfig, num_classes: int) -> list[int | None]:
+    """Classes to tune: one unit per class, or a single ``None`` unit for a shared adapter."""
+    return [None] if config.adapter.scope == "shared" else list(range(num_classes))
+
+
+def adapter_rel(class_idx: int | None) -> str:
+    return "adapters/shared" if class_idx is None else f"adapters/class-{class_idx:02d}"
+
+
+def class_indices(run_dir: Path, config: AugmentConfig) -> list[int]:
+    return list(range(dataset_for(config).num_classes))
+
+
+def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None) -> dict:
+    """Tune one ANL adapter on one class's labeled images (or all of them, when shared)."""
+    keys = stage_keys(config)
+    rel = adapter_rel(class_idx)
+
+    def body(unit_dir: Path, device: str) -> dict:
+        import torch
+
+        from anl_core.inject import ANLConfig, attach_anl, save_adapter
+        from anl_core.tuning import TuneConfig, tune_adapter
+        from pipeline.images import to_model_space
+
+        run = Path(run_dir)
+        ds, tok = dataset_for(config), load_tokens(run)
+        rows = (torch.arange(len(tok["labels"])) if class_idx is None
+                else torch.nonzero(tok["labels"] == class_idx).flatten())
+        if len(rows) == 0:
+            raise StageError(f"class {class_idx} has no labeled images in {run / TOKENS_FILE}")
+        images = to_model_space(ds.train_images[tok["index"][rows].numpy()],
+                                size=config.image_size, device=device)
+        unet, scheduler = load_base(run, config, device)
+        acfg = ANLConfig(token_dim=tok["token_dim"], num_tokens=tok["num_tokens"],
+                         encoder_id=tok["encoder_id"], **config.adapter.model_dump(
+                             exclude={"scope"}))
+        torch.manual_seed(_unit_seed(config.tuning.seed, class_idx))  # adapter init
+        model = attach_anl(unet, acfg)
+        tcfg = TuneConfig(**{**config.tuning.model_dump(),
+                             "seed": _unit_seed(config.tuning.seed, class_idx)})
+        result = tune_adapter(model, scheduler, images, tok["tokens"][rows], tcfg,
+                              progress=config.progress)
+        # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
+        tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
+        _remove(tmp)
+        save_adapter(model, tmp)
+        info = {"class": class_idx, "images": len(rows), "loss_history": result.loss_history,
+                "steps": result.steps, "steps_per_s": round(result.steps_per_second, 3),
+                "wall_s": round(result.seconds, 3), "param_counts": model.param_counts(),
+                "final_loss": float(np.mean(result.loss_history[-50:]))
+                if result.loss_history else None}
+        atomic_write_json(tmp / "tune.json", info)
+        _remove(unit_dir)
+        os.replace(tmp, unit_dir)
+        return {k: v for k, v in info.items() if k != "loss_history"}
+
+    return _unit(Path(run_dir), rel, keys["tune"], config, body)
+
+
+def _unit_seed(seed: int, class_idx: int | None) -> int:
+    """Different, reproducible seeds per class: seed + 1000 * (class + 1); shared: seed."""
+    return seed if class_idx is None else seed + 1000 * (class_idx + 1)
+
+
+def run_tune(run_dir: Path, config: AugmentConfig) -> dict:
+    """Tune every missing adapter unit, then record the stage."""
+    keys = stage_keys(config)
+    rec = finished_record(Path(run_dir), "tune", keys["tune"])
+    if rec is not None:
+        return {**rec, "skipped": True}
+    units = {adapter_rel(c): run_tune_class(run_dir, config, c)
+             for c in adapter_units(config, len(class_indices(run_dir, config)))}
+    steps_per_s = [u["metrics"].get("steps_per_s", 0.0) for u in units.values()]
+    return _aggregate_units(Path(run_dir), config, "tune", keys["tune"], units,
+                            {"adapters": list(units)},
+                            {"adapters": len(units),
+                             "steps_per_s": round(float(np.mean(steps_per_s)), 3)})
+
+
+# --------------------------------------------------------------------------- sample
+
+
+def sample_rel(class_idx: int) -> str:
+    return f"samples/class-{class_idx:02d}"
+
+
+def _sample_plan(config: AugmentConfig, n_conditions: int) -> list[tuple[int, int, int, int]]:
+    """(mask index, chunk index, first condition, end condition) for each part file."""
+    step = config.sampling.chunk_conditions
+    return [(mi, ci, s, min(s + step, n_conditions))
+            for mi in range(len(config.sampling.mask_ratios))
+            for ci, s in enumerate(range(0, n_conditions, step))]
+
+
+def part_name(mask_idx: int, chunk_idx: int) -> str:
+    return f"part-{mask_idx:02d}-{chunk_idx:05d}.npz"
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> dict:
+    """Masked sampling for one class, in chunk files; a rerun resumes at the first missing one.
+
+    Each chunk's images depend only on (seed, condition id, image index), so a resumed run
+    writes exactly what an uninterrupted one would, with no missing or duplicated rows.
+    """
+    keys = stage_keys(config)
+    rel = sample_rel(class_idx)
+    adapter = adapter_rel(None if config.adapter.scope == "shared" else class_idx)
+
+    def body(unit_dir: Path, device: str) -> dict:
+        import torch
+
+        from anl_core.inject import load_adapter
+        from anl_core.sampling import masked_sample
+        from pipeline.images import from_model_space
+
+        run = Path(run_dir)
+        plan_file = read_json(unit_dir / "plan.json")
+        if plan_file and plan_file.get("key") != keys["sample"]:
+            _remove(unit_dir)  # parts of another configuration: never mix them
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(unit_dir / "plan.json", {"key": keys["sample"], "class": class_idx})
+        tok = load_tokens(run)
+        rows = torch.nonzero(tok["labels"] == class_idx).flatten()
+        cond_ids = tok["index"][rows].numpy()
+        ds = dataset_for(config)
+        plan = _sample_plan(config, len(rows))
+        todo = [p for p in plan if not (unit_dir / part_name(p[0], p[1])).exists()]
+        s = config.sampling
+        t0, made = time.perf_counter(), 0
+        if todo:
+            if not (run / adapter / UNIT_MARKER).exists():
+                raise StageError(f"adapter {run / adapter} is not finished; run the tune stage")
+            unet, scheduler = load_base(run, config, device)
+            model = load_adapter(unet, run / adapter, encoder_id=tok["encoder_id"])
+            from tqdm.auto import tqdm
+
+            for mi, ci, a, b in tqdm(todo, desc=f"sample class {class_idx}",
+                                     disable=not config.progress, unit="chunk"):
+                x = masked_sample(model, scheduler, tok["tokens"][rows[a:b]], s.per_condition,
+                                  mask_ratio=s.mask_ratios[mi], guidance=s.guidance,
+                                  num_inference_steps=s.num_inference_steps, seed=s.seed,
+                                  batch_size=s.batch_size, condition_ids=cond_ids[a:b],
+                                  progress=False, eta=s.eta, compile=s.compile)
+                images = from_model_space(x, shape=ds.image_shape[:2])
+                n = len(images)
+                _save_npz(unit_dir / part_name(mi, ci), images=images,
+                          labels=np.full(n, class_idx, np.int64),
+                          condition_id=np.repeat(cond_ids[a:b], s.per_condition).astype(np.int64),
+                          mask_ratio=np.full(n, s.mask_ratios[mi], np.float64))
+                made += n
+        seconds = time.perf_counter() - t0
+        total = sum(len(np.load(unit_dir / part_name(mi, ci))["labels"]) for mi, ci, _, _ in plan)
+        return {"class": class_idx, "rows": total, "parts": len(plan), "rows_made": made,
+                "images_per_s": round(made / seconds, 3) if made and seconds else None}
+
+    return _unit(Path(run_dir), rel, keys["sample"], config, body)
+
+
+def run_sample(run_dir: Path, config: AugmentConfig) -> dict:
+    keys = stage_keys(config)
+    rec = finished_record(Path(run_dir), "sample", keys["sample"])
+    if rec is not None:
+        return {**rec, "skipped": True}
+    units = {sample_rel(c): run_sample_class(run_dir, config, c)
+             for c in class_indices(run_dir, config)}
+    rates = [u["metrics"]["images_per_s"] for u in units.values()
+             if u["metrics"].get("images_per_s")]
+    return _aggregate_units(Path(run_dir), config, "sample", keys["sample"], units,
+                            {"samples": list(units)},
+                            {"rows": sum(u["metrics"]["rows"] for u in units.values()),
+                             "images_per_s": round(float(np.mean(rates)), 3) if rates else None})
+
+
+def sample_parts(run_dir: Path, config: AugmentConfig):
+    """Every finished sample chunk in a fixed order: (class, path)."""
+    run = Path(run_dir)
+    tok = load_tokens(run)
+    for c in class_indices(run, config):
+        n = int((tok["labels"] == c).sum())
+        for mi, ci, _, _ in _sample_plan(config, n):
+            yield c, run / sample_rel(c) / part_name(mi, ci)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def run_shards(run_dir: Path, config: AugmentConfig) -> dict:
+    """All synthetic chunks into Parquet shards with provenance; the manifest goes last."""
+    keys = stage_keys(config)
+
+    def body(device: str) -> tuple[dict, dict]:
+        from pipeline.shards import ShardWriter, verify_shards
+
+        run = Path(run_dir)
+        for c in class_indices(run, config):
+            marker = read_json(run / sample_rel(c) / UNIT_MARKER)
+            if not marker or marker.get("key") != keys["sample"]:
+                raise StageError(f"samples of class {c} are not finished; run the sample stage")
+        ds = dataset_for(config)
+        s = config.sampling
+        per_class: dict[int, int] = {}
+        with ShardWriter(run / "shards", ds.class_names, rows_per_shard=config.shards.rows_per_shard,
+                         overwrite=True, image_shape=ds.image_shape) as writer:
+            for c, path in sample_parts(run, config):
+                with np.load(path) as part:
+                    adapter = adapter_rel(None if config.adapter.scope == "shared" else c)
+                    writer.write(part["images"], part["labels"], source="synthetic",
+                                 condition_id=part["condition_id"],
+                                 adapter_id=adapter.split("/", 1)[1], seed=s.seed,
+                                 mask_ratio=part["mask_ratio"], guidance=s.guidance,
+                                 steps=s.num_inference_steps)
+                    per_class[c] = per_class.get(c, 0) + len(part["labels"])
+        manifest = verify_shards(run / "shards")
+        return ({"shards": "shards"},
+                {"rows": int(manifest.get("rows", sum(per_class.values()))),
+                 "rows_per_class": {str(k): v for k, v in per_class.items()},
+                 "shard_files": len(manifest["shards"])})
+
+    return _run_stage(run_dir, config, "shards", keys["shards"], body)
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def run_quality(run_dir: Path, config: AugmentConfig) -> dict:
+    keys = stage_keys(config)
+
+    def body(device: str) -> tuple[dict, dict]:
+        if not config.quality.enabled:
+            return {}, {"enabled": False}
+        from pipeline.quality import QualityConfig, evaluate_run_quality
+
+        qcfg = QualityConfig(**config.quality.model_dump(exclude={"enabled"}))
+        out = evaluate_run_quality(Path(run_dir), dataset_for(config), qcfg,
+                                   encoder=config.encoder, device=device,
+                                   progress=config.progress)
+        summary = read_json(out) or {}
+        return {"quality": "quality"}, summary.get("overall", {})
+
+    return _run_stage(run_dir, config, "quality", keys["quality"], body)
+
+
+# --------------------------------------------------------------------------- ssl
+
+
+def ssl_rel(arm: str, seed: int) -> str:
+    return f"ssl/{arm}/seed-{seed}"
+
+
+def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> dict:
+    """One classifier: ``pipeline.ssl.run_arm`` in ``ssl/<arm>/seed-<s>`` (resumes in place)."""
+    keys = stage_keys(config)
+    rel = ssl_rel(arm, seed)
+
+    def body(unit_dir: Path, device: str) -> dict:
+        from pipeline.ssl import SSLConfig, run_arm
+
+        run = Path(run_dir)
+        scfg = SSLConfig.from_dict({**config.ssl.trainer_fields(seed), "device": device})
+        shard_dir = run / "shards" if arm == "augmented" else None
+        if shard_dir is not None and not (shard_dir / "manifest.json").exists():
+            raise StageError(f"{shard_dir} has no manifest; run the shards stage first")
+        metrics_path = run_arm(arm, dataset_for(config), split_for(run), unit_dir, scfg,
+                               shard_dir=shard_dir, progress=config.progress)
+        metrics = read_json(metrics_path) or {}
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, type(None)))}
+
+    return _unit(Path(run_dir), rel, ssl_unit_key(config, keys, arm, seed), config, body)
+
+
+def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:
+    keys = stage_keys(config)
+    rec = finished_record(Path(run_dir), "ssl", keys["ssl"])
+    if rec is not None:
+        return {**rec, "skipped": True}
+    units = {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
+             for a in config.ssl.arms for s in config.ssl.seeds}
+    return _aggregate_units(Path(run_dir), config, "ssl", keys["ssl"], units,
+                            {"ssl": list(units)}, {"arms": list(config.ssl.arms),
+                                                   "seeds": list(config.ssl.seeds)})
+
+
+# --------------------------------------------------------------------------- report
+
+
+def run_report(run_dir: Path, config: AugmentConfig) -> dict:
+    keys = stage_keys(config)
+
+    def body(device: str) -> tuple[dict, dict]:
+        from pipeline.report import write_report
+
+        paths = write_report(Path(run_dir))
+        rels = {Path(p).suffix.lstrip("."): str(Path(p).relative_to(run_dir)) for p in paths}
+        return rels, {}
+
+    # The report reads this run's own records (wall times, devices), so it is never adopted.
+    return _run_stage(run_dir, config, "report", keys["report"], body, adopt=False)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Path, AugmentConfig], dict | None]] = {
+    "split": run_split, "pretrain": run_pretrain, "encode": run_encode, "tune": run_tune,
+    "sample": run_sample, "shards": run_shards, "quality": run_quality, "ssl": run_ssl,
+    "report": run_report,
+}
+assert tuple(STAGE_FUNCTIONS) == STAGE_ORDER
+
+
+def run_all(run_dir: Path, config: AugmentConfig, until: str | None = None) -> dict[str, dict]:
+    """Every stage in order in this process (no Prefect): the reference the flow must match."""
+    records = {}
+    for name, fn in STAGE_FUNCTIONS.items():
+        rec = fn(Path(run_dir), config)
+        if rec is not None:
+            records[name] = rec
+        if name == until:
+            break
+    return records
+
+
+@contextmanager
+def stage_failure_recorded(run_dir: Path, stage: str):
+    """Record which stage failed (``stages/failed.json``) so ``augment runs`` can say why."""
+    try:
+        yield
+    except BaseException as e:
+        atomic_write_json(Path(run_dir) / "stages" / "failed.json",
+                          {"stage": stage, "error": f"{type(e).__name__}: {e}"[:2000],
+                           "time": time.time()})
+        raise

@@ -1,0 +1,139 @@
+"""AugmentConfig: presets, overrides, validation messages, hashes and per-stage keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from pipeline.config import (
+    SSL_BUDGETS,
+    AugmentConfig,
+    ConfigError,
+    PretrainSection,
+    QualitySection,
+    SSLSection,
+    TuningSection,
+    available_presets,
+    config_hash,
+    load_config,
+    parse_overrides,
+    stage_key,
+    with_overrides,
+)
+
+
+def test_every_preset_loads_and_names_its_run():
+    names = available_presets()
+    assert {"demo", "fashion-mnist-40labels", "cifar10-250labels", "benchmark-nightly"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.preset == name
+        assert len(config_hash(cfg)) == 64
+
+
+def test_cifar_preset_matches_the_issue():
+    cfg = load_config("cifar10-250labels")
+    assert cfg.dataset == "cifar10" and cfg.labels_per_class == 25
+    assert cfg.base_model == "google/ddpm-cifar10-32"
+    assert cfg.encoder == "openai/clip-vit-base-patch32"
+    assert cfg.ssl.steps == 2**20 and cfg.ssl.algorithm == "fixmatch"
+    assert cfg.require_gpu
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    cfg = load_config("demo", ["sampling.mask_ratios=[0.1, 0.9]", "tuning.steps=7",
+                               "ssl.arms=[baseline]", "dataset_root=null"])
+    assert cfg.sampling.mask_ratios == [0.1, 0.9]
+    assert cfg.tuning.steps == 7 and cfg.ssl.arms == ["baseline"]
+    assert parse_overrides(["a.b=1", "c=x"]) == {"a.b": 1, "c": "x"}
+    assert with_overrides(cfg, {"tuning.steps": 9}).tuning.steps == 9
+
+
+@pytest.mark.parametrize("override, named", [
+    ("sampling.mask_ratios=[0.2, 1.5]", "sampling.mask_ratios[1]=1.5"),
+    ("labels_per_class=-1", "labels_per_class=-1"),
+    ("sampling.bogus=1", "sampling.bogus"),
+    ("bogus_top=1", "bogus_top"),
+    ("tuning.cond_dropout=2", "tuning.cond_dropout=2"),
+    ("ssl.arms=[supervised, nonsense]", "ssl.arms[1]"),
+    ("ssl.budget=steps-7", "ssl.budget"),
+    ("image_size=48", "image_size=48"),
+])
+def test_invalid_parameters_fail_naming_the_parameter(override, named):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert named in str(err.value)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="demo"):
+        load_config("no-such-preset")
+
+
+def test_malformed_override_is_explained():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["tuning.steps"])
+
+
+def test_hash_ignores_runtime_fields_only():
+    cfg = load_config("demo")
+    same = with_overrides(cfg, {"runs_dir": "/elsewhere", "task_runner": "dask",
+                                "progress": False, "device": "cpu"})
+    assert config_hash(same) == config_hash(cfg)
+    assert config_hash(with_overrides(cfg, {"sampling.guidance": 3.5})) != config_hash(cfg)
+
+
+def test_stage_keys_change_only_downstream_of_a_change():
+    cfg = load_config("demo")
+    changed = with_overrides(cfg, {"sampling.guidance": 3.5})
+
+    def keys(c):
+        split = stage_key(c, "split")
+        encode = stage_key(c, "encode", {"split": split})
+        tune = stage_key(c, "tune", {"encode": encode})
+        sample = stage_key(c, "sample", {"tune": tune})
+        return split, encode, tune, sample
+
+    a, b = keys(cfg), keys(changed)
+    assert a[:3] == b[:3] and a[3] != b[3]
+    tuned = with_overrides(cfg, {"tuning.lr": 3e-4})
+    assert keys(tuned)[:2] == a[:2] and keys(tuned)[2:] != a[2:]
+
+
+def test_config_round_trips_through_json():
+    cfg = load_config("cifar10-250labels", ["pretrain.steps=10"])
+    again = AugmentConfig.model_validate(json.loads(cfg.model_dump_json()))
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+
+
+def test_budget_fills_steps_unless_given():
+    assert SSLSection(budget="steps-1024").steps == 1024
+    assert SSLSection(budget="steps-1024", steps=5).steps == 5
+
+
+def _fields(dc):
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(dc)}
+
+
+def test_sections_mirror_the_component_configs():
+    """Sections copy other modules' dataclass fields; this keeps them from drifting."""
+    from anl_core.tuning import TuneConfig
+    from pipeline.pretrain import PretrainConfig
+    from pipeline.ssl.config import BUDGETS, SSLConfig
+
+    assert SSL_BUDGETS == BUDGETS
+    tune = _fields(TuneConfig)
+    assert TuningSection().model_dump() == tune
+    ssl = _fields(SSLConfig)
+    mine = SSLSection().trainer_fields(seed=0)
+    assert set(mine) == set(ssl) - {"device"}
+    assert {k: v for k, v in mine.items()} == {k: ssl[k] for k in mine}
+    pre = {k: (list(v) if isinstance(v, tuple) else v) for k, v in _fields(PretrainConfig).items()}
+    assert PretrainSection().model_dump() == {k: pre[k] for k in pre
+                                              if k not in ("sample_size", "device")}
+    from pipeline.quality import QualityConfig
+
+    assert QualitySection().model_dump(exclude={"enabled"}) == _fields(QualityConfig)

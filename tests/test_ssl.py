@@ -1,0 +1,234 @@
+"""pipeline.ssl: config, GPU-style augmentation, arms, shards, resume. CPU, tiny nets, seconds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.datasets import ImageDataset
+from pipeline.splits import make_split
+from pipeline.ssl import BUDGETS, ArmError, SSLConfig, SSLConfigError, build_net, evaluate, run_arm
+from pipeline.ssl import augment as aug
+from pipeline.ssl.arms import CHECKPOINT, CURVE, METRICS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def ssl_one_thread():
+    # The CPU is shared with other jobs: OpenMP spin-waiting with 2 threads is 5-10x slower
+    # than 1 thread for these tiny nets.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ssl_fm_subset(data_fashion_mnist):
+    """3000 real Fashion-MNIST training images and 500 test images (seeded)."""
+    ds = data_fashion_mnist
+    rng = np.random.default_rng(0)
+    tr = np.sort(rng.choice(len(ds.train_labels), 3000, replace=False))
+    te = np.sort(rng.choice(len(ds.test_labels), 500, replace=False))
+    return ImageDataset("fashion-mnist-subset", ds.class_names, ds.train_images[tr],
+                        ds.train_labels[tr], ds.test_images[te], ds.test_labels[te])
+
+
+def tiny_config(**kw) -> SSLConfig:
+    base = {"net": "cnn-tiny", "steps": 150, "batch_size": 32, "mu": 1, "eval_every": 50,
+            "checkpoint_every": 50, "seed": 0, "device": "cpu"}
+    return SSLConfig(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_round_trip_budgets_and_errors():
+    cfg = SSLConfig.from_budget("steps-8192", net="cnn-small", synthetic_as="unlabeled")
+    assert cfg.steps == 8192 and cfg.eval_every == BUDGETS["steps-8192"]["eval_every"]
+    assert SSLConfig.from_json(cfg.to_json()) == cfg
+    assert BUDGETS["steps-1048576"]["steps"] == 2**20
+    assert all(name == f"steps-{b['steps']}" for name, b in BUDGETS.items())
+    # USB defaults
+    d = SSLConfig()
+    assert (d.batch_size, d.mu, d.tau, d.lr, d.ema, d.nesterov) == (64, 7, 0.95, 0.03, 0.999, True)
+    # device does not change the fingerprint, the seed does
+    assert SSLConfig(device="cpu").fingerprint() == SSLConfig(device="cuda").fingerprint()
+    assert SSLConfig(seed=1).fingerprint() != SSLConfig(seed=2).fingerprint()
+    with pytest.raises(SSLConfigError, match="synthetic_as"):
+        SSLConfig(synthetic_as="both")
+    with pytest.raises(SSLConfigError, match="unknown SSLConfig fields"):
+        SSLConfig.from_dict({"stepz": 3})
+    with pytest.raises(SSLConfigError, match="steps-"):
+        SSLConfig.from_budget("short")
+
+
+def test_wrn_28_2_matches_usb_size():
+    net = build_net("wrn-28-2", 10, (32, 32, 3), [0.5] * 3, [0.25] * 3, seed=0)
+    assert sum(p.numel() for p in net.parameters()) == 1_467_610
+    again = build_net("wrn-28-2", 10, (32, 32, 3), [0.5] * 3, [0.25] * 3, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                 again.state_dict().values(), strict=True))
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_weak_augment_crop_flip_reflect():
+    g = torch.Generator().manual_seed(0)
+    store = torch.randint(0, 256, (20, 32, 32, 3), dtype=torch.uint8)
+    idx = torch.tensor([3, 3, 7, 0])
+    plain = aug.weak_from_store(store, idx, g, pad=0, flip=False)
+    assert torch.equal(plain, aug.to_unit(store[idx]))
+    # With padding, every output row is a (reflected, maybe flipped) row of the source:
+    # a crop never invents pixel values, and the padded crop differs across draws.
+    out = aug.weak_from_store(store, idx.repeat(8), g)
+    assert out.shape == (32, 3, 32, 32) and out.dtype == torch.float32
+    src = aug.to_unit(store[3:4])
+    vals = set((src * 255).round().flatten().tolist())
+    assert set((out[0] * 255).round().flatten().tolist()) <= vals
+    assert len({tuple(o.flatten()[:64].tolist()) for o in out[::4]}) > 1
+
+
+def test_strong_augment_per_image_deterministic_and_in_range():
+    x = torch.rand(64, 3, 32, 32)
+    a = aug.strong_augment(x, torch.Generator().manual_seed(5))
+    b = aug.strong_augment(x, torch.Generator().manual_seed(5))
+    c = aug.strong_augment(x, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    # Dense (GPU) and per-op-subset (CPU) batching give the same images.
+    dense = aug.strong_augment(x, torch.Generator().manual_seed(5), subsets=False)
+    assert torch.allclose(dense, a, atol=1e-6)
+    # Identity round is exact; each op, drawn by the whole batch, changes the images.
+    assert torch.equal(aug._apply_round(x, torch.zeros(64, dtype=torch.long), torch.rand(64)), x)
+    for i, name in enumerate(aug.OPS[1:], start=1):
+        y = aug._apply_round(x, torch.full((64,), i), torch.rand(64))
+        assert (y - x).abs().mean() > 1e-4, name
+    # Per image: one image repeated gets different op sequences (kornia's RandAugment would
+    # give the whole batch one op sequence). Cutout off to compare ops only.
+    same = aug.strong_augment(x[:1].repeat(64, 1, 1, 1), torch.Generator().manual_seed(1),
+                              cutout_frac=0.0)
+    distinct = {tuple(v) for v in (same.flatten(1)[:, ::97] * 1000).round().tolist()}
+    assert len(distinct) > 32
+    grey = aug.strong_augment(torch.rand(16, 1, 28, 28), torch.Generator().manual_seed(0))
+    assert grey.shape == (16, 1, 28, 28)
+
+
+def test_evaluate_confusion_and_per_class():
+    class Always2(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((len(x),), 2), 4).float()
+
+    images = torch.zeros(6, 8, 8, 1, dtype=torch.uint8)
+    labels = torch.tensor([2, 2, 0, 1, 1, 2])
+    r = evaluate(Always2(), images, labels, num_classes=4, batch_size=4)
+    assert r.top1_error == pytest.approx(0.5)
+    assert r.per_class_accuracy[2] == 1.0 and r.per_class_accuracy[0] == 0.0
+    assert np.isnan(r.per_class_accuracy[3])
+    assert r.confusion[:, 2].tolist() == [1, 2, 3, 0] and r.confusion.sum() == 6
+
+
+# --------------------------------------------------------------------------- arms
+
+
+def test_supervised_arm_beats_chance_and_writes_outputs(ssl_fm_subset, tmp_path):
+    split = make_split(ssl_fm_subset.train_labels, 20, seed=0)
+    path = run_arm("supervised", ssl_fm_subset, split, tmp_path, tiny_config(), progress=False)
+    m = json.loads(path.read_text())
+    assert m["top1_accuracy"] > 0.5, m["top1_accuracy"]  # chance is 0.1
+    assert m["num_labeled"] == 200 and m["steps"] == 150 and m["algorithm"] == "supervised"
+    assert len(m["confusion_matrix"]) == 10 and sum(map(sum, m["confusion_matrix"])) == 500
+    assert set(m["per_class_accuracy"]) == set(ssl_fm_subset.class_names)
+    curve = pd.read_parquet(tmp_path / CURVE)
+    assert curve["step"].tolist() == [50, 100, 150]
+    assert curve["test_error"].iloc[-1] < curve["test_error"].iloc[0]
+    assert (tmp_path / CHECKPOINT).exists()
+    # A rerun finds metrics.json for the same inputs and returns without training.
+    stamp = path.stat().st_mtime_ns
+    assert run_arm("supervised", ssl_fm_subset, split, tmp_path, tiny_config(),
+                   progress=False) == path
+    assert path.stat().st_mtime_ns == stamp
+    with pytest.raises(ArmError, match="different inputs"):
+        run_arm("supervised", ssl_fm_subset, split, tmp_path, tiny_config(seed=1), progress=False)
+
+
+def test_fixmatch_arm_learns_with_unlabeled_terms(ssl_fm_subset, tmp_path):
+    split = make_split(ssl_fm_subset.train_labels, 10, seed=1)
+    cfg = tiny_config(steps=60, batch_size=16, mu=2, eval_every=30, tau=0.7)
+    m = json.loads(run_arm("baseline", ssl_fm_subset, split, tmp_path, cfg,
+                           progress=False).read_text())
+    assert m["algorithm"] == "fixmatch" and m["num_unlabeled"] == 3000
+    assert m["top1_accuracy"] > 0.3
+    curve = pd.read_parquet(tmp_path / CURVE)
+    assert {"sup_loss", "unsup_loss", "mask_ratio"} <= set(curve.columns)
+    assert curve["mask_ratio"].iloc[-1] > 0  # pseudo-labels passed the threshold
+
+
+def _write_shards(out_dir, images, labels, class_names):
+    from pipeline.shards import ShardWriter
+
+    with ShardWriter(out_dir, class_names, rows_per_shard=256) as w:
+        w.write(images, labels, source="synthetic", seed=0)
+    return out_dir
+
+
+def test_augmented_arm_trains_on_shard_labels(ssl_fm_subset, tmp_path):
+    """Synthetic rows carry deliberately shifted labels (y+1 mod 10). If those labels reach
+    the loss, the classifier learns the shift: it predicts y+1 on the real test images."""
+    ds = ssl_fm_subset
+    rows = np.arange(1000, 2000)
+    shifted = (ds.train_labels[rows] + 1) % 10
+    shard_dir = _write_shards(tmp_path / "shards", ds.train_images[rows], shifted, ds.class_names)
+    split = make_split(ds.train_labels, 1, seed=0)
+    cfg = tiny_config(steps=120, batch_size=32, mu=1, eval_every=60, synthetic_batch_share=1.0,
+                      synthetic_weight=2.0, lambda_u=0.0)
+    out = tmp_path / "augmented"
+    m = json.loads(run_arm("augmented", ds, split, out, cfg, shard_dir=shard_dir,
+                           progress=False).read_text())
+    assert m["num_synthetic"] == 1000 and m["synthetic_as"] == "labeled"
+    cm = np.asarray(m["confusion_matrix"])
+    shifted_acc = sum(cm[y, (y + 1) % 10] for y in range(10)) / cm.sum()
+    assert shifted_acc > 0.4, shifted_acc
+    assert m["top1_accuracy"] < 0.2
+    # As extra unlabeled data instead: the pool grows by the synthetic rows.
+    cfg_u = tiny_config(steps=4, batch_size=8, mu=1, eval_every=4, synthetic_as="unlabeled")
+    m_u = json.loads(run_arm("augmented", ds, split, tmp_path / "aug-u", cfg_u,
+                             shard_dir=shard_dir, progress=False).read_text())
+    assert m_u["num_unlabeled"] == 3000 + 1000 and m_u["synthetic_as"] == "unlabeled"
+    with pytest.raises(ArmError, match="needs synthetic data"):
+        run_arm("augmented", ds, split, tmp_path / "none", cfg_u, progress=False)
+
+
+def test_resume_after_interrupt_gives_identical_weights(ssl_fm_subset, tmp_path):
+    split = make_split(ssl_fm_subset.train_labels, 4, seed=0)
+    cfg = tiny_config(steps=12, batch_size=8, mu=2, eval_every=3, checkpoint_every=4)
+    run_arm("baseline", ssl_fm_subset, split, tmp_path / "straight", cfg, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_7(step):
+        if step == 7:  # after the checkpoint at step 4; steps 5-7 are lost
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_arm("baseline", ssl_fm_subset, split, tmp_path / "resumed", cfg, progress=False,
+                on_step=crash_at_7)
+    assert not (tmp_path / "resumed" / METRICS).exists()
+    m = json.loads(run_arm("baseline", ssl_fm_subset, split, tmp_path / "resumed", cfg,
+                           progress=False).read_text())
+    assert m["resumed_from_step"] == 4
+    a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=False)
+    b = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    drop = ["train_time_s"]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "straight" / CURVE).drop(columns=drop),
+        pd.read_parquet(tmp_path / "resumed" / CURVE).drop(columns=drop))

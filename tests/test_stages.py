@@ -1,0 +1,189 @@
+"""Stage functions on a tiny real setup: 2 Fashion-MNIST classes as an image folder, a tiny
+U-Net base saved in diffusers layout, the packaged EfficientNet-Lite0 encoder at 64 px.
+
+The ``flow_*`` fixtures and ``flow_config`` are imported by the flow, CLI and deploy tests.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import stages
+from pipeline.config import validate_config, with_overrides
+from pipeline.runs import init_run_dir, list_runs, read_json, run_dir_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def flow_image_folder(tmp_path_factory, data_fashion_mnist):
+    """Two Fashion-MNIST classes (T-shirt, Trouser): 10 train + 5 test real images each."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    ds = data_fashion_mnist
+    for part, images, labels, n in (("train", ds.train_images, ds.train_labels, 10),
+                                    ("test", ds.test_images, ds.test_labels, 5)):
+        for c, name in enumerate(("a-tshirt", "b-trouser")):
+            d = root / part / name
+            d.mkdir(parents=True)
+            for i, idx in enumerate(np.flatnonzero(labels == c)[:n]):
+                Image.fromarray(images[idx, ..., 0]).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def flow_tiny_base(tmp_path_factory):
+    """A tiny grey 32x32 UNet2DModel + DDPM scheduler in diffusers pipeline layout."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    root = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    unet.save_pretrained(root / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    return root
+
+
+def flow_config(runs_dir: Path, base: Path, folder: Path, **overrides):
+    """A config that runs every stage in seconds on CPU."""
+    data = {
+        "preset": "tiny", "dataset": "image-folder", "dataset_root": str(folder),
+        "labels_per_class": 2, "base_model": str(base), "encoder": "efficientnet-lite0@64",
+        "adapter": {"context_dim": 32, "head_dim": 16},
+        "tuning": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+        "sampling": {"per_condition": 2, "num_inference_steps": 2, "chunk_conditions": 1,
+                     "batch_size": 8},
+        "ssl": {"steps": 4, "batch_size": 4, "mu": 1, "eval_every": 2, "checkpoint_every": 2,
+                "net": "cnn-small"},
+        "quality": {"enabled": False},
+        "runs_dir": str(runs_dir), "progress": False, "device": "cpu",
+    }
+    cfg = validate_config(data)
+    return with_overrides(cfg, overrides) if overrides else cfg
+
+
+@pytest.fixture()
+def flow_cfg(tmp_path, flow_tiny_base, flow_image_folder):
+    return flow_config(tmp_path / "runs", flow_tiny_base, flow_image_folder)
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+UPSTREAM = ("split", "encode", "tune", "sample", "shards")
+
+
+def test_stages_write_records_and_skip_on_rerun(flow_cfg):
+    run_dir = init_run_dir(flow_cfg)
+    records = stages.run_all(run_dir, flow_cfg, until="shards")
+    assert set(records) == set(UPSTREAM)  # no pretrain record: the base is given
+    for name, rec in records.items():
+        on_disk = read_json(run_dir / "stages" / f"{name}.json")
+        assert on_disk["key"] == rec["key"] and on_disk["stage"] == name
+        for field in ("started", "finished", "wall_s", "peak_mem_mb", "device", "outputs"):
+            assert field in on_disk, (name, field)
+    for c in (0, 1):
+        tune = read_json(run_dir / f"adapters/class-{c:02d}/tune.json")
+        assert len(tune["loss_history"]) == 2 and tune["param_counts"]["adapter"] > 0
+        assert (run_dir / f"adapters/class-{c:02d}/adapter.safetensors").exists()
+    manifest = read_json(run_dir / "shards" / "manifest.json")
+    # 2 classes x 2 labeled images x 2 samples per condition x 1 mask ratio
+    assert sum(s["rows"] for s in manifest["shards"]) == 8
+    assert records["shards"]["metrics"]["rows_per_class"] == {"0": 4, "1": 4}
+
+    before = _mtimes(run_dir)
+    again = stages.run_all(run_dir, flow_cfg, until="shards")
+    assert all(r.get("skipped") for r in again.values())
+    assert _mtimes(run_dir) == before
+
+
+def test_changed_sampling_reuses_finished_upstream_stages(flow_cfg):
+    first = init_run_dir(flow_cfg)
+    stages.run_all(first, flow_cfg, until="shards")
+    changed = with_overrides(flow_cfg, {"sampling.guidance": 3.0})
+    second = init_run_dir(changed)
+    assert second != first
+    records = stages.run_all(second, changed, until="shards")
+    for name in ("split", "encode"):
+        assert records[name].get("adopted_from") == first.name, name
+    for c in (0, 1):
+        unit = read_json(second / f"adapters/class-{c:02d}/unit.json")
+        assert unit["key"] == read_json(first / f"adapters/class-{c:02d}/unit.json")["key"]
+        a = first / f"adapters/class-{c:02d}/adapter.safetensors"
+        b = second / f"adapters/class-{c:02d}/adapter.safetensors"
+        assert a.stat().st_ino == b.stat().st_ino  # hard link, not retuned
+    assert "adopted_from" not in records["sample"]
+    old = np.load(first / "samples/class-00" / stages.part_name(0, 0))["images"]
+    new = np.load(second / "samples/class-00" / stages.part_name(0, 0))["images"]
+    assert not np.array_equal(old, new)  # guidance changed the samples
+
+
+def test_killed_sampling_resumes_without_missing_or_duplicate_rows(flow_cfg, tmp_path):
+    cfg = with_overrides(flow_cfg, {"sampling.num_inference_steps": 4,
+                                    "sampling.per_condition": 3})
+    run_dir = init_run_dir(cfg)
+    stages.run_all(run_dir, cfg, until="tune")
+    adapters_before = _mtimes(run_dir / "adapters")
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(cfg.model_dump_json())
+    code = ("import sys; from pathlib import Path; from pipeline.config import AugmentConfig; "
+            "from pipeline.stages import run_sample; "
+            "cfg = AugmentConfig.model_validate_json(Path(sys.argv[1]).read_text()); "
+            "run_sample(Path(sys.argv[2]), cfg)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_file), str(run_dir)], cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        while not list(run_dir.glob("samples/class-*/part-*.npz")):
+            assert proc.poll() is None, "sampling subprocess exited before writing a chunk"
+            assert time.time() < deadline, "no chunk within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    parts = list(run_dir.glob("samples/class-*/part-*.npz"))
+    assert 1 <= len(parts) < 4, "the kill should land mid-sampling"
+    first_part = {p: p.stat().st_mtime_ns for p in parts}
+
+    stages.run_sample(run_dir, cfg)
+    stages.run_shards(run_dir, cfg)
+    assert {p: p.stat().st_mtime_ns for p in parts} == first_part  # finished chunks kept
+    assert _mtimes(run_dir / "adapters") == adapters_before  # adapters not redone
+
+    from pipeline.shards import read_shards
+
+    arrays = read_shards(run_dir / "shards")
+    manifest = read_json(run_dir / "shards" / "manifest.json")
+    assert len(arrays.labels) == sum(s["rows"] for s in manifest["shards"]) == 2 * 2 * 3
+    counts = arrays.frame.groupby("condition_id").size()
+    assert len(counts) == 4 and (counts == 3).all()  # every condition, each exactly k times
+
+    # A chunk is a pure function of (seed, condition, index): regenerating the first one
+    # (written by the killed process) gives the same pixels (up to 1 level of rounding,
+    # since thread counts may differ between processes).
+    killed_part = min(parts)
+    original = np.load(killed_part)["images"]
+    killed_part.unlink()
+    (killed_part.parent / "unit.json").unlink()
+    stages.run_sample_class(run_dir, cfg, int(killed_part.parent.name.split("-")[1]))
+    regenerated = np.load(killed_part)["images"]
+    assert np.abs(original.astype(int) - regenerated.astype(int)).max() <= 1
+
+
+def test_runs_listing_reports_status(flow_cfg):
+    run_dir = init_run_dir(flow_cfg)
+    stages.run_split(run_dir, flow_cfg)
+    (runs,) = list_runs(run_dir.parent)
+    assert runs.path == run_dir and runs.status == "incomplete" and runs.stages_done == ["split"]
+    assert run_dir_for(flow_cfg) == run_dir and run_dir.name.startswith("tiny-")

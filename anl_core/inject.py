@@ -273,7 +273,7 @@ class ANLUNet(nn.Module):
         finally:
             self._context = None
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
                 tokens: torch.Tensor | None = None, token_mask: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:

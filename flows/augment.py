@@ -9,6 +9,7 @@ processes. Sampling of a class starts as soon as its own adapter is tuned.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ def make_task_runner(config: AugmentConfig):
         # set per worker by whoever starts the cluster, one per GPU).
         return DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_n_workers,
                                               "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+                                              "dashboard_address": ":0"})
     # One device: per-class tasks run one after another.
     return ThreadPoolTaskRunner(max_workers=1)
 
@@ -90,14 +91,18 @@ def augment(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None 
 
 @flow(name="benchmark", log_prints=True)
 def benchmark(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None = None,
-              history: str = "runs/benchmark-history.parquet") -> str:
-    """Run a fixed preset (resuming if it already ran) and append its figures to ``history``.
+              history: str = "runs/benchmark-history.parquet", fresh: bool = True) -> str:
+    """Run a fixed preset and append its figures to the ``history`` table.
 
-    The nightly deployment schedules this; since the run directory is keyed by the config,
-    a rerun of an unchanged config and code reuses finished stages and records the same
-    figures again with the date and commit, which is what a history table is for.
+    ``fresh`` (the nightly default) puts the run under ``<runs_dir>/benchmark/<UTC time>/``,
+    where no earlier run can lend it finished stages: every stage is measured anew with
+    today's code. ``fresh=False`` resumes and reuses like ``augment``.
     """
-    report = augment(config, overrides)
+    config = with_overrides(config, overrides)
+    if fresh:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        config = with_overrides(config, {"runs_dir": f"{config.runs_dir}/benchmark/{stamp}"})
+    report = augment(config)
     row = tasks.append_history(str(Path(report).parent), history)
-    print(f"benchmark history: {row['history']}")
+    print(f"benchmark history: {row['history']} (page {row['page']})")
     return row["history"]

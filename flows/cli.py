@@ -118,8 +118,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     dirs = [Path(d) for d in args.run_dirs]
     if args.history:
-        out = report.write_history(dirs, Path(args.out) if args.out else None)
-        print(f"history: {out}")
+        from pipeline.config import resolve_path
+
+        table = resolve_path(args.out or "runs/benchmark-history.parquet")
+        for d in dirs:
+            row = report.append_history(table, d)
+            print(f"history row {row['run_id']} -> {table}")
+        print(f"history page: {report.render_history(table, table.parent)}")
+        return 0
+    if args.ablation:
+        out = Path(args.out or "runs/ablation")
+        print(f"ablation: {report.build_ablation_report(dirs, out)}")
         return 0
     for d in dirs:
         for p in report.write_report(d):
@@ -168,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write run reports, or a history table over runs")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--history", action="store_true",
-                     help="one table (and plot) over all given runs instead of per-run reports")
-    rep.add_argument("--out", default=None, help="history output path")
+                     help="append the runs to the benchmark history table and render it")
+    rep.add_argument("--ablation", action="store_true",
+                     help="one comparison page over the runs (what varied between them)")
+    rep.add_argument("--out", default=None,
+                     help="history table (default runs/benchmark-history.parquet) or ablation "
+                          "directory (default runs/ablation)")
     rep.set_defaults(fn=_cmd_report)
 
     from pipeline.pretrain import build_arg_parser
@@ -182,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The in-process API server starts in a subprocess; on a busy 2-core machine it can need
+    # more than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
     from pipeline.preflight import PreflightError

@@ -82,11 +82,12 @@ def ssl_arm(run_dir: str, config: AugmentConfig, arm: str, seed: int) -> str:
 
 @task(name="append-history", **_opts)
 def append_history(run_dir: str, history: str) -> dict:
-    """One row per run in the benchmark history table (``pipeline.report``)."""
-    from pipeline.report import append_history as append
-
+    """Add the run's row to the benchmark history table and re-render history.html."""
     from pipeline.config import resolve_path
+    from pipeline.report import append_history as append
+    from pipeline.report import render_history
 
     path = resolve_path(history)
-    append(Path(run_dir), path)
-    return {"history": str(path)}
+    row = append(path, Path(run_dir))
+    page = render_history(path, path.parent)
+    return {"history": str(path), "page": str(page), "run_id": row["run_id"]}

@@ -12,8 +12,9 @@ Four questions, each answered against real images of the same class:
 * memorisation: pixel RMSE from each synthetic image to its nearest labeled image of the
   class, beside the same distance for held-out real images of that class.
 
-The pure functions (``kid``, ``mean_pairwise_distance``, ...) work on arrays; ``evaluate_run_quality``
-reads a run directory (shards, split) and writes ``quality/quality.json`` plus sample grids.
+The pure functions (``kid``, ``mean_pairwise_distance``, ...) work on arrays;
+``evaluate_run_quality`` reads a run directory (shards, split) and writes
+``quality/quality.json`` plus sample grids.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def class_grid_png(real: np.ndarray, synthetic: dict[float, np.ndarray], title: 
     rows = [("real labeled", real[:cols])] + \
         [(f"mask {r:g}", imgs[:cols]) for r, imgs in sorted(synthetic.items())]
     h, w, c = (real if len(real) else next(iter(synthetic.values()))).shape[1:]
-    fig = Figure(figsize=(cols * 0.9 + 1.2, len(rows) * 0.95 + 0.4))
+    fig = Figure(figsize=(cols * 0.55 + 1.0, len(rows) * 0.6 + 0.35))
     axes = fig.subplots(len(rows), 1, squeeze=False)
     for ax, (label, imgs) in zip(axes[:, 0], rows, strict=True):
         strip = np.full((h, cols * (w + 2), c), 255, np.uint8)
@@ -193,7 +194,7 @@ def class_grid_png(real: np.ndarray, synthetic: dict[float, np.ndarray], title: 
                   vmin=0, vmax=255, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
         for s in ax.spines.values():
             s.set_visible(False)
     fig.suptitle(title, fontsize=9)
@@ -289,11 +290,9 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
 
     shards = read_shards(shard_dir, verify=True)
     frame = shards.frame.reset_index(drop=True)
-    synth_mask = (frame["source"] == "synthetic").to_numpy(bool, na_value=False) if "source" in frame else \
-        np.ones(len(frame), bool)
-    mask_col = frame["mask_ratio"].to_numpy(np.float64, na_value=np.nan) if "mask_ratio" in frame \
-        else \
-        np.full(len(frame), np.nan)
+    # Shards may also hold real rows; only synthetic rows are judged.
+    synth_mask = (frame["source"] == "synthetic").to_numpy(bool, na_value=False)
+    mask_col = frame["mask_ratio"].to_numpy(np.float64, na_value=np.nan)
     ratios = sorted({float(r) for r in mask_col[synth_mask] if np.isfinite(r)})
     out_dir = run_dir / QUALITY_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +351,7 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
             all_labels.append(np.full(len(pred), c))
         grid_name = f"samples-class-{c:02d}.png"
         _atomic_bytes(out_dir / grid_name, class_grid_png(
-            dataset.train_images[lab_idx[:config.grid_per_class]], synth_grid,
+            dataset.train_images[np.sort(lab_idx)[:config.grid_per_class]], synth_grid,
             f"{c}: {name}", cols=config.grid_per_class))
         entry["grid"] = f"{QUALITY_DIR}/{grid_name}"
         per_class.append(entry)

@@ -137,7 +137,8 @@ def dataset_fingerprint(dataset: ImageDataset) -> str:
     """Hash of the training and test arrays: a cache entry is only reused for identical data."""
     h = hashlib.sha256()
     h.update(dataset.name.encode())
-    for arr in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels):
+    for arr in (dataset.train_images, dataset.train_labels,
+                dataset.test_images, dataset.test_labels):
         h.update(str(arr.shape).encode())
         h.update(np.ascontiguousarray(arr).data)
     return h.hexdigest()

@@ -71,6 +71,8 @@ def stage_rows(run: RunData) -> list[dict]:
         rec = run.stages.get(stage)
         if rec is None and stage == "pretrain" and not (run.config or {}).get("pretrain"):
             continue  # the preset uses a pretrained base: not a missing stage
+        if rec is None and stage == "report":
+            continue  # this page is being written by that stage right now
         rec = rec or {}
         rows.append({"name": stage, "status": run.stage_status(stage),
                      "wall_s": rec.get("wall_s"), "peak_mem_mb": rec.get("peak_mem_mb"),
@@ -144,7 +146,7 @@ def ssl_section(run: RunData) -> dict:
         delta = None
         if pair and None not in (per_arm[pair[0]].get(name), per_arm[pair[1]].get(name)):
             delta = per_arm[pair[0]][name] - per_arm[pair[1]][name]
-        out["per_class"].append({"name": name, "values": vals, "delta": delta})
+        out["per_class"].append({"name": name, "accs": vals, "delta": delta})
     if pair:
         out["per_class_label"] = f"{pair[0]} − {pair[1]}"
         out["per_class_png"] = plots.data_uri(plots.per_class_change(
@@ -176,6 +178,28 @@ def synthetic_section(run: RunData) -> dict:
     return {"manifest": m, "rows": (m or {}).get("num_rows"),
             "files": len((m or {}).get("shards", [])), "mask_ratios": ratios,
             "grids": _grid_uris(run)}
+
+
+CLASS_KEYS = ("class", "name", "n_synthetic", "kid", "kid_std", "label_consistency",
+              "reference_accuracy", "diversity_synthetic", "diversity_real",
+              "within_condition_diversity", "nn_rmse_synthetic", "nn_rmse_real", "top_confusion",
+              "closer_than_real_share", "grid")
+MASK_KEYS = ("mask_ratio", "n", "kid", "label_consistency", "diversity_synthetic",
+             "within_condition_diversity")
+
+
+def quality_view(q: dict | None) -> dict | None:
+    """quality.json with every key the page shows present (None where a class had no images)."""
+    if not q:
+        return None
+    return {**q,
+            "feature_space": q.get("feature_space", "unknown"),
+            "reference": {"reference_id": "unknown", "test_accuracy": None,
+                          **(q.get("reference") or {})},
+            "notes": {"kid": "", "diversity": "", "nn_rmse": "", **(q.get("notes") or {})},
+            "per_class": [{k: c.get(k) for k in CLASS_KEYS} for c in q.get("per_class", [])],
+            "by_mask_ratio": [{k: m.get(k) for k in MASK_KEYS}
+                              for m in q.get("by_mask_ratio", [])]}
 
 
 def quality_overall(q: dict | None) -> list[tuple[str, str]]:
@@ -266,7 +290,7 @@ def build_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     tuning = plots.tuning_losses(run.tunes)
     html = render("run.html.j2", title=f"anl-augment report: {run.preset}", run=run,
                   verdict=verdict(run), overview=overview(run), ssl=ssl_section(run),
-                  synthetic=synthetic_section(run), quality=run.quality,
+                  synthetic=synthetic_section(run), quality=quality_view(run.quality),
                   quality_overall=quality_overall(run.quality), cost=cost_rows(run),
                   tuning_png=plots.data_uri(tuning) if tuning else None,
                   stages=stage_rows(run), config_json=cfg_text)

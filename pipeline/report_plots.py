@@ -40,7 +40,7 @@ def learning_curves(arms: dict[str, ArmResult]) -> bytes | None:
              and len(s.curve)]
     if not lines:
         return None
-    fig = Figure(figsize=(6.4, 3.6))
+    fig = Figure(figsize=(5.0, 3.3))
     ax = fig.subplots()
     labelled = set()
     for i, (arm, s) in enumerate(lines):
@@ -60,7 +60,7 @@ def per_class_change(names: Sequence[str], before: Sequence[float | None],
     """Horizontal bars: accuracy change per class in percentage points."""
     delta = np.array([np.nan if a is None or b is None else 100 * (a - b)
                       for b, a in zip(before, after, strict=True)])
-    fig = Figure(figsize=(6.4, 0.32 * len(names) + 1.0))
+    fig = Figure(figsize=(5.0, 0.28 * len(names) + 1.0))
     ax = fig.subplots()
     y = np.arange(len(names))
     ax.barh(y, np.nan_to_num(delta), color=np.where(delta >= 0, "#2ca02c", "#d62728"))
@@ -77,7 +77,7 @@ def confusion(matrix: np.ndarray, names: Sequence[str], title: str) -> bytes:
     m = np.asarray(matrix, np.float64)
     norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     k = len(names)
-    fig = Figure(figsize=(0.42 * k + 2.2, 0.42 * k + 1.6))
+    fig = Figure(figsize=(0.3 * k + 1.9, 0.3 * k + 1.5))
     ax = fig.subplots()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=7)

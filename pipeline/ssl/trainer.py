@@ -200,7 +200,7 @@ class Trainer:
         """Resume from ``checkpoint_path`` when it exists; False when starting fresh."""
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointMismatchError(
                 f"{self.checkpoint_path} belongs to another run (fingerprint "

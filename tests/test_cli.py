@@ -1,0 +1,79 @@
+"""The ``augment`` command: listing, dry runs, and invalid parameters failing before any work."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from test_stages import flow_cfg, flow_image_folder, flow_tiny_base  # noqa: F401
+
+from flows.cli import main
+from pipeline import stages
+from pipeline.runs import init_run_dir
+
+
+def _preset_file(cfg, tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def test_dry_run_validates_and_preflights(flow_cfg, tmp_path, capsys):  # noqa: F811
+    assert main(["run", str(_preset_file(flow_cfg, tmp_path)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "pre-flight ok" in out and "image-folder" in out
+    assert not flow_cfg.runs_root().exists()  # nothing written
+
+
+@pytest.mark.parametrize("override, named", [
+    ("sampling.mask_ratios=[0.5, 1.5]", "sampling.mask_ratios[1]=1.5"),
+    ("labels_per_class=-2", "labels_per_class=-2"),
+    ("sampling.not_a_key=3", "sampling.not_a_key"),
+    ("base_model=nobody/no-such-ddpm", "base_model='nobody/no-such-ddpm' cannot be found offline"),
+    ("base_model=/no/such/dir", "base_model='/no/such/dir'"),
+    ("encoder=nobody/no-such-clip", "encoder='nobody/no-such-clip'"),
+    ("labels_per_class=500", "labels_per_class=500"),
+])
+def test_invalid_parameters_fail_before_any_work(flow_cfg, tmp_path, capsys,  # noqa: F811
+                                                 override, named):
+    rc = main(["run", str(_preset_file(flow_cfg, tmp_path)), "--set", override])
+    assert rc == 2
+    assert named in capsys.readouterr().err
+    assert not flow_cfg.runs_root().exists()
+
+
+def test_gpu_presets_fail_fast_without_a_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc = main(["run", "cifar10-250labels", "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "require_gpu=true" in err and "--set require_gpu=false" in err
+
+
+def test_missing_dataset_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CIFAR10_ROOT", raising=False)
+    rc = main(["run", "cifar10-250labels", "--set", "require_gpu=false", "--set", "device=cpu",
+               "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 2
+    assert "dataset='cifar10'" in capsys.readouterr().err
+
+
+def test_runs_lists_run_directories_with_status(flow_cfg, capsys):  # noqa: F811
+    run_dir = init_run_dir(flow_cfg)
+    stages.run_split(run_dir, flow_cfg)
+    assert main(["runs", "--runs-dir", str(flow_cfg.runs_root())]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if run_dir.name in ln)
+    assert "incomplete" in line and "split" in line
+
+
+def test_presets_deployments_and_datasets_are_listed(capsys):
+    assert main(["presets"]) == 0
+    assert main(["deployments"]) == 0
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "augment/cifar10-250labels", "augment/fashion-mnist-40labels",
+                 "augment/demo", "benchmark/nightly", "0 2 * * *"):
+        assert name in out
+    assert "fashion-mnist" in out and "available: 60000 train" in out

@@ -212,7 +212,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
     record = {
         "config": config.to_dict(), "steps": step, "wall_s": round(wall, 1),
         "steps_per_s": round(step / max(wall, 1e-9), 3), "device": _device_name(device),
-        "num_images": int(len(images)), "data_sha256": data_hash(images),
+        "num_images": len(images), "data_sha256": data_hash(images),
         "params": sum(p.numel() for p in unet.parameters()),
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
         "loss_every_50": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],

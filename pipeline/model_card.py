@@ -1,0 +1,508 @@
+"""Model card of a pretrained base model: measure its samples, write card.json and README.md.
+
+Reads what ``pipeline.pretrain`` left in the model directory (``training.json``, the diffusers
+``unet/`` and ``scheduler/``), draws ``num_samples`` seeded DDIM samples, and measures them
+against real data the model never saw in training:
+
+* KID between the samples and real *test* images in a pretrained encoder's feature space
+  (pooled condition-encoder tokens, :func:`pipeline.quality.encoder_features`), beside the KID
+  of as many real *training* images against the same test images: the floor a perfect model
+  would reach at this sample size;
+* the share of samples that the reference classifier (:mod:`pipeline.reference`, trained on
+  real labels) assigns to some class with probability above ``confidence``, beside the same
+  share for real test images; and the class histogram of those assignments (mode coverage).
+
+FID is not reported: with a few hundred samples and 1280-dimensional features its covariance
+estimate is singular and its bias dominates; KID is unbiased at any sample size.
+
+``card.json`` is written last (atomically) and marks a finished card; a rerun with the same
+weights and settings only re-renders README.md from it. Run it as
+``python -m pipeline.model_card data/models/fashion-mnist-ddpm-32``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.images import from_model_space
+from pipeline.pretrain import _sha256, _write_json, data_hash, resolve_device
+
+CARD_FILE = "card.json"
+README_FILE = "README.md"
+WEIGHTS_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
+CARD_FORMAT = "anl-augment-model-card"
+CARD_VERSION = 1
+
+
+class ModelCardError(RuntimeError):
+    """The model directory cannot be described; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class CardConfig:
+    """How the card's figures are measured (stored in card.json: figures depend on it)."""
+
+    num_samples: int = 500
+    sample_steps: int = 50  # DDIM steps, as for the pretrain stage's sample grid
+    sample_batch: int = 125
+    seed: int = 1234
+    encoder: str = "efficientnet-lite0@128"  # the demo preset's encoder; 128 px keeps CPUs fast
+    num_real: int = 1000  # real test images (and as many training images for the floor)
+    confidence: float = 0.9
+    kid_subsets: int = 20
+    kid_subset_size: int = 500
+    reference: dict = field(default_factory=dict)  # pipeline.reference.ReferenceConfig fields
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def load_base(model_dir: str | Path, device: torch.device | str = "cpu"):
+    """(UNet2DModel in float32, its DDPMScheduler) from a diffusers pipeline directory."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    model_dir = Path(model_dir)
+    if not (model_dir / WEIGHTS_FILE).exists():
+        raise ModelCardError(f"{model_dir} has no {WEIGHTS_FILE}; train it first with "
+                             "`augment pretrain --out " + str(model_dir) + "`")
+    # fp16 on disk; sample in fp32 (CPU) or under bf16 autocast (CUDA).
+    unet = UNet2DModel.from_pretrained(model_dir / "unet").float()
+    return unet.to(device).eval(), DDPMScheduler.from_pretrained(model_dir / "scheduler")
+
+
+@torch.no_grad()
+def sample_base(unet, scheduler, n: int, steps: int = 50, seed: int = 0, batch_size: int = 125,
+                shape: tuple[int, int] | None = None, progress: bool = True) -> np.ndarray:
+    """``n`` seeded DDIM samples of an unconditional U-Net as uint8 (n, H, W, C).
+
+    Sample i starts from noise drawn by its own generator, seeded by (seed, i), so a sample
+    does not depend on the batch size or the device's batching. ``shape`` centre-crops back to
+    the data's size (e.g. 28x28 out of the padded 32x32).
+    """
+    from diffusers import DDIMScheduler
+
+    device = unet.device
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps, device=device)
+    starts = range(0, n, batch_size)
+    bar = tqdm(total=len(starts) * steps, desc="card samples", disable=not progress, leave=False)
+    out = []
+    for start in starts:
+        seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+                 for i in range(start, min(n, start + batch_size))]
+        x = torch.cat([torch.randn((1, channels, size, size),
+                                   generator=torch.Generator().manual_seed(s)) for s in seeds])
+        x = x.to(device)
+        for t in ddim.timesteps:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                eps = unet(x, t).sample.float()
+            x = ddim.step(eps, t, x).prev_sample
+            bar.update(1)
+        out.append(from_model_space(x, shape))
+    bar.close()
+    if not out:
+        h, w = shape or (size, size)
+        return np.zeros((0, h, w, channels), np.uint8)
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def confident_assignments(probs: np.ndarray, threshold: float) -> dict:
+    """Share of rows whose top class probability exceeds ``threshold``, and which classes."""
+    top = probs.max(axis=1)
+    pred = probs.argmax(axis=1)
+    confident = top > threshold
+    hist = np.bincount(pred[confident], minlength=probs.shape[1])
+    share = hist / max(1, hist.sum())
+    return {
+        "confident_share": float(confident.mean()) if len(probs) else float("nan"),
+        "confident_histogram": hist.tolist(),
+        # A class counts as covered when it gets at least a fifth of a uniform share.
+        "classes_covered": int((share >= 0.2 / probs.shape[1]).sum()),
+        "argmax_histogram": np.bincount(pred, minlength=probs.shape[1]).tolist(),
+    }
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def measure_samples(samples: np.ndarray, dataset, features, reference,
+                    config: CardConfig) -> dict:
+    """The card's quality figures for uint8 ``samples`` against ``dataset``'s real images."""
+    from pipeline.quality import kid
+
+    rng = np.random.default_rng(config.seed)
+    test_idx = rng.choice(len(dataset.test_labels), min(config.num_real, len(dataset.test_labels)),
+                          replace=False)
+    train_idx = rng.choice(len(dataset.train_labels),
+                           min(config.num_samples, len(dataset.train_labels)), replace=False)
+    f_test = features(dataset.test_images[test_idx])
+    f_samples = features(samples)
+    f_train = features(dataset.train_images[train_idx])
+    kid_s, kid_s_std = kid(f_samples, f_test, config.kid_subsets, config.kid_subset_size,
+                           config.seed)
+    kid_r, kid_r_std = kid(f_train, f_test, config.kid_subsets, config.kid_subset_size,
+                           config.seed)
+    synth = confident_assignments(_softmax(reference.logits(samples)), config.confidence)
+    real = confident_assignments(_softmax(reference.logits(dataset.test_images[test_idx])),
+                                 config.confidence)
+    return {
+        "kid": kid_s, "kid_std": kid_s_std,
+        "kid_real_train_vs_test": kid_r, "kid_real_train_vs_test_std": kid_r_std,
+        "n_samples": len(samples), "n_real_test": len(test_idx),
+        "samples": synth,
+        "real_test_confident_share": real["confident_share"],
+        "real_test_confident_histogram": real["confident_histogram"],
+        "reference_test_accuracy": reference.test_accuracy,
+        "reference_id": reference.reference_id,
+        "reference_config": reference.info.get("config"),
+    }
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def training_arguments(training: dict):
+    """The pretrain command's parsed arguments (dataset, split), from training.json."""
+    from pipeline.pretrain import build_arg_parser
+
+    words = shlex.split(training.get("command") or "")
+    if words[:2] != ["augment", "pretrain"]:
+        raise ModelCardError("training.json has no `augment pretrain ...` command; retrain with "
+                             "`augment pretrain`, which records it")
+    return build_arg_parser().parse_args(words[2:])
+
+
+def git_commit(repo: Path) -> str:
+    """HEAD of the git repository at ``repo`` ("uncommitted" without one), "+dirty" when the
+    pretrain code differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=False, timeout=30).stdout.strip()
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--", "pipeline/pretrain.py", "pipeline/images.py")
+    except (OSError, subprocess.SubprocessError):
+        return "uncommitted"
+    if not head:
+        return "uncommitted"
+    return head + ("+dirty" if dirty else "")
+
+
+def _card_identity(weights_sha: str, config: CardConfig) -> dict:
+    return {"weights_sha256": weights_sha, "card_config": config.to_dict()}
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def build_card(model_dir: str | Path, config: CardConfig | None = None, *, dataset=None,
+               reference=None, features=None, cache_dir: str | Path | None = None,
+               device: str | None = None, progress: bool = True) -> dict:
+    """Measure the model in ``model_dir`` and return the card's content (nothing written)."""
+    from pipeline.quality import resolve_features
+    from pipeline.reference import ReferenceConfig, load_or_train_reference
+
+    model_dir = Path(model_dir)
+    config = config or CardConfig()
+    training_path = model_dir / "training.json"
+    if not training_path.exists():
+        raise ModelCardError(f"{training_path} is missing: the model is not finished (or was not "
+                             "made by `augment pretrain`)")
+    training = json.loads(training_path.read_text())
+    args = training_arguments(training)
+    dev = resolve_device(device or "auto")
+    if dataset is None:
+        from pipeline.datasets import load_dataset
+
+        dataset = load_dataset(args.dataset, args.root)
+    from pipeline.splits import make_split
+
+    split = make_split(dataset.train_labels, args.labels_per_class, args.split_seed,
+                       dataset.num_classes)
+    recomputed_hash = data_hash(dataset.train_images[split.unlabeled_idx])
+    if reference is None:
+        from pipeline.config import resolve_path
+
+        cache = Path(cache_dir) if cache_dir else resolve_path("runs") / "_cache" / "reference"
+        reference = load_or_train_reference(dataset, cache, ReferenceConfig(**config.reference),
+                                            dev, progress)
+    space, features = (features.__name__, features) if features is not None else \
+        resolve_features(config.encoder, str(dev), reference)
+
+    unet, scheduler = load_base(model_dir, dev)
+    start = time.perf_counter()
+    samples = sample_base(unet, scheduler, config.num_samples, config.sample_steps, config.seed,
+                          config.sample_batch, dataset.image_shape[:2], progress)
+    sample_s = time.perf_counter() - start
+    quality = measure_samples(samples, dataset, features, reference, config)
+    quality.update(feature_space=space, sampling_s=round(sample_s, 1),
+                   sampling_device=_device_label(dev))
+
+    weights = model_dir / WEIGHTS_FILE
+    unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
+    return {
+        "format": CARD_FORMAT, "version": CARD_VERSION, "name": model_dir.name,
+        "location": _repo_relative(model_dir),
+        **_card_identity(_sha256(weights), config),
+        "weights_bytes": weights.stat().st_size,
+        "weights_dtype": "/".join(sorted(_safetensors_dtypes(weights))),
+        "unet_config": {k: v for k, v in unet_config.items() if not k.startswith("_")},
+        "scheduler_config": {k: v for k, v in
+                             json.loads((model_dir / "scheduler" / "scheduler_config.json")
+                                        .read_text()).items() if not k.startswith("_")},
+        "command": training["command"],
+        "git_commit": git_commit(Path(__file__).resolve().parents[1]),
+        "dataset": dataset.name, "class_names": list(dataset.class_names),
+        "labels_per_class": args.labels_per_class, "split_seed": args.split_seed,
+        "num_images": training.get("num_images"), "data_sha256": training.get("data_sha256"),
+        "data_sha256_verified": recomputed_hash == training.get("data_sha256"),
+        "steps": training.get("steps"), "wall_s": training.get("wall_s"),
+        "steps_per_s": training.get("steps_per_s"), "device": training.get("device"),
+        "params": training.get("params"), "final_loss": training.get("final_loss"),
+        "pretrain_config": training.get("config"),
+        "training_weights_sha256": training.get("weights_sha256"),
+        "quality": quality,
+    }
+
+
+def _repo_relative(path: Path) -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return path.name
+
+
+def _safetensors_dtypes(path: Path) -> set[str]:
+    # The safetensors header: 8 bytes little-endian length, then JSON {name: {dtype, ...}}.
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+    return {names.get(v["dtype"], v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} torch threads)"
+
+# --------------------------------------------------------------------------- README
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "n/a"
+    h, rem = divmod(round(seconds), 3600)
+    return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
+
+
+def render_readme(card: dict) -> str:
+    """The model card as Markdown (Hugging Face style front matter), from card.json's content."""
+    q, s = card["quality"], card["quality"]["samples"]
+    cfg, ucfg = card["card_config"], card["unet_config"]
+    names = card["class_names"]
+    real_hist = q["real_test_confident_histogram"]
+    hist_rows = "\n".join(f"| {c} {names[c]} | {s['confident_histogram'][c]} | {real_hist[c]} |"
+                          for c in range(len(names)))
+    unet_json = json.dumps(ucfg, indent=2, sort_keys=True)
+    verified = "recomputed from the dataset and the split: " + (
+        "matches" if card["data_sha256_verified"] else "**does not match** (data changed?)")
+    budget = (
+        "It was trained on a CPU for a short budget: its samples are blurrier and less varied "
+        "than a converged model's (compare the KID with its floor). Retrain it with the same "
+        "command on a GPU with more steps (`--set steps=...`) for better quality."
+        if str(card["device"]).startswith("cpu") else
+        f"It was trained for {card['steps']:,} steps only: compare the KID with its floor; "
+        "more steps (`--set steps=...`) give a better model.")
+    return f"""---
+library_name: diffusers
+license: apache-2.0
+tags: [ddpm, unconditional-image-generation, {card['dataset']}]
+pipeline_tag: unconditional-image-generation
+---
+
+# {card['name']}
+
+An unconditional DDPM (diffusers `UNet2DModel` + `DDPMScheduler`, {card['params']:,} parameters,
+{ucfg['sample_size']}x{ucfg['sample_size']}x{ucfg['in_channels']}) trained by this project's own
+pretrain stage on the unlabeled pool of {card['dataset']}. It is the embedded default base model
+of the `fashion-mnist-40labels` and `demo` presets: frozen, with ANL adapters tuned on top of it,
+it turns a few labeled images per class into synthetic labeled images, with no network access.
+The weights are the EMA weights, stored in {card['weights_dtype']}.
+
+![64 DDIM-50 samples of this model](samples.png)
+
+## Load it
+
+```python
+from diffusers import DDPMPipeline, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("{card['location']}/unet")  # or the whole pipeline:
+pipe = DDPMPipeline.from_pretrained("{card['location']}")
+images = pipe(batch_size=16, num_inference_steps=1000).images  # 32x32, the data is padded 28x28
+```
+
+Images live in [-1, 1] at 32x32; 28x28 Fashion-MNIST was padded with its black background, so
+crop the centre 28x28 to get images on the data's grid (`pipeline.images.from_model_space`).
+
+## How it was made
+
+| | |
+| --- | --- |
+| command | `{card['command']}` |
+| code | git commit `{card['git_commit']}` |
+| data | {card['dataset']} training images minus the {card['labels_per_class']}-per-class labeled split (seed {card['split_seed']}): {card['num_images']:,} images, no labels, no test images |
+| data sha256 | `{card['data_sha256']}` ({verified}) |
+| training | {card['steps']:,} steps, batch {card['pretrain_config']['batch_size']}, AdamW lr {card['pretrain_config']['lr']}, {card['pretrain_config']['beta_schedule']} betas, {card['pretrain_config']['num_train_timesteps']} timesteps, EMA (max decay {card['pretrain_config']['ema_max_decay']}), random flips |
+| final loss | {card['final_loss']:.4f} (mean noise-prediction MSE over the last 200 steps) |
+| wall time | {_duration(card['wall_s'])} ({card['steps_per_s'] or 'n/a'} steps/s) |
+| device | {card['device']} |
+| weights | `unet/diffusion_pytorch_model.safetensors`, {card['weights_bytes'] / 1e6:.1f} MB, sha256 `{card['weights_sha256']}` |
+
+The same command retrains it (same seed, same data); on a GPU it also trains in bf16.
+Pass `--set steps=...` for a longer run.
+
+## Quality
+
+{q['n_samples']} samples (DDIM, {cfg['sample_steps']} steps, seed {cfg['seed']}) against
+{q['n_real_test']} real test images, which the model never saw, measured in
+{q['sampling_s']:.0f} s of sampling on {q['sampling_device']}:
+
+| figure | samples | real training images (floor) |
+| --- | --- | --- |
+| KID x 100 on `{q['feature_space']}` pooled features | {100 * q['kid']:.2f} +- {100 * q['kid_std']:.2f} | {100 * q['kid_real_train_vs_test']:.2f} +- {100 * q['kid_real_train_vs_test_std']:.2f} |
+| assigned to a class with probability > {cfg['confidence']} | {_pct(s['confident_share'])} | {_pct(q['real_test_confident_share'])} (real test images) |
+| classes covered (>= a fifth of a uniform share of those) | {s['classes_covered']} of {len(names)} | |
+
+KID is the unbiased squared MMD with a cubic polynomial kernel (mean +- std over
+{cfg['kid_subsets']} subsets of {cfg['kid_subset_size']}); lower is better and the real-image
+row is what a perfect model would get at this sample size. FID is not given: with
+{q['n_samples']} samples and 1280-dimensional features its covariance estimate is singular.
+The judge is `{q['reference_id']}`, a small CNN trained on the real labeled training set
+(test accuracy {_pct(q['reference_test_accuracy'])}); its confident assignments per class
+(the mode coverage):
+
+| class | samples | real test images |
+| --- | --- | --- |
+{hist_rows}
+
+## UNet config
+
+```json
+{unet_json}
+```
+
+## Intended use and limitations
+
+- Intended use: the frozen base model for ANL adapter tuning and masked sampling in this
+  project's offline presets, on 28x28 grey images of the Fashion-MNIST kind; tests and demos.
+- {budget}
+- It has seen only Fashion-MNIST's training images (no labels); it knows nothing of other
+  domains until adapters are tuned, and it is not meant as a general image generator.
+- The figures depend on the feature space, the judge and the sample size stated above;
+  compare them only with figures measured the same way (`python -m pipeline.model_card`).
+"""
+
+
+def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,
+                     force: bool = False, **kwargs) -> Path:
+    """Write README.md and then card.json into ``model_dir``; returns card.json's path.
+
+    An existing card.json for the same weights and settings is reused (README re-rendered).
+    """
+    model_dir = Path(model_dir)
+    config = config or CardConfig()
+    path = model_dir / CARD_FILE
+    card = None
+    if path.exists() and not force and (model_dir / WEIGHTS_FILE).exists():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in ("weights_sha256", "card_config")} == \
+                _card_identity(_sha256(model_dir / WEIGHTS_FILE), config):
+            card = old
+    if card is None:
+        card = build_card(model_dir, config, **kwargs)
+    _write_text(model_dir / README_FILE, render_readme(card))
+    _write_json(path, _finite(card))
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _finite(obj):
+    """NaN/inf -> None, so card.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.model_card", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", help="directory written by `augment pretrain`")
+    defaults = CardConfig()
+    p.add_argument("--num-samples", type=int, default=defaults.num_samples)
+    p.add_argument("--sample-steps", type=int, default=defaults.sample_steps)
+    p.add_argument("--sample-batch", type=int, default=defaults.sample_batch)
+    p.add_argument("--encoder", default=defaults.encoder, help="feature space for KID")
+    p.add_argument("--num-real", type=int, default=defaults.num_real)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--cache-dir", default=None, help="reference classifier cache "
+                   "(default <repo>/runs/_cache/reference)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--force", action="store_true", help="re-measure even if card.json matches")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    config = CardConfig(num_samples=a.num_samples, sample_steps=a.sample_steps,
+                        sample_batch=a.sample_batch, encoder=a.encoder, num_real=a.num_real,
+                        seed=a.seed)
+    path = write_model_card(a.model_dir, config, force=a.force, cache_dir=a.cache_dir,
+                            device=a.device, progress=not a.no_progress)
+    q = json.loads(path.read_text())["quality"]
+    print(f"{path}: KID {q['kid']:.4f} (real floor {q['kid_real_train_vs_test']:.4f}), "
+          f"confident {q['samples']['confident_share']:.1%} "
+          f"(real test {q['real_test_confident_share']:.1%}), "
+          f"{q['samples']['classes_covered']} classes covered")
+
+
+if __name__ == "__main__":
+    main()

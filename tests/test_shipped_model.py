@@ -1,0 +1,203 @@
+"""The shipped base model (data/models/fashion-mnist-ddpm-32) and its model card.
+
+The first tests load the committed model exactly as a user would, with diffusers' own
+classes, and check it against the card; the last ones run the card's code on a tiny model
+pretrained in the test, so the measuring code is tested even where the model is absent.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "models" / "fashion-mnist-ddpm-32"
+MAX_BYTES = 25 * 1000 * 1000
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped model directory; skipped only when the model itself is absent."""
+    if not (MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        pytest.skip(f"no shipped base model in {MODEL_DIR}: train it with `augment pretrain "
+                    "--dataset fashion-mnist --labels-per-class 4 --split-seed 0 "
+                    f"--out {MODEL_DIR}`")
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def card(shipped):
+    path = shipped / "card.json"
+    assert path.exists(), (f"{path} is missing: write the model card with "
+                           f"`python -m pipeline.model_card {shipped}`")
+    return json.loads(path.read_text())
+
+
+def test_diffusers_loads_and_samples_the_shipped_model(shipped):
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    unet = UNet2DModel.from_pretrained(shipped / "unet")
+    assert unet.config.in_channels == 1 and unet.config.sample_size == 32
+    pipe = DDPMPipeline.from_pretrained(shipped)
+    # fp16 on disk: sample in fp32 on CPU, with few DDIM steps from the shipped scheduler.
+    ddim = DDIMPipeline(unet=pipe.unet.float(),
+                        scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    ddim.set_progress_bar_config(disable=True)
+    images = ddim(batch_size=8, num_inference_steps=10, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (8, 32, 32, 1)
+    assert np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0
+    # The training images were 28x28 padded with black to 32x32: a trained model paints a
+    # dark 2-pixel frame around a brighter centre; random weights give grey noise everywhere.
+    frame = np.concatenate([images[:, :2].ravel(), images[:, -2:].ravel(),
+                            images[:, 2:-2, :2].ravel(), images[:, 2:-2, -2:].ravel()])
+    centre = images[:, 8:24, 8:24]
+    assert frame.mean() < 0.25, f"frame mean {frame.mean():.2f}: not the padded data's frame"
+    assert centre.mean() - frame.mean() > 0.25
+    assert images.reshape(8, -1).std(axis=0).mean() > 0.05, "all samples look alike"
+
+
+def test_card_matches_the_shipped_files(shipped, card):
+    from diffusers import UNet2DModel
+
+    weights = shipped / "unet" / "diffusion_pytorch_model.safetensors"
+    sha = _sha256(weights)
+    assert card["weights_sha256"] == sha, "weights changed since the card was written: rerun " \
+        f"`python -m pipeline.model_card {shipped} --force`"
+    training = json.loads((shipped / "training.json").read_text())
+    assert training["weights_sha256"] == sha
+    assert weights.stat().st_size <= MAX_BYTES and card["weights_bytes"] == weights.stat().st_size
+    unet = UNet2DModel.from_pretrained(shipped / "unet")
+    loaded = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    assert set(card["unet_config"]) == set(loaded)
+    for key, value in card["unet_config"].items():
+        expected = list(loaded[key]) if isinstance(loaded[key], tuple) else loaded[key]
+        assert value == expected, f"unet config {key}: card {value!r}, model {expected!r}"
+    assert card["weights_dtype"] == "float16"
+    assert card["data_sha256"] == training["data_sha256"] and card["data_sha256_verified"]
+    assert card["steps"] == training["steps"] and card["command"] == training["command"]
+
+
+def test_card_readme_states_provenance_and_quality(shipped, card):
+    text = (shipped / "README.md").read_text()
+    for needle in (card["command"], card["git_commit"], card["data_sha256"],
+                   card["weights_sha256"], "samples.png", "KID", "Intended use"):
+        assert needle in text, f"README.md lacks {needle!r}"
+    assert (shipped / "samples.png").exists()
+    q = card["quality"]
+    assert q["n_samples"] >= 250 and 0.0 <= q["samples"]["confident_share"] <= 1.0
+    assert sum(q["samples"]["confident_histogram"]) == \
+        round(q["samples"]["confident_share"] * q["n_samples"])
+    # The model is a model of Fashion-MNIST: its samples are far closer to the real test
+    # images than noise is, and the judge recognises several kinds of garment among them.
+    assert q["kid"] < 0.5 and q["samples"]["classes_covered"] >= 5
+
+
+# --------------------------------------------------------------------------- the card's code
+
+
+def test_confident_assignments_counts_only_confident_rows():
+    from pipeline.model_card import confident_assignments
+
+    probs = np.array([[0.95, 0.05, 0.0], [0.5, 0.5, 0.0], [0.0, 0.02, 0.98],
+                      [0.0, 0.01, 0.99], [0.91, 0.09, 0.0]])
+    out = confident_assignments(probs, 0.9)
+    assert out["confident_share"] == pytest.approx(4 / 5)
+    assert out["confident_histogram"] == [2, 0, 2]
+    assert out["argmax_histogram"] == [3, 0, 2]
+    assert out["classes_covered"] == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, data_fashion_mnist):
+    """A 2-step pretrain of a tiny U-Net on a 600-image slice of Fashion-MNIST's pool."""
+    from pipeline.datasets import ImageDataset
+    from pipeline.pretrain import PretrainConfig, pretrain
+    from pipeline.splits import make_split
+
+    full = data_fashion_mnist
+    ds = ImageDataset("fashion-mnist", full.class_names, full.train_images[:600],
+                      full.train_labels[:600], full.test_images[:300], full.test_labels[:300])
+    split = make_split(ds.train_labels, 4, 0, ds.num_classes)
+    out = tmp_path_factory.mktemp("tiny-base")
+    config = PretrainConfig(block_out_channels=(8, 16), attention_levels=(1,),
+                            attention_head_dim=8, steps=2, batch_size=8, warmup_steps=1,
+                            sample_steps=2, device="cpu")
+    pretrain(ds.train_images[split.unlabeled_idx], out, config, progress=False,
+             command=f"augment pretrain --dataset fashion-mnist --labels-per-class 4 "
+                     f"--split-seed 0 --out {out}")
+    return out, ds
+
+
+def test_model_card_measures_writes_and_reuses(tiny_model, monkeypatch):
+    from pipeline import model_card
+    from pipeline.model_card import CardConfig, write_model_card
+    from pipeline.reference import ReferenceConfig, train_reference
+
+    model_dir, ds = tiny_model
+    ref = train_reference(ds, ReferenceConfig(width=4, epochs=1, batch_size=64), "cpu",
+                          progress=False)
+    config = CardConfig(num_samples=12, sample_steps=2, sample_batch=5, num_real=40,
+                        kid_subsets=3, kid_subset_size=12)
+    path = write_model_card(model_dir, config, dataset=ds, reference=ref,
+                            features=ref.features, device="cpu", progress=False)
+    card = json.loads(path.read_text())
+    assert card["weights_sha256"] == _sha256(model_dir / "unet" /
+                                             "diffusion_pytorch_model.safetensors")
+    assert card["data_sha256_verified"], "the pool hash must be recomputable from the split"
+    assert card["weights_dtype"] == "float16" and card["unet_config"]["block_out_channels"] == \
+        [8, 16]
+    q = card["quality"]
+    assert q["n_samples"] == 12 and q["n_real_test"] == 40
+    assert np.isfinite(q["kid"]) and np.isfinite(q["kid_real_train_vs_test"])
+    assert sum(q["samples"]["argmax_histogram"]) == 12
+    assert sum(q["real_test_confident_histogram"]) == \
+        round(q["real_test_confident_share"] * 40)
+    readme = (model_dir / "README.md").read_text()
+    assert card["weights_sha256"] in readme and "augment pretrain" in readme
+
+    # Same weights and settings: the figures are reused, only README.md is rendered again.
+    (model_dir / "README.md").unlink()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("build_card ran although card.json matched")
+
+    monkeypatch.setattr(model_card, "build_card", fail)
+    write_model_card(model_dir, config, dataset=ds, reference=ref, features=ref.features)
+    assert (model_dir / "README.md").read_text() == readme
+    with pytest.raises(AssertionError, match="build_card ran"):
+        write_model_card(model_dir, CardConfig(num_samples=6, sample_steps=2), dataset=ds,
+                         reference=ref, features=ref.features)
+
+
+def test_samples_do_not_depend_on_the_batch_size(tiny_model):
+    from pipeline.model_card import load_base, sample_base
+
+    unet, scheduler = load_base(tiny_model[0])
+    a = sample_base(unet, scheduler, 6, steps=2, seed=3, batch_size=6, shape=(28, 28),
+                    progress=False)
+    b = sample_base(unet, scheduler, 6, steps=2, seed=3, batch_size=4, shape=(28, 28),
+                    progress=False)
+    c = sample_base(unet, scheduler, 6, steps=2, seed=4, batch_size=6, shape=(28, 28),
+                    progress=False)
+    assert a.shape == (6, 28, 28, 1) and a.dtype == np.uint8
+    # Batched CPU kernels may round differently: allow one grey level, nothing more.
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 5
+
+
+def test_model_card_refuses_an_unfinished_model(tmp_path):
+    from pipeline.model_card import ModelCardError, build_card
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ModelCardError, match="training.json"):
+        build_card(tmp_path)

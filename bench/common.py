@@ -125,3 +125,32 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     body = ["| " + " | ".join(fmt(r.get(key), spec) for key, _, spec in columns) + " |"
             for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def image_grid_png(rows: Sequence[tuple[str, Any]], path: Path, title: str = "") -> None:
+    """Write a PNG with one labelled strip of uint8 (N, H, W, C) images per row (atomically)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    cols = max(len(imgs) for _, imgs in rows)
+    h, w, c = rows[0][1].shape[1:]
+    fig = Figure(figsize=(cols * 0.5 + 1.2, len(rows) * 0.55 + 0.4))
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for ax, (label, imgs) in zip(axes, rows, strict=True):
+        strip = np.full((h, cols * (w + 2), c), 255, np.uint8)
+        for j, im in enumerate(imgs):
+            strip[:, j * (w + 2):j * (w + 2) + w] = im
+        ax.imshow(strip[..., 0] if c == 1 else strip, cmap="gray" if c == 1 else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set_axis_off()
+        ax.text(-2, h / 2, label, ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

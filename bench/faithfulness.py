@@ -28,7 +28,8 @@ Guidance 0 is the unconditional control (the null token only): its consistency i
         --scopes shared --token-sets patch,pooled --guidance 0,3 --mask-ratios 0,0.5 \\
         --per-condition 4 --inference-steps 10 --set encoder=efficientnet-lite0@128   # CPU
 
-Cells are saved under --out as they finish; a rerun with the same settings skips them.
+Cells (JSON, and a PNG grid: condition images over their first samples) are saved under
+--out as they finish; a rerun with the same settings skips them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from bench.common import (
     base_model_label,
     csv_list,
     digest,
+    image_grid_png,
     load_bench_config,
     markdown_table,
     read_json,
@@ -179,7 +181,7 @@ class Sweep:
 
         s, a = self.config.sampling, self.args
         labels = self.split.labeled_labels
-        per_class, made, sample_s = [], 0, 0.0
+        per_class, made, sample_s, grid = [], 0, 0.0, []
         for c in self.classes:
             model = tuned["models"][None if None in tuned["models"] else c]
             rows = np.flatnonzero(labels == c)
@@ -193,22 +195,26 @@ class Sweep:
             sample_s += time.perf_counter() - t0
             images = from_model_space(x, shape=self.ds.image_shape[:2])
             made += len(images)
+            # Grid row: the class's condition images, then the first sample of each condition.
+            grid.append((f"{c} real", self.ds.train_images[cond_ids]))
+            grid.append((f"{c} synth", images[::a.per_condition]))
             conds = np.repeat(cond_ids, a.per_condition)
             pred = self.reference.predict(images)
             feats = self.features(images)
             real = self.real[c]
             nn = nearest_rmse(images, self.ds.train_images[real.labeled_idx])
+            within = within_group_diversity(feats, conds)
             per_class.append({
                 "class": c, "consistency": float((pred == c).mean()),
-                "within_div": within_group_diversity(feats, conds),
-                "real_div": real.diversity,
-                "div_ratio": within_group_diversity(feats, conds) / real.diversity,
+                "within_div": within, "real_div": real.diversity,
+                "div_ratio": within / real.diversity,
                 "nn_rmse": float(nn.mean()), "nn_ratio": float(nn.mean() / real.nn_rmse.mean()),
                 "copies": float((nn < real.nn_rmse.min()).mean())})
         mean = {k: float(np.mean([p[k] for p in per_class]))
                 for k in ("consistency", "div_ratio", "nn_ratio", "copies")}
         return {**mean, "images": made, "sample_s": sample_s,
-                "img_per_s": made / sample_s if sample_s else None, "per_class": per_class}
+                "img_per_s": made / sample_s if sample_s else None, "per_class": per_class,
+                "grid": grid}
 
 
 def cell_rows(args: argparse.Namespace):
@@ -296,6 +302,10 @@ def main() -> None:
                        "tune_s": tuned["tune_s"], "adapters": tuned["adapters"],
                        "adapter_params": tuned["adapter_params"].get("adapter"),
                        **sweep.run_cell(tuned, scheduler, kind, g, m)}
+                image_grid_png(row.pop("grid"), args.out / "grids" / f"{key}.png",
+                               f"steps {steps}, {scope}, {kind} tokens, guidance {g:g}, "
+                               f"mask {m:g}")
+                row["grid"] = f"grids/{key}.png"
                 atomic_write_json(args.out / "cells" / f"{key}.json", row)
             row["ok"] = "yes" if meets_targets(row) else ""
             rows.append(row)

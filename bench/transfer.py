@@ -17,9 +17,9 @@ base and the tuned model. Prints a table and the after/before ratios; writes JSO
     python -m bench.transfer                       # ~5 min on one CPU thread
     python -m bench.transfer --tune-steps 1000 --per-condition 10   # on a GPU
 
-The target set is tiny (20 images): KID compares subsets of 20 samples with it and is noisy; the nearest-target
-distance is steadier. Both are measured against the very images the adapter was tuned on,
-as in the few-shot setting, so read them with the memorisation row.
+The target set is tiny (20 images): KID compares subsets of 20 samples with it and is noisy;
+the nearest-target distance is steadier. Both are measured against the very images the adapter
+was tuned on, as in the few-shot setting, so read them with the memorisation (pixel) column.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ DEFAULT_BASE = REPO / "data" / "models" / "fashion-mnist-ddpm-32"
 
 
 def foolbox_mnist() -> np.ndarray:
-    """The 20 real MNIST test digits in foolbox/data/mnist_{index}_{label}.png, uint8 (20,28,28,1)."""
+    """The 20 real MNIST digits in foolbox/data/mnist_{index}_{label}.png: uint8 (20, 28, 28, 1)."""
     from PIL import Image
 
     spec = importlib.util.find_spec("foolbox")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     # The in-process API server starts in a subprocess; on a busy 2-core machine it can need
     # more than Prefect's default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # SIGTERM -> SystemExit, so Prefect's context managers run and stop the temporary API
+    # server they started (a plain SIGTERM would leave it running).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
     from pipeline.preflight import PreflightError

@@ -64,7 +64,7 @@ def load_bench_config(args: argparse.Namespace, extra: dict[str, Any] | None = N
 
 def base_model_label(spec: str) -> str:
     """Where the base model is and how long it was trained, for the header of a table."""
-    from pipeline.preflight import base_model_fingerprint, resolve_base_model
+    from pipeline.preflight import resolve_base_model
 
     unet_dir = resolve_base_model(spec)
     step = None
@@ -75,7 +75,14 @@ def base_model_label(spec: str) -> str:
             break
     steps = f"{step} steps" if step is not None else "training steps unknown (no training.json)"
     return f"{unet_dir.parent if unet_dir.name == 'unet' else unet_dir} ({steps}, " \
-           f"sha256 {base_model_fingerprint(unet_dir)[:12]})"
+           f"sha256 {base_fingerprint(spec)[:12]})"
+
+
+def base_fingerprint(spec: str) -> str:
+    """Content hash of the base U-Net (config + weights): what results are keyed on."""
+    from pipeline.preflight import base_model_fingerprint, resolve_base_model
+
+    return base_model_fingerprint(resolve_base_model(spec))
 
 
 def digest(obj: Any) -> str:

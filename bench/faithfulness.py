@@ -52,6 +52,7 @@ import torch
 from bench.common import (
     add_preset_args,
     atomic_write_json,
+    base_fingerprint,
     base_model_label,
     csv_list,
     digest,
@@ -281,7 +282,7 @@ def main() -> None:
 
     # Everything a cell's result depends on besides its own parameters.
     fixed = {"config": config.model_dump(mode="json", exclude={"progress", "device", "preset"}),
-             "base": base, "classes": sweep.classes, "per_condition": args.per_condition,
+             "base": base_fingerprint(config.base_model), "classes": sweep.classes, "per_condition": args.per_condition,
              "inference_steps": args.inference_steps, "real_per_class": args.real_per_class,
              "reference": str(sweep.reference.path)}
     rows = []
@@ -322,17 +323,17 @@ def main() -> None:
                ("ok", "meets targets", "")]
     print()
     print(markdown_table(rows, columns))
+    best = max(rows, key=lambda r: (meets_targets(r), r["consistency"]))
     per_class = [{"class": pc["class"], **{k: pc[k] for k in ("consistency", "div_ratio",
                                                               "nn_ratio", "copies")}}
-                 for pc in max(rows, key=lambda r: r["consistency"])["per_class"]]
-    best = max(rows, key=lambda r: (meets_targets(r), r["consistency"]))
+                 for pc in best["per_class"]]
     print(f"\nbest cell: steps {best['steps']}, {best['scope']}, {best['tokens']} tokens, "
           f"guidance {best['guidance']:g}, mask {best['mask']:g}: consistency "
           f"{best['consistency']:.3f}, div/real {best['div_ratio']:.3f}, copies "
           f"{best['copies']:.3f} ({'meets' if meets_targets(best) else 'misses'} the targets: "
           f"consistency >= {TARGETS['consistency']}, div/real >= {TARGETS['div_ratio']}, "
           f"no copies)")
-    print("per class, most consistent cell:")
+    print(f"per class, best cell (grid: {args.out / best.get('grid', '')}):")
     print(markdown_table(per_class, [("class", "class", ""), ("consistency", "consistency", ".3f"),
                                      ("div_ratio", "div/real", ".3f"),
                                      ("nn_ratio", "nn/real", ".3f"), ("copies", "copies", ".3f")]))

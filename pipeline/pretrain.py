@@ -10,7 +10,6 @@ last one; a finished directory (``training.json`` present) is not retrained.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipeline.atomic import atomic_torch_save as _atomic_torch_save
+from pipeline.atomic import atomic_write_json as _write_json
 from pipeline.images import from_model_space, to_model_space
 
 
@@ -102,15 +103,6 @@ def data_hash(images: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | None = None,
@@ -267,12 +259,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the card's files are for everyone to read
-    os.replace(tmp, path)
 
 
 def pretrain_on_unlabeled_pool(dataset_name: str, out_dir: str | Path, labels_per_class: int,

@@ -22,8 +22,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.atomic import atomic_write_bytes as _atomic_bytes
 from pipeline.datasets import ImageDataset
 from pipeline.images import to_model_space
 
@@ -230,15 +229,6 @@ def _clean(obj):
     return obj
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _nanmean(values) -> float:

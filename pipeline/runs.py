@@ -11,34 +11,15 @@ import os
 import platform
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from pipeline.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from pipeline.config import REPO_ROOT, AugmentConfig, config_hash
 
 STAGE_ORDER = ("split", "pretrain", "encode", "tune", "sample", "shards", "quality", "ssl", "report")
 LOCK_NAME = "running.json"
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str | Path) -> dict | None:

@@ -8,14 +8,14 @@ numpy's PCG64 generator gives the same stream on every platform for the same see
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_write
 
 ROLES = ("labeled", "unlabeled")
 
@@ -74,15 +74,7 @@ def save_split(split: LabeledSplit, path: str | Path) -> Path:
         "label": pa.array(split.labels[index], pa.int64()),
         "role": pa.array(role, pa.dictionary(pa.int8(), pa.string())),
     }).replace_schema_metadata({"n_per_class": str(split.n_per_class), "seed": str(split.seed)})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def load_split(path: str | Path) -> LabeledSplit:

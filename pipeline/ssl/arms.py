@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
+from pipeline.atomic import atomic_write as _atomic_write_bytes
 
 from ..datasets import ImageDataset
 from ..splits import LabeledSplit
@@ -42,15 +42,6 @@ class ArmError(ValueError):
     """run_arm cannot run as asked; the message says what to change."""
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _hash_arrays(*arrays: np.ndarray) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from pipeline.atomic import atomic_torch_save
 
 from .algorithms import Batch, SSLAlgorithm
 from .augment import strong_augment, weak_from_store
@@ -72,16 +72,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class Trainer:

@@ -7,7 +7,7 @@
     python -m bench.anl                      # auto: DDPM-CIFAR10 U-Net on CUDA, small on CPU
     python -m bench.anl --size ddpm-cifar10 --batch 256 --steps 50 --compile
 
-(Run as a module: a bench/ssl.py would shadow the stdlib ssl module for `python bench/anl.py`.)
+(Run benches as modules from the repository root: `python -m bench.anl`.)
 
 Weights are random (no hub access here); only shapes matter for speed. Tokens have the shape
 of CLIP ViT-B/32 tokens (50 x 512) for the CIFAR size and of EfficientNet-Lite0@128 (16 x 1280)

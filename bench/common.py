@@ -1,8 +1,7 @@
 """Helpers shared by the issue-9 benches (faithfulness sweep, SSL gain).
 
-Run the benches as modules (``python -m bench.faithfulness``): run as scripts, ``bench/``
-comes first on ``sys.path`` and ``bench/ssl.py`` shadows the standard library's ``ssl``
-(each bench repairs ``sys.path`` itself when run as a script anyway).
+Run the benches as modules from the repository root (``python -m bench.faithfulness``), so
+that ``bench.common`` imports.
 """
 
 from __future__ import annotations

@@ -34,12 +34,6 @@ Cells (JSON, and a PNG grid: condition images over their first samples) are save
 
 from __future__ import annotations
 
-import os
-import sys
-
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # see common.py
-
 import argparse
 import copy
 import time

@@ -26,7 +26,7 @@ step() {  # step NAME COMMAND...
   > "$OUT/device.txt"
 if [ "${TINY:-0}" = 1 ]; then
   step anl "$PY" -m bench.anl --device cpu --size small --batch 4 --steps 2 --train-steps 2 --threads 1
-  step ssl "$PY" bench/ssl.py --device cpu --steps 2 --threads 1
+  step ssl "$PY" -m bench.ssl_step --device cpu --steps 2 --threads 1
   step pretrain "$PY" -m pipeline.pretrain --out "$OUT/base" --no-progress \
     --set steps=4 --set batch_size=8 --set sample_steps=2 --set checkpoint_every=2
 else
@@ -34,8 +34,8 @@ else
   step anl "$PY" -m bench.anl --device cuda
   step anl_compile "$PY" -m bench.anl --device cuda --compile
   # Issue 4: FixMatch step at the USB shape (ANCHORS ceiling 65 steps/s on an H200).
-  step ssl "$PY" bench/ssl.py --device cuda
-  step ssl_compile "$PY" bench/ssl.py --device cuda --compile
+  step ssl "$PY" -m bench.ssl_step --device cuda
+  step ssl_compile "$PY" -m bench.ssl_step --device cuda --compile
   # Issue 7: the ANCHORS-size Fashion-MNIST base model (6.8M params); copy it to data/models
   # and rerun `python -m pipeline.model_card ... --force` afterwards.
   step pretrain "$PY" -m pipeline.pretrain --out "$OUT/fashion-mnist-ddpm-32" --no-progress \

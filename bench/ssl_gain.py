@@ -19,12 +19,6 @@ Every arm's metrics.json is kept under --out; a rerun with the same settings ski
 
 from __future__ import annotations
 
-import os
-import sys
-
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # see common.py
-
 import argparse
 import json
 from pathlib import Path

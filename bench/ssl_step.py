@@ -7,20 +7,11 @@ Measures, in one run on one device:
 and, for the feeding side, a USB-like CPU loader: torchvision PIL transforms per image
 (crop+flip, RandAugment(3) and RandomErasing as Cutout) in this one process.
 
-    .venv/bin/python bench/ssl.py --device cuda           # USB shape: 64 + 7x64x2 images
-    .venv/bin/python bench/ssl.py --device cpu            # reduced batch, said in the output
+    .venv/bin/python -m bench.ssl_step --device cuda           # USB shape: 64 + 7x64x2 images
+    .venv/bin/python -m bench.ssl_step --device cpu            # reduced batch, said in the output
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as `python bench/ssl.py`, this file's folder comes first on sys.path and this file
-# would shadow the standard library's `ssl` module (imported by urllib, pyarrow...).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import time

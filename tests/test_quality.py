@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_report_fixtures import MASK_RATIOS
+from report_fixtures import MASK_RATIOS
 
 from pipeline.quality import (
     QualityConfig,
@@ -18,8 +18,8 @@ from pipeline.quality import (
     within_group_diversity,
 )
 
-# The report_* fixtures (a tiny real run directory) live in test_report_fixtures.py.
-pytest_plugins = ["test_report_fixtures"]
+# The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
+pytest_plugins = ["report_fixtures"]
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from test_report_fixtures import TINY_REFERENCE
+from report_fixtures import TINY_REFERENCE
 
 from pipeline.reference import (
     INFO_FILE,
@@ -16,8 +16,8 @@ from pipeline.reference import (
     load_reference,
 )
 
-# The report_* fixtures (a tiny real run directory) live in test_report_fixtures.py.
-pytest_plugins = ["test_report_fixtures"]
+# The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
+pytest_plugins = ["report_fixtures"]
 
 
 def test_reference_learns_real_labels(report_reference, report_dataset):

@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.report import artifacts, build_run_report, markdown_summary, results_table
 
-# The report_* fixtures (a tiny real run directory) live in test_report_fixtures.py.
-pytest_plugins = ["test_report_fixtures"]
+# The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
+pytest_plugins = ["report_fixtures"]
 
 SCREENSHOT_DIR = Path(os.environ.get("REPORT_SCREENSHOT_DIR", "/tmp/anl-augment-report-shots"))
 

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.report_ablation import build_ablation_report, varied_keys
 
-# The report_* fixtures (a tiny real run directory) live in test_report_fixtures.py.
-pytest_plugins = ["test_report_fixtures"]
+# The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
+pytest_plugins = ["report_fixtures"]
 
 
 def _variant(src, root, guidance: float, keep_ssl: bool = True):

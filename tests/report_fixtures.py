@@ -11,7 +11,6 @@ mask ratio 0.6 -> other real images of the same class (diverse, correctly labell
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import anl_one_thread as one_thread
 
 N_PER_CLASS = 4
 PER_CONDITION = 2
@@ -127,17 +126,6 @@ def build_tiny_run(root: Path, dataset, reference, *, preset: str = "report-test
         stage_record(run_dir, "ssl", 12.0, {"ssl": ["ssl"]},
                      {"arms": list(config.ssl.arms), "seeds": list(config.ssl.seeds)})
     return run_dir
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models on busy shared cores: one torch thread is faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def small_fashion_mnist(full, train_per_class: int = 200, test_per_class: int = 50):

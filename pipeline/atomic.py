@@ -14,14 +14,25 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o644) -> Path:
-    """Call ``write(tmp_path)``, then move the temp file onto ``path``."""
+def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o644,
+                 fsync: bool = False) -> Path:
+    """Call ``write(tmp_path)``, then move the temp file onto ``path``.
+
+    ``fsync`` flushes the data to disk before the rename (for manifests: a rename that
+    survives a power cut must not point at an empty file).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.chmod(tmp, mode)  # mkstemp makes 0600; outputs are for everyone to read
         os.replace(tmp, path)
     finally:
@@ -34,8 +45,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def atomic_write_text(path: str | Path, text: str, fsync: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), fsync=fsync)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.atomic import atomic_write_text as _write_text
 from pipeline.images import from_model_space
 from pipeline.pretrain import _sha256, _write_json, data_hash, resolve_device
 
@@ -476,17 +477,6 @@ def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,
     _write_text(model_dir / README_FILE, render_readme(card))
     _write_json(path, _finite(card))
     return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _finite(obj):

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import report_plots as plots
+from pipeline.atomic import atomic_write_text
 from pipeline.report_ablation import build_ablation_report
 from pipeline.report_data import NOT_RUN, RunData, load_run, results_table
 from pipeline.report_history import append_history, history_row, render_history
-from pipeline.report_render import atomic_write_text, mb, md_table, num, pct, pp, render, seconds
+from pipeline.report_render import mb, md_table, num, pct, pp, render, seconds
 
 __all__ = ["append_history", "artifacts", "build_ablation_report", "build_run_report",
            "history_row", "load_run", "markdown_summary", "render_history", "results_table",

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import report_plots as plots
+from pipeline.atomic import atomic_write_text
 from pipeline.report_data import ARM_ORDER, RunData, load_run
-from pipeline.report_render import atomic_write_text, md_table, render
+from pipeline.report_render import md_table, render
 
 # Fields that say where/how a run ran or identify it, never what it computed.
 IGNORED_KEYS = {"config_hash", "preset", "runs_dir", "progress", "device", "require_gpu",

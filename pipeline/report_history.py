@@ -9,16 +9,15 @@ errors, the augmented-minus-baseline difference and the stage wall times over th
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline import report_plots as plots
+from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.report_data import ARM_ORDER, STAGE_ORDER, load_run
-from pipeline.report_render import atomic_write_text, md_table, render
+from pipeline.report_render import md_table, render
 
 TREND_COLUMNS = ["date", "commit", "preset", "run", *[f"error_{a}_pct" for a in ARM_ORDER],
                  "delta_pp", "label_consistency", "kid", "sampling_images_per_s",
@@ -80,15 +79,7 @@ def append_history(history_path: str | Path, run_dir: str | Path,
     new = pd.DataFrame([row])
     table = new if old.empty else pd.concat([old, new], ignore_index=True)
     table = table.sort_values("date", kind="stable").reset_index(drop=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
     return row
 
 

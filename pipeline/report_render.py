@@ -7,8 +7,6 @@ a missing value (None, NaN) always reads "not run" or a dash, never "nan".
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -87,20 +85,6 @@ def render(template: str, **context) -> str:
     context.setdefault("generated", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     context.setdefault("generator_version", gen)
     return environment().get_template(template).render(**context)
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def md_table(rows: list[dict], columns: list[str] | None = None) -> str:

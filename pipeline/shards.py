@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.atomic import atomic_write_text
 from pipeline.pngcodec import PNGError, decode_png_batch, encode_png_batch
 
 MANIFEST = "manifest.json"
@@ -84,16 +85,7 @@ def shard_schema(class_names: Sequence[str]) -> pa.Schema:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, text, fsync=True)
 
 
 def _sha256(path: Path) -> str:

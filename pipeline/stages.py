@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Self
 
 import numpy as np
 
+from pipeline.atomic import atomic_write
 from pipeline.config import AugmentConfig, stage_key
 from pipeline.runs import STAGE_ORDER, atomic_write_json, read_json
 
@@ -387,20 +387,13 @@ def run_encode(run_dir: Path, config: AugmentConfig) -> dict:
         tokens = encoder.encode(images).cpu().contiguous()
         seconds = time.perf_counter() - t0
         out = Path(run_dir) / TOKENS_FILE
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tokens.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"tokens": tokens,
-                       "index": torch.as_tensor(split.labeled_idx, dtype=torch.int64),
-                       "labels": torch.as_tensor(split.labeled_labels, dtype=torch.int64)},
-                      tmp, metadata={"encoder_id": encoder.encoder_id,
-                                     "token_dim": str(encoder.token_dim),
-                                     "num_tokens": str(encoder.num_tokens)})
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(out, lambda tmp: save_file(
+            {"tokens": tokens,
+             "index": torch.as_tensor(split.labeled_idx, dtype=torch.int64),
+             "labels": torch.as_tensor(split.labeled_labels, dtype=torch.int64)},
+            tmp, metadata={"encoder_id": encoder.encoder_id,
+                           "token_dim": str(encoder.token_dim),
+                           "num_tokens": str(encoder.num_tokens)}))
         return ({"tokens": TOKENS_FILE},
                 {"images": len(tokens), "images_per_s": round(len(tokens) / max(seconds, 1e-9), 2),
                  "encoder_id": encoder.encoder_id, "num_tokens": encoder.num_tokens,
@@ -526,14 +519,11 @@ def part_name(mask_idx: int, chunk_idx: int) -> str:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(path, write)
 
 
 def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> dict:

@@ -1,45 +1,183 @@
 #!/usr/bin/env bash
-# Every GPU check in one script, for a session that is lent a GPU machine:
-#   run(command="bash bench/gpu_all.sh", carry=[".venv"])   (results land in $OUT)
-# TINY=1 runs the same steps at toy sizes on CPU, to test this script before spending GPU time.
-# Each step's output goes to $OUT/<step>.txt; a failing step does not stop the others.
+# Every GPU check in one script, for a session that is lent a GPU machine (15 minutes a session,
+# so everything runs concurrently on the one card, time-boxed to $LIMIT seconds):
+#
+#   phase A  pretrain the ANCHORS-size Fashion-MNIST base (6.8M params) and the shipped-size
+#            one (1.1M) side by side, each with a wall-clock budget; train the faithfulness
+#            reference classifier
+#   phase B  on the 6.8M base: the faithfulness sweep (issue 9); the pipeline's stages up to
+#            the synthetic shards, then the augmented SSL arm for 3 seeds; meanwhile the
+#            real-data SSL arms (supervised, baseline) for the same seeds
+#   phase C  if time is left: the issue-3/4 speed benches, alone on the card
+#
+# The GPU machine has torch but not our other dependencies and no internet: the call carries
+# wheels (.whl) and Fashion-MNIST (.fmnist, xz) and this script installs them:
+#   run(command="bash bench/gpu_all.sh", carry=[".whl", ".fmnist"], timeout_s=600)
+# TINY=1 runs the same steps at toy sizes on CPU (PY=.venv/bin/python), to test this script
+# before spending GPU time. Results: $OUT/summary.txt, $OUT/results.tar.gz (logs, sweep cells,
+# sample grids, arm metrics; refreshed every 20 s), $OUT/base_*.tar (the new base models).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REPO=$PWD
 OUT=${OUT:-runs/gpu_all}
 mkdir -p "$OUT"
-PY=${PY:-.venv/bin/python}
-export HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false TQDM_DISABLE=1
-DEV=cuda
-if [ "${TINY:-0}" = 1 ]; then DEV=cpu; fi
+OUT=$(cd "$OUT" && pwd)
+TINY=${TINY:-0}
+LIMIT=${LIMIT:-545}   # seconds from start; every job is killed by then, results packed after
+W=${WORK:-/tmp/gpu_all}
+rm -rf "$W"; mkdir -p "$W/logs"
+start=$SECONDS
+left() { echo $((LIMIT - (SECONDS - start))); }
+say() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/summary.txt"; }
+export HF_HUB_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 
-step() {  # step NAME COMMAND...
-  local name=$1; shift
-  echo "== $name: $*" | tee -a "$OUT/summary.txt"
-  local t0=$SECONDS
-  "$@" > "$OUT/$name.txt" 2>&1
-  local rc=$?
-  echo "   rc=$rc, $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
-  tail -n 25 "$OUT/$name.txt"
-}
-
-{ nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"; } \
-  > "$OUT/device.txt"
-if [ "${TINY:-0}" = 1 ]; then
-  step anl "$PY" -m bench.anl --device cpu --size small --batch 4 --steps 2 --train-steps 2 --threads 1
-  step ssl "$PY" -m bench.ssl_step --device cpu --steps 2 --threads 1
-  step pretrain "$PY" -m pipeline.pretrain --out "$OUT/base" --no-progress \
-    --set steps=4 --set batch_size=8 --set sample_steps=2 --set checkpoint_every=2
-else
-  # Issue 3: sampling vs U-Net forward ceiling, adapter vs full tuning (DDPM-CIFAR10 + CLIP shapes).
-  step anl "$PY" -m bench.anl --device cuda
-  step anl_compile "$PY" -m bench.anl --device cuda --compile
-  # Issue 4: FixMatch step at the USB shape (ANCHORS ceiling 65 steps/s on an H200).
-  step ssl "$PY" -m bench.ssl_step --device cuda
-  step ssl_compile "$PY" -m bench.ssl_step --device cuda --compile
-  # Issue 7: the ANCHORS-size Fashion-MNIST base model (6.8M params); copy it to data/models
-  # and rerun `python -m pipeline.model_card ... --force` afterwards.
-  step pretrain "$PY" -m pipeline.pretrain --out "$OUT/fashion-mnist-ddpm-32" --no-progress \
-    --set block_out_channels=[64,128,128] --set attention_levels=[1,2] --set layers_per_block=2 \
-    --set steps=4000 --set batch_size=256 --set lr=2e-4 --set warmup_steps=500
+# --- set-up: carried wheels and data (GPU machine only) ---
+if [ -d .whl ] && [ "$TINY" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { say "wheel install failed"; exit 3; }
+  export PYTHONPATH=/tmp/site
 fi
-echo "results in $OUT"
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .fmnist ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  mkdir -p /usr/share/datasets/fashion-mnist
+  for f in .fmnist/*.xz; do xz -dc "$f" > "/usr/share/datasets/fashion-mnist/$(basename "$f" .xz)"; done
+  cp .fmnist/*.gz /usr/share/datasets/fashion-mnist/
+fi
+PY=${PY:-python3}
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/summary.txt" || exit 3
+import diffusers, kornia, pydantic, torch, transformers
+import bench.faithfulness, bench.ssl_gain, pipeline.stages  # noqa: F401
+from pipeline.datasets import load_dataset
+ds = load_dataset("fashion-mnist")
+dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print(f"torch {torch.__version__} on {dev}; diffusers {diffusers.__version__}, kornia "
+      f"{kornia.__version__}, transformers {transformers.__version__}; "
+      f"{len(ds.train_images)} train images")
+EOF
+[ "${PIPESTATUS[0]}" = 0 ] || { say "imports failed"; exit 3; }
+
+if [ "$TINY" = 1 ]; then
+  DEV=cpu; T=1
+  LARGE=(--set 'block_out_channels=[16,32]' --set 'attention_levels=[1]' --set attention_head_dim=8
+         --set steps=3 --set batch_size=8 --set sample_steps=2 --set time_limit_s=60)
+  SMALL=(--set 'block_out_channels=[8,16]' --set 'attention_levels=[1]' --set attention_head_dim=8
+         --set steps=3 --set batch_size=8 --set sample_steps=2 --set time_limit_s=60)
+  REF=(--reference-width 4 --reference-epochs 1)
+  SSL=(--steps 4 --batch-size 8 --mu 1 --eval-size 200)
+  SYN=(--set tuning.steps=2 --set tuning.batch_size=4 --set sampling.per_condition=2
+       --set sampling.num_inference_steps=2 --set sampling.batch_size=16 --set labels_per_class=2
+       --set quality.reference.epochs=1 --set encoder=efficientnet-lite0@128)
+  FAITH=(--classes 0,1 --tune-steps 2 --guidance 0,3 --mask-ratios 0,0.5 --per-condition 2
+         --inference-steps 2 --real-per-class 10 --set tuning.batch_size=4
+         --set labels_per_class=2 --set encoder=efficientnet-lite0@128)
+  SSL+=(--set labels_per_class=2)
+else
+  DEV=cuda; T=2
+  # ANCHORS.md recipe: 6.8M params, batch 256, AdamW 2e-4, bf16, EMA (3.3k steps in 225 s).
+  LARGE=(--set 'block_out_channels=[64,128,128]' --set 'attention_levels=[1,2]'
+         --set layers_per_block=2 --set steps=3300 --set batch_size=256 --set lr=2e-4
+         --set warmup_steps=300 --set checkpoint_every=1000 --set time_limit_s=200)
+  # The shipped architecture (1.1M), with the GPU's batch: 3000 steps at batch 64 on CPU before.
+  SMALL=(--set steps=12000 --set batch_size=256 --set warmup_steps=300
+         --set checkpoint_every=2000 --set time_limit_s=200)
+  REF=(--reference-width 32 --reference-epochs 8)
+  SSL=(--steps 4096)
+  SYN=(--set tuning.steps=300 --set sampling.per_condition=32 --set sampling.num_inference_steps=25)
+  FAITH=(--tune-steps 300 --scopes per-class --token-sets patch --guidance 0,3,5
+         --mask-ratios 0,0.5 --per-condition 16 --inference-steps 25)
+fi
+COMMON=(--device "$DEV" --threads "$T" --quiet)
+REFCACHE=$W/reference
+
+pack() {  # results.tar.gz: logs and small result files, written atomically
+  tar -czf "$OUT/.results.tmp" -C "$W" --exclude='*.parquet' --exclude='*.pt' \
+    --exclude='*.safetensors' --exclude='*.npy' --exclude='*.npz' --exclude='checkpoints' \
+    --exclude='base_*' --exclude='reference' . 2>/dev/null && mv "$OUT/.results.tmp" "$OUT/results.tar.gz"
+}
+( while sleep 20; do pack; done ) & PACKER=$!
+
+bg() {  # bg NAME COMMAND...: run in the background, time-boxed, log to $W/logs/NAME.log; pid in LAST
+  local name=$1; shift
+  local t; t=$(left); [ "$t" -gt 1 ] || t=1
+  ( timeout --signal=INT --kill-after=10 "$t" "$@" < /dev/null
+    echo "rc=$? at $((SECONDS - start)) s" ) > "$W/logs/$name.log" 2>&1 &
+  LAST=$!
+}
+finished() { tail -n 1 "$W/logs/$1.log"; }
+
+# --- phase A ---
+say "phase A: pretrain x2, reference classifier"
+bg pretrain_large "$PY" -m pipeline.pretrain --out "$W/base_large" --no-progress "${LARGE[@]}"
+P_LARGE=$LAST
+bg pretrain_small "$PY" -m pipeline.pretrain --out "$W/base_small" --no-progress "${SMALL[@]}"
+P_SMALL=$LAST
+cat > "$W/reference.py" <<'EOF'
+import sys
+from pipeline.datasets import load_dataset
+from pipeline.reference import ReferenceConfig, load_or_train_reference
+cache, dev, width, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+ref = load_or_train_reference(load_dataset("fashion-mnist"), cache,
+                              ReferenceConfig(width=width, epochs=epochs), dev, False)
+print(f"reference test accuracy {ref.test_accuracy:.4f} at {ref.path}")
+EOF
+bg reference "$PY" "$W/reference.py" "$REFCACHE" "$DEV" "${REF[1]}" "${REF[3]}"
+P_REF=$LAST
+SSL_ARGS=(--preset fashion-mnist-40labels "${SSL[@]}" --out "$W/ssl/arms" --runs-dir "$W/ssl/runs" "${COMMON[@]}")
+
+wait "$P_LARGE"; say "pretrain_large: $(finished pretrain_large)"
+tar -cf "$OUT/base_large.tar" -C "$W" --exclude=checkpoints base_large 2>/dev/null
+wait "$P_REF"; say "reference: $(tail -n 2 "$W/logs/reference.log" | head -n 1)"
+
+# --- phase B ---
+say "phase B: faithfulness, synthetic shards, SSL arms (large base)"
+bg faith_large "$PY" -m bench.faithfulness --base-model "$W/base_large" "${FAITH[@]}" \
+  "${REF[@]}" --reference-cache "$REFCACHE" --out "$W/faith_large" "${COMMON[@]}"
+P_FL=$LAST
+bg synth "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --base-model "$W/base_large" "${SYN[@]}" \
+  --generate-only
+P_SYN=$LAST
+P_REAL=()
+for s in 0 1 2; do
+  bg "ssl_real_$s" "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --seeds "$s" --arms supervised,baseline
+  P_REAL+=("$LAST")
+done
+wait "$P_SMALL"; say "pretrain_small: $(finished pretrain_small)"
+tar -cf "$OUT/base_small.tar" -C "$W" --exclude=checkpoints base_small 2>/dev/null
+wait "$P_SYN"; say "synth: $(finished synth)"
+RUN=$(sed -n 's/.*run directory \(.*\): pass it.*/\1/p' "$W/logs/synth.log" | tail -n 1)
+if [ -n "$RUN" ]; then
+  P_AUG=()
+  for s in 0 1 2; do
+    bg "ssl_aug_$s" "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --seeds "$s" --arms augmented \
+      --shards "$RUN"
+    P_AUG+=("$LAST")
+  done
+  for p in "${P_AUG[@]}" "${P_REAL[@]}"; do wait "$p"; done
+  say "augmented arms: $(for s in 0 1 2; do finished "ssl_aug_$s"; done | tr '\n' ' ')"
+  # Every arm has finished (or run out of time): this only reads their metrics for the table.
+  timeout 60 "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --shards "$RUN" > "$W/logs/ssl_table.log" 2>&1
+fi
+wait "$P_FL"; say "faith_large: $(finished faith_large)"
+
+# --- phase C: speed benches, alone on the card, in what time is left ---
+if [ "$TINY" = 1 ]; then
+  C_ANL=(--device cpu --size small --batch 4 --steps 2 --train-steps 2 --threads 1)
+  C_SSL=(--device cpu --steps 2 --threads 1)
+else
+  C_ANL=(--device cuda); C_SSL=(--device cuda)
+fi
+if [ "$(left)" -gt 40 ]; then
+  say "phase C: bench.ssl_step ($(left) s left)"
+  timeout "$(($(left) - 10))" "$PY" -m bench.ssl_step "${C_SSL[@]}" > "$W/logs/bench_ssl_step.log" 2>&1
+fi
+if [ "$(left)" -gt 60 ]; then
+  say "phase C: bench.anl ($(left) s left)"
+  timeout "$(($(left) - 10))" "$PY" -m bench.anl "${C_ANL[@]}" > "$W/logs/bench_anl.log" 2>&1
+fi
+
+kill "$PACKER" 2>/dev/null
+pack
+say "done; logs in $OUT/results.tar.gz"
+for f in "$W"/logs/*.log; do echo "== $(basename "$f")"; tail -n 30 "$f"; done > "$OUT/tails.txt"
+grep -h -A40 -E '^\| (tune steps|seed) ' "$W/logs/faith_large.log" "$W/logs/faith_small.log" \
+  "$W/logs/ssl_table.log" 2>/dev/null | head -n 120

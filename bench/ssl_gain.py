@@ -126,6 +126,8 @@ def main() -> None:
     p.add_argument("--runs-dir", type=Path, default=Path("runs/_bench/ssl_gain/runs"),
                    help="where the shards are generated (pipeline run directories)")
     p.add_argument("--out", type=Path, default=Path("runs/_bench/ssl_gain/arms"))
+    p.add_argument("--generate-only", action="store_true",
+                   help="make (or check) the synthetic shards, print the run directory, stop")
     args = p.parse_args()
     bad = set(args.arms) - set(ARMS)
     if bad:
@@ -139,12 +141,20 @@ def main() -> None:
 
     config = load_bench_config(args, {"runs_dir": str(args.runs_dir.resolve())})
     ds = dataset_for(config)
-    if args.shards is None:
+    needs_shards = "augmented" in args.arms or args.generate_only
+    if not needs_shards and args.shards is None:
+        shard_dir = run_dir = manifest = None  # real-data arms only: the preset's split
+    elif args.shards is None:
         print(f"generating synthetic shards with the pipeline stages ({config.preset}):")
         shard_dir, run_dir = resolve_shards(generate_shards(config))
     else:
         shard_dir, run_dir = resolve_shards(args.shards)
-    manifest = verify_shards(shard_dir)
+    if shard_dir is not None:
+        manifest = verify_shards(shard_dir)
+    if args.generate_only:
+        print(f"shards ready: {shard_dir} ({manifest['num_rows']} rows); run directory "
+              f"{run_dir}: pass it as --shards to train arms in separate processes")
+        return
     if run_dir is not None:
         split = load_split(run_dir / "split.parquet")
         split_from = f"{run_dir / 'split.parquet'}"
@@ -155,11 +165,15 @@ def main() -> None:
                       f"{config.split_seed}); WARNING: not checked against the shards' conditions")
     cond_ids = None
     try:
+        if shard_dir is None:
+            raise LookupError("no shards")
         from pipeline.shards import read_shards
 
         frame = read_shards(shard_dir, verify=False).frame
         if "condition_id" in frame:
             cond_ids = set(frame["condition_id"].dropna().astype(int).tolist())
+    except LookupError:
+        pass
     except Exception as e:  # noqa: BLE001 - the check below is advisory only
         print(f"(could not read condition ids: {e})")
     if cond_ids and not cond_ids <= set(split.labeled_idx.tolist()):

@@ -48,6 +48,10 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     sample_steps: int = 50  # DDIM steps for the final sample grid
+    # Wall-clock budget (seconds of training, resumed runs included): training stops at the
+    # first step past it and exports what it has; training.json records the steps done.
+    # For leased GPU time. None: train all ``steps``.
+    time_limit_s: float | None = None
     device: str = "auto"
     extra: dict = field(default_factory=dict)
 
@@ -151,7 +155,28 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
     unet.train()
     bar = tqdm(total=config.steps, initial=step, desc="pretrain", disable=not progress, unit="step")
     t0 = time.perf_counter()
+
+    pending: list[torch.Tensor] = []  # losses not yet read back: one sync per 50 steps, not per step
+
+    def flush_losses() -> None:
+        if pending:
+            losses.extend(torch.stack(pending).float().cpu().tolist())
+            pending.clear()
+
+    def save_checkpoint() -> None:
+        flush_losses()
+        _atomic_torch_save({
+            "unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "lr_sched": lr_sched.state_dict(), "gen": gen.get_state(), "step": step,
+            "losses": losses, "wall_s": wall + time.perf_counter() - t0,
+        }, ckpt_path)
+
+    stopped_early = False
     while step < config.steps:
+        if config.time_limit_s is not None and wall + time.perf_counter() - t0 >= config.time_limit_s:
+            stopped_early = True
+            save_checkpoint()
+            break
         idx = torch.randint(len(pool), (config.batch_size,), generator=gen)
         x0 = pool[idx.to(device)]
         if config.hflip:
@@ -171,17 +196,15 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
         lr_sched.step()
         ema.step(unet.parameters())
         step += 1
-        losses.append(loss.item())
+        pending.append(loss.detach())
         bar.update(1)
         if step % 50 == 0:
+            flush_losses()
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _atomic_torch_save({
-                "unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "lr_sched": lr_sched.state_dict(), "gen": gen.get_state(), "step": step,
-                "losses": losses, "wall_s": wall + time.perf_counter() - t0,
-            }, ckpt_path)
+            save_checkpoint()
     bar.close()
+    flush_losses()
     wall += time.perf_counter() - t0
 
     ema.copy_to(unet.parameters())
@@ -203,6 +226,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
     _save_grid(grid, out_dir / "samples.png")
     record = {
         "config": config.to_dict(), "steps": step, "wall_s": round(wall, 1),
+        "stopped_by_time_limit": stopped_early,
         "steps_per_s": round(step / max(wall, 1e-9), 3), "device": _device_name(device),
         "num_images": len(images), "data_sha256": data_hash(images),
         "params": sum(p.numel() for p in unet.parameters()),

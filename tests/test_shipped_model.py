@@ -204,3 +204,20 @@ def test_model_card_refuses_an_unfinished_model(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(ModelCardError, match="training.json"):
         build_card(tmp_path)
+
+
+def test_pretrain_time_limit_stops_early_and_exports(tmp_path, data_fashion_mnist):
+    """A zero-second budget trains no step yet still exports a loadable model, saying so."""
+    from diffusers import UNet2DModel
+
+    from pipeline.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(block_out_channels=(8, 16), attention_levels=(1,),
+                            attention_head_dim=8, steps=50, batch_size=8, warmup_steps=1,
+                            sample_steps=2, device="cpu", time_limit_s=0.0)
+    out = pretrain(data_fashion_mnist.train_images[:64], tmp_path / "base", config,
+                   progress=False)
+    record = json.loads((out / "training.json").read_text())
+    assert record["stopped_by_time_limit"] is True
+    assert record["steps"] == 0 < config.steps
+    assert list(UNet2DModel.from_pretrained(out / "unet").config.block_out_channels) == [8, 16]

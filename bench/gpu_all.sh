@@ -75,13 +75,13 @@ else
   DEV=cuda; T=2
   # ANCHORS.md recipe: 6.8M params, batch 256, AdamW 2e-4, bf16, EMA (3.3k steps in 225 s).
   LARGE=(--set 'block_out_channels=[64,128,128]' --set 'attention_levels=[1,2]'
-         --set layers_per_block=2 --set steps=3300 --set batch_size=256 --set lr=2e-4
-         --set warmup_steps=300 --set checkpoint_every=1000 --set time_limit_s=200)
+         --set layers_per_block=2 --set steps=3300 --set batch_size=256 --set lr=0.0002
+         --set warmup_steps=300 --set checkpoint_every=1000 --set time_limit_s=${LARGE_S:-200})
   # The shipped architecture (1.1M), with the GPU's batch: 3000 steps at batch 64 on CPU before.
   SMALL=(--set steps=12000 --set batch_size=256 --set warmup_steps=300
          --set checkpoint_every=2000 --set time_limit_s=200)
   REF=(--reference-width 32 --reference-epochs 8)
-  SSL=(--steps 4096)
+  SSL=(--steps "${SSL_STEPS:-4096}")
   SYN=(--set tuning.steps=300 --set sampling.per_condition=32 --set sampling.num_inference_steps=25)
   FAITH=(--tune-steps 300 --scopes per-class --token-sets patch --guidance 0,3,5
          --mask-ratios 0,0.5 --per-condition 16 --inference-steps 25)
@@ -109,8 +109,9 @@ finished() { tail -n 1 "$W/logs/$1.log"; }
 say "phase A: pretrain x2, reference classifier"
 bg pretrain_large "$PY" -m pipeline.pretrain --out "$W/base_large" --no-progress "${LARGE[@]}"
 P_LARGE=$LAST
-bg pretrain_small "$PY" -m pipeline.pretrain --out "$W/base_small" --no-progress "${SMALL[@]}"
-P_SMALL=$LAST
+if [ "${SKIP_SMALL:-0}" = 1 ]; then mkdir -p "$W/base_small"; true & else
+  bg pretrain_small "$PY" -m pipeline.pretrain --out "$W/base_small" --no-progress "${SMALL[@]}"; fi
+P_SMALL=$!
 cat > "$W/reference.py" <<'EOF'
 import sys
 from pipeline.datasets import load_dataset
@@ -141,8 +142,8 @@ for s in 0 1 2; do
   bg "ssl_real_$s" "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --seeds "$s" --arms supervised,baseline
   P_REAL+=("$LAST")
 done
-wait "$P_SMALL"; say "pretrain_small: $(finished pretrain_small)"
-tar -cf "$OUT/base_small.tar" -C "$W" --exclude=checkpoints base_small 2>/dev/null
+wait "$P_SMALL"; [ "${SKIP_SMALL:-0}" = 1 ] || { say "pretrain_small: $(finished pretrain_small)"
+tar -cf "$OUT/base_small.tar" -C "$W" --exclude=checkpoints base_small 2>/dev/null; }
 wait "$P_SYN"; say "synth: $(finished synth)"
 RUN=$(sed -n 's/.*run directory \(.*\): pass it.*/\1/p' "$W/logs/synth.log" | tail -n 1)
 if [ -n "$RUN" ]; then

@@ -284,6 +284,7 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
         "steps": training.get("steps"), "wall_s": training.get("wall_s"),
         "steps_per_s": training.get("steps_per_s"), "device": training.get("device"),
         "params": training.get("params"), "final_loss": training.get("final_loss"),
+        "stopped_by_time_limit": bool(training.get("stopped_by_time_limit")),
         "pretrain_config": training.get("config"),
         "training_weights_sha256": training.get("weights_sha256"),
         "quality": quality,
@@ -354,6 +355,14 @@ def render_readme(card: dict) -> str:
         f"It was trained for {card['steps']:,} steps only: compare the KID with its floor; "
         "more steps (`--set steps=...`) give a better model.")
     pc = card["pretrain_config"]
+    retrain = (
+        f"Training stopped at its wall-clock budget (`time_limit_s`) after {card['steps']:,} of "
+        f"the {pc['steps']:,} scheduled steps, so the cosine learning-rate schedule had not "
+        "decayed; the same command on other hardware stops at another step. Drop "
+        "`time_limit_s` (or raise it) for a longer, reproducible run; on a GPU it trains in bf16."
+        if card.get("stopped_by_time_limit") else
+        "The same command retrains it (same seed, same data); on a GPU it also trains in bf16. "
+        "Pass `--set steps=...` for a longer run.")
     made = _table(("", ""), [
         ("command", f"`{card['command']}`"),
         ("code", f"git commit `{card['git_commit']}` ({commit_when})"),
@@ -394,8 +403,8 @@ pipeline_tag: unconditional-image-generation
 
 An unconditional DDPM (diffusers `UNet2DModel` + `DDPMScheduler`, {card['params']:,} parameters,
 {ucfg['sample_size']}x{ucfg['sample_size']}x{ucfg['in_channels']}) trained by this project's own
-pretrain stage on the unlabeled pool of {card['dataset']}. It is the embedded default base model
-of the `fashion-mnist-40labels` and `demo` presets: frozen, with ANL adapters tuned on top of it,
+pretrain stage on the unlabeled pool of {card['dataset']}. {_used_by(card['location'])}
+Frozen, with ANL adapters tuned on top of it,
 it turns a few labeled images per class into synthetic labeled images, with no network access.
 The weights are the EMA weights, stored in {card['weights_dtype']}.
 
@@ -418,8 +427,7 @@ crop the centre 28x28 to get images on the data's grid (`pipeline.images.from_mo
 
 {made}
 
-The same command retrains it (same seed, same data); on a GPU it also trains in bf16.
-Pass `--set steps=...` for a longer run.
+{retrain}
 
 ## Quality
 
@@ -455,6 +463,26 @@ coverage):
 - The figures depend on the feature space, the judge and the sample size stated above;
   compare them only with figures measured the same way (`python -m pipeline.model_card`).
 """
+
+
+def _used_by(location: str) -> str:
+    """A sentence naming the presets whose base_model is this folder (read from their YAML)."""
+    import yaml
+
+    from pipeline.config import PRESETS_DIR
+
+    names = []
+    for preset in sorted(PRESETS_DIR.glob("*.yaml")):
+        try:
+            base = (yaml.safe_load(preset.read_text()) or {}).get("base_model")
+        except yaml.YAMLError:
+            continue
+        if base and Path(str(base)).as_posix().rstrip("/") == Path(location).as_posix().rstrip("/"):
+            names.append(f"`{preset.stem}`")
+    if not names:
+        return "No shipped preset uses it as its base model."
+    presets = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"It is the base model of the {presets} preset{'s' if len(names) > 1 else ''}."
 
 
 def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,

@@ -70,6 +70,14 @@ class PretrainConfig:
         for k in ("block_out_channels", "attention_levels"):
             if k in known:
                 known[k] = tuple(known[k])
+        for k, v in known.items():
+            # YAML 1.1 reads "2e-4" (no dot) as a string: accept it for numeric fields.
+            kind = str(cls.__dataclass_fields__[k].type)
+            if isinstance(v, str) and kind.split(" ")[0] in ("float", "int"):
+                try:
+                    known[k] = float(v) if kind.startswith("float") else int(v)
+                except ValueError:
+                    raise ValueError(f"pretrain option {k}={v!r} is not a number") from None
         return cls(**known)
 
 

@@ -1,4 +1,4 @@
-"""The shipped base model (data/models/fashion-mnist-ddpm-32) and its model card.
+"""The shipped base models (data/models/fashion-mnist-ddpm-32 and -large) and their model cards.
 
 The first tests load the committed model exactly as a user would, with diffusers' own
 classes, and check it against the card; the last ones run the card's code on a tiny model
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "models" / "fashion-mnist-ddpm-32"
+MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+# The demo's 1.1M model (CPU-sized) and the 6.8M one that fashion-mnist-40labels uses.
+SHIPPED = ("fashion-mnist-ddpm-32", "fashion-mnist-ddpm-32-large")
 MAX_BYTES = 25 * 1000 * 1000
 
 
@@ -22,14 +24,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    """The shipped model directory; skipped only when the model itself is absent."""
-    if not (MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors").exists():
-        pytest.skip(f"no shipped base model in {MODEL_DIR}: train it with `augment pretrain "
-                    "--dataset fashion-mnist --labels-per-class 4 --split-seed 0 "
-                    f"--out {MODEL_DIR}`")
-    return MODEL_DIR
+@pytest.fixture(scope="module", params=SHIPPED)
+def shipped(request):
+    """A shipped model directory; skipped only when the model itself is absent."""
+    model_dir = MODELS / request.param
+    if not (model_dir / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        pytest.skip(f"no shipped base model in {model_dir}: train it with the `augment "
+                    "pretrain` command in bench/RESULTS.md (Base models)")
+    return model_dir
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +223,17 @@ def test_pretrain_time_limit_stops_early_and_exports(tmp_path, data_fashion_mnis
     assert record["stopped_by_time_limit"] is True
     assert record["steps"] == 0 < config.steps
     assert list(UNet2DModel.from_pretrained(out / "unet").config.block_out_channels) == [8, 16]
+
+
+def test_pretrain_config_reads_exponent_numbers_from_set():
+    """`--set lr=2e-4` arrives as the string '2e-4' from YAML 1.1: it must become a float."""
+    import yaml
+
+    from pipeline.pretrain import PretrainConfig
+
+    config = PretrainConfig.from_dict({"lr": yaml.safe_load("2e-4"), "steps": "10",
+                                       "time_limit_s": "1e2"})
+    assert config.lr == pytest.approx(2e-4) and isinstance(config.lr, float)
+    assert config.steps == 10 and config.time_limit_s == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="lr='fast' is not a number"):
+        PretrainConfig.from_dict({"lr": "fast"})

@@ -500,6 +500,10 @@ def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,
         if {k: old.get(k) for k in ("weights_sha256", "card_config")} == \
                 _card_identity(_sha256(model_dir / WEIGHTS_FILE), config):
             card = old
+            # Facts about training (not measured figures) are read again from training.json,
+            # so a card written before a field existed renders correctly.
+            training = json.loads((model_dir / "training.json").read_text())
+            card["stopped_by_time_limit"] = bool(training.get("stopped_by_time_limit"))
     if card is None:
         card = build_card(model_dir, config, **kwargs)
     _write_text(model_dir / README_FILE, render_readme(card))

@@ -11,8 +11,11 @@
 #   phase C  if time is left: the issue-3/4 speed benches, alone on the card
 #
 # The GPU machine has torch but not our other dependencies and no internet: the call carries
-# wheels (.whl) and Fashion-MNIST (.fmnist, xz) and this script installs them:
+# wheels (.whl) and Fashion-MNIST (.fmnist, xz), made here by `bash bench/gpu_prepare.sh`,
+# and this script installs them:
 #   run(command="bash bench/gpu_all.sh", carry=[".whl", ".fmnist"], timeout_s=600)
+# Knobs (environment): LIMIT (seconds, default 545), LARGE_S (6.8M pretraining budget, 200),
+# SSL_STEPS (4096), SKIP_SMALL=1 (do not retrain the 1.1M model).
 # TINY=1 runs the same steps at toy sizes on CPU (PY=.venv/bin/python), to test this script
 # before spending GPU time. Results: $OUT/summary.txt, $OUT/results.tar.gz (logs, sweep cells,
 # sample grids, arm metrics; refreshed every 20 s), $OUT/base_*.tar (the new base models).

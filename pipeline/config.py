@@ -60,6 +60,7 @@ class PretrainSection(_Section):
     seed: int = 0
     checkpoint_every: int = Field(250, ge=1)
     sample_steps: int = Field(50, ge=1)
+    time_limit_s: float | None = Field(None, ge=0)  # wall-clock budget; see PretrainConfig
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -86,7 +86,7 @@ else
   REF=(--reference-width 32 --reference-epochs 8)
   SSL=(--steps "${SSL_STEPS:-4096}")
   SYN=(--set tuning.steps=300 --set sampling.per_condition=32 --set sampling.num_inference_steps=25)
-  FAITH=(--tune-steps 300 --scopes per-class --token-sets patch --guidance 0,3,5
+  FAITH=(--tune-steps 300 --scopes per-class --token-sets patch --guidance 0,1,3
          --mask-ratios 0,0.5 --per-condition 16 --inference-steps 25)
 fi
 COMMON=(--device "$DEV" --threads "$T" --quiet)

@@ -45,7 +45,6 @@ import torch
 
 from bench.common import (
     add_preset_args,
-    atomic_write_json,
     base_fingerprint,
     base_model_label,
     csv_list,
@@ -53,8 +52,9 @@ from bench.common import (
     image_grid_png,
     load_bench_config,
     markdown_table,
-    read_json,
 )
+from pipeline.atomic import atomic_write_json
+from pipeline.runs import read_json
 
 TOKEN_SETS = ("patch", "pooled", "both")
 SCOPES = ("per-class", "shared")

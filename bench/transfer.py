@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.common import image_grid_png
+from pipeline.atomic import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO / "data" / "models" / "fashion-mnist-ddpm-32"
@@ -71,21 +71,6 @@ def nearest_cosine(queries: np.ndarray, targets: np.ndarray) -> float:
     def unit(f):
         return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     return float((1.0 - (unit(queries) @ unit(targets).T).max(axis=1)).mean())
-
-
-def save_grid(rows: list[tuple[str, np.ndarray]], path: Path, cols: int = 10) -> None:
-    """PNG with one labelled strip per row of uint8 grey images (3x nearest upscaling)."""
-    from PIL import Image, ImageDraw
-
-    h, w = rows[0][1].shape[1:3]
-    label_w, pad = 60, 2
-    canvas = Image.new("L", (label_w + cols * (w + pad), len(rows) * (h + pad)), 255)
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, images) in enumerate(rows):
-        draw.text((2, r * (h + pad) + h // 3), label, fill=0)
-        for c, im in enumerate(images[:cols]):
-            canvas.paste(Image.fromarray(im[..., 0]), (label_w + c * (w + pad), r * (h + pad)))
-    canvas.resize((canvas.width * 3, canvas.height * 3), Image.NEAREST).save(path)
 
 
 def measure(name: str, images: np.ndarray, target: np.ndarray, features, target_feats,
@@ -197,13 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_grid([("target", target), ("before", before[::a.per_condition]),
-               ("after", after[::a.per_condition]), ("after j=1", after[1::a.per_condition])],
-              out / "transfer.png")
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".transfer.json.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, out / "transfer.json")
+    image_grid_png([("target", target[:10]), ("before", before[::a.per_condition][:10]),
+                    ("after", after[::a.per_condition][:10]),
+                    ("after j=1", after[1::a.per_condition][:10])],
+                   out / "transfer.png", f"{Path(a.base).name} -> {a.target}")
+    atomic_write_json(out / "transfer.json", record)
 
     print(f"\ngenerative transfer: {Path(a.base).name} -> {a.target} ({len(target)} images), "
           f"encoder {encoder.encoder_id}, {a.tune_steps} tuning steps on {device} "

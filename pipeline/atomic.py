@@ -49,8 +49,16 @@ def atomic_write_text(path: str | Path, text: str, fsync: bool = False) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), fsync=fsync)
 
 
+def _json_default(obj: Any) -> Any:
+    # numpy/torch scalars and arrays as numbers and lists; anything else (paths, ...) as text.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True,
+                                              default=_json_default) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

@@ -164,18 +164,15 @@ def main() -> None:
         split_from = (f"preset (labels_per_class {config.labels_per_class}, split_seed "
                       f"{config.split_seed}); WARNING: not checked against the shards' conditions")
     cond_ids = None
-    try:
-        if shard_dir is None:
-            raise LookupError("no shards")
-        from pipeline.shards import read_shards
+    if shard_dir is not None:
+        try:
+            from pipeline.shards import read_shards
 
-        frame = read_shards(shard_dir, verify=False).frame
-        if "condition_id" in frame:
-            cond_ids = set(frame["condition_id"].dropna().astype(int).tolist())
-    except LookupError:
-        pass
-    except Exception as e:  # noqa: BLE001 - the check below is advisory only
-        print(f"(could not read condition ids: {e})")
+            frame = read_shards(shard_dir, verify=False).frame
+            if "condition_id" in frame:
+                cond_ids = set(frame["condition_id"].dropna().astype(int).tolist())
+        except Exception as e:  # noqa: BLE001 - the check below is advisory only
+            print(f"(could not read condition ids: {e})")
     if cond_ids and not cond_ids <= set(split.labeled_idx.tolist()):
         raise SystemExit(f"the shards in {shard_dir} were conditioned on images that are not "
                          "labeled in this split; pass the run directory that made them")

@@ -115,8 +115,6 @@ def data_hash(images: np.ndarray) -> str:
     return h.hexdigest()
 
 
-
-
 def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | None = None,
              progress: bool = True, fp16: bool = True, command: str | None = None) -> Path:
     """Train a DDPM on ``images`` (uint8 N,H,W,C: the unlabeled pool only) into ``out_dir``."""
@@ -289,8 +287,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
 
 
 def pretrain_on_unlabeled_pool(dataset_name: str, out_dir: str | Path, labels_per_class: int,

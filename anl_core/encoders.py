@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,12 +74,14 @@ class ConditionEncoder(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, batch_size: int = 256,
+               progress: bool = False) -> torch.Tensor:
         """Tokens (B, num_tokens, token_dim), float32, on the encoder's device."""
         if self.training:
             self.eval()
         out = []
-        for start in range(0, images.shape[0], batch_size):
+        starts = range(0, images.shape[0], batch_size)
+        for start in tqdm(starts, desc="encode", unit="batch", disable=not progress, leave=False):
             pixels = self.preprocess(images[start:start + batch_size])
             with _autocast(self.device):
                 out.append(self._tokens(pixels).float())

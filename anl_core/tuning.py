@@ -1,6 +1,7 @@
 """Tune an ANL adapter on a few condition images with the base model's noise-prediction loss.
 
-Each image is paired with its own tokens (the condition is the image itself). Condition
+Each image is paired with a token set: its own (the condition is the image itself) or, for
+extra targets such as unlabeled neighbours, the tokens of the condition they stand for. Condition
 dropout replaces all tokens by the null token so the same adapter also learns the null branch
 used by classifier-free guidance; optional random token masking matches the masks seen at
 sampling time. Only adapter parameters are optimised (AdamW) and an EMA of them is kept.
@@ -108,16 +109,23 @@ def _autocast(device: torch.device):
 
 
 def tune_adapter(model: ANLUNet, scheduler, images: torch.Tensor, tokens: torch.Tensor,
-                 config: TuneConfig | None = None, progress: bool = True) -> TuneResult:
+                 config: TuneConfig | None = None, progress: bool = True,
+                 weights: torch.Tensor | None = None) -> TuneResult:
     """Tune ``model``'s adapter on ``images`` (N, C, H, W) in [-1, 1] paired with ``tokens``.
 
     ``scheduler`` is the base model's training noise scheduler (e.g. its ``DDPMScheduler``).
-    The model ends with the EMA weights loaded when ``config.use_ema``.
+    Pairs are drawn uniformly, or in proportion to ``weights`` (N,) when given. The model
+    ends with the EMA weights loaded when ``config.use_ema``.
     """
     config = config or TuneConfig()
     if images.shape[0] != tokens.shape[0] or images.shape[0] == 0:
         raise ValueError(f"need one token set per image: got {images.shape[0]} images and "
                          f"{tokens.shape[0]} token sets")
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
+        if weights.shape != (images.shape[0],) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"weights must be {images.shape[0]} non-negative numbers with a "
+                             f"positive sum, one per image; got shape {tuple(weights.shape)}")
     device = model.device
     gen = torch.Generator().manual_seed(config.seed)
     images = images.to(device, torch.float32)
@@ -139,7 +147,8 @@ def tune_adapter(model: ANLUNet, scheduler, images: torch.Tensor, tokens: torch.
     try:
         for step in bar:
             b = config.batch_size
-            idx = torch.randint(images.shape[0], (b,), generator=gen)
+            idx = (torch.randint(images.shape[0], (b,), generator=gen) if weights is None
+                   else torch.multinomial(weights, b, replacement=True, generator=gen))
             x0, tok = images[idx.to(device)], tokens[idx.to(device)]
             if config.hflip:
                 flip = (torch.rand(b, generator=gen) < 0.5).to(device)

@@ -92,7 +92,7 @@ class Sweep:
         from pipeline.quality import encoder_features, mean_pairwise_distance, nearest_rmse
         from pipeline.reference import ReferenceConfig, load_or_train_reference
         from pipeline.splits import make_split
-        from pipeline.stages import dataset_for
+        from pipeline.stages import dataset_for, unlabeled_neighbors
 
         self.config, self.args = config, args
         self.device = config.resolved_device()
@@ -109,6 +109,11 @@ class Sweep:
         # The encode stage's tokens: every labeled image, in split order.
         images = to_model_space(self.ds.train_images[self.split.labeled_idx], device=self.device)
         self.tokens = self.encoder.encode(images).cpu()
+        # The encode stage's unlabeled neighbours, when the preset tunes on them.
+        self.neighbors, self.neighbor_metrics = None, {}
+        if config.neighbors.per_image:
+            self.neighbors, self.neighbor_metrics = unlabeled_neighbors(
+                self.ds, self.split, self.encoder, self.tokens, config, self.device)
         ref_cfg = ReferenceConfig(width=args.reference_width, epochs=args.reference_epochs)
         self.reference = load_or_train_reference(self.ds, args.reference_cache, ref_cfg,
                                                  self.device, self.progress)
@@ -141,6 +146,7 @@ class Sweep:
         from anl_core.inject import ANLConfig, attach_anl
         from anl_core.tuning import TuneConfig, tune_adapter
         from pipeline.images import to_model_space
+        from pipeline.neighbors import tuning_pairs
         from pipeline.stages import _unit_seed
 
         cfg = self.config
@@ -150,9 +156,12 @@ class Sweep:
         for unit in units:
             rows = torch.arange(len(labels)) if unit is None \
                 else torch.nonzero(labels == unit).flatten()
-            images = to_model_space(self.ds.train_images[self.split.labeled_idx[rows.numpy()]],
-                                    size=cfg.image_size, device=self.device)
-            tokens = token_set(self.tokens[rows], kind)
+            targets, token_rows, weights = tuning_pairs(
+                rows, self.neighbors, torch.as_tensor(self.split.labeled_idx),
+                cfg.neighbors.self_share)
+            images = to_model_space(self.ds.train_images[targets], size=cfg.image_size,
+                                    device=self.device)
+            tokens = token_set(self.tokens[token_rows], kind)
             encoder_id = self.encoder.encoder_id + ("" if kind == "patch" else f"+{kind}")
             acfg = ANLConfig(token_dim=tokens.shape[2], num_tokens=tokens.shape[1],
                              encoder_id=encoder_id,
@@ -161,7 +170,8 @@ class Sweep:
             model = attach_anl(copy.deepcopy(unet), acfg)
             tcfg = TuneConfig(**{**cfg.tuning.model_dump(), "steps": steps,
                                  "seed": _unit_seed(cfg.tuning.seed, unit)})
-            result = tune_adapter(model, scheduler, images, tokens, tcfg, progress=self.progress)
+            result = tune_adapter(model, scheduler, images, tokens, tcfg, progress=self.progress,
+                                  weights=weights)
             seconds += result.seconds
             models[unit] = model
         return {"models": models, "tune_s": seconds, "adapters": len(units),
@@ -270,6 +280,11 @@ def main() -> None:
           f"{config.tuning.batch_size}, lr {config.tuning.lr}, "
           f"train_mask_ratio {config.tuning.train_mask_ratio}, "
           f"cond_dropout {config.tuning.cond_dropout}")
+    if sweep.neighbor_metrics:
+        m = sweep.neighbor_metrics
+        print(f"unlabeled neighbours: {config.neighbors.per_image} per labeled image from a pool "
+              f"of {m['neighbor_pool']}, {m['neighbors']} found, {m['neighbor_purity']:.3f} of "
+              f"them of the condition's class; self_share {config.neighbors.self_share}")
     print(f"reference classifier: test accuracy {ref_acc:.4f} ({sweep.reference.path})"
           + ("" if ref_acc >= MIN_REFERENCE_ACCURACY else
              f"  WARNING: below {MIN_REFERENCE_ACCURACY}; raise --reference-epochs/-width"))

@@ -98,6 +98,20 @@ class TuningSection(_Section):
     log_every: int = Field(1, ge=1)
 
 
+class NeighborsSection(_Section):
+    """Unlabeled neighbours as extra tuning targets (``pipeline.neighbors``); 0 = off.
+
+    ``per_image``: neighbours per labeled image; ``pool``: unlabeled images searched (each is
+    encoded once, in the encode stage); ``self_share``: share of tuning draws that stay on the
+    labeled images themselves.
+    """
+
+    per_image: int = Field(0, ge=0)
+    pool: int = Field(5000, ge=1)
+    self_share: Ratio = 0.25
+    seed: int = 0
+
+
 class SamplingSection(_Section):
     """Masked, guided sampling: ``per_condition`` images per labeled image and mask ratio."""
 
@@ -215,6 +229,7 @@ class AugmentConfig(_Section):
     encoder: str = "efficientnet-lite0"
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     tuning: TuningSection = Field(default_factory=TuningSection)
+    neighbors: NeighborsSection = Field(default_factory=NeighborsSection)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     shards: ShardsSection = Field(default_factory=ShardsSection)
     ssl: SSLSection = Field(default_factory=SSLSection)
@@ -370,7 +385,10 @@ def _digest(obj: Any) -> str:
 
 
 def result_fields(config: AugmentConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
+    fields = config.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
+    if not config.neighbors.per_image:
+        fields.pop("neighbors")  # off: runs from before the option keep their hashes
+    return fields
 
 
 def config_hash(config: AugmentConfig) -> str:
@@ -410,6 +428,10 @@ def stage_parts(config: AugmentConfig, stage: str) -> dict[str, Any]:
     parts = {name: fields[name] for name in STAGE_PARTS[stage]}
     if stage == "split" and config.dataset == "image-folder":
         parts["dataset_root"] = config.dataset_root  # the folder is the dataset's identity
+    if stage == "encode" and config.neighbors.per_image:  # the encode stage finds them
+        parts["neighbors"] = {k: v for k, v in fields["neighbors"].items() if k != "self_share"}
+    if stage == "tune" and config.neighbors.per_image:
+        parts["neighbors"] = fields["neighbors"]
     if stage == "tune" and config.pretrains_base:
         parts.pop("base_model")  # the pretrained base is identified by the pretrain key
     return parts

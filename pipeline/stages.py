@@ -386,20 +386,55 @@ def run_encode(run_dir: Path, config: AugmentConfig) -> dict:
         t0 = time.perf_counter()
         tokens = encoder.encode(images).cpu().contiguous()
         seconds = time.perf_counter() - t0
+        labels = torch.as_tensor(split.labeled_labels, dtype=torch.int64)
+        tensors = {"tokens": tokens,
+                   "index": torch.as_tensor(split.labeled_idx, dtype=torch.int64),
+                   "labels": labels}
+        metrics = {"images": len(tokens),
+                   "images_per_s": round(len(tokens) / max(seconds, 1e-9), 2),
+                   "encoder_id": encoder.encoder_id, "num_tokens": encoder.num_tokens,
+                   "token_dim": encoder.token_dim}
+        if config.neighbors.per_image:
+            tensors["neighbors"], nb_metrics = unlabeled_neighbors(
+                ds, split, encoder, tokens, config, device)
+            metrics.update(nb_metrics)
         out = Path(run_dir) / TOKENS_FILE
         atomic_write(out, lambda tmp: save_file(
-            {"tokens": tokens,
-             "index": torch.as_tensor(split.labeled_idx, dtype=torch.int64),
-             "labels": torch.as_tensor(split.labeled_labels, dtype=torch.int64)},
-            tmp, metadata={"encoder_id": encoder.encoder_id,
-                           "token_dim": str(encoder.token_dim),
-                           "num_tokens": str(encoder.num_tokens)}))
-        return ({"tokens": TOKENS_FILE},
-                {"images": len(tokens), "images_per_s": round(len(tokens) / max(seconds, 1e-9), 2),
-                 "encoder_id": encoder.encoder_id, "num_tokens": encoder.num_tokens,
-                 "token_dim": encoder.token_dim})
+            tensors, tmp, metadata={"encoder_id": encoder.encoder_id,
+                                    "token_dim": str(encoder.token_dim),
+                                    "num_tokens": str(encoder.num_tokens)}))
+        return ({"tokens": TOKENS_FILE}, metrics)
 
     return _run_stage(run_dir, config, "encode", keys["encode"], body)
+
+
+def unlabeled_neighbors(ds, split, encoder, tokens, config: AugmentConfig, device: str):
+    """(L, k) training indices of each labeled image's unlabeled neighbours (-1 = none).
+
+    The labels of the chosen neighbours are never used for tuning; their agreement with the
+    condition's label is only recorded (``neighbor_purity``) to show how clean they are.
+    """
+    import torch
+
+    from pipeline.images import to_model_space
+    from pipeline.neighbors import find_neighbors, neighbor_pool, pooled_features
+
+    nb = config.neighbors
+    pool = neighbor_pool(split.unlabeled_idx, nb.pool, nb.seed)
+    t0 = time.perf_counter()
+    pool_tokens = encoder.encode(to_model_space(ds.train_images[pool], device=device),
+                                 progress=config.progress).cpu()
+    seconds = time.perf_counter() - t0
+    labels = torch.as_tensor(split.labeled_labels, dtype=torch.int64)
+    pos = find_neighbors(pooled_features(tokens), labels, pooled_features(pool_tokens),
+                         nb.per_image)
+    found = pos >= 0
+    index = torch.where(found, torch.as_tensor(pool)[pos.clamp(min=0)], pos)
+    agree = split.labels[index[found].numpy()] == labels[:, None].expand_as(index)[found].numpy()
+    return index.contiguous(), {
+        "neighbor_pool": len(pool), "neighbors": int(found.sum()),
+        "neighbor_purity": round(float(agree.mean()), 4) if agree.size else None,
+        "pool_images_per_s": round(len(pool) / max(seconds, 1e-9), 2)}
 
 
 def load_tokens(run_dir: Path) -> dict:
@@ -443,6 +478,7 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None) 
         from anl_core.inject import ANLConfig, attach_anl, save_adapter
         from anl_core.tuning import TuneConfig, tune_adapter
         from pipeline.images import to_model_space
+        from pipeline.neighbors import tuning_pairs
 
         run = Path(run_dir)
         ds, tok = dataset_for(config), load_tokens(run)
@@ -450,8 +486,9 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None) 
                 else torch.nonzero(tok["labels"] == class_idx).flatten())
         if len(rows) == 0:
             raise StageError(f"class {class_idx} has no labeled images in {run / TOKENS_FILE}")
-        images = to_model_space(ds.train_images[tok["index"][rows].numpy()],
-                                size=config.image_size, device=device)
+        targets, token_rows, weights = tuning_pairs(
+            rows, tok.get("neighbors"), tok["index"], config.neighbors.self_share)
+        images = to_model_space(ds.train_images[targets], size=config.image_size, device=device)
         unet, scheduler = load_base(run, config, device)
         acfg = ANLConfig(token_dim=tok["token_dim"], num_tokens=tok["num_tokens"],
                          encoder_id=tok["encoder_id"], **config.adapter.model_dump(
@@ -460,13 +497,14 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None) 
         model = attach_anl(unet, acfg)
         tcfg = TuneConfig(**{**config.tuning.model_dump(),
                              "seed": _unit_seed(config.tuning.seed, class_idx)})
-        result = tune_adapter(model, scheduler, images, tok["tokens"][rows], tcfg,
-                              progress=config.progress)
+        result = tune_adapter(model, scheduler, images, tok["tokens"][token_rows], tcfg,
+                              progress=config.progress, weights=weights)
         # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
         tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
         _remove(tmp)
         save_adapter(model, tmp)
-        info = {"class": class_idx, "images": len(rows), "loss_history": result.loss_history,
+        info = {"class": class_idx, "images": len(rows),
+                "neighbor_targets": len(targets) - len(rows), "loss_history": result.loss_history,
                 "steps": result.steps, "steps_per_s": round(result.steps_per_second, 3),
                 "wall_s": round(result.seconds, 3), "param_counts": model.param_counts(),
                 "final_loss": float(np.mean(result.loss_history[-50:]))

@@ -187,3 +187,33 @@ def test_runs_listing_reports_status(flow_cfg):
     (runs,) = list_runs(run_dir.parent)
     assert runs.path == run_dir and runs.status == "incomplete" and runs.stages_done == ["split"]
     assert run_dir_for(flow_cfg) == run_dir and run_dir.name.startswith("tiny-")
+
+
+def test_neighbors_add_unlabeled_tuning_targets_and_keep_keys_when_off(flow_cfg):
+    from pipeline.config import config_hash
+
+    plain = stages.stage_keys(flow_cfg)
+    on = with_overrides(flow_cfg, {"neighbors.per_image": 3, "neighbors.pool": 8})
+    keys = stages.stage_keys(on)
+    assert keys["split"] == plain["split"] and keys["encode"] != plain["encode"]
+    off = with_overrides(flow_cfg, {"neighbors.pool": 8})  # per_image 0: the option is off
+    assert stages.stage_keys(off) == plain and config_hash(off) == config_hash(flow_cfg)
+    share = with_overrides(on, {"neighbors.self_share": 0.5})  # read by tune, not encode
+    assert stages.stage_keys(share)["encode"] == keys["encode"]
+    assert stages.stage_keys(share)["tune"] != keys["tune"]
+
+    run_dir = init_run_dir(on)
+    records = stages.run_all(run_dir, on, until="tune")
+    tok = stages.load_tokens(run_dir)
+    split = stages.split_for(run_dir)
+    nb = tok["neighbors"]
+    assert nb.shape == (4, 3)  # 2 classes x 2 labeled images, 3 neighbours each
+    found = nb[nb >= 0].numpy()
+    assert len(found) > 0 and set(found) <= set(split.unlabeled_idx.tolist())
+    metrics = records["encode"]["metrics"]
+    assert metrics["neighbor_pool"] == 8 and metrics["neighbors"] == len(found)
+    assert 0.0 <= metrics["neighbor_purity"] <= 1.0
+    for c in (0, 1):
+        tune = read_json(run_dir / f"adapters/class-{c:02d}/tune.json")
+        assert tune["images"] == 2
+        assert tune["neighbor_targets"] == int((nb[tok["labels"] == c] >= 0).sum())

@@ -58,3 +58,22 @@ def test_bad_inputs_are_clear_errors(anl_unet_factory):
         tune_adapter(model, DDPMScheduler(), torch.zeros(3, 1, 8, 8), torch.zeros(2, 3, 6))
     with pytest.raises(ValueError, match="cond_dropout must be in"):
         TuneConfig(cond_dropout=1.5)
+
+
+def test_weights_choose_which_pairs_are_drawn(anl_unet_factory):
+    """A zero-weight pair is never drawn: its NaN image would make every loss NaN."""
+    model = attach_anl(anl_unet_factory(), CONFIG)
+    g = torch.Generator().manual_seed(0)
+    images, tokens = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 3, 6, generator=g)
+    images[2] = float("nan")
+    cfg = TuneConfig(steps=6, batch_size=4, lr=1e-3, use_ema=False)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    result = tune_adapter(model, sched, images, tokens, cfg, progress=False,
+                          weights=torch.tensor([0.5, 0.5, 0.0]))
+    assert all(math.isfinite(v) for v in result.loss_history)
+    drawn = tune_adapter(attach_anl(anl_unet_factory(), CONFIG), sched, images, tokens, cfg,
+                         progress=False, weights=torch.tensor([0.0, 0.0, 1.0]))
+    assert all(math.isnan(v) for v in drawn.loss_history)
+    for bad in (torch.tensor([1.0, -1.0, 1.0]), torch.zeros(3), torch.ones(2)):
+        with pytest.raises(ValueError, match="weights must be 3 non-negative"):
+            tune_adapter(model, sched, images, tokens, cfg, progress=False, weights=bad)

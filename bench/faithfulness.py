@@ -28,6 +28,11 @@ Guidance 0 is the unconditional control (the null token only): its consistency i
         --scopes shared --token-sets patch,pooled --guidance 0,3 --mask-ratios 0,0.5 \\
         --per-condition 4 --inference-steps 10 --set encoder=efficientnet-lite0@128   # CPU
 
+With ``--set neighbors.per_image=K`` the adapters are also tuned on unlabeled neighbours of
+their labeled images, found as the encode stage finds them (``pipeline.neighbors``); the
+share of them in the condition's class is printed. ``copies`` still compares with the
+labeled images only: looking like an unlabeled image is not copying a condition.
+
 Cells (JSON, and a PNG grid: condition images over their first samples) are saved under
 --out as they finish; a rerun with the same settings skips them.
 """
@@ -348,6 +353,7 @@ def main() -> None:
                                      ("nn_ratio", "nn/real", ".3f"), ("copies", "copies", ".3f")]))
     atomic_write_json(args.out / "summary.json",
                       {"fixed": fixed, "reference_accuracy": ref_acc,
+                       "neighbors": sweep.neighbor_metrics,
                        "rows": [{k: v for k, v in r.items() if k != "per_class"} for r in rows],
                        "best": {k: v for k, v in best.items() if k != "per_class"}})
     print(f"cells and summary.json: {args.out}")

@@ -108,7 +108,7 @@ class NeighborsSection(_Section):
 
     per_image: int = Field(0, ge=0)
     pool: int = Field(5000, ge=1)
-    self_share: Ratio = 0.25
+    self_share: Ratio = 0.5
     seed: int = 0
 
 

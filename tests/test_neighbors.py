@@ -57,3 +57,14 @@ def test_tuning_pairs_give_labeled_images_their_self_share():
     assert torch.allclose(weights[2:], torch.full((3,), 0.2, dtype=weights.dtype))
     targets, token_rows, weights = tuning_pairs(rows, None, labeled_idx, self_share=0.4)
     assert targets.tolist() == [10, 11] and token_rows.tolist() == [0, 1] and weights is None
+
+
+def test_bad_neighbor_settings_name_the_field():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="neighbors.per_image"):
+        load_config("demo", {"neighbors.per_image": -1})
+    with pytest.raises(ConfigError, match="neighbors.self_share"):
+        load_config("demo", {"neighbors.self_share": 1.5})
+    demo = load_config("demo")
+    assert demo.neighbors.per_image > 0  # the demo tunes on neighbours (bench/RESULTS.md, S8)

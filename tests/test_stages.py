@@ -198,7 +198,7 @@ def test_neighbors_add_unlabeled_tuning_targets_and_keep_keys_when_off(flow_cfg)
     assert keys["split"] == plain["split"] and keys["encode"] != plain["encode"]
     off = with_overrides(flow_cfg, {"neighbors.pool": 8})  # per_image 0: the option is off
     assert stages.stage_keys(off) == plain and config_hash(off) == config_hash(flow_cfg)
-    share = with_overrides(on, {"neighbors.self_share": 0.5})  # read by tune, not encode
+    share = with_overrides(on, {"neighbors.self_share": 0.9})  # read by tune, not encode
     assert stages.stage_keys(share)["encode"] == keys["encode"]
     assert stages.stage_keys(share)["tune"] != keys["tune"]
 

@@ -466,19 +466,18 @@ coverage):
 
 
 def _used_by(location: str) -> str:
-    """A sentence naming the presets whose base_model is this folder (read from their YAML)."""
-    import yaml
-
-    from pipeline.config import PRESETS_DIR
+    """A sentence naming the presets whose base_model is this folder."""
+    from pipeline.config import ConfigError, available_presets, load_config, resolve_path
 
     names = []
-    for preset in sorted(PRESETS_DIR.glob("*.yaml")):
+    for name in available_presets():
         try:
-            base = (yaml.safe_load(preset.read_text()) or {}).get("base_model")
-        except yaml.YAMLError:
+            config = load_config(name)
+        except ConfigError:
             continue
-        if base and Path(str(base)).as_posix().rstrip("/") == Path(location).as_posix().rstrip("/"):
-            names.append(f"`{preset.stem}`")
+        if not config.pretrains_base and \
+                resolve_path(config.base_model).resolve() == resolve_path(location).resolve():
+            names.append(f"`{name}`")
     if not names:
         return "No shipped preset uses it as its base model."
     presets = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

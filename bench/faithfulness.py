@@ -33,6 +33,10 @@ their labeled images, found as the encode stage finds them (``pipeline.neighbors
 share of them in the condition's class is printed. ``copies`` still compares with the
 labeled images only: looking like an unlabeled image is not copying a condition.
 
+With ``--set filter.method=prototype`` (or ``filter.copy_quantile``) the figures are those
+of the samples the shards stage would keep (``pipeline.synthetic_filter``); the consistency
+before the filter and the share kept are printed beside them.
+
 Cells (JSON, and a PNG grid: condition images over their first samples) are saved under
 --out as they finish; a rerun with the same settings skips them.
 """
@@ -97,7 +101,7 @@ class Sweep:
         from pipeline.quality import encoder_features, mean_pairwise_distance, nearest_rmse
         from pipeline.reference import ReferenceConfig, load_or_train_reference
         from pipeline.splits import make_split
-        from pipeline.stages import dataset_for, unlabeled_neighbors
+        from pipeline.stages import dataset_for, make_filter, unlabeled_neighbors
 
         self.config, self.args = config, args
         self.device = config.resolved_device()
@@ -119,6 +123,9 @@ class Sweep:
         if config.neighbors.per_image:
             self.neighbors, self.neighbor_metrics = unlabeled_neighbors(
                 self.ds, self.split, self.encoder, self.tokens, config, self.device)
+        # The shards stage's filter of the samples (keeps everything without one).
+        self._keep, self.filter_info = make_filter(config, self.ds, self.split, self.encoder,
+                                                   self.tokens, self.device)
         ref_cfg = ReferenceConfig(width=args.reference_width, epochs=args.reference_epochs)
         self.reference = load_or_train_reference(self.ds, args.reference_cache, ref_cfg,
                                                  self.device, self.progress)
@@ -213,18 +220,29 @@ class Sweep:
             feats = self.features(images)
             real = self.real[c]
             nn = nearest_rmse(images, self.ds.train_images[real.labeled_idx])
-            within = within_group_diversity(feats, conds)
+            # What the shards stage would keep (all of it without a filter).
+            keep = self.keep(images, c)
+            raw_consistency = float((pred == c).mean())
+            pred, feats, conds, nn = pred[keep], feats[keep], conds[keep], nn[keep]
+            within = within_group_diversity(feats, conds) if keep.any() else float("nan")
             per_class.append({
-                "class": c, "consistency": float((pred == c).mean()),
+                "class": c, "consistency": float((pred == c).mean()) if keep.any() else 0.0,
+                "raw_consistency": raw_consistency, "kept": float(keep.mean()),
                 "within_div": within, "real_div": real.diversity,
                 "div_ratio": within / real.diversity,
-                "nn_rmse": float(nn.mean()), "nn_ratio": float(nn.mean() / real.nn_rmse.mean()),
-                "copies": float((nn < real.nn_rmse.min()).mean())})
-        mean = {k: float(np.mean([p[k] for p in per_class]))
-                for k in ("consistency", "div_ratio", "nn_ratio", "copies")}
+                "nn_rmse": float(nn.mean()) if keep.any() else float("nan"),
+                "nn_ratio": float(nn.mean() / real.nn_rmse.mean()) if keep.any() else float("nan"),
+                "copies": float((nn < real.nn_rmse.min()).mean()) if keep.any() else 0.0})
+        mean = {k: float(np.nanmean([p[k] for p in per_class]))
+                for k in ("consistency", "raw_consistency", "kept", "div_ratio", "nn_ratio",
+                          "copies")}
         return {**mean, "images": made, "sample_s": sample_s,
                 "img_per_s": made / sample_s if sample_s else None, "per_class": per_class,
                 "grid": grid}
+
+    def keep(self, images: np.ndarray, label: int) -> np.ndarray:
+        """The shards stage's filter (``filter:``) on one class's samples."""
+        return self._keep(images, np.full(len(images), label, np.int64))
 
 
 def cell_rows(args: argparse.Namespace):
@@ -290,12 +308,18 @@ def main() -> None:
         print(f"unlabeled neighbours: {config.neighbors.per_image} per labeled image from a pool "
               f"of {m['neighbor_pool']}, {m['neighbors']} found, {m['neighbor_purity']:.3f} of "
               f"them of the condition's class; self_share {config.neighbors.self_share}")
+    if config.filter.enabled:
+        print(f"filter: {sweep.filter_info} ({config.filter.model_dump()}); the figures are those "
+              "of the samples it keeps")
     print(f"reference classifier: test accuracy {ref_acc:.4f} ({sweep.reference.path})"
           + ("" if ref_acc >= MIN_REFERENCE_ACCURACY else
              f"  WARNING: below {MIN_REFERENCE_ACCURACY}; raise --reference-epochs/-width"))
 
     # Everything a cell's result depends on besides its own parameters.
-    fixed = {"config": config.model_dump(mode="json", exclude={"progress", "device", "preset"}),
+    dump = config.model_dump(mode="json", exclude={"progress", "device", "preset"})
+    if not config.filter.enabled:
+        dump.pop("filter")  # cells measured before the filter existed stay valid
+    fixed = {"config": dump,
              "base": base_fingerprint(config.base_model), "classes": sweep.classes, "per_condition": args.per_condition,
              "inference_steps": args.inference_steps, "real_per_class": args.real_per_class,
              "reference": str(sweep.reference.path)}
@@ -331,7 +355,10 @@ def main() -> None:
 
     columns = [("steps", "tune steps", ""), ("scope", "scope", ""), ("tokens", "tokens", ""),
                ("guidance", "guidance", "g"), ("mask", "mask", "g"),
-               ("consistency", "consistency", ".3f"), ("div_ratio", "div/real", ".3f"),
+               ("consistency", "consistency", ".3f"),
+               *([("raw_consistency", "before filter", ".3f"), ("kept", "kept", ".2f")]
+                 if config.filter.enabled else []),
+               ("div_ratio", "div/real", ".3f"),
                ("nn_ratio", "nn/real", ".3f"), ("copies", "copies", ".3f"),
                ("img_per_s", "img/s", ".1f"), ("tune_s", "tune s", ".0f"),
                ("ok", "meets targets", "")]
@@ -353,7 +380,7 @@ def main() -> None:
                                      ("nn_ratio", "nn/real", ".3f"), ("copies", "copies", ".3f")]))
     atomic_write_json(args.out / "summary.json",
                       {"fixed": fixed, "reference_accuracy": ref_acc,
-                       "neighbors": sweep.neighbor_metrics,
+                       "neighbors": sweep.neighbor_metrics, "filter": sweep.filter_info,
                        "rows": [{k: v for k, v in r.items() if k != "per_class"} for r in rows],
                        "best": {k: v for k, v in best.items() if k != "per_class"}})
     print(f"cells and summary.json: {args.out}")

@@ -112,6 +112,27 @@ class NeighborsSection(_Section):
     seed: int = 0
 
 
+class FilterSection(_Section):
+    """Which synthetic rows reach the shards (``pipeline.synthetic_filter``).
+
+    ``method``: "none" keeps every sample; "prototype" keeps a sample only when its mean
+    encoder similarity to its label's labeled images beats every other class's by more than
+    ``margin``. ``copy_quantile`` > 0 also drops near-copies of the labeled images.
+    """
+
+    method: Literal["none", "prototype"] = "none"
+    margin: float = Field(0.0, ge=-1, le=2)
+    # Near-copies: drop a sample closer (pixel RMSE) to a labeled image than all but this
+    # share of ``copy_pool`` real unlabeled images are; 0 = keep them.
+    copy_quantile: float = Field(0.0, ge=0, lt=1)
+    copy_pool: int = Field(2000, ge=1)
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none" or self.copy_quantile > 0
+
+
 class SamplingSection(_Section):
     """Masked, guided sampling: ``per_condition`` images per labeled image and mask ratio."""
 
@@ -231,6 +252,7 @@ class AugmentConfig(_Section):
     tuning: TuningSection = Field(default_factory=TuningSection)
     neighbors: NeighborsSection = Field(default_factory=NeighborsSection)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
+    filter: FilterSection = Field(default_factory=FilterSection)
     shards: ShardsSection = Field(default_factory=ShardsSection)
     ssl: SSLSection = Field(default_factory=SSLSection)
     quality: QualitySection = Field(default_factory=QualitySection)
@@ -388,6 +410,8 @@ def result_fields(config: AugmentConfig) -> dict[str, Any]:
     fields = config.model_dump(mode="json", exclude=set(RUNTIME_FIELDS))
     if not config.neighbors.per_image:
         fields.pop("neighbors")  # off: runs from before the option keep their hashes
+    if not config.filter.enabled:
+        fields.pop("filter")  # the same, for the synthetic-row filter
     return fields
 
 
@@ -432,6 +456,8 @@ def stage_parts(config: AugmentConfig, stage: str) -> dict[str, Any]:
         parts["neighbors"] = {k: v for k, v in fields["neighbors"].items() if k != "self_share"}
     if stage == "tune" and config.neighbors.per_image:
         parts["neighbors"] = fields["neighbors"]
+    if stage == "shards" and config.filter.enabled:  # the shards stage filters
+        parts["filter"] = fields["filter"]
     if stage == "tune" and config.pretrains_base:
         parts.pop("base_model")  # the pretrained base is identified by the pretrain key
     return parts

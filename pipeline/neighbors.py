@@ -33,6 +33,18 @@ def pooled_features(tokens: torch.Tensor) -> torch.Tensor:
     return F.normalize(tokens.float().mean(dim=1), dim=1)
 
 
+def class_similarity(sim: torch.Tensor, labeled_labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classes present, (C, N) mean similarity to each class's labeled images).
+
+    ``sim`` is (L, N): labeled images x query images. Averaging over a class's labeled
+    images (not taking the nearest one) is what keeps a query that resembles a single
+    labeled image of the wrong class from being claimed by it.
+    """
+    classes = torch.unique(labeled_labels)
+    return classes, torch.stack([sim[labeled_labels == c].mean(dim=0) for c in classes])
+
+
 def find_neighbors(labeled_feats: torch.Tensor, labeled_labels: torch.Tensor,
                    pool_feats: torch.Tensor, k: int) -> torch.Tensor:
     """(L, k) positions in the pool of each labeled image's nearest same-class candidates.
@@ -44,8 +56,7 @@ def find_neighbors(labeled_feats: torch.Tensor, labeled_labels: torch.Tensor,
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     sim = labeled_feats @ pool_feats.T  # (L, P)
-    classes = torch.unique(labeled_labels)
-    prototype_sim = torch.stack([sim[labeled_labels == c].mean(dim=0) for c in classes])
+    classes, prototype_sim = class_similarity(sim, labeled_labels)
     pool_class = classes[prototype_sim.argmax(dim=0)]  # (P,)
     candidate = pool_class[None, :] == labeled_labels[:, None]
     sim = sim.masked_fill(~candidate, -torch.inf)

@@ -125,14 +125,24 @@ def within_group_diversity(f: np.ndarray, groups: np.ndarray) -> float:
 
 def nearest_rmse(queries: np.ndarray, pool: np.ndarray, batch: int = 1024) -> np.ndarray:
     """For each uint8 query image, the pixel RMSE (in [0, 1] units) to its nearest pool image."""
+    return nearest_pool_image(queries, pool, batch)[0]
+
+
+def nearest_pool_image(queries: np.ndarray, pool: np.ndarray, batch: int = 1024
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel RMSE in [0, 1] units, pool index) of each uint8 query's nearest pool image."""
     if len(pool) == 0:
         raise ValueError("nearest_rmse needs a non-empty pool")
     p = torch.as_tensor(pool.reshape(len(pool), -1), dtype=torch.float32) / 255.0
-    out = []
+    dist, idx = [], []
     for i in range(0, len(queries), batch):
         q = torch.as_tensor(queries[i:i + batch].reshape(-1, p.shape[1]), dtype=torch.float32) / 255
-        out.append(torch.cdist(q, p).min(dim=1).values / math.sqrt(p.shape[1]))
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        d, j = torch.cdist(q, p).min(dim=1)
+        dist.append(d / math.sqrt(p.shape[1]))
+        idx.append(j)
+    if not dist:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    return torch.cat(dist).numpy(), torch.cat(idx).numpy()
 
 
 # --------------------------------------------------------------------------- feature spaces

@@ -176,9 +176,12 @@ def synthetic_section(run: RunData) -> dict:
     m = run.manifest
     ratios = (run.quality or {}).get("mask_ratios") or \
         ((run.config or {}).get("sampling") or {}).get("mask_ratios") or []
+    shards = ((run.stages or {}).get("shards") or {}).get("metrics") or {}
+    kept = {"method": shards["filter"], "sampled": shards.get("rows_sampled"),
+            "share": shards.get("kept_share")} if shards.get("filter") else None
     return {"manifest": m, "rows": (m or {}).get("num_rows"),
             "files": len((m or {}).get("shards", [])), "mask_ratios": ratios,
-            "grids": _grid_uris(run)}
+            "filter": kept, "grids": _grid_uris(run)}
 
 
 CLASS_KEYS = ("class", "name", "n_synthetic", "kid", "kid_std", "label_consistency",

@@ -141,7 +141,10 @@ def test_served_demo_deployment_runs_end_to_end(tmp_path, flow_tiny_base,  # noq
     manifest = read_json(run_dir / "shards" / "manifest.json")
     shard_rows = sum(s["rows"] for s in manifest["shards"])
     sample_units = read_json(run_dir / "stages" / "sample.json")["metrics"]["units"]
-    assert shard_rows == sum(u["rows"] for u in sample_units.values()) == 2 * 2 * 2
+    shards = read_json(run_dir / "stages" / "shards.json")["metrics"]
+    assert sum(u["rows"] for u in sample_units.values()) == shards["rows_sampled"] == 2 * 2 * 2
+    # The demo preset filters its samples (filter:): the shards hold the ones it kept.
+    assert shards["filter"] == "prototype+copies" and 0 < shard_rows == shards["rows"] <= 8
     augmented = read_json(run_dir / "ssl/augmented/seed-0/metrics.json")
     assert augmented["num_synthetic"] == shard_rows
     for arm in ("supervised", "baseline"):

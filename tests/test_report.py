@@ -149,3 +149,16 @@ def test_artifacts_for_prefect(report_run):
     assert all(set(r) >= {"arm", "error_pct", "std_pct", "n_seeds", "delta_vs_baseline_pp"}
                for r in table)
     json.dumps(table)  # plain JSON values, as create_table_artifact needs
+
+
+def test_report_says_how_many_samples_the_filter_kept(report_run_copy):
+    from report_fixtures import stage_record
+
+    html = build_run_report(report_run_copy)[0].read_text()
+    assert "The filter (" not in html  # no filter, no sentence
+    rows = json.loads((report_run_copy / "stages" / "shards.json").read_text())["metrics"]["rows"]
+    stage_record(report_run_copy, "shards", 0.8, {"shards": "shards"},
+                 {"rows": rows, "filter": "prototype", "rows_sampled": 2 * rows,
+                  "kept_share": 0.5})
+    html = build_run_report(report_run_copy)[0].read_text()
+    assert f"The filter (prototype) kept them out of {2 * rows} samples (50%)" in html

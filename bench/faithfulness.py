@@ -101,7 +101,8 @@ class Sweep:
         from pipeline.quality import encoder_features, mean_pairwise_distance, nearest_rmse
         from pipeline.reference import ReferenceConfig, load_or_train_reference
         from pipeline.splits import make_split
-        from pipeline.stages import dataset_for, make_filter, unlabeled_neighbors
+        from pipeline.stages import dataset_for, unlabeled_neighbors
+        from pipeline.synthetic_filter import build_filter
 
         self.config, self.args = config, args
         self.device = config.resolved_device()
@@ -124,8 +125,8 @@ class Sweep:
             self.neighbors, self.neighbor_metrics = unlabeled_neighbors(
                 self.ds, self.split, self.encoder, self.tokens, config, self.device)
         # The shards stage's filter of the samples (keeps everything without one).
-        self._keep, self.filter_info = make_filter(config, self.ds, self.split, self.encoder,
-                                                   self.tokens, self.device)
+        self._keep, self.filter_info = build_filter(config.filter, self.ds, self.split,
+                                                    self.encoder, self.tokens, self.device)
         ref_cfg = ReferenceConfig(width=args.reference_width, epochs=args.reference_epochs)
         self.reference = load_or_train_reference(self.ds, args.reference_cache, ref_cfg,
                                                  self.device, self.progress)

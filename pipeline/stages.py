@@ -686,7 +686,8 @@ def run_shards(run_dir: Path, config: AugmentConfig) -> dict:
                 per_class[c] = per_class.get(c, 0) + len(part["labels"])
         if not sum(per_class.values()):
             raise StageError(f"the filter dropped all {sum(sampled.values())} samples; lower "
-                             "filter.margin or filter.copy_quantile, or set filter.method=none")
+                             "filter.margin or filter.copy_quantile, or turn it off "
+                             "(filter.method=none, filter.copy_quantile=0)")
         manifest = verify_shards(run / "shards")
         metrics = {"rows": int(manifest.get("rows", sum(per_class.values()))),
                    "rows_per_class": {str(k): v for k, v in per_class.items()},
@@ -712,57 +713,10 @@ def synthetic_filter(run_dir: Path, config: AugmentConfig, device: str):
         if encoder.encoder_id != tok["encoder_id"]:
             raise StageError(f"the condition tokens were made by {tok['encoder_id']} but the "
                              f"config names {encoder.encoder_id}; rerun the encode stage")
-    return make_filter(config, dataset_for(config), split_for(Path(run_dir)), encoder,
-                       None if tok is None else tok["tokens"], device)
+    from pipeline.synthetic_filter import build_filter
 
-
-def make_filter(config: AugmentConfig, ds, split, encoder, labeled_tokens, device: str):
-    """The filter of ``config.filter`` (``pipeline.synthetic_filter``) over one split.
-
-    The prototype test compares each sample with the labeled images' condition tokens
-    (``labeled_tokens``, split order) in the same encoder; the copy test compares it with the
-    labeled images in pixels, against a seeded pool of unlabeled images. No unlabeled
-    image's label is read. Returns (``keep(images, labels) -> bool mask``, metrics).
-    """
-    f = config.filter
-    tests, info = [], {"filter": "+".join(
-        name for name, on in (("prototype", f.method == "prototype"),
-                              ("copies", f.copy_quantile > 0)) if on) or "none"}
-    if f.method == "prototype":
-        import torch
-
-        from pipeline.images import to_model_space
-        from pipeline.neighbors import pooled_features
-        from pipeline.synthetic_filter import keep_mask, prototype_margin
-
-        labeled_feats = pooled_features(labeled_tokens)
-        labeled_labels = torch.as_tensor(split.labeled_labels, dtype=torch.int64)
-
-        def prototype(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-            feats = pooled_features(encoder.encode(to_model_space(images, device=device)).cpu())
-            margin = prototype_margin(labeled_feats, labeled_labels, feats,
-                                      torch.as_tensor(labels, dtype=torch.int64))
-            return keep_mask(margin, f.margin)
-
-        tests.append(prototype)
-    if f.copy_quantile > 0:
-        from pipeline.neighbors import neighbor_pool
-        from pipeline.synthetic_filter import copy_thresholds, not_copies
-
-        labeled = ds.train_images[split.labeled_idx]
-        pool = ds.train_images[neighbor_pool(split.unlabeled_idx, f.copy_pool, f.seed)]
-        thresholds = copy_thresholds(pool, labeled, split.labeled_labels, f.copy_quantile)
-        info["copy_rmse_thresholds"] = [round(float(t), 5) for t in thresholds]
-        tests.append(lambda images, labels: not_copies(images, labeled, split.labeled_labels,
-                                                       thresholds))
-
-    def keep(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        mask = np.ones(len(labels), bool)
-        for test in tests:
-            mask &= test(images, labels)
-        return mask
-
-    return keep, info
+    return build_filter(config.filter, dataset_for(config), split_for(Path(run_dir)), encoder,
+                        None if tok is None else tok["tokens"], device)
 
 
 # --------------------------------------------------------------------------- quality

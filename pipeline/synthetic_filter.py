@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.neighbors import class_similarity
+from pipeline.images import to_model_space
+from pipeline.neighbors import class_similarity, neighbor_pool, pooled_features
 from pipeline.quality import nearest_pool_image
 
 METHODS = ("none", "prototype")
@@ -78,3 +79,42 @@ def not_copies(images: np.ndarray, labeled: np.ndarray, labeled_labels: np.ndarr
     """Rows at least their nearest labeled image's class threshold away from it (pixel RMSE)."""
     dist, idx = nearest_pool_image(images, labeled)
     return dist >= np.asarray(thresholds)[np.asarray(labeled_labels)[idx]]
+
+
+def build_filter(f, ds, split, encoder, labeled_tokens: torch.Tensor | None, device: str):
+    """The filter a ``FilterSection`` describes, over one split: (keep, metrics).
+
+    ``keep(images, labels) -> bool mask``. The prototype test compares each sample with the
+    labeled images' condition tokens (``labeled_tokens``, split order) in the same
+    ``encoder``; the copy test compares it with the labeled images in pixels, against a
+    seeded pool of unlabeled images.
+    """
+    tests, info = [], {"filter": "+".join(
+        name for name, on in (("prototype", f.method == "prototype"),
+                              ("copies", f.copy_quantile > 0)) if on) or "none"}
+    if f.method == "prototype":
+        labeled_feats = pooled_features(labeled_tokens)
+        labeled_labels = torch.as_tensor(split.labeled_labels, dtype=torch.int64)
+
+        def prototype(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+            feats = pooled_features(encoder.encode(to_model_space(images, device=device)).cpu())
+            margin = prototype_margin(labeled_feats, labeled_labels, feats,
+                                      torch.as_tensor(labels, dtype=torch.int64))
+            return keep_mask(margin, f.margin)
+
+        tests.append(prototype)
+    if f.copy_quantile > 0:
+        labeled = ds.train_images[split.labeled_idx]
+        pool = ds.train_images[neighbor_pool(split.unlabeled_idx, f.copy_pool, f.seed)]
+        thresholds = copy_thresholds(pool, labeled, split.labeled_labels, f.copy_quantile)
+        info["copy_rmse_thresholds"] = [round(float(t), 5) for t in thresholds]
+        tests.append(lambda images, labels: not_copies(images, labeled, split.labeled_labels,
+                                                       thresholds))
+
+    def keep(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        mask = np.ones(len(labels), bool)
+        for test in tests:
+            mask &= test(images, labels)
+        return mask
+
+    return keep, info

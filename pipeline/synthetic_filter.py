@@ -25,8 +25,6 @@ from pipeline.images import to_model_space
 from pipeline.neighbors import class_similarity, neighbor_pool, pooled_features
 from pipeline.quality import nearest_pool_image
 
-METHODS = ("none", "prototype")
-
 
 def prototype_margin(labeled_feats: torch.Tensor, labeled_labels: torch.Tensor,
                      feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -233,7 +233,7 @@ class Sweep:
                 "div_ratio": within / real.diversity,
                 "nn_rmse": float(nn.mean()) if keep.any() else float("nan"),
                 "nn_ratio": float(nn.mean() / real.nn_rmse.mean()) if keep.any() else float("nan"),
-                "copies": float((nn < real.nn_rmse.min()).mean()) if keep.any() else 0.0})
+                "copies": float((nn < real.nn_rmse.min()).mean()) if keep.any() else float("nan")})
         mean = {k: float(np.nanmean([p[k] for p in per_class]))
                 for k in ("consistency", "raw_consistency", "kept", "div_ratio", "nn_ratio",
                           "copies")}

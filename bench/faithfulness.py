@@ -320,6 +320,10 @@ def main() -> None:
     dump = config.model_dump(mode="json", exclude={"progress", "device", "preset"})
     if not config.filter.enabled:
         dump.pop("filter")  # cells measured before the filter existed stay valid
+    else:  # a cell depends on the filter's code too: a change to it must not reuse old cells
+        import pipeline.synthetic_filter as filter_module
+
+        dump["filter_code"] = digest(Path(filter_module.__file__).read_text())
     fixed = {"config": dump,
              "base": base_fingerprint(config.base_model), "classes": sweep.classes, "per_condition": args.per_condition,
              "inference_steps": args.inference_steps, "real_per_class": args.real_per_class,

@@ -132,7 +132,7 @@ def nearest_pool_image(queries: np.ndarray, pool: np.ndarray, batch: int = 1024
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(pixel RMSE in [0, 1] units, pool index) of each uint8 query's nearest pool image."""
     if len(pool) == 0:
-        raise ValueError("nearest_rmse needs a non-empty pool")
+        raise ValueError("the nearest-image search needs a non-empty pool of images")
     p = torch.as_tensor(pool.reshape(len(pool), -1), dtype=torch.float32) / 255.0
     dist, idx = [], []
     for i in range(0, len(queries), batch):

@@ -65,6 +65,8 @@ def test_copies_are_closer_to_a_labeled_image_than_most_real_images_of_its_class
         np.r_[np.arange(10, 101, 10), np.arange(2, 7, 2)] / 255, 0.1))
     with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\)"):
         copy_thresholds(near0[0][None], labeled, labels, 0.0)
+    with pytest.raises(ValueError, match="needs a non-empty pool"):
+        not_copies(samples, labeled[:0], labels[:0], t)
 
 
 def test_filter_keys_only_the_shards_stage_and_keeps_hashes_when_off(flow_cfg):  # noqa: F811

@@ -70,7 +70,8 @@ def resolve_shards(path: Path) -> tuple[Path, Path | None]:
                      "finished run directory or a finished shard directory")
 
 
-SYNTHETIC_FIELDS = ("synthetic_as", "synthetic_weight", "synthetic_batch_share")
+SYNTHETIC_FIELDS = ("synthetic_as", "synthetic_weight", "synthetic_batch_share",
+                    "synthetic_class_balance")
 
 
 def ssl_config(config, args: argparse.Namespace, seed: int, arm: str):
@@ -203,7 +204,8 @@ def main() -> None:
     print(f"net {first['net']}, {first['steps']} steps, batch {first['config']['batch_size']} "
           f"(+{first['config']['mu']}x unlabeled), synthetic_as "
           f"{first['config']['synthetic_as']} (weight {first['config']['synthetic_weight']}, "
-          f"batch share {first['config']['synthetic_batch_share']}), device {first['device']}, threads {args.threads}; "
+          f"batch share {first['config']['synthetic_batch_share']}"
+          f"{', class-balanced' if first['config'].get('synthetic_class_balance') else ''}), device {first['device']}, threads {args.threads}; "
           f"test error on all {first['num_test']} test images (EMA weights)")
     rows = []
     for seed in args.seeds:

@@ -196,6 +196,7 @@ class SSLSection(_Section):
     synthetic_as: Literal["labeled", "unlabeled"] = "labeled"
     synthetic_weight: float = Field(1.0, ge=0)
     synthetic_batch_share: Ratio | None = None
+    synthetic_class_balance: bool = False
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
@@ -412,6 +413,8 @@ def result_fields(config: AugmentConfig) -> dict[str, Any]:
         fields.pop("neighbors")  # off: runs from before the option keep their hashes
     if not config.filter.enabled:
         fields.pop("filter")  # the same, for the synthetic-row filter
+    if not config.ssl.synthetic_class_balance:
+        fields["ssl"].pop("synthetic_class_balance")  # and for class-balanced synthetic draws
     return fields
 
 

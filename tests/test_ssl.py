@@ -204,6 +204,42 @@ def test_augmented_arm_trains_on_shard_labels(ssl_fm_subset, tmp_path):
         run_arm("augmented", ds, split, tmp_path / "none", cfg_u, progress=False)
 
 
+def test_class_balanced_synthetic_draws(ssl_fm_subset, tmp_path):
+    """Synthetic rows 9:1 between two classes: row-uniform draws follow that ratio, class-
+    balanced draws give each class half, and the real part of the batch is untouched."""
+    from pipeline.ssl.algorithms import get_algorithm
+    from pipeline.ssl.arms import build_train_data
+    from pipeline.ssl.trainer import Trainer, class_balanced_probs
+
+    probs = class_balanced_probs(torch.tensor([3, 3, 3, 5]))
+    assert torch.allclose(probs, torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]))
+    ds = ssl_fm_subset
+    split = make_split(ds.train_labels, 4, seed=0)
+    synth = (ds.train_images[:100], np.r_[np.zeros(90, np.int64), np.ones(10, np.int64)])
+    share = {}
+    for balance in (False, True):
+        cfg = tiny_config(batch_size=32, synthetic_batch_share=0.5,
+                          synthetic_class_balance=balance)
+        data = build_train_data(ds, split, cfg, torch.device("cpu"), synth)
+        net = build_net("cnn-tiny", 10, ds.image_shape, [0.5], [0.5], 0)
+        trainer = Trainer(net, get_algorithm("supervised")(cfg, 10), data, cfg,
+                          torch.device("cpu"), tmp_path / f"ckpt-{balance}.pt", "x", False)
+        idx = torch.stack([trainer._labeled_indices() for _ in range(200)])  # (200, 32)
+        real, drawn = idx[:, :16], idx[:, 16:]
+        assert bool(torch.isin(real, data.labeled_real).all())
+        assert bool(torch.isin(drawn, data.labeled_synth).all())
+        share[balance] = float((data.labels[drawn] == 1).float().mean())
+    assert abs(share[False] - 0.1) < 0.03, share
+    assert abs(share[True] - 0.5) < 0.05, share
+    with pytest.raises(SSLConfigError, match="needs synthetic_batch_share"):
+        tiny_config(synthetic_class_balance=True)
+    # Off, the option leaves the fingerprint (and so every cached arm) as it was before the
+    # option existed: the value below is what the code before it gave.
+    assert SSLConfig(synthetic_batch_share=0.5).fingerprint() == "8d3acebafbe00681"
+    assert SSLConfig(synthetic_batch_share=0.5, synthetic_class_balance=True).fingerprint() != \
+        SSLConfig(synthetic_batch_share=0.5).fingerprint()
+
+
 def test_resume_after_interrupt_gives_identical_weights(ssl_fm_subset, tmp_path):
     split = make_split(ssl_fm_subset.train_labels, 4, seed=0)
     cfg = tiny_config(steps=12, batch_size=8, mu=2, eval_every=3, checkpoint_every=4)

@@ -66,6 +66,10 @@ class SSLConfig:
     # Share of each labeled batch drawn from synthetic rows; None draws uniformly from
     # real + synthetic, which drowns a few real labels once there are many synthetic rows.
     synthetic_batch_share: float | None = None
+    # Draw the synthetic part of a batch class-balanced (each class equally often) rather
+    # than row-uniform: a filter keeps very different shares of each class (bench/RESULTS.md),
+    # and the few real labels are balanced. Needs synthetic_batch_share.
+    synthetic_class_balance: bool = False
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile of the training forward, CUDA only
@@ -92,6 +96,9 @@ class SSLConfig:
         need(self.synthetic_weight >= 0, f"synthetic_weight must be >= 0, got {self.synthetic_weight}")
         need(self.synthetic_batch_share is None or 0.0 <= self.synthetic_batch_share <= 1.0,
              f"synthetic_batch_share must be None or in [0, 1], got {self.synthetic_batch_share}")
+        need(not self.synthetic_class_balance or self.synthetic_batch_share is not None,
+             "synthetic_class_balance needs synthetic_batch_share (the share of each batch "
+             "drawn from synthetic rows); set both, or turn synthetic_class_balance off")
         need(self.T > 0, f"T must be > 0, got {self.T}")
 
     @classmethod
@@ -122,4 +129,6 @@ class SSLConfig:
     def fingerprint(self) -> str:
         """Hash of the fields that decide the result (not device/compile/progress)."""
         d = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        if not d["synthetic_class_balance"]:
+            del d["synthetic_class_balance"]  # off: runs from before the option keep theirs
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -49,6 +49,13 @@ class TrainData:
     num_classes: int
 
 
+def class_balanced_probs(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) float probabilities that give each class present in ``labels`` an equal share."""
+    counts = torch.bincount(labels)
+    probs = 1.0 / counts[labels].float()
+    return probs / probs.sum()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,6 +113,8 @@ class Trainer:
         self._params = list(self.model.parameters())
         self._ema_buffers = list(self.ema.buffers())
         self._buffers = list(self.model.buffers())
+        self._synth_probs = class_balanced_probs(self.data.labels[self.data.labeled_synth]) \
+            if config.synthetic_class_balance and len(self.data.labeled_synth) else None
 
     # ------------------------------------------------------------------- batches
 
@@ -118,9 +127,11 @@ class Trainer:
         k = round(share * b)
         real = d.labeled_real[torch.randint(len(d.labeled_real), (b - k,), generator=g,
                                             device=self.device)]
-        synth = d.labeled_synth[torch.randint(len(d.labeled_synth), (k,), generator=g,
-                                              device=self.device)]
-        return torch.cat([real, synth])
+        if self._synth_probs is None:
+            pos = torch.randint(len(d.labeled_synth), (k,), generator=g, device=self.device)
+        else:
+            pos = torch.multinomial(self._synth_probs, k, replacement=True, generator=g)
+        return torch.cat([real, d.labeled_synth[pos]])
 
     def sample_batch(self) -> Batch:
         d, g = self.data, self.generator

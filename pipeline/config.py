@@ -214,6 +214,14 @@ class SSLSection(_Section):
             data = {**SSL_BUDGETS[budget], **data}
         return data
 
+    @model_validator(mode="after")
+    def _balance_needs_share(self) -> SSLSection:
+        if self.synthetic_class_balance and self.synthetic_batch_share is None:
+            raise ValueError("ssl.synthetic_class_balance=true needs ssl.synthetic_batch_share "
+                             "(the share of each labeled batch drawn from synthetic rows, e.g. "
+                             "0.5); set it, or set ssl.synthetic_class_balance=false")
+        return self
+
     def trainer_fields(self, seed: int) -> dict[str, Any]:
         """The ``SSLConfig`` keyword arguments for one seed."""
         fields = self.model_dump(exclude={"arms", "seeds", "budget"})

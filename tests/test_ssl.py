@@ -233,6 +233,10 @@ def test_class_balanced_synthetic_draws(ssl_fm_subset, tmp_path):
     assert abs(share[True] - 0.5) < 0.05, share
     with pytest.raises(SSLConfigError, match="needs synthetic_batch_share"):
         tiny_config(synthetic_class_balance=True)
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="needs ssl.synthetic_batch_share"):  # at load time
+        load_config("demo", ["ssl.synthetic_class_balance=true", "ssl.synthetic_batch_share=null"])
     # Off, the option leaves the fingerprint (and so every cached arm) as it was before the
     # option existed: the value below is what the code before it gave.
     assert SSLConfig(synthetic_batch_share=0.5).fingerprint() == "8d3acebafbe00681"

@@ -29,13 +29,13 @@ import torch
 from bench.common import markdown_table
 
 
-def encoder_features(encoder, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    from pipeline.images import to_model_space
-    from pipeline.neighbors import pooled_features
+def unit_encoder_features(encoder):
+    """Pooled encoder tokens as unit vectors: the space the filter's prototype test uses."""
+    from pipeline.quality import encoder_features
 
-    with torch.no_grad():
-        return torch.cat([pooled_features(encoder.encode(to_model_space(images[i:i + batch])))
-                          for i in range(0, len(images), batch)]).numpy()
+    pooled = encoder_features(encoder)
+    return lambda images: torch.nn.functional.normalize(
+        torch.from_numpy(pooled(images)), dim=1).numpy()
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
@@ -78,8 +78,7 @@ def judge_run(run: Path, args: argparse.Namespace) -> list[dict]:
     pool = ds.train_images[neighbor_pool(split.unlabeled_idx, args.pool, 0)]
     lab_imgs, lab_labels = ds.train_images[split.labeled_idx], split.labeled_labels
     feats = {name: (fn(lab_imgs), fn(pool), fn(images), fn(ds.test_images[test]))
-             for name, fn in (("enc", lambda x: encoder_features(encoder, x)),
-                              ("pix", pixel_features))}
+             for name, fn in (("enc", unit_encoder_features(encoder)), ("pix", pixel_features))}
 
     judges: dict[str, tuple[np.ndarray, float | None]] = {}
     lab_t = torch.as_tensor(lab_labels)

@@ -1,20 +1,27 @@
-"""SSL gain (issue 9): does the synthetic data help a semi-supervised classifier?
+"""SSL gain (issue 16): did the synthetic data help, over independent repetitions?
 
-Supervised, baseline (FixMatch on real labeled + unlabeled) and augmented (the same plus the
-synthetic shards) arms on one labeled split, for several training seeds, all with one fixed
-short budget; prints each arm's test error per seed, the gain of augmented over baseline
-(accuracy points) per seed, its mean and its spread (sample std and range over seeds).
+Each repetition r is a whole pipeline run of the preset with its own labeled split
+(``split_seed``), validation split, adapter-tuning, sampling and filter seeds, and its own
+training seed, all ``--rep-offset + r``; the arms of one repetition share them (paired).
+Per repetition it runs the pipeline's own stages (split, encode, tune, sample, shards: the
+flow's code, cached in ``--runs-dir``) and then the arms with ``pipeline.stages.run_ssl_arm``
+(supervised, baseline, augmented, control: the flow's code too).
 
-The synthetic data comes from the pipeline's own stages (split, encode, tune, sample,
-shards: ``pipeline.stages``) run for the preset in ``--runs-dir`` (finished stages are
-reused), or from an existing run via ``--shards RUN_DIR`` (its split is used, so the labeled
-images are the ones the synthetic images were conditioned on).
+It prints every arm's validation and test error per repetition, and for augmented -
+baseline, augmented - control and baseline - supervised the per-repetition paired
+differences in accuracy points (positive: the first arm is better), their mean, 95% CI and
+a paired t-test (``pipeline.paired``). Settings are to be chosen on the validation figures;
+the test figures are for frozen settings. It also reports whether each arm's validation
+learning curve had settled (last quarter moved < 0.5 points), the convergence rule: a
+gain at a budget where the baseline has not settled is not a gain at convergence.
 
-    .venv/bin/python -m bench.ssl_gain --budget steps-8192              # GPU
-    .venv/bin/python -m bench.ssl_gain --preset demo --steps 200 --batch-size 16 --mu 3 \\
-        --eval-size 2000                                                  # CPU, reduced
+    # one repetition per process (2 cores: two at once), then the summary of all three
+    .venv/bin/python -m bench.ssl_gain --preset demo --reps 0 --steps 2048 --batch-size 16 \\
+        --mu 2 --set validation_per_class=100
+    .venv/bin/python -m bench.ssl_gain --preset demo --reps 0,1,2 ... (same flags)
 
-Every arm's metrics.json is kept under --out; a rerun with the same settings skips it.
+A rerun with the same flags reuses every finished stage and arm; ``--json PATH`` writes the
+summary.
 """
 
 from __future__ import annotations
@@ -24,210 +31,192 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from bench.common import (
-    add_preset_args,
-    base_model_label,
-    csv_list,
-    digest,
-    load_bench_config,
-    markdown_table,
-)
+from bench.common import add_preset_args, csv_list, load_bench_config, markdown_table
 
-ARMS = ("supervised", "baseline", "augmented")
-TARGET_GAIN = 3.0  # accuracy points, mean over seeds (issue 9)
+ARMS = ("supervised", "baseline", "augmented", "control")
+# (arm, against): positive = arm has the lower error.
+PAIRS = (("augmented", "baseline"), ("augmented", "control"), ("baseline", "supervised"),
+         ("control", "baseline"))
 SYNTHESIS_STAGES = ("split", "encode", "tune", "sample", "shards")
+TARGET_GAIN = 2.0  # accuracy points, augmented over baseline (issue 16), CI above 0
 
 
-def generate_shards(config) -> Path:
-    """Run the pipeline's stages up to the shards for ``config``; return the run directory."""
+def rep_overrides(r: int, offset: int) -> dict:
+    """Everything a repetition draws on its own: split, tuning, sampling, filter seeds."""
+    s = offset + r
+    return {"split_seed": s, "tuning.seed": s, "sampling.seed": s, "filter.seed": s,
+            "neighbors.seed": s}
+
+
+def ssl_overrides(args: argparse.Namespace) -> dict:
+    out = {}
+    if args.steps:
+        every = max(1, args.steps // args.curve_points)
+        out.update({"ssl.budget": None, "ssl.steps": args.steps, "ssl.eval_every": every,
+                    "ssl.checkpoint_every": every})
+    for name in ("batch_size", "mu"):
+        if getattr(args, name) is not None:
+            out[f"ssl.{name}"] = getattr(args, name)
+    return out
+
+
+def run_repetition(config, r: int, arms: list[str], offset: int,
+                   synthesis: bool | None = None) -> dict[str, dict]:
+    """Stages up to the shards, then each arm with training seed offset + r."""
+    from pipeline import stages
     from pipeline.runs import init_run_dir
-    from pipeline.stages import STAGE_FUNCTIONS
 
     if config.pretrains_base:
-        raise SystemExit("this bench generates shards from a fixed base_model; the preset asks "
-                         "to pretrain one: pass --shards RUN_DIR of a finished run instead")
+        raise SystemExit("this bench tunes on a fixed base_model; the preset pretrains one")
     run_dir = init_run_dir(config)
-    for stage in SYNTHESIS_STAGES:
-        rec = STAGE_FUNCTIONS[stage](run_dir, config)
+    needs_shards = bool({"augmented", "control"} & set(arms)) if synthesis is None else synthesis
+    for stage in SYNTHESIS_STAGES if needs_shards else ("split",):
+        rec = stages.STAGE_FUNCTIONS[stage](run_dir, config)
         state = "skipped" if rec.get("skipped") else \
             f"adopted from {rec['adopted_from']}" if rec.get("adopted_from") else \
             f"{rec.get('wall_s', 0):.0f} s"
-        print(f"  stage {stage}: {state}", flush=True)
-    return run_dir
+        print(f"  rep {r} stage {stage}: {state}", flush=True)
+    out = {}
+    for arm in arms:
+        rec = stages.run_ssl_arm(run_dir, config, arm, offset + r)
+        unit = Path(run_dir) / stages.ssl_rel(arm, offset + r)
+        m = json.loads((unit / "metrics.json").read_text())
+        curve = pd.read_parquet(unit / "learning_curve.parquet")
+        m["_curve"] = curve[["step", "test_error"]].to_dict("list")
+        m["_unit"] = {k: v for k, v in rec.get("metrics", {}).items()
+                      if k.startswith("control_")}
+        m["_run_dir"] = str(run_dir)
+        out[arm] = m
+        print(f"  rep {r} {arm}: val error {m['val_error']}, test error {m['top1_error']:.4f} "
+              f"({m['train_time_s']:.0f} s, {m['steps_per_s']:.2f} steps/s)", flush=True)
+    return out
 
 
-def resolve_shards(path: Path) -> tuple[Path, Path | None]:
-    """(shard dir, run dir or None) from a run directory or a bare shard directory."""
-    path = path.resolve()
-    if (path / "shards" / "manifest.json").exists():
-        return path / "shards", path
-    if (path / "manifest.json").exists():
-        run = path.parent if (path.parent / "split.parquet").exists() else None
-        return path, run
-    raise SystemExit(f"--shards {path}: no manifest.json in it or in its shards/ folder; give a "
-                     "finished run directory or a finished shard directory")
+def summarise(results: dict[int, dict[str, dict]], arms: list[str]) -> dict:
+    from pipeline.paired import learning_curve_settled, paired_difference
+
+    reps = sorted(results)
+    summary: dict = {"reps": reps, "arms": {}, "pairs": {}, "curves": {}}
+    for arm in arms:
+        summary["arms"][arm] = {
+            "val_error": [results[r][arm]["val_error"] for r in reps],
+            "test_error": [results[r][arm]["top1_error"] for r in reps]}
+        settled = []
+        for r in reps:
+            c = results[r][arm]["_curve"]
+            ok, moved = learning_curve_settled(c["step"], np.asarray(c["test_error"]) * 100)
+            settled.append({"rep": r, "settled": ok, "last_quarter_moved": moved,
+                            "curve": [round(100 * e, 2) for e in c["test_error"]],
+                            "steps": list(c["step"])})
+        summary["curves"][arm] = settled
+    for a, b in PAIRS:
+        if a in arms and b in arms:
+            summary["pairs"][f"{a} - {b}"] = {
+                split: paired_difference(
+                    [100 * (1 - results[r][a][key]) for r in reps],
+                    [100 * (1 - results[r][b][key]) for r in reps]).to_dict()
+                for split, key in (("validation", "val_error"), ("test", "top1_error"))
+                if all(results[r][a][key] is not None for r in reps)}
+    return summary
 
 
-SYNTHETIC_FIELDS = ("synthetic_as", "synthetic_weight", "synthetic_batch_share",
-                    "synthetic_class_balance")
-
-
-def ssl_config(config, args: argparse.Namespace, seed: int, arm: str):
-    """The preset's SSL settings for one seed and arm with this bench's fixed budget.
-
-    The arms without synthetic data get the synthetic fields at their defaults: they do not
-    read them, and so a sweep over e.g. ``ssl.synthetic_batch_share`` reuses those arms.
-    """
-    import dataclasses
-
-    from pipeline.ssl import SSLConfig
-    from pipeline.ssl.config import BUDGETS
-
-    fields = config.ssl.trainer_fields(seed)
-    if arm != "augmented":
-        defaults = {f.name: f.default for f in dataclasses.fields(SSLConfig)}
-        fields.update({k: defaults[k] for k in SYNTHETIC_FIELDS})
-    if args.budget:
-        if args.budget not in BUDGETS:
-            raise SystemExit(f"--budget {args.budget!r}: choose one of {', '.join(BUDGETS)}")
-        fields.update(BUDGETS[args.budget])
-    if args.steps:
-        every = max(1, args.steps // 4)
-        fields.update(steps=args.steps, eval_every=every, checkpoint_every=every)
-    for name in ("batch_size", "mu", "eval_size"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    fields["device"] = config.resolved_device()
-    return SSLConfig.from_dict(fields)
-
-
-def gain_summary(gains: list[float]) -> dict:
-    g = np.asarray(gains, dtype=np.float64)
-    std = float(g.std(ddof=1)) if len(g) > 1 else float("nan")
-    return {"mean": float(g.mean()), "std": std, "min": float(g.min()), "max": float(g.max()),
-            "meets_target": bool(g.mean() >= TARGET_GAIN and len(g) > 1 and g.mean() > std)}
+def print_summary(summary: dict, results: dict, config) -> None:
+    reps, arms = summary["reps"], list(summary["arms"])
+    any_m = results[reps[0]][arms[0]]
+    c = any_m["config"]
+    print(f"\npreset {config.preset}; {any_m['dataset']}, {any_m['num_labeled']} labels, "
+          f"{any_m['num_validation']} validation images; net {any_m['net']}, {any_m['steps']} "
+          f"steps, batch {c['batch_size']} (+{c['mu']}x unlabeled); extra rows per batch: "
+          f"{c['synthetic_batch_share']} x batch on top of the real rows; device "
+          f"{any_m['device']}")
+    for split, key in (("validation", "val_error"), ("test", "top1_error")):
+        rows = [{"rep": r, **{a: 100 * results[r][a][key] for a in arms
+                              if results[r][a][key] is not None}} for r in reps]
+        print(f"\n{split} error % (each rep: its own split and seeds)")
+        print(markdown_table(rows, [("rep", "rep", "")] + [(a, a, ".2f") for a in arms]))
+    print("\npaired differences, accuracy points (positive: first arm better)")
+    rows = []
+    for name, by_split in summary["pairs"].items():
+        for split, d in by_split.items():
+            rows.append({"pair": name, "split": split,
+                         "diffs": " / ".join(f"{x:+.2f}" for x in d["diffs"]),
+                         "mean": d["mean"], "lo": d["ci_low"], "hi": d["ci_high"],
+                         "p": d["p_value"], "dir": d["direction"]})
+    print(markdown_table(rows, [("pair", "pair", ""), ("split", "split", ""),
+                                ("diffs", "per rep", ""), ("mean", "mean", "+.2f"),
+                                ("lo", "95% CI low", "+.2f"), ("hi", "95% CI high", "+.2f"),
+                                ("p", "p (paired t)", ".3f"), ("dir", "direction", "")]))
+    print("\nvalidation learning curves (error %), and whether the last quarter moved < 0.5:")
+    for arm, curves in summary["curves"].items():
+        for cv in curves:
+            print(f"  {arm} rep {cv['rep']}: steps {cv['steps']} -> {cv['curve']}; last quarter "
+                  f"moved {cv['last_quarter_moved']:.2f} -> "
+                  f"{'settled' if cv['settled'] else 'NOT settled'}")
+    if "control" in arms:
+        for r in reps:
+            u = results[r]["control"]["_unit"]
+            if u:
+                print(f"  control rep {r}: {u}")
+    g = summary["pairs"].get("augmented - baseline", {}).get("test")
+    if g:
+        base_ok = all(cv["settled"] for cv in summary["curves"].get("baseline", []))
+        print(f"\ntarget (augmented - baseline >= +{TARGET_GAIN:g} points, CI above 0, at a "
+              f"settled baseline): "
+              f"{'met' if g['mean'] >= TARGET_GAIN and (g['ci_low'] or -1) > 0 and base_ok else 'not met'}"
+              f" (mean {g['mean']:+.2f}, CI {g['ci_low']}..{g['ci_high']}, baseline settled in "
+              f"every rep: {base_ok})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_preset_args(p, "fashion-mnist-40labels")
-    p.add_argument("--seeds", type=csv_list(int), default=[0, 1, 2], help="training seeds")
+    add_preset_args(p, "demo")
+    p.add_argument("--reps", type=csv_list(int), default=[0, 1, 2],
+                   help="repetitions to run (each: its own split and seeds)")
+    p.add_argument("--rep-offset", type=int, default=0,
+                   help="seed of repetition r is offset + r (default 0)")
     p.add_argument("--arms", type=csv_list(str), default=list(ARMS))
-    p.add_argument("--budget", default=None, help="a named budget, e.g. steps-8192")
-    p.add_argument("--steps", type=int, default=None, help="explicit step count (overrides "
-                   "--budget); evaluates and checkpoints every steps/4")
+    p.add_argument("--steps", type=int, default=None, help="FixMatch steps (default: preset's)")
+    p.add_argument("--curve-points", type=int, default=8,
+                   help="learning-curve points per run (validation split)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--mu", type=int, default=None, help="default: the preset's")
-    p.add_argument("--eval-size", type=int, default=None,
-                   help="test images per learning-curve point (the final figure uses all)")
-    p.add_argument("--shards", type=Path, default=None,
-                   help="use this run's (or shard folder's) synthetic data instead of generating")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs/_bench/ssl_gain/runs"),
-                   help="where the shards are generated (pipeline run directories)")
-    p.add_argument("--out", type=Path, default=Path("runs/_bench/ssl_gain/arms"))
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/_bench/ssl_gain/runs"))
+    p.add_argument("--json", type=Path, default=None, help="write the summary here")
     p.add_argument("--generate-only", action="store_true",
-                   help="make (or check) the synthetic shards, print the run directory, stop")
+                   help="run the stages up to the shards for each repetition, train nothing")
     args = p.parse_args()
     bad = set(args.arms) - set(ARMS)
     if bad:
         p.error(f"--arms {sorted(bad)}: choose from {', '.join(ARMS)}")
-    if not (args.budget or args.steps):
-        args.budget = "steps-8192"
     torch.set_num_threads(args.threads)
-    from pipeline.shards import verify_shards
-    from pipeline.splits import load_split, make_split
-    from pipeline.stages import dataset_for
+    base = load_bench_config(args, {"runs_dir": str(args.runs_dir.resolve()),
+                                    **ssl_overrides(args), "ssl.arms": list(args.arms)})
+    if not base.validation_per_class:
+        print("WARNING: no validation split (validation_per_class=0): curves and selection "
+              "fall back to test images; pass --set validation_per_class=N")
+    from pipeline.config import with_overrides
 
-    config = load_bench_config(args, {"runs_dir": str(args.runs_dir.resolve())})
-    ds = dataset_for(config)
-    needs_shards = "augmented" in args.arms or args.generate_only
-    if not needs_shards and args.shards is None:
-        shard_dir = run_dir = manifest = None  # real-data arms only: the preset's split
-    elif args.shards is None:
-        print(f"generating synthetic shards with the pipeline stages ({config.preset}):")
-        shard_dir, run_dir = resolve_shards(generate_shards(config))
-    else:
-        shard_dir, run_dir = resolve_shards(args.shards)
-    if shard_dir is not None:
-        manifest = verify_shards(shard_dir)
+    results = {}
+    for r in args.reps:
+        cfg = with_overrides(base, {**rep_overrides(r, args.rep_offset),
+                                    "ssl.seeds": [args.rep_offset + r]})
+        results[r] = run_repetition(cfg, r, [] if args.generate_only else list(args.arms),
+                                    args.rep_offset, synthesis=True if args.generate_only
+                                    else None)
     if args.generate_only:
-        print(f"shards ready: {shard_dir} ({manifest['num_rows']} rows); run directory "
-              f"{run_dir}: pass it as --shards to train arms in separate processes")
         return
-    if run_dir is not None:
-        split = load_split(run_dir / "split.parquet")
-        split_from = f"{run_dir / 'split.parquet'}"
-    else:
-        split = make_split(ds.train_labels, config.labels_per_class, config.split_seed,
-                           ds.num_classes)
-        split_from = (f"preset (labels_per_class {config.labels_per_class}, split_seed "
-                      f"{config.split_seed}); WARNING: not checked against the shards' conditions")
-    cond_ids = None
-    if shard_dir is not None:
-        try:
-            from pipeline.shards import read_shards
+    summary = summarise(results, list(args.arms))
+    print_summary(summary, results, base)
+    if args.json:
+        from pipeline.atomic import atomic_write
 
-            frame = read_shards(shard_dir, verify=False).frame
-            if "condition_id" in frame:
-                cond_ids = set(frame["condition_id"].dropna().astype(int).tolist())
-        except Exception as e:  # noqa: BLE001 - the check below is advisory only
-            print(f"(could not read condition ids: {e})")
-    if cond_ids and not cond_ids <= set(split.labeled_idx.tolist()):
-        raise SystemExit(f"the shards in {shard_dir} were conditioned on images that are not "
-                         "labeled in this split; pass the run directory that made them")
-
-    results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
-    from pipeline.ssl import run_arm
-
-    for seed in args.seeds:
-        for arm in args.arms:
-            scfg = ssl_config(config, args, seed, arm)
-            tag = digest({"ssl": scfg.fingerprint(), "split": split.labeled_idx.tolist(),
-                          "shards": [sh["sha256"] for sh in manifest["shards"]]
-                          if arm == "augmented" else None})
-            out = args.out / arm / f"seed-{seed}-{tag}"
-            path = run_arm(arm, ds, split, out, scfg,
-                           shard_dir=shard_dir if arm == "augmented" else None,
-                           progress=config.progress)
-            m = json.loads(path.read_text())
-            results[arm][seed] = m
-            print(f"  seed {seed} {arm}: error {m['top1_error']:.4f} "
-                  f"({m['train_time_s']:.0f} s, {m['steps_per_s']:.2f} steps/s)", flush=True)
-
-    first = next(iter((results.get("augmented") or next(iter(results.values()))).values()))
-    n_synth = next(iter(results.get("augmented", {}).values()), {}).get("num_synthetic")
-    print(f"\npreset {config.preset}; base {base_model_label(config.base_model)}")
-    print(f"{ds.name}, {len(split.labeled_idx)} labels (split: {split_from}); synthetic rows "
-          f"{n_synth} from {shard_dir}")
-    print(f"net {first['net']}, {first['steps']} steps, batch {first['config']['batch_size']} "
-          f"(+{first['config']['mu']}x unlabeled), synthetic_as "
-          f"{first['config']['synthetic_as']} (weight {first['config']['synthetic_weight']}, "
-          f"batch share {first['config']['synthetic_batch_share']}"
-          f"{', class-balanced' if first['config'].get('synthetic_class_balance') else ''}), device {first['device']}, threads {args.threads}; "
-          f"test error on all {first['num_test']} test images (EMA weights)")
-    rows = []
-    for seed in args.seeds:
-        row: dict = {"seed": seed}
-        for arm in args.arms:
-            row[arm] = results[arm][seed]["top1_error"] * 100
-        if {"baseline", "augmented"} <= set(args.arms):
-            row["gain"] = row["baseline"] - row["augmented"]
-        rows.append(row)
-    columns = [("seed", "seed", "")] + [(a, f"{a} error %", ".2f") for a in args.arms]
-    if rows and "gain" in rows[0]:
-        columns.append(("gain", "gain (points)", "+.2f"))
-    mean_row = {"seed": "mean"} | {a: float(np.mean([r[a] for r in rows])) for a in args.arms}
-    if "gain" in rows[0]:
-        mean_row["gain"] = float(np.mean([r["gain"] for r in rows]))
-    print(markdown_table([*rows, mean_row], columns))
-    if "gain" in rows[0]:
-        s = gain_summary([r["gain"] for r in rows])
-        print(f"augmented over baseline: mean gain {s['mean']:+.2f} points, std {s['std']:.2f}, "
-              f"range {s['min']:+.2f}..{s['max']:+.2f} over {len(rows)} seeds; target (mean >= "
-              f"{TARGET_GAIN:g} points and > its std): {'met' if s['meets_target'] else 'not met'}")
-    print(f"arm outputs: {args.out.resolve()}")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(
+            {"summary": summary, "args": {k: str(v) for k, v in vars(args).items()}},
+            indent=1, default=str)))
 
 
 if __name__ == "__main__":

@@ -170,8 +170,8 @@ class SSLSection(_Section):
     ``eval_every`` and ``checkpoint_every`` unless those are given explicitly.
     """
 
-    arms: list[Literal["supervised", "baseline", "augmented"]] = Field(
-        default_factory=lambda: ["supervised", "baseline", "augmented"], min_length=1)
+    arms: list[Literal["supervised", "baseline", "augmented", "control"]] = Field(
+        default_factory=lambda: ["supervised", "baseline", "augmented", "control"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: str | None = None
     algorithm: str = "fixmatch"
@@ -195,13 +195,17 @@ class SSLSection(_Section):
     checkpoint_every: int = Field(5000, ge=1)
     synthetic_as: Literal["labeled", "unlabeled"] = "labeled"
     synthetic_weight: float = Field(1.0, ge=0)
-    synthetic_batch_share: Ratio | None = None
+    # Extra labeled rows per batch (synthetic or control) on top of batch_size real rows,
+    # as a share of batch_size; see pipeline.ssl.config.SSLConfig.
+    synthetic_batch_share: float = Field(0.5, ge=0, le=4)
     synthetic_class_balance: bool = False
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
     progress_every: int = Field(50, ge=1)
     extra: dict[str, Any] = Field(default_factory=dict)
+    # The control arm draws its judged real rows from this many unlabeled images.
+    control_pool: int = Field(4000, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -214,17 +218,9 @@ class SSLSection(_Section):
             data = {**SSL_BUDGETS[budget], **data}
         return data
 
-    @model_validator(mode="after")
-    def _balance_needs_share(self) -> SSLSection:
-        if self.synthetic_class_balance and self.synthetic_batch_share is None:
-            raise ValueError("ssl.synthetic_class_balance=true needs ssl.synthetic_batch_share "
-                             "(the share of each labeled batch drawn from synthetic rows, e.g. "
-                             "0.5); set it, or set ssl.synthetic_class_balance=false")
-        return self
-
     def trainer_fields(self, seed: int) -> dict[str, Any]:
         """The ``SSLConfig`` keyword arguments for one seed."""
-        fields = self.model_dump(exclude={"arms", "seeds", "budget"})
+        fields = self.model_dump(exclude={"arms", "seeds", "budget", "control_pool"})
         return {**fields, "seed": seed}
 
 
@@ -252,6 +248,9 @@ class AugmentConfig(_Section):
     dataset_root: str | None = None
     download: bool = False
     labels_per_class: int = Field(4, ge=1)
+    # Held-out validation images per class (labels read only to choose settings; never
+    # trained on, removed from the unlabeled pool); 0: none, the curve points use test images.
+    validation_per_class: int = Field(0, ge=0)
     split_seed: int = 0
     image_size: int = Field(32, ge=8)
     base_model: str = "data/models/fashion-mnist-ddpm-32"
@@ -421,8 +420,8 @@ def result_fields(config: AugmentConfig) -> dict[str, Any]:
         fields.pop("neighbors")  # off: runs from before the option keep their hashes
     if not config.filter.enabled:
         fields.pop("filter")  # the same, for the synthetic-row filter
-    if not config.ssl.synthetic_class_balance:
-        fields["ssl"].pop("synthetic_class_balance")  # and for class-balanced synthetic draws
+    if not config.validation_per_class:
+        fields.pop("validation_per_class")  # and for the validation split
     return fields
 
 
@@ -434,7 +433,7 @@ def config_hash(config: AugmentConfig) -> str:
 # Config parts each stage reads. Upstream stage keys are folded in by the caller, so a
 # change propagates downstream only.
 STAGE_PARTS: dict[str, tuple[str, ...]] = {
-    "split": ("dataset", "labels_per_class", "split_seed"),
+    "split": ("dataset", "labels_per_class", "split_seed", "validation_per_class"),
     "pretrain": ("dataset", "image_size", "pretrain"),
     "encode": ("encoder", "image_size"),
     "tune": ("base_model", "encoder", "image_size", "adapter", "tuning"),
@@ -460,7 +459,7 @@ STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
 
 def stage_parts(config: AugmentConfig, stage: str) -> dict[str, Any]:
     fields = result_fields(config)
-    parts = {name: fields[name] for name in STAGE_PARTS[stage]}
+    parts = {name: fields[name] for name in STAGE_PARTS[stage] if name in fields}
     if stage == "split" and config.dataset == "image-folder":
         parts["dataset_root"] = config.dataset_root  # the folder is the dataset's identity
     if stage == "encode" and config.neighbors.per_image:  # the encode stage finds them

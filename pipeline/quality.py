@@ -285,7 +285,8 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
     if reference is None:
         cache_dir = Path(cache_dir) if cache_dir else run_dir.parent / "_cache" / "reference"
         reference = load_or_train_reference(dataset, cache_dir,
-                                            ReferenceConfig(**config.reference), device, progress)
+                                            ReferenceConfig(**config.reference), device, progress,
+                                            exclude=split.val_idx)
     space, features = resolve_features(encoder, device, reference)
 
     shards = read_shards(shard_dir, verify=True)

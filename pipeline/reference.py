@@ -143,21 +143,35 @@ def dataset_fingerprint(dataset: ImageDataset) -> str:
     return h.hexdigest()
 
 
-def cache_key(dataset: ImageDataset, config: ReferenceConfig) -> str:
-    payload = json.dumps({"version": CACHE_VERSION, "data": dataset_fingerprint(dataset),
-                          "config": config.to_dict()}, sort_keys=True)
+def cache_key(dataset: ImageDataset, config: ReferenceConfig,
+              exclude: np.ndarray | None = None) -> str:
+    parts = {"version": CACHE_VERSION, "data": dataset_fingerprint(dataset),
+             "config": config.to_dict()}
+    if exclude is not None and len(exclude):  # absent when empty: older entries keep their key
+        parts["exclude"] = hashlib.sha256(np.sort(np.asarray(exclude, np.int64)).tobytes()
+                                          ).hexdigest()
+    payload = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def train_reference(dataset: ImageDataset, config: ReferenceConfig | None = None,
                     device: torch.device | str | None = None,
-                    progress: bool = True) -> ReferenceClassifier:
-    """Train on the real training set (labels of every image), then score on the test set."""
+                    progress: bool = True, exclude: np.ndarray | None = None
+                    ) -> ReferenceClassifier:
+    """Train on the real training set (labels of every image), then score on the test set.
+
+    An evaluation instrument only (it reads the unlabeled pool's labels): it judges synthetic
+    images, it never chooses settings. ``exclude`` (a run's validation indices) is left out
+    of its training images, so the validation split stays unseen by anything trained.
+    """
     config = config or ReferenceConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     x_all, y_all = dataset.train_images, dataset.train_labels
+    if exclude is not None and len(exclude):
+        keep_idx = np.setdiff1d(np.arange(len(y_all)), exclude)
+        x_all, y_all = x_all[keep_idx], y_all[keep_idx]
     if config.max_train is not None and config.max_train < len(y_all):
         keep = torch.randperm(len(y_all), generator=gen)[:config.max_train].numpy()
         x_all, y_all = x_all[keep], y_all[keep]
@@ -206,6 +220,7 @@ def train_reference(dataset: ImageDataset, config: ReferenceConfig | None = None
         "in_channels": int(dataset.image_shape[2]),
         "num_classes": dataset.num_classes,
         "train_images": len(y_all),
+        "excluded_images": 0 if exclude is None else len(exclude),
         "test_images": len(dataset.test_labels),
         "test_accuracy": float(correct.mean()),
         "per_class_test_accuracy": per_class,
@@ -250,7 +265,8 @@ def load_reference(directory: str | Path, device: torch.device | str | None = No
 def load_or_train_reference(dataset: ImageDataset, cache_dir: str | Path,
                             config: ReferenceConfig | None = None,
                             device: torch.device | str | None = None,
-                            progress: bool = True) -> ReferenceClassifier:
+                            progress: bool = True, exclude: np.ndarray | None = None
+                            ) -> ReferenceClassifier:
     """The cached classifier for this dataset+config under ``cache_dir/<dataset>-<hash>/``.
 
     A rerun with the same data and config loads it; a different dataset or config trains
@@ -258,10 +274,10 @@ def load_or_train_reference(dataset: ImageDataset, cache_dir: str | Path,
     """
     config = config or ReferenceConfig()
     safe_name = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in dataset.name)
-    directory = Path(cache_dir) / f"{safe_name}-{cache_key(dataset, config)}"
+    directory = Path(cache_dir) / f"{safe_name}-{cache_key(dataset, config, exclude)}"
     if (directory / INFO_FILE).exists():
         return load_reference(directory, device)
-    ref = train_reference(dataset, config, device, progress)
+    ref = train_reference(dataset, config, device, progress, exclude)
     save_reference(ref, directory)
     return ref
 

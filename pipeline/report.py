@@ -17,10 +17,19 @@ import numpy as np
 
 from pipeline import report_plots as plots
 from pipeline.atomic import atomic_write_text
+from pipeline.paired import MIN_REPETITIONS
 from pipeline.report_ablation import build_ablation_report
-from pipeline.report_data import NOT_RUN, RunData, load_run, results_table
+from pipeline.report_data import (
+    NOT_RUN,
+    SETTLED_TOLERANCE_PP,
+    RunData,
+    budget_short,
+    load_run,
+    report_arms,
+    results_table,
+)
 from pipeline.report_history import append_history, history_row, render_history
-from pipeline.report_render import mb, md_table, num, pct, pp, render, seconds
+from pipeline.report_render import ci_pp, mb, md_table, num, pct, pct_or, pp, pval, render, seconds
 
 __all__ = ["append_history", "artifacts", "build_ablation_report", "build_run_report",
            "history_row", "load_run", "markdown_summary", "render_history", "results_table",
@@ -31,28 +40,137 @@ HTML_NAME, MD_NAME = "report.html", "report.md"
 
 # --------------------------------------------------------------------------- verdict
 
+ALGORITHM_NAMES = {"fixmatch": "FixMatch", "flexmatch": "FlexMatch", "mixmatch": "MixMatch"}
+# What each comparison answers, for "n paired runs are too few to say whether ...", and the
+# clause for a difference whose 95% interval excludes 0 (negative = fewer errors, positive).
+QUESTIONS = {
+    ("augmented", "baseline"): (
+        "the synthetic data helped", "the synthetic data lowered the test error",
+        "the synthetic data raised the test error"),
+    ("augmented", "control"): (
+        "the generated images add anything beyond the encoder's pseudo-labels",
+        ("the generated images lowered the error beyond what as many real images with the "
+        "encoder's pseudo-labels give"),
+        ("the generated images raised the error compared with as many real images with the "
+        "encoder's pseudo-labels")),
+}
+SEED_CAVEAT = ("The repetitions are training seeds on one labeled split and one set of synthetic "
+               "images (not independent splits), so an interval over them covers seed noise "
+               "only, not the variation between labeled splits or synthetic draws.")
+
+
+def _algorithm(run: RunData) -> str:
+    base = run.arms.get("baseline")
+    name = (base.seeds[0].metrics.get("algorithm") if base else None) or \
+        ((run.config or {}).get("ssl") or {}).get("algorithm") or "fixmatch"
+    return ALGORITHM_NAMES.get(str(name).lower(), str(name))
+
+
+def ssl_budget(run: RunData) -> dict | None:
+    """Has the SSL baseline beaten supervised training (mean error over seeds)? None when
+    either arm has not run. ``short``: it has not, so the budget is too short to compare SSL
+    arms."""
+    short = budget_short(run)
+    if short is None:
+        return None
+    s, b = run.arms["supervised"].summary[0], run.arms["baseline"].summary[0]
+    algo = _algorithm(run)
+    text = (f"The budget is too short for an SSL comparison: {algo} has not beaten supervised "
+            f"training (baseline {pct(b)} vs supervised {pct(s)} error), so any difference "
+            "between the SSL arms is measured before semi-supervised training helped at all."
+            if short else
+            f"{algo} beat supervised training (baseline {pct(b)} vs supervised {pct(s)} "
+            "error).")
+    return {"short": short, "baseline": b, "supervised": s, "algorithm": algo, "text": text}
+
+
+def _runs(n: int) -> str:
+    return f"{n} paired run{'s' if n != 1 else ''}"
+
+
+def paired_sentence(comp, short_budget: bool = False) -> tuple[str, str]:
+    """(sentence, css class) for ``comp.arm`` vs ``comp.against``.
+
+    Below ``MIN_REPETITIONS`` pairs: the per-seed figures and that they are too few, no
+    direction. Otherwise the mean difference, its 95% CI and p, and a direction only when the
+    interval excludes 0.
+    """
+    d = comp.paired
+    question, lower, higher = QUESTIONS.get(
+        (comp.arm, comp.against),
+        (f"{comp.arm} differs from {comp.against}", f"{comp.arm} had fewer errors",
+         f"{comp.arm} had more errors"))
+    short = " (at a budget too short for an SSL comparison)" if short_budget else ""
+    label = f"{comp.arm.capitalize()} vs {comp.against}{short}"
+    if not d.enough:
+        seeds = "; ".join(f"seed {s}: {comp.arm} {pct(a)} vs {comp.against} {pct(b)} error "
+                          f"({pp(a - b)})" for s, a, b in
+                          zip(comp.seeds, comp.arm_errors, comp.against_errors, strict=True))
+        verb = "are" if d.n != 1 else "is"
+        return ((f"{label}, {_runs(d.n)}: {seeds}. {_runs(d.n).capitalize()} {verb} too few "
+                f"to say whether {question} (a 95% interval needs at least "
+                f"{MIN_REPETITIONS})."), "neutral")
+    p = pval(d.p_value)
+    stats = (f"{pp(d.mean)} (95% CI {ci_pp(d.ci_low, d.ci_high)}, paired t-test "
+             f"p {p if p.startswith('<') else '= ' + p})")
+    if d.direction == "negative":
+        clause, cls = lower, "good"
+    elif d.direction == "positive":
+        clause, cls = higher, "bad"
+    else:
+        clause, cls = "no clear difference (the interval includes 0)", "neutral"
+    return (f"{comp.arm.capitalize()} minus {comp.against} error{short} over {_runs(d.n)}: "
+            f"{stats}: {clause}."), cls
+
+
+def curve_sentence(run: RunData, arm: str = "baseline") -> str | None:
+    """Had the arm's learning curve settled (``learning_curve_settled``)? None without one."""
+    c = run.curve_check(arm)
+    if c is None:
+        return None
+    steps = (f"steps {c.first_step}-{c.last_step}" if c.first_step < c.last_step
+             else f"step {c.last_step}")
+    where = (f"over its last quarter ({steps}; {c.split} error, mean "
+             f"over {c.n_seeds} seed{'s' if c.n_seeds != 1 else ''}) it moved "
+             f"{c.movement_pp:.2f} points")
+    if c.settled:
+        return (f"The {arm}'s learning curve had settled: {where}, under "
+                f"{SETTLED_TOLERANCE_PP}.")
+    return (f"The {arm}'s learning curve had not settled: {where}, not under "
+            f"{SETTLED_TOLERANCE_PP}. This run is not converged: gains before convergence are "
+            "not gains at convergence.")
+
 
 def verdict(run: RunData) -> dict:
-    """One sentence a reader can act on: did the synthetic data help, by how much, how sure."""
-    comp = {(c.arm, c.against): c for c in run.comparisons()}.get(("augmented", "baseline"))
+    """What a reader can act on: did the synthetic data help, by how much, how sure.
+
+    ``text`` is the headline (augmented vs baseline); ``notes`` (id, text) say whether the
+    budget allows an SSL comparison, what the repetitions are, what the control arm shows
+    and whether the baseline's learning curve settled.
+    """
+    budget = ssl_budget(run)
+    short = bool(budget and budget["short"])
+    notes: list[dict] = []
+    if budget and short:
+        notes.append({"id": "budget-note", "text": budget["text"]})
+    comp = run.comparison("augmented", "baseline")
     if comp is None:
         have = ", ".join(run.arms) or "no arm"
-        return {"cls": "missing", "text": f"Augmented vs baseline: {NOT_RUN} "
-                f"(finished SSL arms: {have})."}
-    mean, std, n = comp.summary
-    aug, base = run.arms["augmented"].summary[0], run.arms["baseline"].summary[0]
-    spread = f"std {100 * std:.2f} pp over {n} seeds" if std is not None else \
-        "one seed, so no uncertainty estimate"
-    if std is not None and abs(mean) <= std:
-        word, cls = "did not change the error beyond seed noise", "neutral"
-    elif mean < 0:
-        word, cls = "lowered the test error", "good"
-    elif mean > 0:
-        word, cls = "raised the test error", "bad"
+        text, cls = (f"Augmented vs baseline: {NOT_RUN} (finished SSL arms: {have}).",
+                     "missing")
     else:
-        word, cls = "left the test error unchanged", "neutral"
-    return {"cls": cls, "text": f"Synthetic data {word}: {pp(mean)} "
-            f"(augmented {pct(aug)} vs baseline {pct(base)}; {spread})."}
+        text, cls = paired_sentence(comp, short)
+    control = run.comparison("augmented", "control")
+    if control is not None:
+        notes.append({"id": "control-note", "text": paired_sentence(control, short)[0] +
+                      " The control arm adds as many real unlabeled images as synthetic rows, "
+                      "labeled by the encoder/prototype judge the synthetic filter uses."})
+    if comp is not None or control is not None:
+        notes.append({"id": "seed-note", "text": SEED_CAVEAT})
+    curve = curve_sentence(run)
+    if curve:
+        notes.append({"id": "curve-note", "text": curve})
+    return {"cls": cls, "text": text, "notes": notes, "budget": budget}
 
 
 # --------------------------------------------------------------------------- sections
@@ -111,31 +229,53 @@ def overview(run: RunData) -> dict:
     return {"dataset": cfg.get("dataset", "unknown"), "rows": rows}
 
 
+def comparison_rows(run: RunData) -> list[dict]:
+    """Every paired comparison with n, mean, std, 95% CI and p (None below 3 pairs), and
+    ``note`` where the budget is too short for SSL arms to be compared."""
+    budget = ssl_budget(run)
+    short = bool(budget and budget["short"])
+    rows = []
+    for c in run.comparisons():
+        d = c.paired
+        ssl_only = "supervised" not in (c.arm, c.against)
+        rows.append({"arm": c.arm, "against": c.against, "n": d.n, "mean": d.mean,
+                     "std": d.std, "ci_low": d.ci_low, "ci_high": d.ci_high, "p": d.p_value,
+                     "enough": d.enough, "direction": d.direction,
+                     "note": "budget too short for an SSL comparison" if short and ssl_only
+                     else ""})
+    return rows
+
+
 def ssl_section(run: RunData) -> dict:
     arms = []
-    for arm in ("supervised", "baseline", "augmented", *[a for a in run.arms if a not in
-                                                         ("supervised", "baseline", "augmented")]):
+    configured = set(((run.config or {}).get("ssl") or {}).get("arms") or [])
+    for arm in report_arms(run):
         res = run.arms.get(arm)
         if res is None:
-            if arm in ((run.config or {}).get("ssl") or {}).get("arms", [arm]):
+            if arm in configured or (not configured and arm != "control"):
                 arms.append({"arm": arm, "n": 0})
             continue
         mean, std, n = res.summary
         m0 = res.seeds[0].metrics
         rates = [s.metrics.get("steps_per_s") for s in res.seeds if s.metrics.get("steps_per_s")]
-        arms.append({"arm": arm, "mean": mean, "std": std, "n": n,
-                     "seeds": [{"seed": s.seed, "top1_error": s.top1_error} for s in res.seeds],
+        vmean, _, vn = res.val_summary
+        arms.append({"arm": arm, "mean": mean, "std": std, "n": n, "val_mean": vmean,
+                     "val_n": vn, "num_validation": m0.get("num_validation"),
+                     "seeds": [{"seed": s.seed, "top1_error": s.top1_error,
+                                "val_error": s.val_error} for s in res.seeds],
                      "steps": m0.get("steps"), "net": m0.get("net"),
                      "steps_per_s": float(np.mean(rates)) if rates else None})
-    comps = [{"arm": c.arm, "against": c.against, "mean": c.summary[0], "std": c.summary[1],
-              "n": c.summary[2]} for c in run.comparisons()]
+    comps = comparison_rows(run)
     out: dict = {"arms": arms if run.arms else [], "comparisons": comps, "per_class": [],
                  "per_class_arms": [], "per_class_delta": False, "per_class_png": None,
-                 "per_class_label": "", "confusions": [], "curves": None}
+                 "per_class_label": "", "confusions": [], "curves": None,
+                 "curve_split": "test", "has_val": any(a.get("val_mean") is not None
+                                                       for a in arms)}
     if not run.arms:
         return out
     curves = plots.learning_curves(run.arms)
     out["curves"] = plots.data_uri(curves) if curves else None
+    out["curve_split"] = plots.curve_split(run.arms)
     per_arm = {a: r.per_class_accuracy() for a, r in run.arms.items()}
     names = list(next(iter(per_arm.values())))
     out["per_class_arms"] = list(per_arm)
@@ -149,7 +289,10 @@ def ssl_section(run: RunData) -> dict:
             delta = per_arm[pair[0]][name] - per_arm[pair[1]][name]
         out["per_class"].append({"name": name, "accs": vals, "delta": delta})
     if pair:
-        out["per_class_label"] = f"{pair[0]} − {pair[1]}"
+        budget = ssl_budget(run)
+        out["per_class_label"] = f"{pair[0]} − {pair[1]}" + (
+            " (budget too short for an SSL comparison)"
+            if budget and budget["short"] and "supervised" not in pair else "")
         out["per_class_png"] = plots.data_uri(plots.per_class_change(
             names, [per_arm[pair[1]][n] for n in names], [per_arm[pair[0]][n] for n in names],
             out["per_class_label"]))
@@ -251,20 +394,40 @@ def markdown_summary(run: RunData | str | Path) -> str:
     run = run if isinstance(run, RunData) else load_run(run)
     v = verdict(run)
     lines = [f"# {run.preset}: run `{run.name}`", "",
-             f"**{v['text']}**", "",
-             (f"Config hash `{run.config_hash or 'unknown'}`, dataset "
-             f"{(run.config or {}).get('dataset', 'unknown')}."), "",
-             "## Semi-supervised results (top-1 test error)", ""]
+             f"**{v['text']}**", ""]
+    for note in v["notes"]:
+        lines += [note["text"], ""]
+    lines += [(f"Config hash `{run.config_hash or 'unknown'}`, dataset "
+               f"{(run.config or {}).get('dataset', 'unknown')}."), "",
+              "## Semi-supervised results (top-1 test error)", ""]
     rows = results_table(run)
+    has_val = any(r["val_error_pct"] is not None for r in rows)
+    cols = ["arm", "error %", *(["val error %"] if has_val else []), "std %", "seeds"]
     lines.append(md_table([{"arm": r["arm"],
                             "error %": r["error_pct"] if r["status"] == "done" else NOT_RUN,
-                            "std %": r["std_pct"], "seeds": r["n_seeds"],
-                            "vs baseline (pp)": r["delta_vs_baseline_pp"],
-                            "std (pp)": r["delta_std_pp"]} for r in rows]))
-    per_seed = [{"arm": a, "seed": s.seed, "top1_error": s.top1_error, "error": pct(s.top1_error)}
+                            "val error %": r["val_error_pct"],
+                            "std %": r["std_pct"], "seeds": r["n_seeds"]} for r in rows], cols))
+    if has_val:
+        lines += [("Test error of the final model on the test set; validation error on the "
+                  "held-out validation images carved from the training set."), ""]
+    comps = comparison_rows(run)
+    if comps:
+        lines += [("Differences (paired by seed; negative = fewer errors; 95% CI and p only with "
+                  f"at least {MIN_REPETITIONS} paired runs):"), "",
+                  md_table([{"comparison": f"{c['arm']} − {c['against']}", "n": c["n"],
+                             "mean": pp(c["mean"]),
+                             "std": "—" if c["std"] is None else f"{100 * c['std']:.2f} pp",
+                             "95% CI": ci_pp(c["ci_low"], c["ci_high"],
+                                             f"n<{MIN_REPETITIONS}"),
+                             "p": pval(c["p"], f"n<{MIN_REPETITIONS}"),
+                             "note": c["note"]} for c in comps],
+                           ["comparison", "n", "mean", "std", "95% CI", "p", "note"])]
+    per_seed = [{"arm": a, "seed": s.seed, "error": pct(s.top1_error),
+                 "val error": pct_or(s.val_error)}
                 for a, res in run.arms.items() for s in res.seeds]
     if per_seed:
-        lines += ["Per seed:", "", md_table(per_seed, ["arm", "seed", "error"])]
+        lines += ["Per seed:", "", md_table(per_seed, ["arm", "seed", "error", *(
+            ["val error"] if has_val else [])])]
     lines += ["## Synthetic data quality", ""]
     q = run.quality
     if q:
@@ -297,7 +460,8 @@ def build_run_report(run_dir: str | Path) -> tuple[Path, Path]:
                   synthetic=synthetic_section(run), quality=quality_view(run.quality),
                   quality_overall=quality_overall(run.quality), cost=cost_rows(run),
                   tuning_png=plots.data_uri(tuning) if tuning else None,
-                  stages=stage_rows(run), config_json=cfg_text)
+                  stages=stage_rows(run), config_json=cfg_text,
+                  min_repetitions=MIN_REPETITIONS)
     html_path = atomic_write_text(run.run_dir / HTML_NAME, html)
     md_path = atomic_write_text(run.run_dir / MD_NAME, markdown_summary(run))
     return html_path, md_path

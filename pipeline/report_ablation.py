@@ -2,8 +2,10 @@
 
 The varied parameters are found by comparing the runs' ``config.json`` (flattened to dotted
 keys, leaving out where and how runs ran), or named with ``vary=``. One table (HTML, Markdown
-and CSV) with a row per run, plus plots of error per arm, the augmented-minus-baseline
-difference and the synthetic-quality figures against the varied parameter.
+and CSV) with a row per run, plus plots of error per arm, the augmented-minus-baseline (and
+augmented-minus-control) difference and the synthetic-quality figures against the varied
+parameter. Differences carry n paired seeds, 95% CI and p (``pipeline.paired``; none below 3
+pairs), and ``budget_short`` marks runs whose SSL baseline did not beat supervised training.
 """
 
 from __future__ import annotations
@@ -17,13 +19,20 @@ from typing import Any
 
 from pipeline import report_plots as plots
 from pipeline.atomic import atomic_write_text
-from pipeline.report_data import ARM_ORDER, RunData, load_run
+from pipeline.paired import MIN_REPETITIONS
+from pipeline.report_data import ARM_ORDER, RunData, budget_short, load_run, paired_columns
 from pipeline.report_render import md_table, render
 
 # Fields that say where/how a run ran or identify it, never what it computed.
 IGNORED_KEYS = {"config_hash", "preset", "runs_dir", "progress", "device", "require_gpu",
                 "task_runner", "dask_address", "dask_n_workers"}
 IGNORED_PREFIXES = ("versions.",)
+CAVEAT = (f"delta_*: augmented minus baseline, vs_control_*: augmented minus control, in points, "
+          f"paired by seed; the 95% CI and p need at least {MIN_REPETITIONS} paired seeds (blank "
+          "with fewer: too few to say whether the synthetic data helped). The seeds of one run "
+          "share one labeled split and one set of synthetic images, so an interval covers seed "
+          "noise only. budget_short: the SSL baseline did not beat supervised training, so the "
+          "budget is too short for an SSL comparison.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -71,10 +80,9 @@ def ablation_row(run: RunData, vary: Sequence[str]) -> dict[str, Any]:
         row[f"{arm}_error_pct"] = None if mean is None else round(100 * mean, 4)
         row[f"{arm}_std_pct"] = None if std is None else round(100 * std, 4)
         row[f"{arm}_seeds"] = n
-    comp = {(c.arm, c.against): c for c in run.comparisons()}.get(("augmented", "baseline"))
-    dm, ds, _ = comp.summary if comp else (None, None, 0)
-    row["delta_pp"] = None if dm is None else round(100 * dm, 4)
-    row["delta_std_pp"] = None if ds is None else round(100 * ds, 4)
+    row.update(paired_columns(run.comparison("augmented", "baseline")))
+    row.update(paired_columns(run.comparison("augmented", "control"), "vs_control"))
+    row["budget_short"] = budget_short(run)
     q = (run.quality or {}).get("overall", {})
     row["kid"] = q.get("kid")
     row["label_consistency"] = q.get("label_consistency")
@@ -120,6 +128,12 @@ def build_ablation_report(run_dirs: Sequence[str | Path], out_dir: str | Path,
                  None if err is None or r[err] is None else r[err] * scale)
                 for x, r in zip(xs, rows, strict=True)]
 
+    def diff_series(prefix: str):  # error bars: half the 95% CI (symmetric t interval)
+        return [(x, r[f"{prefix}_pp"],
+                 None if r[f"{prefix}_ci_low_pp"] is None else
+                 (r[f"{prefix}_ci_high_pp"] - r[f"{prefix}_ci_low_pp"]) / 2)
+                for x, r in zip(xs, rows, strict=True)]
+
     figures = []
     arms = {a: series(f"{a}_error_pct", f"{a}_std_pct") for a in ARM_ORDER
             if any(r[f"{a}_error_pct"] is not None for r in rows)}
@@ -127,10 +141,13 @@ def build_ablation_report(run_dirs: Sequence[str | Path], out_dir: str | Path,
         figures.append(("Top-1 test error per arm (mean ± std over seeds)",
                         plots.metric_lines(x_label, arms, "test error %", cats)))
     if any(r["delta_pp"] is not None for r in rows):
-        figures.append(("Augmented − baseline (negative = synthetic data helped)",
-                        plots.metric_lines(x_label, {"augmented − baseline":
-                                                     series("delta_pp", "delta_std_pp")},
-                                           "change in error, pp", cats)))
+        diffs = {"augmented − baseline": diff_series("delta")}
+        if any(r["vs_control_pp"] is not None for r in rows):
+            diffs["augmented − control"] = diff_series("vs_control")
+        title = (f"Paired differences in error (negative = fewer errors; bars: 95% CI where "
+                 f"a run has at least {MIN_REPETITIONS} paired seeds, none with fewer)")
+        figures.append((title, plots.metric_lines(x_label, diffs, "change in error, pp",
+                                                  cats)))
     qual = {k: series(k) for k in ("label_consistency", "diversity_synthetic",
                                    "within_condition_diversity")
             if any(r[k] is not None for r in rows)}
@@ -148,10 +165,10 @@ def build_ablation_report(run_dirs: Sequence[str | Path], out_dir: str | Path,
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "ablation.csv", buf.getvalue())
-    md = (f"# Ablation over {', '.join(vary) or 'runs'}\n\n{len(rows)} runs.\n\n"
+    md = (f"# Ablation over {', '.join(vary) or 'runs'}\n\n{len(rows)} runs. {CAVEAT}\n\n"
           + md_table(rows, columns))
     atomic_write_text(out_dir / "ablation.md", md)
     html = render("ablation.html.j2", title=f"anl-augment ablation: {', '.join(vary) or 'runs'}",
-                  vary=vary, rows=rows, columns=columns,
+                  vary=vary, rows=rows, columns=columns, caveat=CAVEAT,
                   figures=[(t, plots.data_uri(png)) for t, png in figures])
     return atomic_write_text(out_dir / "ablation.html", html)

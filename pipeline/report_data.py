@@ -3,8 +3,9 @@
 Every figure here is read from a file some stage wrote (``stages/*.json``,
 ``ssl/<arm>/seed-<s>/metrics.json`` and ``learning_curve.parquet``, ``quality/quality.json``,
 ``shards/manifest.json``, ``adapters/*/tune.json``, ``config.json``); the only arithmetic is
-aggregation over seeds (mean, sample std, paired differences). A file that is missing or
-unreadable leaves its part as None, which the report renders as "not run".
+aggregation over seeds (mean, sample std) and paired differences between arms, whose
+statistics (95% CI, paired t-test) are :func:`pipeline.paired.paired_difference`'s. A file
+that is missing or unreadable leaves its part as None, which the report renders as "not run".
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.paired import PairedDifference, learning_curve_settled, paired_difference
+
 NOT_RUN = "not run"
 STAGE_ORDER = ("split", "pretrain", "encode", "tune", "sample", "shards", "quality", "ssl",
                "report")
-ARM_ORDER = ("supervised", "baseline", "augmented")
+# control: as many real unlabeled images as synthetic rows, labeled by the synthetic filter's
+# encoder/prototype judge and added as labeled rows the way synthetic rows are.
+ARM_ORDER = ("supervised", "baseline", "augmented", "control")
 # (arm, against): the differences a reader asks about, most important first.
-COMPARISONS = (("augmented", "baseline"), ("baseline", "supervised"),
-               ("augmented", "supervised"))
+# augmented - control: do generated images add anything beyond the encoder's pseudo-labels?
+COMPARISONS = (("augmented", "baseline"), ("augmented", "control"), ("baseline", "supervised"),
+               ("control", "baseline"), ("augmented", "supervised"))
+SETTLED_TOLERANCE_PP = 0.5  # a learning curve whose last quarter moves less than this settled
 
 
 def read_json(path: Path) -> dict | None:
@@ -55,6 +62,23 @@ class SeedResult:
     def top1_error(self) -> float:
         return float(self.metrics["top1_error"])
 
+    @property
+    def val_error(self) -> float | None:
+        """Error on the held-out validation split (None for runs without one)."""
+        v = self.metrics.get("val_error")
+        return None if v is None or not math.isfinite(float(v)) else float(v)
+
+    @property
+    def curve_split(self) -> str:
+        """Which images the learning curve's ``test_error`` was measured on.
+
+        Runs with a validation split write a ``curve_split`` column ("validation", also in
+        metrics.json); older curves have none and were measured on test images.
+        """
+        if self.curve is not None and "curve_split" in self.curve.columns and len(self.curve):
+            return str(self.curve["curve_split"].iloc[-1])
+        return str(self.metrics.get("curve_split") or "test")
+
 
 @dataclass
 class ArmResult:
@@ -71,6 +95,11 @@ class ArmResult:
     def summary(self) -> tuple[float | None, float | None, int]:
         return mean_std(self.errors)
 
+    @property
+    def val_summary(self) -> tuple[float | None, float | None, int]:
+        """Mean/std/n of the validation error over the seeds that have one."""
+        return mean_std([s.val_error for s in self.seeds if s.val_error is not None])
+
     def per_class_accuracy(self) -> dict[str, float | None]:
         """Mean over seeds of each class's test accuracy (metrics.json ``per_class_accuracy``)."""
         names = list(self.seeds[0].metrics.get("per_class_accuracy", {}))
@@ -86,16 +115,41 @@ class ArmResult:
 
 @dataclass
 class Comparison:
-    """arm minus against, paired by seed (same seed = same init and split)."""
+    """arm minus against, paired by seed (same seed = same init and split).
+
+    ``paired`` holds the statistics (95% CI and p only with ``MIN_REPETITIONS`` pairs or more).
+    """
 
     arm: str
     against: str
     seeds: list[int]
-    differences: list[float]
+    arm_errors: list[float]
+    against_errors: list[float]
+
+    @property
+    def differences(self) -> list[float]:
+        return [a - b for a, b in zip(self.arm_errors, self.against_errors, strict=True)]
 
     @property
     def summary(self) -> tuple[float | None, float | None, int]:
         return mean_std(self.differences)
+
+    @property
+    def paired(self) -> PairedDifference:
+        return paired_difference(self.arm_errors, self.against_errors)
+
+
+@dataclass(frozen=True)
+class CurveCheck:
+    """Did an arm's learning curve (mean over seeds) settle in its last quarter?"""
+
+    arm: str
+    settled: bool
+    movement_pp: float
+    first_step: int
+    last_step: int
+    n_seeds: int
+    split: str
 
 
 @dataclass
@@ -141,8 +195,34 @@ class RunData:
             common = [s for s in a.seeds if s.seed in eb]
             if common:
                 out.append(Comparison(arm, against, [s.seed for s in common],
-                                      [s.top1_error - eb[s.seed] for s in common]))
+                                      [s.top1_error for s in common],
+                                      [eb[s.seed] for s in common]))
         return out
+
+    def comparison(self, arm: str, against: str) -> Comparison | None:
+        return next((c for c in self.comparisons() if (c.arm, c.against) == (arm, against)),
+                    None)
+
+    def curve_check(self, arm: str = "baseline") -> CurveCheck | None:
+        """``learning_curve_settled`` on the arm's curve (error in %, mean over its seeds at
+        the steps every seed's curve has); None without at least two such steps."""
+        res = self.arms.get(arm)
+        curves = [s for s in (res.seeds if res else [])
+                  if s.curve is not None and {"step", "test_error"} <= set(s.curve.columns)
+                  and len(s.curve)]
+        if not curves:
+            return None
+        frames = [s.curve.groupby("step")["test_error"].mean() for s in curves]
+        mean = pd.concat(frames, axis=1, join="inner").mean(axis=1).sort_index()
+        if len(mean) < 2:
+            return None
+        steps = mean.index.to_numpy()
+        settled, movement = learning_curve_settled(steps, 100 * mean.to_numpy(),
+                                                   SETTLED_TOLERANCE_PP)
+        splits = {s.curve_split for s in curves}
+        return CurveCheck(arm, settled, movement, int(steps[steps >= steps.max() * 0.75].min()),
+                          int(steps.max()), len(curves),
+                          splits.pop() if len(splits) == 1 else "test/validation")
 
     def sampling_images_per_s(self) -> float | None:
         return ((self.stages.get("sample") or {}).get("metrics") or {}).get("images_per_s")
@@ -222,26 +302,65 @@ def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
+def budget_short(run: RunData) -> bool | None:
+    """True when the SSL baseline's mean error is not below supervised training's (the budget
+    is too short to compare SSL arms); None when either arm has not run."""
+    sup, base = run.arms.get("supervised"), run.arms.get("baseline")
+    if sup is None or base is None:
+        return None
+    return bool(base.summary[0] >= sup.summary[0])
+
+
+def report_arms(run: RunData) -> list[str]:
+    """The arms a report lists: configured or finished, in ``ARM_ORDER``, then any others."""
+    configured = ((run.config or {}).get("ssl") or {}).get("arms")
+    wanted = set(configured) if configured else set(ARM_ORDER) - {"control"}
+    return [a for a in ARM_ORDER if a in wanted or a in run.arms] + \
+        [a for a in run.arms if a not in ARM_ORDER]
+
+
+def paired_columns(comp: Comparison | None, prefix: str = "delta") -> dict[str, Any]:
+    """Flat columns of one comparison, in percentage points: n, mean, std, 95% CI and p
+    (CI and p None below ``MIN_REPETITIONS`` pairs)."""
+    if comp is None:
+        return {f"{prefix}_n": 0, f"{prefix}_pp": None, f"{prefix}_std_pp": None,
+                f"{prefix}_ci_low_pp": None, f"{prefix}_ci_high_pp": None, f"{prefix}_p": None}
+    d = comp.paired
+
+    def pts(x):
+        return None if x is None else _r(100 * x)
+
+    return {f"{prefix}_n": d.n, f"{prefix}_pp": pts(d.mean), f"{prefix}_std_pp": pts(d.std),
+            f"{prefix}_ci_low_pp": pts(d.ci_low), f"{prefix}_ci_high_pp": pts(d.ci_high),
+            f"{prefix}_p": _r(d.p_value, 6)}
+
+
 def results_table(run: RunData | str | Path) -> list[dict[str, Any]]:
-    """One row per SSL arm (error in %, mean/std/n over seeds, change vs baseline in points).
+    """One row per SSL arm (error in %, mean/std/n over seeds, validation error where the run
+    had a validation split, change vs baseline in points with its 95% CI and p).
 
     Flat JSON-friendly rows, the shape Prefect's ``create_table_artifact`` takes.
     """
     run = run if isinstance(run, RunData) else load_run(run)
-    base = run.arms.get("baseline")
-    paired = {(c.arm, c.against): c for c in run.comparisons()}
     rows = []
-    for arm in (*ARM_ORDER, *[a for a in run.arms if a not in ARM_ORDER]):
+    for arm in report_arms(run):
         res = run.arms.get(arm)
+        comp = run.comparison(arm, "baseline")
+        delta = paired_columns(comp)
         if res is None:
             rows.append({"arm": arm, "status": NOT_RUN, "error_pct": None, "std_pct": None,
-                         "n_seeds": 0, "delta_vs_baseline_pp": None, "delta_std_pp": None})
+                         "n_seeds": 0, "val_error_pct": None,
+                         "delta_vs_baseline_pp": None, "delta_std_pp": None,
+                         "delta_n": 0, "delta_ci_low_pp": None, "delta_ci_high_pp": None,
+                         "delta_p": None})
             continue
         mean, std, n = res.summary
-        delta = paired.get((arm, "baseline"))
-        dm, ds, _ = delta.summary if delta else (None, None, 0)
+        vmean = res.val_summary[0]
         rows.append({"arm": arm, "status": "done", "error_pct": _r(100 * mean),
                      "std_pct": _r(None if std is None else 100 * std), "n_seeds": n,
-                     "delta_vs_baseline_pp": _r(None if dm is None or base is None else 100 * dm),
-                     "delta_std_pp": _r(None if ds is None else 100 * ds)})
+                     "val_error_pct": _r(None if vmean is None else 100 * vmean),
+                     "delta_vs_baseline_pp": delta["delta_pp"],
+                     "delta_std_pp": delta["delta_std_pp"], "delta_n": delta["delta_n"],
+                     "delta_ci_low_pp": delta["delta_ci_low_pp"],
+                     "delta_ci_high_pp": delta["delta_ci_high_pp"], "delta_p": delta["delta_p"]})
     return rows

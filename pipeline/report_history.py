@@ -4,6 +4,9 @@
 adds its row to the table (atomically; a row for the same run and finish time is replaced,
 so re-reporting a run never duplicates it). ``render_history`` draws, per preset, the arms'
 errors, the augmented-minus-baseline difference and the stage wall times over the runs.
+Each difference keeps its n paired seeds, 95% CI and p (none below 3 pairs; see
+:mod:`pipeline.paired`), and ``budget_short`` marks runs whose SSL baseline did not beat
+supervised training.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import pandas as pd
 
 from pipeline import report_plots as plots
 from pipeline.atomic import atomic_write, atomic_write_text
-from pipeline.report_data import ARM_ORDER, STAGE_ORDER, load_run
+from pipeline.report_data import ARM_ORDER, STAGE_ORDER, budget_short, load_run, paired_columns
 from pipeline.report_render import md_table, render
 
 TREND_COLUMNS = ["date", "commit", "preset", "run", *[f"error_{a}_pct" for a in ARM_ORDER],
-                 "delta_pp", "label_consistency", "kid", "sampling_images_per_s",
-                 "total_wall_s"]
+                 "delta_n", "delta_pp", "delta_ci_low_pp", "delta_ci_high_pp", "delta_p",
+                 "vs_control_pp", "budget_short", "label_consistency", "kid",
+                 "sampling_images_per_s", "total_wall_s"]
 
 
 def history_row(run_dir: str | Path, commit: str | None = None) -> dict[str, Any]:
@@ -42,8 +46,9 @@ def history_row(run_dir: str | Path, commit: str | None = None) -> dict[str, Any
         row[f"error_{arm}_pct"] = None if mean is None else 100 * mean
         row[f"std_{arm}_pct"] = None if std is None else 100 * std
         row[f"seeds_{arm}"] = n
-    comp = {(c.arm, c.against): c for c in run.comparisons()}.get(("augmented", "baseline"))
-    row["delta_pp"] = None if comp is None or comp.summary[0] is None else 100 * comp.summary[0]
+    row.update(paired_columns(run.comparison("augmented", "baseline")))
+    row.update(paired_columns(run.comparison("augmented", "control"), "vs_control"))
+    row["budget_short"] = budget_short(run)
     q = (run.quality or {}).get("overall", {})
     row["label_consistency"] = q.get("label_consistency")
     row["kid"] = q.get("kid")

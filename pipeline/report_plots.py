@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 
 from pipeline.report_data import ArmResult
 
-ARM_COLORS = {"supervised": "#7f7f7f", "baseline": "#1f77b4", "augmented": "#d62728"}
+ARM_COLORS = {"supervised": "#7f7f7f", "baseline": "#1f77b4", "augmented": "#d62728",
+              "control": "#9467bd"}
 
 
 def data_uri(png: bytes) -> str:
@@ -33,11 +34,23 @@ def _color(arm: str, i: int) -> str:
     return ARM_COLORS.get(arm, f"C{i + 3}")
 
 
+def _curve_seeds(arms: dict[str, ArmResult]) -> list:
+    return [(arm, s) for arm, res in arms.items() for s in res.seeds
+            if s.curve is not None and {"step", "test_error"} <= set(s.curve.columns)
+            and len(s.curve)]
+
+
+def curve_split(arms: dict[str, ArmResult]) -> str:
+    """Which split the learning curves were measured on: "validation" (runs with a held-out
+    validation split), "test" (older runs) or "test/validation" when they mix."""
+    splits = {s.curve_split for _, s in _curve_seeds(arms)}
+    return splits.pop() if len(splits) == 1 else ("test/validation" if splits else "test")
+
+
 def learning_curves(arms: dict[str, ArmResult]) -> bytes | None:
-    """Test error (%) against training step, one line per arm and seed."""
-    lines = [(arm, s) for arm, res in arms.items() for s in res.seeds
-             if s.curve is not None and {"step", "test_error"} <= set(s.curve.columns)
-             and len(s.curve)]
+    """Error (%) on the curve's split (validation, or test for older runs) against training
+    step, one line per arm and seed."""
+    lines = _curve_seeds(arms)
     if not lines:
         return None
     fig = Figure(figsize=(5.0, 3.3))
@@ -49,7 +62,7 @@ def learning_curves(arms: dict[str, ArmResult]) -> bytes | None:
                 label=arm if arm not in labelled else None)
         labelled.add(arm)
     ax.set_xlabel("training step")
-    ax.set_ylabel("test error % (EMA model)")
+    ax.set_ylabel(f"{curve_split(arms)} error % (EMA model)")
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     return _png(fig)

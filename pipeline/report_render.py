@@ -45,6 +45,20 @@ def pp_abs_or(x, default: str = "—") -> str:
     return f"{100 * float(x):.2f} pp" if _ok(x) else default
 
 
+def ci_pp(lo, hi, default: str = "—") -> str:
+    """A 95% interval of a difference of fractions, in points: '−7.48 to −2.52 pp'."""
+    if not (_ok(lo) and _ok(hi)):
+        return default
+    return f"{pp(lo)[:-3]} to {pp(hi)}"
+
+
+def pval(p, default: str = "—") -> str:
+    """A p-value: '0.0123', '< 0.001'."""
+    if not _ok(p):
+        return default
+    return "< 0.001" if float(p) < 0.001 else f"{float(p):.3f}"
+
+
 def num(x, nd: int = 3) -> str:
     if not _ok(x):
         return "—"
@@ -71,7 +85,7 @@ def environment() -> Environment:
                       autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(pct=pct, pct_or=pct_or, pp=pp, pp_or=pp_or, pp_abs_or=pp_abs_or,
-                       num=num, seconds=seconds, mb=mb)
+                       num=num, seconds=seconds, mb=mb, pval=pval, ci_pp=ci_pp)
     return env
 
 

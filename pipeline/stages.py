@@ -30,7 +30,7 @@ from typing import Self
 import numpy as np
 
 from pipeline.atomic import atomic_write
-from pipeline.config import AugmentConfig, stage_key
+from pipeline.config import AugmentConfig, _digest, stage_key
 from pipeline.runs import STAGE_ORDER, atomic_write_json, read_json
 
 UNIT_MARKER = "unit.json"
@@ -103,7 +103,10 @@ def stage_keys(config: AugmentConfig, run_dir: Path | None = None) -> dict[str, 
         base_model_fingerprint(resolve_base_model(config.base_model))
     k["tune"] = stage_key(config, "tune", {"encode": k["encode"], "pretrain": k["pretrain"]},
                           extra={"base": base})
-    k["sample"] = stage_key(config, "sample", {"tune": k["tune"]})
+    # Several mask ratios: each draws its own noise (ratio_seed); one keeps its old key.
+    k["sample"] = stage_key(config, "sample", {"tune": k["tune"]},
+                            extra={"ratio_seeds": True} if len(config.sampling.mask_ratios) > 1
+                            else None)
     k["shards"] = stage_key(config, "shards", {"sample": k["sample"]})
     k["quality"] = stage_key(config, "quality", {"shards": k["shards"], "split": k["split"]})
     k["ssl"] = stage_key(config, "ssl", {"split": k["split"], "shards": k["shards"]})
@@ -112,11 +115,28 @@ def stage_keys(config: AugmentConfig, run_dir: Path | None = None) -> dict[str, 
 
 
 def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
-    """Only the augmented arm reads the shards: the other arms survive a sampling change."""
+    """Key of one arm and seed: only what that arm reads.
+
+    Only the augmented and control arms read the shards (control: their per-class counts)
+    and the extra-row settings; the other arms survive a sampling change, a change of the
+    extra-row settings and a change of the arm or seed lists.
+    """
+    from pipeline.ssl.arms import EXTRA_ROW_ARMS
+    from pipeline.ssl.config import SYNTHETIC_FIELDS
+
     up = {"split": keys["split"], "arm": arm, "seed": str(seed)}
-    if arm == "augmented":
+    ssl = config.ssl.model_dump(exclude={"arms", "seeds"})
+    if arm in EXTRA_ROW_ARMS:
         up["shards"] = keys["shards"]
-    return stage_key(config, "ssl", up)
+    else:
+        for k in (*SYNTHETIC_FIELDS, "control_pool"):
+            ssl.pop(k)
+    if arm == "control":
+        up["encode"] = keys["encode"]  # the judge's encoder and labeled tokens
+        up["judge"] = {"margin": config.filter.margin, "seed": config.sampling.seed}
+    else:
+        ssl.pop("control_pool", None)
+    return _digest({"stage": "ssl", "ssl": ssl, "upstream": up})[:16]
 
 
 # --------------------------------------------------------------------------- measuring
@@ -331,11 +351,11 @@ def run_split(run_dir: Path, config: AugmentConfig) -> dict:
     def body(device: str) -> tuple[dict, dict]:
         ds = dataset_for(config)
         split = make_split(ds.train_labels, config.labels_per_class, config.split_seed,
-                           ds.num_classes)
+                           ds.num_classes, val_per_class=config.validation_per_class)
         save_split(split, Path(run_dir) / "split.parquet")
         return ({"split": "split.parquet"},
-                {"labeled": len(split.labeled_idx),
-                 "unlabeled": len(split.unlabeled_idx), "num_classes": ds.num_classes})
+                {"labeled": len(split.labeled_idx), "unlabeled": len(split.unlabeled_idx),
+                 "validation": len(split.val_idx), "num_classes": ds.num_classes})
 
     return _run_stage(run_dir, config, "split", stage_key(config, "split"), body)
 
@@ -552,6 +572,20 @@ def _sample_plan(config: AugmentConfig, n_conditions: int) -> list[tuple[int, in
             for ci, s in enumerate(range(0, n_conditions, step))]
 
 
+def ratio_seed(seed: int, mask_idx: int) -> int:
+    """The sampling seed of the ``mask_idx``-th mask ratio.
+
+    Each ratio gets its own noise and masks: with one shared seed, the images of two ratios
+    of one condition started from the same noise and nested masks (the 0.25 mask a subset
+    of the 0.5 one), near-duplicate pairs the copy filter does not see. The first ratio
+    keeps ``seed`` itself, so one-ratio runs draw what they always drew.
+    """
+    if mask_idx == 0:
+        return seed
+    state = np.random.SeedSequence([seed, mask_idx, 0x4D41534B]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
 def part_name(mask_idx: int, chunk_idx: int) -> str:
     return f"part-{mask_idx:02d}-{chunk_idx:05d}.npz"
 
@@ -606,7 +640,8 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> di
                                      disable=not config.progress, unit="chunk"):
                 x = masked_sample(model, scheduler, tok["tokens"][rows[a:b]], s.per_condition,
                                   mask_ratio=s.mask_ratios[mi], guidance=s.guidance,
-                                  num_inference_steps=s.num_inference_steps, seed=s.seed,
+                                  num_inference_steps=s.num_inference_steps,
+                                  seed=ratio_seed(s.seed, mi),
                                   batch_size=s.batch_size, condition_ids=cond_ids[a:b],
                                   progress=False, eta=s.eta, compile=s.compile)
                 images = from_model_space(x, shape=ds.image_shape[:2])
@@ -614,7 +649,8 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> di
                 _save_npz(unit_dir / part_name(mi, ci), images=images,
                           labels=np.full(n, class_idx, np.int64),
                           condition_id=np.repeat(cond_ids[a:b], s.per_condition).astype(np.int64),
-                          mask_ratio=np.full(n, s.mask_ratios[mi], np.float64))
+                          mask_ratio=np.full(n, s.mask_ratios[mi], np.float64),
+                          seed=np.full(n, ratio_seed(s.seed, mi), np.int64))
                 made += n
         seconds = time.perf_counter() - t0
         total = sum(len(np.load(unit_dir / part_name(mi, ci))["labels"]) for mi, ci, _, _ in plan)
@@ -680,7 +716,8 @@ def run_shards(run_dir: Path, config: AugmentConfig) -> dict:
                 adapter = adapter_rel(None if config.adapter.scope == "shared" else c)
                 writer.write(part["images"], part["labels"], source="synthetic",
                              condition_id=part["condition_id"],
-                             adapter_id=adapter.split("/", 1)[1], seed=s.seed,
+                             adapter_id=adapter.split("/", 1)[1],
+                             seed=part.get("seed", s.seed),  # parts before ratio seeds: s.seed
                              mask_ratio=part["mask_ratio"], guidance=s.guidance,
                              steps=s.num_inference_steps)
                 per_class[c] = per_class.get(c, 0) + len(part["labels"])
@@ -757,15 +794,53 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
 
         run = Path(run_dir)
         scfg = SSLConfig.from_dict({**config.ssl.trainer_fields(seed), "device": device})
-        shard_dir = run / "shards" if arm == "augmented" else None
+        shard_dir = run / "shards" if arm in ("augmented", "control") else None
         if shard_dir is not None and not (shard_dir / "manifest.json").exists():
             raise StageError(f"{shard_dir} has no manifest; run the shards stage first")
+        extra_rows, info = None, {}
+        if arm == "control":
+            extra_rows, info = control_rows_for(run, config, shard_dir, device)
+            shard_dir = None
         metrics_path = run_arm(arm, dataset_for(config), split_for(run), unit_dir, scfg,
-                               shard_dir=shard_dir, progress=config.progress)
+                               shard_dir=shard_dir, progress=config.progress,
+                               synthetic=extra_rows)
         metrics = read_json(metrics_path) or {}
-        return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, type(None)))}
+        return {**{k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float, str, type(None)))}, **info}
 
     return _unit(Path(run_dir), rel, ssl_unit_key(config, keys, arm, seed), config, body)
+
+
+def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, device: str):
+    """The control arm's (images, labels) for this run, and what the judge did.
+
+    As many real unlabeled images per class as the shards hold synthetic rows of that class,
+    labeled by the filter's prototype judge in the run's encoder (``pipeline.control``).
+    """
+    from anl_core.encoders import load_encoder
+    from pipeline.control import control_rows, judge_pool
+    from pipeline.shards import read_shards
+
+    tok = load_tokens(run_dir)
+    encoder = load_encoder(config.encoder, device=device)
+    if encoder.encoder_id != tok["encoder_id"]:
+        raise StageError(f"the condition tokens were made by {tok['encoder_id']} but the "
+                         f"config names {encoder.encoder_id}; rerun the encode stage")
+    ds, split = dataset_for(config), split_for(run_dir)
+    synth_labels = read_shards(shard_dir, verify=True).labels
+    counts = {int(c): int(n) for c, n in enumerate(np.bincount(synth_labels)) if n}
+
+    def judge(images):
+        return judge_pool(encoder, tok["tokens"], split.labeled_labels, images, device)
+
+    rows = control_rows(ds.train_images, ds.train_labels, split.unlabeled_idx, counts, judge,
+                        config.ssl.control_pool, config.sampling.seed, config.filter.margin)
+    if not len(rows.labels):
+        raise StageError(f"the judge kept none of the {config.ssl.control_pool} unlabeled images "
+                         "for the control arm; raise ssl.control_pool or lower filter.margin")
+    info = {"control_rows": len(rows.labels), "control_precision": round(rows.precision, 4),
+            "control_shortfall": int(sum(rows.shortfall.values()))}
+    return (rows.images, rows.labels), info
 
 
 def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:

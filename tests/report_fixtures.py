@@ -171,3 +171,50 @@ def report_run_copy(report_run, tmp_path):
     dst = tmp_path / "runs" / report_run.name
     shutil.copytree(report_run, dst)
     return dst
+
+
+# --------------------------------------------------------------------------- fabricated arms
+# For the report's wording: metrics.json files with chosen errors (no training), so each
+# case (1, 2, 3 seeds; baseline better or worse than supervised; flat or falling curve) has
+# a known answer computed by hand in the test.
+
+
+def write_arm_seed(run_dir: Path, arm: str, seed: int, top1_error: float, *,
+                   val_error: float | None = None, curve: list[tuple[int, float]] | None = None,
+                   curve_split: str | None = None) -> Path:
+    """One ``ssl/<arm>/seed-<s>/`` as ``pipeline.ssl.run_arm`` lays it out (the fields the
+    report reads); ``curve``: (step, error fraction) rows of learning_curve.parquet."""
+    import pandas as pd
+
+    out = run_dir / "ssl" / arm / f"seed-{seed}"
+    acc = 1.0 - top1_error
+    write_json(out / "metrics.json", {
+        "arm": arm, "algorithm": "supervised" if arm == "supervised" else "fixmatch",
+        "seed": seed, "steps": 100, "net": "cnn-tiny", "top1_error": top1_error,
+        "top1_accuracy": acc, "per_class_accuracy": {"T-shirt/top": acc, "Trouser": acc},
+        "class_names": ["T-shirt/top", "Trouser"], "num_test": 500,
+        "val_error": val_error, "num_validation": None if val_error is None else 200,
+        "steps_per_s": 10.0})
+    if curve is not None:
+        frame = pd.DataFrame({"step": [s for s, _ in curve], "test_error": [e for _, e in curve]})
+        if curve_split is not None:
+            frame["curve_split"] = curve_split
+        frame.to_parquet(out / "learning_curve.parquet", index=False)
+    return out
+
+
+def fabricated_run(root: Path, errors: dict[str, list[float]], *, name: str = "fab-00000000",
+                   config_extra: dict | None = None, **seed_kwargs) -> Path:
+    """A run directory whose arms have the given per-seed test errors (seeds 0, 1, ...)."""
+    run_dir = root / name
+    arms = list(errors)
+    seeds = list(range(max(len(v) for v in errors.values())))
+    write_json(run_dir / "config.json", {
+        "preset": "fab", "config_hash": name.rsplit("-", 1)[-1] * 8, "dataset": "fashion-mnist",
+        "labels_per_class": 4, "split_seed": 0,
+        "ssl": {"algorithm": "fixmatch", "arms": arms, "seeds": seeds, "steps": 100},
+        **(config_extra or {})})
+    for arm, errs in errors.items():
+        for seed, err in enumerate(errs):
+            write_arm_seed(run_dir, arm, seed, err, **seed_kwargs)
+    return run_dir

@@ -105,7 +105,8 @@ def test_served_demo_deployment_runs_end_to_end(tmp_path, flow_tiny_base,  # noq
     runs = tmp_path / "runs"
     overrides = {
         "dataset": "image-folder", "dataset_root": str(flow_image_folder),
-        "labels_per_class": 2, "base_model": str(flow_tiny_base),
+        "labels_per_class": 2, "validation_per_class": 2, "ssl.seeds": [0],
+        "base_model": str(flow_tiny_base),
         "encoder": "efficientnet-lite0@64", "adapter.context_dim": 32, "adapter.head_dim": 16,
         "tuning.steps": 2, "tuning.batch_size": 4, "sampling.per_condition": 2,
         "sampling.num_inference_steps": 2, "sampling.chunk_conditions": 1,
@@ -150,6 +151,10 @@ def test_served_demo_deployment_runs_end_to_end(tmp_path, flow_tiny_base,  # noq
     for arm in ("supervised", "baseline"):
         m = read_json(run_dir / f"ssl/{arm}/seed-0/metrics.json")
         assert m["num_synthetic"] == 0 and 0.0 <= m["top1_accuracy"] <= 1.0
+    # The control arm: judged real rows, at most as many as synthetic ones (a small pool).
+    control = read_json(run_dir / "ssl/control/seed-0/metrics.json")
+    assert 0 < control["num_synthetic"] <= shard_rows
+    assert control["num_validation"] == 4 and augmented["num_validation"] == 4
     quality = read_json(run_dir / "quality" / "quality.json")
     assert quality["overall"]["n_synthetic"] == shard_rows
     report = (run_dir / "report.md").read_text()

@@ -62,3 +62,16 @@ def test_cache_key_depends_on_data_and_config(report_dataset):
 def test_load_reference_names_the_fix(tmp_path):
     with pytest.raises(ReferenceError, match="load_or_train_reference"):
         load_reference(tmp_path)
+
+
+def test_reference_leaves_out_the_validation_images(report_dataset, tmp_path):
+    """A run's validation images are never trained on, not even by the evaluation reference."""
+    from pipeline.reference import train_reference
+
+    cfg = ReferenceConfig(**{**TINY_REFERENCE, "epochs": 1})
+    val = np.arange(0, len(report_dataset.train_labels), 4)
+    assert cache_key(report_dataset, cfg, val) != cache_key(report_dataset, cfg)
+    assert cache_key(report_dataset, cfg, val[:0]) == cache_key(report_dataset, cfg)
+    ref = train_reference(report_dataset, cfg, "cpu", progress=False, exclude=val)
+    assert ref.info["train_images"] == len(report_dataset.train_labels) - len(val)
+    assert ref.info["excluded_images"] == len(val)

@@ -17,6 +17,9 @@ from pipeline.report import artifacts, build_run_report, markdown_summary, resul
 # The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
 pytest_plugins = ["report_fixtures"]
 
+_DIRECTION = re.compile(r"lowered|raised", re.IGNORECASE)
+T_975_DF2 = 4.302653  # Student t 97.5% quantile, 2 degrees of freedom
+
 SCREENSHOT_DIR = Path(os.environ.get("REPORT_SCREENSHOT_DIR", "/tmp/anl-augment-report-shots"))
 
 
@@ -71,6 +74,10 @@ def test_report_errors_equal_the_metrics_files(report_run_copy):
     table = {r["arm"]: r for r in results_table(report_run_copy)}
     assert table["baseline"]["error_pct"] == round(100 * means["baseline"], 4)
     assert table["baseline"]["n_seeds"] == 2 and table["augmented"]["std_pct"] is not None
+    # Two seeds: the per-seed figures, no direction, no interval.
+    assert table["augmented"]["delta_n"] == 2 and table["augmented"]["delta_ci_low_pp"] is None
+    assert "2 paired runs are too few to say whether the synthetic data helped" in md
+    assert not _DIRECTION.search(md) and not _DIRECTION.search(html_path.read_text())
 
 
 def test_report_renders_in_headless_chromium(report_run_copy, tmp_path):
@@ -162,3 +169,199 @@ def test_report_says_how_many_samples_the_filter_kept(report_run_copy):
                   "kept_share": 0.5})
     html = build_run_report(report_run_copy)[0].read_text()
     assert f"The filter (prototype) kept them out of {2 * rows} samples (50%)" in html
+
+
+# --------------------------------------------------------------------------- the headline
+# Fabricated arms (metrics.json with chosen errors): every expected figure is computed here
+# by hand, not with pipeline.paired.
+
+
+def _signed_pp(x: float) -> str:
+    v = 100 * x
+    return f"{'+' if v > 0 else '−' if v < 0 else '±'}{abs(v):.2f}"
+
+
+def _hand_paired(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
+    """mean, CI low, CI high, two-sided p of a - b over 3 pairs (t with 2 df, closed form)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / 3
+    sd = (sum((x - mean) ** 2 for x in d) / 2) ** 0.5
+    sem = sd / 3 ** 0.5
+    t = abs(mean / sem)
+    p = 1 - t / (2 + t * t) ** 0.5  # 2 * (1 - F(t)), F the t(2) CDF
+    return mean, mean - T_975_DF2 * sem, mean + T_975_DF2 * sem, p
+
+
+def _verdict_text(html: str) -> str:
+    return re.search(r'id="verdict">(.*?)</div>', html, re.DOTALL).group(1)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_fewer_than_three_paired_runs_state_no_direction(tmp_path, n):
+    from report_fixtures import fabricated_run
+
+    errors = {"supervised": [0.50, 0.52][:n], "baseline": [0.41, 0.43][:n],
+              "augmented": [0.35, 0.36][:n]}
+    assert all(a < b - 0.05 for a, b in zip(errors["augmented"], errors["baseline"]))
+    html_path, md_path = build_run_report(fabricated_run(tmp_path, errors))
+    html, md = html_path.read_text(), md_path.read_text()
+    for text in (md, html):
+        assert not _DIRECTION.search(text), "a direction stated from fewer than 3 pairs"
+        runs = "1 paired run is" if n == 1 else f"{n} paired runs are"
+        assert f"{runs} too few to say whether the synthetic data helped" in text
+        assert "seed 0: augmented 35.00% vs baseline 41.00% error (−6.00 pp)" in text
+    if n == 2:
+        assert "seed 1: augmented 36.00% vs baseline 43.00% error (−7.00 pp)" in md
+    assert "| augmented − baseline | " + str(n) + " | " in md
+    assert re.search(r"\| augmented − baseline \| \d \| [^|]+ \| [^|]+ \| n<3 \| n<3 \|", md)
+    cell = next(a for a in _parse(html).values
+                if a.get("data-comparison") == "augmented-baseline")
+    assert "data-ci-low" not in cell and int(cell["data-n"]) == n
+    # The same arms with a third seed do state a direction: the wording above is the n rule.
+    three = {"supervised": [0.50, 0.52, 0.51], "baseline": [0.41, 0.43, 0.42],
+             "augmented": [0.35, 0.36, 0.34]}
+    assert all(three[k][:n] == v for k, v in errors.items())
+    md3 = build_run_report(fabricated_run(tmp_path, three, name="fab-33333333"))[1].read_text()
+    assert "the synthetic data lowered the test error" in md3
+
+
+BASE = [0.40, 0.42, 0.38]
+
+
+@pytest.mark.parametrize("augmented,word", [
+    ([0.35, 0.36, 0.34], "lowered"),   # diffs -5, -6, -4 points: CI below 0
+    ([0.45, 0.47, 0.42], "raised"),    # +5, +5, +4: CI above 0
+    ([0.35, 0.46, 0.38], None),        # -5, +4, 0: CI includes 0
+])
+def test_three_paired_runs_give_mean_ci_p_and_direction(tmp_path, augmented, word):
+    from report_fixtures import fabricated_run
+
+    errors = {"supervised": [0.50, 0.52, 0.51], "baseline": BASE, "augmented": augmented}
+    assert augmented != BASE
+    mean, lo, hi, p = _hand_paired(augmented, BASE)
+    assert (lo < 0 < hi) == (word is None)  # the cases are what their names say
+    html_path, md_path = build_run_report(fabricated_run(tmp_path, errors))
+    html, md = html_path.read_text(), md_path.read_text()
+    stats = (f"{_signed_pp(mean)} pp (95% CI {_signed_pp(lo)} to {_signed_pp(hi)} pp, "
+             f"paired t-test p = {p:.3f})")
+    headline = f"Augmented minus baseline error over 3 paired runs: {stats}: "
+    clause = {"lowered": "the synthetic data lowered the test error.",
+              "raised": "the synthetic data raised the test error.",
+              None: "no clear difference (the interval includes 0)."}[word]
+    assert headline + clause in md
+    assert (headline + clause).replace("'", "&#39;") in _verdict_text(html)
+    other = {"lowered": "raised", "raised": "lowered", None: None}[word]
+    for text in (md, html):
+        assert "too few to say" not in text
+        if other:
+            assert other not in text
+        if word is None:
+            assert not _DIRECTION.search(text)
+    cell = next(a for a in _parse(html).values
+                if a.get("data-comparison") == "augmented-baseline")
+    assert float(cell["data-ci-low"]) == pytest.approx(lo, abs=1e-6)
+    assert float(cell["data-ci-high"]) == pytest.approx(hi, abs=1e-6)
+    assert float(cell["data-p"]) == pytest.approx(p, abs=1e-6)
+    assert "repetitions are training seeds on one labeled split and one set of synthetic " \
+        "images (not independent splits)" in md
+    row = {r["arm"]: r for r in results_table(md_path.parent)}["augmented"]
+    assert row["delta_n"] == 3
+    assert row["delta_ci_low_pp"] == pytest.approx(100 * lo, abs=1e-3)
+
+
+@pytest.mark.parametrize("supervised,short", [
+    ([0.4375, 0.5], False),      # mean 0.46875 > baseline 0.40625: FixMatch beat it
+    ([0.40625, 0.40625], True),  # equal: not better
+    ([0.3125, 0.375], True),     # supervised better
+])
+def test_budget_too_short_exactly_when_baseline_not_better(tmp_path, supervised, short):
+    from report_fixtures import fabricated_run
+
+    errors = {"supervised": supervised, "baseline": [0.375, 0.4375], "augmented": [0.25, 0.3125]}
+    base_mean, sup_mean = sum(errors["baseline"]) / 2, sum(supervised) / 2
+    assert (base_mean >= sup_mean) == short
+    html_path, md_path = build_run_report(fabricated_run(tmp_path, errors))
+    html, md = html_path.read_text(), md_path.read_text()
+    sentence = ("The budget is too short for an SSL comparison: FixMatch has not beaten "
+                f"supervised training (baseline {100 * base_mean:.2f}% vs supervised "
+                f"{100 * sup_mean:.2f}% error)")
+    for text in (md, html):
+        assert (sentence in text) == short
+        assert ("Augmented vs baseline (at a budget too short for an SSL comparison), 2 paired "
+                "runs:" in text) == short
+    assert ("| augmented − baseline | 2 | −12.50 pp | 0.00 pp | n<3 | n<3 | budget too short "
+            "for an SSL comparison |" in md) == short
+    assert ("| baseline − supervised |" in md) and ("baseline − supervised | 2 |" in md)
+    assert not _DIRECTION.search(md)
+
+
+def test_control_arm_in_tables_and_sentence(tmp_path):
+    from report_fixtures import fabricated_run
+
+    errors = {"supervised": [0.50, 0.52, 0.51], "baseline": BASE,
+              "augmented": [0.35, 0.36, 0.34], "control": [0.37, 0.41, 0.36]}
+    assert len({tuple(v) for v in errors.values()}) == 4  # every arm has its own errors
+    html_path, md_path = build_run_report(fabricated_run(tmp_path, errors))
+    html, md = html_path.read_text(), md_path.read_text()
+    assert [r["arm"] for r in results_table(md_path.parent)] == \
+        ["supervised", "baseline", "augmented", "control"]
+    attrs = _parse(html).values
+    means = {a["data-arm"]: float(a["data-value"]) for a in attrs
+             if a.get("data-metric") == "mean_top1_error"}
+    assert means["control"] == pytest.approx(sum(errors["control"]) / 3, abs=1e-12)
+    comps = {a["data-comparison"]: a for a in attrs if "data-comparison" in a}
+    assert {"augmented-baseline", "augmented-control", "baseline-supervised",
+            "control-baseline"} <= set(comps)
+    mean, lo, hi, p = _hand_paired(errors["augmented"], errors["control"])
+    assert lo < 0 < hi
+    assert float(comps["augmented-control"]["data-ci-low"]) == pytest.approx(lo, abs=1e-6)
+    assert (f"| augmented − control | 3 | {_signed_pp(mean)} pp | 1.73 pp | {_signed_pp(lo)} "
+            f"to {_signed_pp(hi)} pp | {p:.3f} |") in md
+    assert (f"Augmented minus control error over 3 paired runs: {_signed_pp(mean)} pp (95% CI "
+            f"{_signed_pp(lo)} to {_signed_pp(hi)} pp, paired t-test p = {p:.3f}): no clear "
+            "difference (the interval includes 0).") in md
+    assert 'id="control-note"' in html and "| control | 38 |" in md
+
+
+@pytest.mark.parametrize("curve,settled,movement", [
+    ([(25, 0.45), (50, 0.41), (75, 0.401), (100, 0.40)], True, 0.10),
+    ([(25, 0.60), (50, 0.50), (75, 0.45), (100, 0.40)], False, 5.00),
+])
+def test_curve_settled_sentence(tmp_path, curve, settled, movement):
+    from report_fixtures import fabricated_run
+
+    tail = [e for s, e in curve if s >= 75]
+    assert round(100 * (max(tail) - min(tail)), 6) == movement
+    errors = {"supervised": [0.50], "baseline": [0.40], "augmented": [0.36]}
+    run = fabricated_run(tmp_path, errors, curve=curve, curve_split="validation",
+                         val_error=0.39)
+    html_path, md_path = build_run_report(run)
+    html, md = html_path.read_text(), md_path.read_text()
+    where = ("over its last quarter (steps 75-100; validation error, mean over 1 seed) it moved "
+             f"{movement:.2f} points")
+    if settled:
+        expected = f"The baseline's learning curve had settled: {where}, under 0.5."
+    else:
+        expected = (f"The baseline's learning curve had not settled: {where}, not under 0.5. "
+                    "This run is not converged: gains before convergence are not gains at "
+                    "convergence.")
+    assert expected in md and expected.replace("'", "&#39;") in html
+    assert ("not converged" in md) != settled
+    assert "Validation error during training" in html  # the curves' split, not "test"
+    # The validation error beside the test error.
+    assert "| arm | error % | val error % |" in md and "| baseline | 40 | 39 |" in md
+    vals = {a["data-arm"]: float(a["data-value"]) for a in _parse(html).values
+            if a.get("data-metric") == "mean_val_error"}
+    assert vals == {"supervised": 0.39, "baseline": 0.39, "augmented": 0.39}
+
+
+def test_old_runs_without_validation_show_test_curves(tmp_path):
+    from report_fixtures import fabricated_run
+
+    run = fabricated_run(tmp_path, {"baseline": [0.40], "augmented": [0.36]},
+                         curve=[(25, 0.5), (50, 0.45), (75, 0.42), (100, 0.4)])
+    html_path, md_path = build_run_report(run)
+    html, md = html_path.read_text(), md_path.read_text()
+    assert "Test error during training" in html and "val error" not in md
+    assert "(steps 75-100; test error, mean over 1 seed) it moved 2.00 points" in md
+    assert "budget is too short" not in md  # no supervised arm: nothing to compare with

@@ -21,6 +21,18 @@ def test_history_appends_one_row_per_run_and_renders(report_run, tmp_path):
             for p in report_run.glob("ssl/augmented/seed-*/metrics.json")]
     assert row["error_augmented_pct"] == pytest.approx(100 * sum(errs) / len(errs))
     assert row["commit"] == "1234567abc" and row["preset"] == "report-test"
+    base = {json.loads(p.read_text())["seed"]: json.loads(p.read_text())["top1_error"]
+            for p in report_run.glob("ssl/baseline/seed-*/metrics.json")}
+    aug = {json.loads(p.read_text())["seed"]: json.loads(p.read_text())["top1_error"]
+           for p in report_run.glob("ssl/augmented/seed-*/metrics.json")}
+    sup = [json.loads(p.read_text())["top1_error"]
+           for p in report_run.glob("ssl/supervised/seed-*/metrics.json")]
+    assert aug != base  # two arms with their own errors
+    assert row["delta_pp"] == pytest.approx(100 * sum(aug[s] - base[s] for s in base) / 2,
+                                            abs=1e-4)
+    assert row["delta_n"] == 2 and row["delta_ci_low_pp"] is None  # 2 seeds: no interval
+    assert row["vs_control_n"] == 0 and row["vs_control_pp"] is None  # no control arm here
+    assert row["budget_short"] == (sum(base.values()) >= sum(sup))
     stage = json.loads((report_run / "stages" / "sample.json").read_text())
     assert row["wall_sample_s"] == stage["wall_s"]
     assert row["sampling_images_per_s"] == stage["metrics"]["images_per_s"]

@@ -68,7 +68,7 @@ def test_config_round_trip_budgets_and_errors():
 
 def test_wrn_28_2_matches_usb_size():
     net = build_net("wrn-28-2", 10, (32, 32, 3), [0.5] * 3, [0.25] * 3, seed=0)
-    assert sum(p.numel() for p in net.parameters()) == 1_467_610
+    assert sum(p.numel() for p in net.parameters()) == 1_467_626  # USB: stem conv has a bias
     again = build_net("wrn-28-2", 10, (32, 32, 3), [0.5] * 3, [0.25] * 3, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
                                                  again.state_dict().values(), strict=True))
@@ -185,7 +185,8 @@ def test_augmented_arm_trains_on_shard_labels(ssl_fm_subset, tmp_path):
     shifted = (ds.train_labels[rows] + 1) % 10
     shard_dir = _write_shards(tmp_path / "shards", ds.train_images[rows], shifted, ds.class_names)
     split = make_split(ds.train_labels, 1, seed=0)
-    cfg = tiny_config(steps=120, batch_size=32, mu=1, eval_every=60, synthetic_batch_share=1.0,
+    # 4 synthetic rows of weight 2 on top of each real one: the shifted labels dominate.
+    cfg = tiny_config(steps=120, batch_size=32, mu=1, eval_every=60, synthetic_batch_share=4.0,
                       synthetic_weight=2.0, lambda_u=0.0)
     out = tmp_path / "augmented"
     m = json.loads(run_arm("augmented", ds, split, out, cfg, shard_dir=shard_dir,
@@ -200,7 +201,7 @@ def test_augmented_arm_trains_on_shard_labels(ssl_fm_subset, tmp_path):
     m_u = json.loads(run_arm("augmented", ds, split, tmp_path / "aug-u", cfg_u,
                              shard_dir=shard_dir, progress=False).read_text())
     assert m_u["num_unlabeled"] == 3000 + 1000 and m_u["synthetic_as"] == "unlabeled"
-    with pytest.raises(ArmError, match="needs synthetic data"):
+    with pytest.raises(ArmError, match="needs its extra rows"):
         run_arm("augmented", ds, split, tmp_path / "none", cfg_u, progress=False)
 
 
@@ -224,24 +225,117 @@ def test_class_balanced_synthetic_draws(ssl_fm_subset, tmp_path):
         net = build_net("cnn-tiny", 10, ds.image_shape, [0.5], [0.5], 0)
         trainer = Trainer(net, get_algorithm("supervised")(cfg, 10), data, cfg,
                           torch.device("cpu"), tmp_path / f"ckpt-{balance}.pt", "x", False)
-        idx = torch.stack([trainer._labeled_indices() for _ in range(200)])  # (200, 32)
-        real, drawn = idx[:, :16], idx[:, 16:]
-        assert bool(torch.isin(real, data.labeled_real).all())
+        drawn = torch.stack([trainer._extra_indices() for _ in range(200)])  # (200, 16)
+        assert drawn.shape == (200, 16)
         assert bool(torch.isin(drawn, data.labeled_synth).all())
         share[balance] = float((data.labels[drawn] == 1).float().mean())
     assert abs(share[False] - 0.1) < 0.03, share
     assert abs(share[True] - 0.5) < 0.05, share
-    with pytest.raises(SSLConfigError, match="needs synthetic_batch_share"):
-        tiny_config(synthetic_class_balance=True)
-    from pipeline.config import ConfigError, load_config
+    with pytest.raises(SSLConfigError, match="synthetic_batch_share"):
+        tiny_config(synthetic_batch_share=5.0)
+    # The arms without extra rows do not read these fields: their fingerprint ignores them.
+    a, b = SSLConfig(synthetic_batch_share=0.5), SSLConfig(synthetic_batch_share=2.0,
+                                                           synthetic_class_balance=True)
+    assert a.fingerprint(reads_extra_rows=False) == b.fingerprint(reads_extra_rows=False)
+    assert a.fingerprint() != b.fingerprint()
 
-    with pytest.raises(ConfigError, match="needs ssl.synthetic_batch_share"):  # at load time
-        load_config("demo", ["ssl.synthetic_class_balance=true", "ssl.synthetic_batch_share=null"])
-    # Off, the option leaves the fingerprint (and so every cached arm) as it was before the
-    # option existed: the value below is what the code before it gave.
-    assert SSLConfig(synthetic_batch_share=0.5).fingerprint() == "8d3acebafbe00681"
-    assert SSLConfig(synthetic_batch_share=0.5, synthetic_class_balance=True).fingerprint() != \
-        SSLConfig(synthetic_batch_share=0.5).fingerprint()
+
+def _trainer(ds, split, cfg, synth, path, algorithm="fixmatch"):
+    from pipeline.ssl.algorithms import get_algorithm
+    from pipeline.ssl.arms import build_train_data
+    from pipeline.ssl.trainer import Trainer
+
+    data = build_train_data(ds, split, cfg, torch.device("cpu"), synth)
+    net = build_net("cnn-tiny", 10, ds.image_shape, [0.5], [0.5], cfg.seed)
+    return Trainer(net, get_algorithm(algorithm)(cfg, 10), data, cfg, torch.device("cpu"),
+                   path, "x", False)
+
+
+def test_extra_rows_are_added_on_top_of_the_baselines_real_rows(ssl_fm_subset, tmp_path):
+    """Like for like: with no extra rows the augmented trainer is the baseline bit for bit;
+    with them, every real row (labeled and unlabeled, and its augmentation) is still the
+    baseline's, the k extra rows come after them, and the real rows keep their loss scale."""
+    ds = ssl_fm_subset
+    split = make_split(ds.train_labels, 4, seed=0)
+    cfg = tiny_config(steps=6, batch_size=8, mu=2, synthetic_batch_share=0.5,
+                      synthetic_weight=3.0)
+    empty = (ds.train_images[:0], np.zeros(0, np.int64))
+    synth = (ds.train_images[2000:2100], ds.train_labels[2000:2100])
+    base = _trainer(ds, split, cfg, None, tmp_path / "a.pt")
+    none = _trainer(ds, split, cfg, empty, tmp_path / "b.pt")
+    aug = _trainer(ds, split, cfg, synth, tmp_path / "c.pt")
+    for _ in range(3):
+        bb, ba = base.sample_batch(), aug.sample_batch()
+        assert torch.equal(bb.x_lb, ba.x_lb[:8]) and torch.equal(bb.y_lb, ba.y_lb[:8])
+        assert torch.equal(bb.x_ulb_w, ba.x_ulb_w) and torch.equal(bb.x_ulb_s, ba.x_ulb_s)
+        assert len(ba.y_lb) == 8 + 4
+        # weighted_ce is a mean over the 12 rows: x 12/8 makes it the sum over the 8 real.
+        assert torch.allclose(ba.w_lb, torch.tensor([1.0] * 8 + [3.0] * 4) * 12 / 8)
+        assert not torch.equal(ba.x_lb[8:], bb.x_lb[:4])
+    base = _trainer(ds, split, cfg, None, tmp_path / "a.pt")  # fresh streams
+    base.fit()
+    none.fit()
+    for (k, v), (k2, v2) in zip(base.model.state_dict().items(),
+                                none.model.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
+    aug = _trainer(ds, split, cfg, synth, tmp_path / "c.pt")
+    aug.fit()
+    assert not torch.equal(next(iter(aug.model.parameters())),
+                           next(iter(base.model.parameters())))
+
+
+def test_validation_split_is_held_out_and_scores_the_curve(ssl_fm_subset, tmp_path):
+    from pipeline.splits import load_split, save_split
+    from pipeline.ssl.arms import build_train_data
+
+    ds = ssl_fm_subset
+    plain = make_split(ds.train_labels, 4, seed=3)
+    split = make_split(ds.train_labels, 4, seed=3, val_per_class=20)
+    assert np.array_equal(plain.labeled_idx, split.labeled_idx)  # validation adds, keeps
+    assert len(split.val_idx) == 200
+    assert np.bincount(split.val_labels, minlength=10).tolist() == [20] * 10
+    assert not set(split.val_idx) & (set(split.labeled_idx) | set(split.unlabeled_idx))
+    assert len(split.labeled_idx) + len(split.unlabeled_idx) + 200 == len(ds.train_labels)
+    again = load_split(save_split(split, tmp_path / "split.parquet"))
+    assert np.array_equal(again.val_idx, split.val_idx) and again.val_per_class == 20
+    cfg = tiny_config(steps=4, batch_size=8, mu=1, eval_every=2)
+    data = build_train_data(ds, split, cfg, torch.device("cpu"))
+    assert not bool(torch.isin(data.unlabeled, torch.from_numpy(split.val_idx)).any())
+    assert data.curve_split == "validation" and len(data.curve_labels) == 200
+    m = json.loads(run_arm("baseline", ds, split, tmp_path / "arm", cfg,
+                           progress=False).read_text())
+    assert m["num_validation"] == 200 and 0.0 <= m["val_error"] <= 1.0
+    assert m["curve_split"] == "validation"
+    curve = pd.read_parquet(tmp_path / "arm" / CURVE)
+    assert (curve["curve_split"] == "validation").all() and (curve["eval_images"] == 200).all()
+    # The final validation figure is the last curve point (same EMA weights, same images).
+    assert curve["test_error"].iloc[-1] == pytest.approx(m["val_error"])
+
+
+def test_control_rows_follow_the_judge_and_the_counts():
+    from pipeline.control import control_rows
+
+    images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
+    true = np.arange(100) % 3
+    judged = np.where(np.arange(100) % 5 == 0, 2, np.arange(100) % 3)  # some judged wrong
+    margin = np.where(np.arange(100) % 7 == 0, -0.1, 0.3)               # some not kept
+
+    def judge(x):
+        idx = x[:, 0, 0, 0].astype(int)
+        return judged[idx], margin[idx]
+
+    unlabeled = np.arange(10, 100)
+    rows = control_rows(images, true, unlabeled, {0: 5, 1: 5, 2: 200}, judge, pool_size=90,
+                        seed=0)
+    idx = rows.train_idx
+    assert np.bincount(rows.labels).tolist() == [5, 5, len(idx) - 10]
+    assert set(idx) <= set(unlabeled.tolist()) and len(set(idx)) == len(idx)
+    assert (judged[idx] == rows.labels).all() and (margin[idx] > 0).all()
+    assert np.array_equal(rows.images[:, 0, 0, 0], idx)
+    n2 = int(((judged[unlabeled] == 2) & (margin[unlabeled] > 0)).sum())
+    assert rows.shortfall == {2: 200 - n2}
+    assert rows.precision == pytest.approx(float((true[idx] == rows.labels).mean()))
+    assert rows.precision < 1.0  # the judge's mistakes are kept, as the filter keeps them
 
 
 def test_resume_after_interrupt_gives_identical_weights(ssl_fm_subset, tmp_path):

@@ -217,3 +217,58 @@ def test_neighbors_add_unlabeled_tuning_targets_and_keep_keys_when_off(flow_cfg)
         tune = read_json(run_dir / f"adapters/class-{c:02d}/tune.json")
         assert tune["images"] == 2
         assert tune["neighbor_targets"] == int((nb[tok["labels"] == c] >= 0).sum())
+
+
+def test_each_mask_ratio_draws_its_own_noise_and_masks(flow_cfg):
+    """Two mask ratios of one condition: different seeds, so different noise and masks (with
+    one seed the 0.25 mask was a subset of the 0.5 one, from the same starting noise)."""
+    import torch
+
+    from anl_core.sampling import MASK_STREAM, _random_mask, image_seed
+
+    assert stages.ratio_seed(7, 0) == 7  # one-ratio runs draw what they always drew
+    s0, s1 = stages.ratio_seed(7, 0), stages.ratio_seed(7, 1)
+    assert s1 != s0 and stages.ratio_seed(7, 1) == s1 and stages.ratio_seed(8, 1) != s1
+    noise = [torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(
+        image_seed(s, 3, 0))) for s in (s0, s1)]
+    assert not torch.equal(*noise)
+    masks = [_random_mask(16, 0.5, torch.Generator().manual_seed(
+        image_seed(s, 3, 0, MASK_STREAM))) for s in (s0, s1)]
+    assert not torch.equal(*masks)
+    cfg = with_overrides(flow_cfg, {"sampling.mask_ratios": [0.0, 0.0]})  # same ratio twice
+    run_dir = init_run_dir(cfg)
+    stages.run_all(run_dir, cfg, until="shards")
+    a = np.load(run_dir / "samples/class-00" / stages.part_name(0, 0))["images"]
+    b = np.load(run_dir / "samples/class-00" / stages.part_name(1, 0))["images"]
+    assert not np.array_equal(a, b)  # only the ratio's index differs between the two
+    from pipeline.shards import read_shards
+
+    frame = read_shards(run_dir / "shards", verify=True).frame
+    assert set(frame["seed"]) == {cfg.sampling.seed, stages.ratio_seed(cfg.sampling.seed, 1)}
+
+
+def test_control_arm_runs_in_the_flow_with_judged_real_rows(flow_cfg):
+    cfg = with_overrides(flow_cfg, {"ssl.arms": ["baseline", "augmented", "control"],
+                                    "validation_per_class": 2})
+    run_dir = init_run_dir(cfg)
+    stages.run_all(run_dir, cfg, until="ssl")
+    split = stages.split_for(run_dir)
+    assert len(split.val_idx) == 4
+    m = read_json(run_dir / "ssl/control/seed-0/metrics.json")
+    aug = read_json(run_dir / "ssl/augmented/seed-0/metrics.json")
+    unit = read_json(run_dir / "ssl/control/seed-0/unit.json")
+    # As many judged real rows as synthetic ones, unless the small pool runs short.
+    assert 0 < m["num_synthetic"] <= aug["num_synthetic"] == 8
+    assert unit["metrics"]["control_rows"] == m["num_synthetic"]
+    assert m["num_synthetic"] + unit["metrics"]["control_shortfall"] == 8
+    assert m["num_validation"] == 4 and m["val_error"] is not None
+    base = read_json(run_dir / "ssl/baseline/seed-0/metrics.json")
+    keys = stages.stage_keys(cfg)
+    # A change of the extra-row settings reruns augmented and control, not the baseline.
+    other = with_overrides(cfg, {"ssl.synthetic_batch_share": 1.0})
+    k2 = stages.stage_keys(other)
+    assert stages.ssl_unit_key(cfg, keys, "baseline", 0) == \
+        stages.ssl_unit_key(other, k2, "baseline", 0)
+    for arm in ("augmented", "control"):
+        assert stages.ssl_unit_key(cfg, keys, arm, 0) != stages.ssl_unit_key(other, k2, arm, 0)
+    assert base["fingerprint"] != m["fingerprint"]

@@ -1,13 +1,18 @@
-"""The three arms of the comparison, from one config and seed, written to one directory.
+"""The arms of the comparison, from one config and seed, written to one directory.
 
 ``supervised``  labeled images only (cross-entropy), same net, schedule and seed;
 ``baseline``    the SSL algorithm (FixMatch) on the real labeled + unlabeled images;
 ``augmented``   the same plus synthetic images read from Parquet shards, either as extra
-                labeled rows (loss weight ``synthetic_weight``) or as extra unlabeled rows.
+                labeled rows (loss weight ``synthetic_weight``) or as extra unlabeled rows;
+``control``     the same as augmented, but the extra rows are real unlabeled images labeled
+                by the encoder's prototype judge (``pipeline.control``): a gain of augmented
+                over control is the generated images' own, not the encoder's.
 
-All arms share the split, the network initialisation (drawn from ``config.seed`` alone)
-and the schedule, so the difference between baseline and augmented is the synthetic
-data. Outputs in ``out_dir``: checkpoint.pt, learning_curve.parquet, metrics.json
+All arms share the split, the network initialisation (drawn from ``config.seed`` alone),
+the schedule and the random stream of the real rows (``trainer.py``), so the difference
+between baseline and augmented is the synthetic data. With a validation split, the
+learning curve is scored on the validation images and ``metrics.json`` holds both the
+validation error (for choosing settings) and the test error (for the final figures). Outputs in ``out_dir``: checkpoint.pt, learning_curve.parquet, metrics.json
 (written last; a rerun that finds it for the same run returns at once).
 """
 
@@ -32,7 +37,8 @@ from .config import SSLConfig
 from .nets import build_net, resolve_net_name
 from .trainer import TrainData, Trainer, resolve_device
 
-ARMS = ("supervised", "baseline", "augmented")
+ARMS = ("supervised", "baseline", "augmented", "control")
+EXTRA_ROW_ARMS = ("augmented", "control")  # the arms that read extra labeled rows
 METRICS = "metrics.json"
 CURVE = "learning_curve.parquet"
 CHECKPOINT = "checkpoint.pt"
@@ -85,7 +91,8 @@ def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConf
                                                    dtype=np.float32)])
         synth_idx = np.arange(n, n + len(s_labels), dtype=np.int64)
     labeled_synth = synth_idx if config.synthetic_as == "labeled" else synth_idx[:0]
-    real_unlabeled = np.arange(n) if config.include_labeled_in_unlabeled else split.unlabeled_idx
+    # Never the validation images: they are held out of training altogether.
+    real_unlabeled = split.train_idx if config.include_labeled_in_unlabeled else split.unlabeled_idx
     unlabeled = real_unlabeled if config.synthetic_as == "labeled" else \
         np.concatenate([real_unlabeled, synth_idx])
     if config.eval_size is not None and config.eval_size < len(dataset.test_labels):
@@ -98,14 +105,22 @@ def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConf
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
     test_images, test_labels = dev(dataset.test_images), dev(dataset.test_labels)
-    pick_t = dev(pick)
+    val_images = val_labels = None
+    if len(split.val_idx):
+        val_images = dev(dataset.train_images[split.val_idx])
+        val_labels = dev(dataset.train_labels[split.val_idx])
+        curve_images, curve_labels, curve_split = val_images, val_labels, "validation"
+    else:
+        pick_t = dev(pick)
+        curve_images, curve_labels, curve_split = test_images[pick_t], test_labels[pick_t], "test"
     return TrainData(
         store=dev(images), labels=dev(labels), weights=dev(weights),
         labeled_real=dev(split.labeled_idx.astype(np.int64)), labeled_synth=dev(labeled_synth),
         unlabeled=dev(np.asarray(unlabeled, dtype=np.int64)),
         test_images=test_images, test_labels=test_labels,
-        curve_images=test_images[pick_t], curve_labels=test_labels[pick_t],
-        num_classes=dataset.num_classes,
+        curve_images=curve_images, curve_labels=curve_labels,
+        num_classes=dataset.num_classes, curve_split=curve_split,
+        val_images=val_images, val_labels=val_labels,
     )
 
 
@@ -117,14 +132,14 @@ def _check_inputs(arm: str, dataset: ImageDataset, split: LabeledSplit,
             not np.array_equal(split.labels, dataset.train_labels):
         raise ArmError("the split does not index this dataset's training set (labels differ); "
                        "make the split from dataset.train_labels")
-    if arm == "augmented":
+    if arm in EXTRA_ROW_ARMS:
         if synthetic is None:
-            raise ArmError("the augmented arm needs synthetic data: pass shard_dir= (a finished "
+            raise ArmError(f"the {arm} arm needs its extra rows: pass shard_dir= (a finished "
                            "shard set) or synthetic=(images, labels)")
         s_images, s_labels = synthetic
         if len(s_labels) == 0:
-            raise ArmError("the synthetic shard set is empty; the augmented arm would equal "
-                           "the baseline. Generate samples first")
+            raise ArmError(f"the {arm} arm's extra rows are empty; it would equal the "
+                           "baseline. Generate samples first")
         if tuple(s_images.shape[1:]) != tuple(dataset.image_shape):
             raise ArmError(f"synthetic images are {tuple(s_images.shape[1:])} but the dataset's "
                            f"are {dataset.image_shape}; write shards at the dataset's pixel grid "
@@ -137,13 +152,17 @@ def _check_inputs(arm: str, dataset: ImageDataset, split: LabeledSplit,
 def run_fingerprint(arm: str, dataset: ImageDataset, split: LabeledSplit, config: SSLConfig,
                     synthetic: tuple[np.ndarray, np.ndarray] | None) -> str:
     """What decides a run's result: config, arm, dataset, labeled split and synthetic data."""
+    extra = arm in EXTRA_ROW_ARMS
     parts = {
-        "config": config.fingerprint(), "arm": arm, "dataset": dataset.name,
+        "config": config.fingerprint(reads_extra_rows=extra), "arm": arm,
+        "dataset": dataset.name,
         "shape": list(dataset.image_shape), "classes": list(dataset.class_names),
         "train": _hash_arrays(dataset.train_labels), "test": _hash_arrays(dataset.test_labels),
         "labeled": _hash_arrays(np.sort(split.labeled_idx)),
-        "synthetic": _hash_arrays(*synthetic) if arm == "augmented" and synthetic else None,
+        "synthetic": _hash_arrays(*synthetic) if extra and synthetic else None,
     }
+    if len(split.val_idx):  # absent without one: runs from before validation keep theirs
+        parts["validation"] = _hash_arrays(split.val_idx)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -154,15 +173,15 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
     """Train and evaluate one arm; return ``out_dir/metrics.json``.
 
     ``shard_dir`` (or the in-memory ``synthetic=(images, labels)``) is read by the
-    augmented arm only. A finished run is not redone; an interrupted one resumes from
+    augmented and control arms only (for control: its judged real rows). A finished run is not redone; an interrupted one resumes from
     ``checkpoint.pt``. ``on_step(step)`` is called after every training step (raising
     from it stops the run; the last checkpoint stays).
     """
     out_dir = Path(out_dir)
-    if arm == "augmented" and synthetic is None and shard_dir is not None:
+    if arm in EXTRA_ROW_ARMS and synthetic is None and shard_dir is not None:
         synthetic = load_synthetic(shard_dir)
     _check_inputs(arm, dataset, split, synthetic)
-    if arm != "augmented":
+    if arm not in EXTRA_ROW_ARMS:
         synthetic = None
     fingerprint = run_fingerprint(arm, dataset, split, config, synthetic)
     metrics_path = out_dir / METRICS
@@ -187,7 +206,8 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
     resumed_from = trainer.step if trainer.load_checkpoint() else None
     trainer.fit(on_step=on_step)
     t0 = time.perf_counter()
-    result = trainer.evaluate_ema(full=True)
+    result = trainer.evaluate_ema("test")
+    val = trainer.evaluate_ema("validation") if data.val_labels is not None else None
     eval_s = time.perf_counter() - t0
 
     curve = pd.DataFrame(trainer.curve)
@@ -198,6 +218,8 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
         "dataset": dataset.name, "net": net_name,
         "num_params": sum(p.numel() for p in net.parameters()),
         "top1_error": result.top1_error, "top1_accuracy": result.top1_accuracy,
+        "val_error": None if val is None else val.top1_error,
+        "num_validation": len(split.val_idx), "curve_split": data.curve_split,
         # None for a class absent from the test split (strict JSON has no NaN).
         "per_class_accuracy": {name: (None if np.isnan(acc) else acc) for name, acc in
                                zip(dataset.class_names, result.per_class_accuracy, strict=True)},

@@ -25,6 +25,14 @@ BUDGETS: dict[str, dict[str, int]] = {
 }
 
 SYNTHETIC_AS = ("labeled", "unlabeled")
+MAX_EXTRA_SHARE = 4.0  # at most 4 extra labeled rows per real one
+
+# The fields only an arm with extra labeled rows (augmented, control) reads.
+SYNTHETIC_FIELDS = ("synthetic_as", "synthetic_weight", "synthetic_batch_share",
+                    "synthetic_class_balance")
+# Bumped when the meaning of a field changes, so that no checkpoint of the old meaning is
+# resumed or reused: 2 = extra rows on top of the real ones, drawn from their own stream.
+LAYOUT_VERSION = 2
 
 # Fields that change where or how fast a run executes but not what it computes (on
 # one device); they are left out of the fingerprint so a run may resume elsewhere.
@@ -45,7 +53,7 @@ class SSLConfig:
     tau: float = 0.95  # confidence threshold for pseudo-labels
     lambda_u: float = 1.0
     hard_labels: bool = True
-    T: float = 0.5  # temperature; only used with soft pseudo-labels (hard_labels=False)
+    T: float = 0.5  # temperature: kept for other algorithms; FixMatch, as USB, never applies it
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -63,12 +71,13 @@ class SSLConfig:
     device: str = "auto"
     synthetic_as: str = "labeled"
     synthetic_weight: float = 1.0  # loss weight of a synthetic labeled row (real rows: 1)
-    # Share of each labeled batch drawn from synthetic rows; None draws uniformly from
-    # real + synthetic, which drowns a few real labels once there are many synthetic rows.
-    synthetic_batch_share: float | None = None
-    # Draw the synthetic part of a batch class-balanced (each class equally often) rather
-    # than row-uniform: a filter keeps very different shares of each class (bench/RESULTS.md),
-    # and the few real labels are balanced. Needs synthetic_batch_share.
+    # Extra labeled rows (synthetic in the augmented arm, judged real in the control arm)
+    # added to each labeled batch on top of its batch_size real rows, as a share of
+    # batch_size: 0.5 at batch 16 is 16 real + 8 extra rows. The real rows are the
+    # baseline's own (trainer.py), so the arms differ only by the extra rows.
+    synthetic_batch_share: float = 0.5
+    # Draw the extra rows class-balanced (each class equally often) rather than
+    # row-uniform: a filter keeps very different shares of each class (bench/RESULTS.md).
     synthetic_class_balance: bool = False
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
@@ -94,11 +103,10 @@ class SSLConfig:
         need(self.synthetic_as in SYNTHETIC_AS,
              f"synthetic_as must be one of {SYNTHETIC_AS}, got {self.synthetic_as!r}")
         need(self.synthetic_weight >= 0, f"synthetic_weight must be >= 0, got {self.synthetic_weight}")
-        need(self.synthetic_batch_share is None or 0.0 <= self.synthetic_batch_share <= 1.0,
-             f"synthetic_batch_share must be None or in [0, 1], got {self.synthetic_batch_share}")
-        need(not self.synthetic_class_balance or self.synthetic_batch_share is not None,
-             "synthetic_class_balance needs synthetic_batch_share (the share of each batch "
-             "drawn from synthetic rows); set both, or turn synthetic_class_balance off")
+        need(self.synthetic_batch_share is not None and
+             0.0 <= self.synthetic_batch_share <= MAX_EXTRA_SHARE,
+             f"synthetic_batch_share (extra labeled rows per batch, as a share of batch_size) "
+             f"must be in [0, {MAX_EXTRA_SHARE:g}], got {self.synthetic_batch_share}")
         need(self.T > 0, f"T must be > 0, got {self.T}")
 
     @classmethod
@@ -126,9 +134,20 @@ class SSLConfig:
     def from_json(cls, text: str) -> SSLConfig:
         return cls.from_dict(json.loads(text))
 
-    def fingerprint(self) -> str:
-        """Hash of the fields that decide the result (not device/compile/progress)."""
+    def fingerprint(self, reads_extra_rows: bool = True) -> str:
+        """Hash of the fields that decide the result (not device/compile/progress).
+
+        ``reads_extra_rows=False`` (supervised and baseline arms) leaves out the fields about
+        extra labeled rows, which those arms never read, so a change to them reuses the arms.
+        """
         d = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
-        if not d["synthetic_class_balance"]:
-            del d["synthetic_class_balance"]  # off: runs from before the option keep theirs
+        if not reads_extra_rows:
+            for k in SYNTHETIC_FIELDS:
+                del d[k]
+        d["layout_version"] = LAYOUT_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def without_extra_rows(self) -> SSLConfig:
+        """This config with the extra-row fields at their defaults (for arms without them)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: defaults[k] for k in SYNTHETIC_FIELDS})

@@ -12,8 +12,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-# USB's WRN uses a very slow BN momentum and leaky ReLU 0.1; kept so figures compare.
+# USB's WRN (semilearn/nets/wrn/wrn.py): every BN has momentum 0.001 (PyTorch convention,
+# i.e. a very slow running average); the block BNs keep PyTorch's eps 1e-5, the final BN
+# before pooling uses eps 1e-3; all activations are leaky ReLU with slope 0.1.
 _BN_MOMENTUM = 0.001
+_FINAL_BN_EPS = 1e-3
 _LEAK = 0.1
 
 
@@ -28,6 +31,21 @@ class Normalize(nn.Module):
 
 
 class _WideBlock(nn.Module):
+    """Pre-activation wide basic block, wired as USB's ``BasicBlock``.
+
+    Three cases, by whether the block changes width and whether it is the net's first one:
+
+    * same width (identity shortcut): ``x + conv2(act(bn2(conv1(act(bn1(x))))))``;
+    * width change, ``activate_before_residual`` (only the first block of group 1):
+      ``a = act(bn1(x))`` feeds both conv1 and the 1x1 shortcut conv;
+    * width change otherwise (first block of groups 2 and 3): conv1 and the shortcut both
+      take the *raw* input ``x``; bn1 is unused. USB still evaluates ``act(bn1(x))`` there and
+      throws it away, which only moves that BN's running statistics, never read by anything;
+      we skip it. bn1 is kept so the parameter count (and weight decay set) equals USB's.
+
+    All convolutions are bias-free (USB's ``bias=False``); only the stem conv has a bias.
+    """
+
     def __init__(self, cin: int, cout: int, stride: int, activate_before_residual: bool) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin, momentum=_BN_MOMENTUM)
@@ -36,15 +54,14 @@ class _WideBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.act = nn.LeakyReLU(_LEAK, inplace=False)
         self.shortcut = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
-        # The first block of the net pre-activates the shortcut too (as in FixMatch's WRN).
         self.activate_before_residual = activate_before_residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.act(self.bn1(x))
-        if self.shortcut is not None or self.activate_before_residual:
-            x = pre
-        out = self.conv2(self.act(self.bn2(self.conv1(pre))))
-        return out + (x if self.shortcut is None else self.shortcut(x))
+        if self.shortcut is None:
+            return x + self.conv2(self.act(self.bn2(self.conv1(self.act(self.bn1(x))))))
+        if self.activate_before_residual:
+            x = self.act(self.bn1(x))
+        return self.shortcut(x) + self.conv2(self.act(self.bn2(self.conv1(x))))
 
 
 class WideResNet(nn.Module):
@@ -58,15 +75,17 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         self.normalize = Normalize(mean, std)
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=True)  # USB: bias=True
         blocks = []
         for g, stride in enumerate((1, 2, 2)):
             for i in range(n):
                 cin = widths[g] if i == 0 else widths[g + 1]
+                # USB passes activate_before_residual=True to every block of group 1, but it
+                # only matters where the width changes, i.e. in the group's first block.
                 blocks.append(_WideBlock(cin, widths[g + 1], stride if i == 0 else 1,
-                                         activate_before_residual=(g == 0 and i == 0)))
+                                         activate_before_residual=(g == 0)))
         self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(widths[3], momentum=_BN_MOMENTUM)
+        self.bn = nn.BatchNorm2d(widths[3], momentum=_BN_MOMENTUM, eps=_FINAL_BN_EPS)
         self.act = nn.LeakyReLU(_LEAK)
         self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():

@@ -2,7 +2,10 @@
 
 Data never leaves the device: the images live there as one uint8 (N, H, W, C) tensor and
 each batch is a gather by index, drawn from one seeded ``torch.Generator`` that also
-drives augmentation. The checkpoint holds that generator's state together with the
+drives augmentation. Extra labeled rows (synthetic ones in the augmented arm, judged real
+ones in the control arm) are added on top of the batch's real labeled rows and drawn and
+augmented from a second generator, so the main stream, and with it every real row an arm
+sees, is the baseline's: with no extra rows an arm reproduces the baseline bit for bit. The checkpoint holds that generator's state together with the
 model, EMA, optimiser, LR schedule, algorithm state and the learning curve so far, so
 a resumed run continues the very same stream (bit-exact on CPU).
 """
@@ -27,6 +30,8 @@ from .augment import strong_augment, weak_from_store
 from .config import SSLConfig
 from .evaluate import EvalResult, autocast_for, evaluate
 
+EXTRA_STREAM = 0x5EED  # offset of the extra-rows generator's seed from the run's seed
+
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint belongs to a different run (config, data or arm)."""
@@ -40,13 +45,17 @@ class TrainData:
     labels: torch.Tensor         # int64 (N,); synthetic rows carry their shard labels
     weights: torch.Tensor        # float (N,) loss weight when a row is drawn as labeled
     labeled_real: torch.Tensor   # int64 indices into store
-    labeled_synth: torch.Tensor  # int64 indices into store (empty unless synthetic_as=labeled)
+    labeled_synth: torch.Tensor  # int64 indices into store: extra labeled rows (synthetic or
+                                 # control), empty unless synthetic_as=labeled
     unlabeled: torch.Tensor      # int64 indices into store
     test_images: torch.Tensor    # uint8 (M, H, W, C)
     test_labels: torch.Tensor
-    curve_images: torch.Tensor   # the test subset used for learning-curve points
-    curve_labels: torch.Tensor
+    curve_images: torch.Tensor   # learning-curve points: the validation images, if the split
+    curve_labels: torch.Tensor   # has them, else a subset of the test images
     num_classes: int
+    curve_split: str = "test"    # which split curve_images come from
+    val_images: torch.Tensor | None = None  # the whole validation split (None: no split)
+    val_labels: torch.Tensor | None = None
 
 
 def class_balanced_probs(labels: torch.Tensor) -> torch.Tensor:
@@ -101,6 +110,11 @@ class Trainer:
                                                            fixmatch_cosine(config.steps))
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
+        # Extra labeled rows are drawn and augmented from their own stream (see module doc).
+        self.extra_generator = torch.Generator(device=device)
+        self.extra_generator.manual_seed(config.seed + EXTRA_STREAM)
+        self._extra_rows = (round(config.synthetic_batch_share * config.batch_size)
+                            if len(data.labeled_synth) else 0)
         self.step = 0
         self.curve: list[dict] = []
         self.train_time_s = 0.0
@@ -118,25 +132,32 @@ class Trainer:
 
     # ------------------------------------------------------------------- batches
 
-    def _labeled_indices(self) -> torch.Tensor:
-        d, b, g = self.data, self.config.batch_size, self.generator
-        share = self.config.synthetic_batch_share
-        if share is None or len(d.labeled_synth) == 0:
-            pool = torch.cat([d.labeled_real, d.labeled_synth])
-            return pool[torch.randint(len(pool), (b,), generator=g, device=self.device)]
-        k = round(share * b)
-        real = d.labeled_real[torch.randint(len(d.labeled_real), (b - k,), generator=g,
-                                            device=self.device)]
+    def _extra_indices(self) -> torch.Tensor | None:
+        """Store indices of the k extra labeled rows of this batch, from the extra stream."""
+        d, k, g = self.data, self._extra_rows, self.extra_generator
+        if k == 0:
+            return None
         if self._synth_probs is None:
             pos = torch.randint(len(d.labeled_synth), (k,), generator=g, device=self.device)
         else:
             pos = torch.multinomial(self._synth_probs, k, replacement=True, generator=g)
-        return torch.cat([real, d.labeled_synth[pos]])
+        return d.labeled_synth[pos]
 
     def sample_batch(self) -> Batch:
-        d, g = self.data, self.generator
-        idx = self._labeled_indices()
-        batch = Batch(x_lb=weak_from_store(d.store, idx, g), y_lb=d.labels[idx], w_lb=d.weights[idx])
+        d, g, b = self.data, self.generator, self.config.batch_size
+        idx = d.labeled_real[torch.randint(len(d.labeled_real), (b,), generator=g,
+                                           device=self.device)]
+        batch = Batch(x_lb=weak_from_store(d.store, idx, g), y_lb=d.labels[idx],
+                      w_lb=d.weights[idx])
+        extra = self._extra_indices()
+        if extra is not None:
+            # The real rows keep the baseline's loss scale: the labeled loss is the sum over
+            # all rows divided by the b real ones (weighted_ce takes a mean over b + k rows).
+            scale = (b + len(extra)) / b
+            batch.x_lb = torch.cat([batch.x_lb, weak_from_store(d.store, extra,
+                                                                self.extra_generator)])
+            batch.y_lb = torch.cat([batch.y_lb, d.labels[extra]])
+            batch.w_lb = torch.cat([batch.w_lb, d.weights[extra]]) * scale
         if self.algorithm.uses_unlabeled:
             n_u = self.config.mu * self.config.batch_size
             pos = torch.randint(len(d.unlabeled), (n_u,), generator=g, device=self.device)
@@ -174,10 +195,14 @@ class Trainer:
 
     # ------------------------------------------------------------------- evaluation
 
-    def evaluate_ema(self, full: bool = True) -> EvalResult:
+    def evaluate_ema(self, split: str = "test") -> EvalResult:
+        """The EMA model on the whole ``test`` or ``validation`` split, or the ``curve`` set."""
         d = self.data
-        images, labels = (d.test_images, d.test_labels) if full else (d.curve_images,
-                                                                      d.curve_labels)
+        images, labels = {"test": (d.test_images, d.test_labels),
+                          "validation": (d.val_images, d.val_labels),
+                          "curve": (d.curve_images, d.curve_labels)}[split]
+        if images is None:
+            raise ValueError(f"this run has no {split} split")
         return evaluate(self.ema, images, labels, d.num_classes, amp=self.amp,
                         channels_last=self.channels_last)
 
@@ -188,7 +213,9 @@ class Trainer:
             "fingerprint": self.fingerprint, "step": self.step,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(), "algorithm": self.algorithm.state_dict(),
+            "generator": self.generator.get_state(),
+            "extra_generator": self.extra_generator.get_state(),
+            "algorithm": self.algorithm.state_dict(),
             "curve": list(self.curve), "train_time_s": self.train_time_s,
             "wall_time_s": self.wall_time_s, "config": self.config.to_dict(),
             "sums": dict(self._sums), "count": self._count,
@@ -212,6 +239,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].cpu())
+        self.extra_generator.set_state(state["extra_generator"].cpu())
         self.algorithm.load_state_dict(state["algorithm"])
         self.step, self.curve = state["step"], list(state["curve"])
         self.train_time_s, self.wall_time_s = state["train_time_s"], state["wall_time_s"]
@@ -265,7 +293,8 @@ class Trainer:
         row = {"step": self.step, "lr": float(self.scheduler.get_last_lr()[0])}
         row.update({k: float(v) / max(self._count, 1) for k, v in self._sums.items()})
         self._sums, self._count = {}, 0
-        result = self.evaluate_ema(full=False)
+        result = self.evaluate_ema("curve")
+        # The column keeps its old name for old readers; curve_split says which images.
         row.update(test_error=result.top1_error, eval_images=len(self.data.curve_labels),
-                   train_time_s=self.train_time_s)
+                   curve_split=self.data.curve_split, train_time_s=self.train_time_s)
         self.curve.append(row)

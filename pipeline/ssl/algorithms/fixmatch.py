@@ -20,13 +20,18 @@ class FixMatch(SSLAlgorithm):
         return out[:b], out[b:b + u], out[b + u:]
 
     def pseudo_labels(self, logits_w: torch.Tensor, batch: Batch):
-        """Targets and per-row mask for the strong view; subclasses change the threshold."""
+        """Targets and per-row mask for the strong view; subclasses change the threshold.
+
+        As USB's FixMatch: the weak-view probabilities are computed once (softmax, no
+        temperature); the mask is max prob >= tau; hard targets are their argmax, soft
+        targets are those same probabilities. USB hands the probabilities to its
+        pseudo-label hook with ``softmax=False``, and the hook then returns them as they
+        are: the temperature T is never applied in FixMatch, hard or soft.
+        """
         probs = torch.softmax(logits_w.detach(), dim=-1)
         conf, hard = probs.max(dim=-1)
         mask = (conf >= self.config.tau).float()
-        if self.config.hard_labels:
-            return hard, mask
-        return torch.softmax(logits_w.detach() / self.config.T, dim=-1), mask
+        return (hard if self.config.hard_labels else probs), mask
 
     def train_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         logits_lb, logits_w, logits_s = self.logits(model, batch)

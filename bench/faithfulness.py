@@ -9,8 +9,11 @@ For one preset, adapters are tuned and sampled exactly as ``pipeline/stages.py``
 and each cell prints:
 
 * consistency: share of synthetic images the reference classifier (trained on every real
-  training label, cached under runs/_cache/reference; its test accuracy is printed and must
-  be >= 0.90 for the figure to mean much) assigns to the condition's label;
+  training label except the validation split's, cached under runs/_cache/reference; its
+  test accuracy is printed and must be >= 0.90 for the figure to mean much) assigns to the
+  condition's label. The reference reads the unlabeled pool's labels: it is an evaluation
+  instrument, and settings chosen with it are chosen with labels a user does not have;
+  the SSL figures that decide presets come from bench/ssl_gain.py on the validation split;
 * div/real: within-condition diversity (mean pairwise cosine distance of features among the
   samples of one condition image) over the same distance among real images of the class,
   averaged over classes; feature space: the preset's encoder, as in the quality stage;
@@ -110,7 +113,7 @@ class Sweep:
         self.ds = dataset_for(config)
         # The same split as the pipeline's split stage.
         self.split = make_split(self.ds.train_labels, config.labels_per_class, config.split_seed,
-                                self.ds.num_classes)
+                                self.ds.num_classes, val_per_class=config.validation_per_class)
         self.classes = args.classes or list(range(self.ds.num_classes))
         bad = [c for c in self.classes if not 0 <= c < self.ds.num_classes]
         if bad:
@@ -129,7 +132,8 @@ class Sweep:
                                                     self.encoder, self.tokens, self.device)
         ref_cfg = ReferenceConfig(width=args.reference_width, epochs=args.reference_epochs)
         self.reference = load_or_train_reference(self.ds, args.reference_cache, ref_cfg,
-                                                 self.device, self.progress)
+                                                 self.device, self.progress,
+                                                 exclude=self.split.val_idx)
         self.features = encoder_features(self.encoder)
         rng = np.random.default_rng(0)
         labeled = set(self.split.labeled_idx.tolist())

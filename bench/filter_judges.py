@@ -12,7 +12,8 @@ right-class samples it keeps). Judges:
   spread label is its condition's;
 * ``spread+pixels``: the same on encoder features concatenated with pixel vectors.
 
-Each judge's accuracy on real test images is printed too: it bounds how well it can judge.
+Each judge's accuracy on held-out real images (the run's validation split; test images for runs
+without one) is printed too: it bounds how well it can judge.
 Only the labeled images' labels are read by the judges.
 
     python -m bench.filter_judges runs/_bench/ssl_gain/runs/demo-266bdd04 ...
@@ -68,16 +69,22 @@ def judge_run(run: Path, args: argparse.Namespace) -> list[dict]:
     labels = np.concatenate([p["labels"] for p in parts])
     ref = load_or_train_reference(ds, args.reference_cache,
                                   ReferenceConfig(width=args.reference_width,
-                                                  epochs=args.reference_epochs))
+                                                  epochs=args.reference_epochs),
+                                  exclude=split.val_idx)
     right = ref.predict(images) == labels
     encoder = load_encoder(config.encoder, device="cpu")
     if encoder.encoder_id != tok["encoder_id"]:
         raise SystemExit(f"{run}: tokens by {tok['encoder_id']}, config names {encoder.encoder_id}")
-    test = np.random.default_rng(0).choice(len(ds.test_labels), args.test_size, replace=False)
-    test_labels = ds.test_labels[test]
+    # Judges are compared (a choice) on the run's validation images when it has them.
+    if len(split.val_idx):
+        pick = np.random.default_rng(0).permutation(split.val_idx)[:args.test_size]
+        held_images, test_labels = ds.train_images[pick], ds.train_labels[pick]
+    else:
+        pick = np.random.default_rng(0).choice(len(ds.test_labels), args.test_size, replace=False)
+        held_images, test_labels = ds.test_images[pick], ds.test_labels[pick]
     pool = ds.train_images[neighbor_pool(split.unlabeled_idx, args.pool, 0)]
     lab_imgs, lab_labels = ds.train_images[split.labeled_idx], split.labeled_labels
-    feats = {name: (fn(lab_imgs), fn(pool), fn(images), fn(ds.test_images[test]))
+    feats = {name: (fn(lab_imgs), fn(pool), fn(images), fn(held_images))
              for name, fn in (("enc", unit_encoder_features(encoder)), ("pix", pixel_features))}
 
     judges: dict[str, tuple[np.ndarray, float | None]] = {}
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="finished run directories (with samples/)")
     p.add_argument("--pool", type=int, default=5000, help="unlabeled images to spread over")
     p.add_argument("--k", type=int, default=20, help="neighbours in the spreading graph")
-    p.add_argument("--test-size", type=int, default=2000, help="test images for judge accuracy")
+    p.add_argument("--test-size", type=int, default=2000, help="held-out images for judge accuracy")
     p.add_argument("--reference-width", type=int, default=16)
     p.add_argument("--reference-epochs", type=int, default=4)
     p.add_argument("--reference-cache", type=Path, default=Path("runs/_cache/reference"))
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     rows = [r for run in args.runs for r in judge_run(run.resolve(), args)]
     print(markdown_table(rows, [("run", "run", "s"), ("judge", "judge", "s"),
-                                ("test_acc", "accuracy on real test", ".3f"),
+                                ("test_acc", "accuracy on held-out real", ".3f"),
                                 ("kept", "kept", ".3f"), ("precision", "precision", ".3f"),
                                 ("recall", "recall", ".3f")]))
 

@@ -5,9 +5,10 @@
 #   phase A  pretrain the ANCHORS-size Fashion-MNIST base (6.8M params) and the shipped-size
 #            one (1.1M) side by side, each with a wall-clock budget; train the faithfulness
 #            reference classifier
-#   phase B  on the 6.8M base: the faithfulness sweep (issue 9); the pipeline's stages up to
-#            the synthetic shards, then the augmented SSL arm for 3 seeds; meanwhile the
-#            real-data SSL arms (supervised, baseline) for the same seeds
+#   phase B  on the 6.8M base: the faithfulness sweep (issue 9); issue 16's protocol: for 3
+#            independent repetitions (own split, seeds, adapters and samples), the pipeline's
+#            stages up to the shards, then supervised, baseline, augmented and control arms,
+#            one process each on the card; the paired table (bench/ssl_gain.py) at the end
 #   phase C  if time is left: the issue-3/4 speed benches, alone on the card
 #
 # The GPU machine has torch but not our other dependencies and no internet: the call carries
@@ -66,7 +67,7 @@ if [ "$TINY" = 1 ]; then
   SMALL=(--set 'block_out_channels=[8,16]' --set 'attention_levels=[1]' --set attention_head_dim=8
          --set steps=3 --set batch_size=8 --set sample_steps=2 --set time_limit_s=60)
   REF=(--reference-width 4 --reference-epochs 1)
-  SSL=(--steps 4 --batch-size 8 --mu 1 --eval-size 200)
+  SSL=(--steps 4 --batch-size 8 --mu 1 --curve-points 2 --set ssl.control_pool=200)
   SYN=(--set tuning.steps=2 --set tuning.batch_size=4 --set sampling.per_condition=2
        --set sampling.num_inference_steps=2 --set sampling.batch_size=16 --set labels_per_class=2
        --set quality.reference.epochs=1 --set encoder=efficientnet-lite0@128)
@@ -126,7 +127,8 @@ print(f"reference test accuracy {ref.test_accuracy:.4f} at {ref.path}")
 EOF
 bg reference "$PY" "$W/reference.py" "$REFCACHE" "$DEV" "${REF[1]}" "${REF[3]}"
 P_REF=$LAST
-SSL_ARGS=(--preset fashion-mnist-40labels "${SSL[@]}" --out "$W/ssl/arms" --runs-dir "$W/ssl/runs" "${COMMON[@]}")
+SSL_ARGS=(--preset fashion-mnist-40labels "${SSL[@]}" --runs-dir "$W/ssl/runs"
+          --set validation_per_class=500 "${COMMON[@]}")
 
 wait "$P_LARGE"; say "pretrain_large: $(finished pretrain_large)"
 tar -cf "$OUT/base_large.tar" -C "$W" --exclude=checkpoints base_large 2>/dev/null
@@ -137,30 +139,29 @@ say "phase B: faithfulness, synthetic shards, SSL arms (large base)"
 bg faith_large "$PY" -m bench.faithfulness --base-model "$W/base_large" "${FAITH[@]}" \
   "${REF[@]}" --reference-cache "$REFCACHE" --out "$W/faith_large" "${COMMON[@]}"
 P_FL=$LAST
-bg synth "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --base-model "$W/base_large" "${SYN[@]}" \
-  --generate-only
-P_SYN=$LAST
-P_REAL=()
-for s in 0 1 2; do
-  bg "ssl_real_$s" "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --seeds "$s" --arms supervised,baseline
-  P_REAL+=("$LAST")
+# Issue 16's protocol: 3 independent repetitions (own split, seeds, adapters, samples), each
+# with supervised, baseline, augmented and control arms, one process per arm on the card.
+SSL_ARGS+=(--base-model "$W/base_large" "${SYN[@]}")
+P_SYN=(); P_REAL=()
+for r in 0 1 2; do
+  bg "synth_$r" "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --reps "$r" --generate-only
+  P_SYN+=("$LAST")
 done
 wait "$P_SMALL"; [ "${SKIP_SMALL:-0}" = 1 ] || { say "pretrain_small: $(finished pretrain_small)"
 tar -cf "$OUT/base_small.tar" -C "$W" --exclude=checkpoints base_small 2>/dev/null; }
-wait "$P_SYN"; say "synth: $(finished synth)"
-RUN=$(sed -n 's/.*run directory \(.*\): pass it.*/\1/p' "$W/logs/synth.log" | tail -n 1)
-if [ -n "$RUN" ]; then
-  P_AUG=()
-  for s in 0 1 2; do
-    bg "ssl_aug_$s" "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --seeds "$s" --arms augmented \
-      --shards "$RUN"
-    P_AUG+=("$LAST")
+for r in 0 1 2; do  # after its split exists: the real-data arms need nothing else
+  wait "${P_SYN[$r]}"; say "synth_$r: $(finished "synth_$r")"
+  for arm in supervised baseline augmented control; do
+    bg "ssl_${arm}_$r" "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --reps "$r" --arms "$arm"
+    P_REAL+=("$LAST")
   done
-  for p in "${P_AUG[@]}" "${P_REAL[@]}"; do wait "$p"; done
-  say "augmented arms: $(for s in 0 1 2; do finished "ssl_aug_$s"; done | tr '\n' ' ')"
-  # Every arm has finished (or run out of time): this only reads their metrics for the table.
-  timeout 60 "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --shards "$RUN" > "$W/logs/ssl_table.log" 2>&1
-fi
+done
+for p in "${P_REAL[@]}"; do wait "$p"; done
+say "SSL arms: $(for r in 0 1 2; do for a in supervised baseline augmented control; do
+  finished "ssl_${a}_$r"; done; done | tr '\n' ' ')"
+# Every arm has finished (or run out of time): this only reads them for the paired table.
+timeout 120 "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --reps 0,1,2 --json "$W/ssl_gain.json" \
+  > "$W/logs/ssl_table.log" 2>&1
 wait "$P_FL"; say "faith_large: $(finished faith_large)"
 
 # --- phase C: speed benches, alone on the card, in what time is left ---
@@ -184,5 +185,5 @@ pack
 say "done; logs in $OUT/results.tar.gz"
 for f in "$W"/logs/*.log; do echo "== $(basename "$f")"; tail -n 30 "$f"; done > "$OUT/tails.txt"
 # The last tables, for the call's output tail; a phase that did not run has no log (not a failure).
-grep -h -A40 -E '^\| (tune steps|seed) ' "$W/logs/faith_large.log" "$W/logs/ssl_table.log" \
+grep -h -A40 -E '^\| (tune steps|rep|pair) ' "$W/logs/faith_large.log" "$W/logs/ssl_table.log" \
   2>/dev/null | head -n 120 || true

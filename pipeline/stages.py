@@ -18,6 +18,7 @@ Per-class work (tuning, sampling) is split into units, ``run_tune_class`` and
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import threading
@@ -821,6 +822,14 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
     from pipeline.control import control_rows, judge_pool
     from pipeline.shards import read_shards
 
+    keys = stage_keys(config)
+    key = _digest({"shards": keys["shards"], "encode": keys["encode"],
+                   "margin": config.filter.margin, "seed": config.sampling.seed,
+                   "pool": config.ssl.control_pool})[:16]
+    cached = Path(run_dir) / "ssl" / "control" / f"judged-{key}.npz"
+    if cached.exists():  # every seed of the control arm reads the same rows: judge once
+        with np.load(cached) as z:
+            return (z["images"], z["labels"]), json.loads(str(z["info"]))
     tok = load_tokens(run_dir)
     encoder = load_encoder(config.encoder, device=device)
     if encoder.encoder_id != tok["encoder_id"]:
@@ -840,6 +849,9 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
                          "for the control arm; raise ssl.control_pool or lower filter.margin")
     info = {"control_rows": len(rows.labels), "control_precision": round(rows.precision, 4),
             "control_shortfall": int(sum(rows.shortfall.values()))}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    _save_npz(cached, images=rows.images, labels=rows.labels, train_idx=rows.train_idx,
+              info=np.array(json.dumps(info)))
     return (rows.images, rows.labels), info
 
 

@@ -262,6 +262,10 @@ def test_control_arm_runs_in_the_flow_with_judged_real_rows(flow_cfg):
     assert unit["metrics"]["control_rows"] == m["num_synthetic"]
     assert m["num_synthetic"] + unit["metrics"]["control_shortfall"] == 8
     assert m["num_validation"] == 4 and m["val_error"] is not None
+    (judged,) = (run_dir / "ssl" / "control").glob("judged-*.npz")  # judged once per run
+    with np.load(judged) as z:
+        assert len(z["labels"]) == m["num_synthetic"]
+        assert set(z["train_idx"].tolist()) <= set(split.unlabeled_idx.tolist())
     base = read_json(run_dir / "ssl/baseline/seed-0/metrics.json")
     keys = stages.stage_keys(cfg)
     # A change of the extra-row settings reruns augmented and control, not the baseline.
@@ -272,3 +276,119 @@ def test_control_arm_runs_in_the_flow_with_judged_real_rows(flow_cfg):
     for arm in ("augmented", "control"):
         assert stages.ssl_unit_key(cfg, keys, arm, 0) != stages.ssl_unit_key(other, k2, arm, 0)
     assert base["fingerprint"] != m["fingerprint"]
+
+
+def _class_conditions(run_dir: Path, c: int) -> list[int]:
+    """The condition images of class c in sampling order: the split's labeled indices of c."""
+    split = stages.split_for(run_dir)
+    return [int(i) for i in split.labeled_idx if split.labels[i] == c]
+
+
+def test_sample_parts_and_shards_record_each_rows_condition_label_and_seed(flow_cfg):
+    """Several conditions per chunk: row i * k + j of a chunk is sample j of the chunk's
+    i-th condition (condition-major), in the part file, in its pixels and in the shards."""
+    import torch
+
+    from anl_core.inject import load_adapter
+    from anl_core.sampling import masked_sample
+    from pipeline.images import from_model_space
+    from pipeline.shards import read_shards
+
+    k, ratios = 2, [0.3, 0.6]
+    cfg = with_overrides(flow_cfg, {"labels_per_class": 3, "sampling.chunk_conditions": 2,
+                                    "sampling.per_condition": k, "sampling.mask_ratios": ratios})
+    run_dir = init_run_dir(cfg)
+    stages.run_all(run_dir, cfg, until="shards")
+    expected = []  # (label, condition_id, seed, mask_ratio) per row, in shard order
+    for c in (0, 1):
+        conds = _class_conditions(run_dir, c)
+        assert len(conds) == 3
+        for mi, ratio in enumerate(ratios):
+            seed = stages.ratio_seed(cfg.sampling.seed, mi)
+            for ci, chunk in enumerate((conds[:2], conds[2:])):  # chunk_conditions = 2
+                with np.load(run_dir / stages.sample_rel(c) / stages.part_name(mi, ci)) as z:
+                    rows = [(c, cid, seed, ratio) for cid in chunk for _ in range(k)]
+                    assert z["condition_id"].tolist() == [r[1] for r in rows], (c, mi, ci)
+                    assert z["labels"].tolist() == [c] * len(rows)
+                    assert z["seed"].tolist() == [seed] * len(rows)
+                    assert z["mask_ratio"].tolist() == [ratio] * len(rows)
+                    assert len(z["images"]) == len(rows)
+                expected += rows
+    # The pixels agree with the provenance: each condition sampled alone gives its rows.
+    unet, scheduler = stages.load_base(run_dir, cfg, "cpu")
+    tok = stages.load_tokens(run_dir)
+    model = load_adapter(unet, run_dir / stages.adapter_rel(1), encoder_id=tok["encoder_id"])
+    shape = stages.dataset_for(cfg).image_shape[:2]
+    s = cfg.sampling
+    with np.load(run_dir / stages.sample_rel(1) / stages.part_name(1, 0)) as z:
+        images = z["images"]
+    for i, cid in enumerate(_class_conditions(run_dir, 1)[:2]):
+        row = int(torch.nonzero(tok["index"] == cid).flatten()[0])
+        x = masked_sample(model, scheduler, tok["tokens"][row:row + 1], k,
+                          mask_ratio=ratios[1], guidance=s.guidance,
+                          num_inference_steps=s.num_inference_steps,
+                          seed=stages.ratio_seed(s.seed, 1), batch_size=s.batch_size,
+                          condition_ids=[cid], progress=False, eta=s.eta)
+        alone = from_model_space(x, shape=shape)
+        assert np.abs(alone.astype(int) - images[i * k:(i + 1) * k].astype(int)).max() <= 1, cid
+    frame = read_shards(run_dir / "shards").frame
+    got = list(zip(frame["label"].tolist(), frame["condition_id"].tolist(),
+                   frame["seed"].tolist(), frame["mask_ratio"].tolist(), strict=True))
+    assert got == expected
+
+
+def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatch):
+    """The second chunk's write dies half way through its bytes: no file under its final
+    name and no temp file are left, the rerun writes the missing chunks only, and every
+    condition ends up with exactly k rows."""
+    import io
+
+    from pipeline.shards import read_shards
+
+    k = 2
+    cfg = with_overrides(flow_cfg, {"labels_per_class": 3, "sampling.chunk_conditions": 1,
+                                    "sampling.per_condition": k})
+    run_dir = init_run_dir(cfg)
+    stages.run_all(run_dir, cfg, until="tune")
+    real_savez, calls = np.savez, []
+
+    def crashing_savez(file, *args, **kwargs):
+        calls.append(file)
+        if len(calls) < 2:
+            return real_savez(file, *args, **kwargs)
+        buf = io.BytesIO()
+        real_savez(buf, *args, **kwargs)
+        data = buf.getvalue()
+        file.write(data[:len(data) // 2])
+        file.flush()
+        raise OSError("injected: disk full half way through a chunk")
+
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", crashing_savez)
+        with pytest.raises(OSError, match="injected"):
+            stages.run_sample(run_dir, cfg)
+    unit = run_dir / stages.sample_rel(0)
+    first = unit / stages.part_name(0, 0)
+    # Only the finished chunk and the plan: no partial part, no temp file, no unit marker.
+    assert sorted(p.name for p in unit.iterdir()) == [first.name, "plan.json"]
+    assert not (run_dir / stages.sample_rel(1)).exists()
+    stamp = first.stat().st_mtime_ns
+
+    stages.run_sample(run_dir, cfg)
+    assert first.stat().st_mtime_ns == stamp  # the finished chunk is kept, not redone
+    for c in (0, 1):
+        d = run_dir / stages.sample_rel(c)
+        assert sorted(p.name for p in d.glob("*.npz")) == \
+            [stages.part_name(0, ci) for ci in range(3)]
+        assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no temp files
+        ids = []
+        for ci in range(3):
+            with np.load(d / stages.part_name(0, ci)) as z:
+                assert z["images"].shape[0] == k and z["images"].dtype == np.uint8
+                ids += z["condition_id"].tolist()
+        assert ids == [cid for cid in _class_conditions(run_dir, c) for _ in range(k)]
+    stages.run_shards(run_dir, cfg)
+    frame = read_shards(run_dir / "shards").frame
+    assert len(frame) == 2 * 3 * k
+    counts = frame.groupby("condition_id").size()
+    assert len(counts) == 6 and (counts == k).all()

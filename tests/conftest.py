@@ -120,6 +120,18 @@ def anl_one_thread():
         _anl_torch.set_num_threads(before)
 
 
+class FixedLogits(_anl_torch.nn.Module):
+    """A 'model' that returns preset logits for the concatenated (lb, ulb_w, ulb_s) batch."""
+
+    def __init__(self, logits) -> None:
+        super().__init__()
+        self.out = logits
+
+    def forward(self, x):
+        assert x.shape[0] == self.out.shape[0]
+        return self.out
+
+
 @_data_pytest.fixture
 def anl_unet_factory():
     """``make(seed=0, sample_size=8, channels=1)`` -> a fresh tiny UNet2DModel."""

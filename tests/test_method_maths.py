@@ -14,7 +14,7 @@ import typing
 import numpy as np
 import pytest
 import torch
-from conftest import anl_make_unet, anl_one_thread
+from conftest import FixedLogits, anl_make_unet, anl_one_thread
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -147,16 +147,6 @@ def _ce(logits: torch.Tensor, target: int) -> float:
     return math.log(sum(math.exp(v) for v in row)) - row[target]
 
 
-class _Fixed(torch.nn.Module):
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.out = logits
-
-    def forward(self, x):
-        assert x.shape[0] == self.out.shape[0]
-        return self.out
-
-
 def test_fixmatch_mask_targets_and_total_loss_by_hand():
     from pipeline.ssl import SSLConfig
     from pipeline.ssl.algorithms.base import Batch
@@ -176,7 +166,7 @@ def test_fixmatch_mask_targets_and_total_loss_by_hand():
     targets, mask = algo.pseudo_labels(w, batch)
     assert mask.tolist() == [0.0, 1.0, 1.0, 0.0]
     assert targets[1:3].tolist() == [1, 2]
-    out = algo.train_step(_Fixed(torch.cat([lb, w, s])), batch)
+    out = algo.train_step(FixedLogits(torch.cat([lb, w, s])), batch)
     sup = (1.0 * _ce(lb[0], 0) + 2.0 * _ce(lb[1], 1)) / 2
     unsup = (_ce(s[1], 1) + _ce(s[2], 2)) / 4  # mean over all 4 unlabeled rows
     assert out.terms["sup_loss"].item() == pytest.approx(sup, rel=1e-6)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FixedLogits, anl_one_thread
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from pipeline.ssl import SSLConfig, build_net
@@ -27,10 +28,8 @@ from pipeline.ssl.nets import _WideBlock
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with anl_one_thread():
+        yield
 
 
 # --------------------------------------------------------------------------- WRN-28-2
@@ -321,18 +320,6 @@ def test_strong_augment_still_seeded_and_batched():
 # --------------------------------------------------------------------------- FixMatch
 
 
-class _Fixed(torch.nn.Module):
-    """A 'model' that returns preset logits for the concatenated (lb, ulb_w, ulb_s) batch."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.out = logits
-
-    def forward(self, x):
-        assert x.shape[0] == self.out.shape[0]
-        return self.out
-
-
 def _fixmatch_step(hard: bool):
     ln = math.log
     lb = torch.tensor([[0.0, 0.0, 0.0]])
@@ -344,7 +331,7 @@ def _fixmatch_step(hard: bool):
     batch = Batch(x_lb=torch.zeros(1, 3, 4, 4), y_lb=torch.tensor([0]), w_lb=torch.ones(1),
                   x_ulb_w=torch.zeros(2, 3, 4, 4), x_ulb_s=torch.zeros(2, 3, 4, 4))
     targets, mask = algo.pseudo_labels(w, batch)
-    out = algo.train_step(_Fixed(torch.cat([lb, w, s])), batch)
+    out = algo.train_step(FixedLogits(torch.cat([lb, w, s])), batch)
     return targets, mask, out
 
 

@@ -227,6 +227,13 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
     if config.labels_per_class > min_count:
         raise PreflightError(f"labels_per_class={config.labels_per_class}: the smallest class of "
                              f"{config.dataset} has {min_count} training images")
+    held = config.labels_per_class + config.validation_per_class
+    if held > min_count:
+        raise PreflightError(
+            f"labels_per_class={config.labels_per_class} + validation_per_class="
+            f"{config.validation_per_class} = {held}, but the smallest class of {config.dataset} "
+            f"has {min_count} training images; lower validation_per_class (--set "
+            f"validation_per_class=N) to at most {min_count - config.labels_per_class}")
     base = None if config.pretrains_base else str(resolve_base_model(config.base_model))
     encoder = check_encoder(config.encoder)
     need = estimated_output_bytes(config, ds.num_classes, ds.image_shape)

@@ -30,6 +30,7 @@ PRESET = "cifar10-250labels"
 # preset's dataset, labels per class, split seed, base model, encoder, adapter placement and
 # widths, mask ratio, guidance, SSL algorithm and net (wrn-28-2) all stay as shipped.
 REHEARSAL_SIZES = [
+    "validation_per_class=5",  # the stand-in archive has 40 training images per class
     "tuning.steps=2", "tuning.batch_size=4",
     "sampling.per_condition=1", "sampling.num_inference_steps=2",
     "ssl.steps=2", "ssl.batch_size=2", "ssl.eval_size=64",
@@ -235,26 +236,32 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
             out = model(sample, torch.tensor([10, 500]), tokens=tokens)
         assert out.shape == sample.shape and torch.isfinite(out).all()
 
-    # shards: verified manifest, one synthetic image per labeled image, labels inherited.
+    # shards: verified manifest, one synthetic image per labeled image sampled, the ones the
+    # preset's filter kept written (its own records say how many), labels inherited.
     manifest = verify_shards(run_dir / "shards")
-    assert sum(s["rows"] for s in manifest["shards"]) == 250
+    shards_rec = read_json(run_dir / "stages" / "shards.json")["metrics"]
+    n_rows = sum(s["rows"] for s in manifest["shards"])
+    assert shards_rec["rows_sampled"] == 250 and 0 < n_rows == shards_rec["rows"] <= 250
     arrays = read_shards(run_dir / "shards")
-    assert arrays.images.shape == (250, 32, 32, 3) and arrays.images.dtype == np.uint8
+    assert arrays.images.shape == (n_rows, 32, 32, 3) and arrays.images.dtype == np.uint8
     assert arrays.images.std() > 1  # denoised pixels, not a constant fill
-    assert np.bincount(arrays.labels, minlength=10).tolist() == [25] * 10
     split = load_split(run_dir / "split.parquet")
+    assert len(split.val_idx) == 50 and not set(split.val_idx) & set(split.labeled_idx)
     label_of = dict(zip(split.labeled_idx.tolist(), split.labeled_labels.tolist(), strict=True))
     frame = arrays.frame
-    assert sorted(frame["condition_id"].tolist()) == sorted(label_of)  # each labeled image once
+    conds = frame["condition_id"].tolist()
+    assert len(set(conds)) == len(conds) and set(conds) <= set(label_of)  # each at most once
     assert [label_of[i] for i in frame["condition_id"]] == arrays.labels.tolist()
     assert stand_ins["cifar"]["train_labels"][frame["condition_id"].to_numpy()].tolist() == \
         arrays.labels.tolist()
     assert set(frame["source"]) == {"synthetic"}
     assert set(frame["mask_ratio"]) == set(expected.sampling.mask_ratios)
     assert set(frame["guidance"]) == {expected.sampling.guidance}
-    assert set(frame["adapter_id"]) == {f"class-{c:02d}" for c in range(10)}
+    # Every row names its class's adapter (a class the filter emptied has no rows).
+    assert set(frame["adapter_id"]) <= {f"class-{c:02d}" for c in range(10)}
+    assert frame["adapter_id"].tolist() == [f"class-{c:02d}" for c in arrays.labels]
 
-    # ssl: the three arms of the preset, each a wrn-28-2, only the augmented one with synthetic rows.
+    # ssl: the arms of the preset, each a wrn-28-2; augmented and control with extra rows.
     for arm in expected.ssl.arms:
         for seed in expected.ssl.seeds:
             unit = run_dir / f"ssl/{arm}/seed-{seed}"
@@ -264,12 +271,17 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
                 (arm, "wrn-28-2", 2, "cifar10")
             assert 0.0 <= metrics["top1_error"] <= 1.0
             assert metrics["num_labeled"] == 250
-            assert metrics.get("num_synthetic", 0) == (250 if arm == "augmented" else 0)
+            extra = {"augmented": n_rows}.get(arm, 0)
+            if arm == "control":  # judged real rows: as many as synthetic, unless the pool is short
+                assert 0 < metrics["num_synthetic"] <= n_rows
+            else:
+                assert metrics.get("num_synthetic", 0) == extra
+            assert metrics["num_validation"] == 50
             assert read_json(unit / "unit.json")["key"] == ssl_unit_key(expected, keys, arm, seed)
 
     # quality and report.
     quality = read_json(run_dir / "stages" / "quality.json")["metrics"]
-    assert quality["n_synthetic"] == 250 and 0.0 <= quality["label_consistency"] <= 1.0
+    assert quality["n_synthetic"] == n_rows and 0.0 <= quality["label_consistency"] <= 1.0
     html = (run_dir / "report.html").read_text()
     assert PRESET in html and all(arm in html for arm in expected.ssl.arms)
     assert (run_dir / "report.md").stat().st_size > 0

@@ -88,3 +88,14 @@ def test_load_split_refuses_missing_and_corrupt_files(tmp_path, labels):
     pq.write_table(table.slice(0, 50), tmp_path / "cut.parquet")  # indices no longer 0..N-1
     with pytest.raises(SplitError, match="corrupt"):
         load_split(tmp_path / "cut.parquet")
+
+
+def test_preflight_names_a_validation_split_the_data_cannot_hold():
+    """Fashion-MNIST has 6,000 training images per class: 4 labels + 5,997 held out do not fit,
+    and pre-flight says so (naming the field and the largest value that fits) in seconds."""
+    from pipeline.config import load_config
+    from pipeline.preflight import PreflightError, preflight
+
+    cfg = load_config("demo", {"validation_per_class": 5997, "device": "cpu"})
+    with pytest.raises(PreflightError, match=r"validation_per_class=5997.*at most 5996"):
+        preflight(cfg)

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.common import add_preset_args, csv_list, load_bench_config, markdown_table
+from bench.common import add_preset_args, csv_list, fmt, load_bench_config, markdown_table
 
 ARMS = ("supervised", "baseline", "augmented", "control")
 # (arm, against): positive = arm has the lower error.
@@ -166,8 +166,8 @@ def print_summary(summary: dict, results: dict, config) -> None:
         print(f"\ntarget (augmented - baseline >= +{TARGET_GAIN:g} points, CI above 0, at a "
               f"settled baseline): "
               f"{'met' if g['mean'] >= TARGET_GAIN and (g['ci_low'] or -1) > 0 and base_ok else 'not met'}"
-              f" (mean {g['mean']:+.2f}, CI {g['ci_low']}..{g['ci_high']}, baseline settled in "
-              f"every rep: {base_ok})")
+              f" (mean {g['mean']:+.2f}, 95% CI {fmt(g['ci_low'], '+.2f')}.."
+              f"{fmt(g['ci_high'], '+.2f')}, baseline settled in every rep: {base_ok})")
 
 
 def main() -> None:

@@ -91,7 +91,8 @@ def learning_curve_settled(steps: Sequence[int], errors: Sequence[float],
     """(settled, movement): does the last quarter of a curve move less than ``tolerance``?
 
     ``errors`` in percent; movement is max - min of the points in the last quarter of the
-    steps (both ends included), the rule issue 16 uses to call a budget converged.
+    steps (both ends included), the rule issue 16 uses to call a budget converged. With
+    fewer than two points in the last quarter it cannot tell: (False, nan).
     """
     steps = np.asarray(steps, dtype=np.float64)
     errors = np.asarray(errors, dtype=np.float64)
@@ -99,5 +100,7 @@ def learning_curve_settled(steps: Sequence[int], errors: Sequence[float],
         raise ValueError("a learning curve needs at least two points")
     last = steps >= steps.max() * 0.75
     tail = errors[last]
+    if len(tail) < 2:  # one point cannot show a curve has stopped moving
+        return False, float("nan")
     movement = float(tail.max() - tail.min())
     return movement < tolerance, movement

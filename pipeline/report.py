@@ -11,6 +11,7 @@ in :mod:`pipeline.report_ablation` and :mod:`pipeline.report_history`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,11 @@ def curve_sentence(run: RunData, arm: str = "baseline") -> str | None:
     c = run.curve_check(arm)
     if c is None:
         return None
+    if math.isnan(c.movement_pp):
+        return (f"The {arm}'s learning curve has one point in its last quarter (step "
+                f"{c.last_step}), too few to tell whether it settled: set ssl.eval_every to a "
+                "quarter of ssl.steps or less. Gains before convergence are not gains at "
+                "convergence.")
     steps = (f"steps {c.first_step}-{c.last_step}" if c.first_step < c.last_step
              else f"step {c.last_step}")
     where = (f"over its last quarter ({steps}; {c.split} error, mean "

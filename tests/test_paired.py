@@ -49,3 +49,6 @@ def test_learning_curve_settled_reads_the_last_quarter():
     # A big drop just before the last quarter does not count against it.
     assert learning_curve_settled(steps, [60, 50, 45, 40, 37, 30.2, 30.1, 30.0])[0]
     assert not learning_curve_settled(steps, flat_end, tolerance=0.3)[0]
+    # Points at 50 and 100 only: one point in the last quarter cannot show a flat curve.
+    ok, moved = learning_curve_settled([50, 100], [40.0, 39.9])
+    assert not ok and math.isnan(moved)

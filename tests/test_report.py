@@ -365,3 +365,18 @@ def test_old_runs_without_validation_show_test_curves(tmp_path):
     assert "Test error during training" in html and "val error" not in md
     assert "(steps 75-100; test error, mean over 1 seed) it moved 2.00 points" in md
     assert "budget is too short" not in md  # no supervised arm: nothing to compare with
+
+
+def test_one_curve_point_in_the_last_quarter_is_not_called_settled(tmp_path):
+    """Curve points at 50 and 100 (the old demo's eval_every): the last quarter holds one
+    point, which cannot show a flat curve; the report says so instead of 'settled'."""
+    from report_fixtures import fabricated_run
+
+    errors = {"supervised": [0.50], "baseline": [0.40], "augmented": [0.36]}
+    run = fabricated_run(tmp_path, errors, curve=[(50, 0.41), (100, 0.40)],
+                         curve_split="validation", val_error=0.39)
+    _, md_path = build_run_report(run)
+    md = md_path.read_text()
+    assert "had settled" not in md
+    assert ("The baseline's learning curve has one point in its last quarter (step 100), too "
+            "few to tell whether it settled") in md

@@ -70,7 +70,8 @@ if [ "$TINY" = 1 ]; then
   SSL=(--steps 4 --batch-size 8 --mu 1 --curve-points 2 --set ssl.control_pool=200)
   SYN=(--set tuning.steps=2 --set tuning.batch_size=4 --set sampling.per_condition=2
        --set sampling.num_inference_steps=2 --set sampling.batch_size=16 --set labels_per_class=2
-       --set quality.reference.epochs=1 --set encoder=efficientnet-lite0@128)
+       --set quality.reference.epochs=1 --set encoder=efficientnet-lite0@128
+       --set neighbors.pool=200 --set filter.copy_pool=200)
   FAITH=(--classes 0,1 --tune-steps 2 --guidance 0,3 --mask-ratios 0,0.5 --per-condition 2
          --inference-steps 2 --real-per-class 10 --set tuning.batch_size=4
          --set labels_per_class=2 --set encoder=efficientnet-lite0@128)

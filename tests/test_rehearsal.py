@@ -310,8 +310,9 @@ def test_missing_models_fail_in_seconds_naming_the_id_and_both_fixes(stand_ins, 
         env["HF_ENDPOINT"] = "http://127.0.0.1:9"
     runs = tmp_path / "runs"
     t0 = time.perf_counter()
-    proc = _augment(["run", PRESET, "--set", "device=cpu", "--runs-dir", str(runs)], env,
-                    timeout=120)
+    # The stand-in archive holds 40 training images per class: a validation split that fits.
+    proc = _augment(["run", PRESET, "--set", "device=cpu", "--set", "validation_per_class=5",
+                     "--runs-dir", str(runs)], env, timeout=120)
     wall = time.perf_counter() - t0
     print(f"{case}: failed after {wall:.1f} s")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -12,8 +12,9 @@ All arms share the split, the network initialisation (drawn from ``config.seed``
 the schedule and the random stream of the real rows (``trainer.py``), so the difference
 between baseline and augmented is the synthetic data. With a validation split, the
 learning curve is scored on the validation images and ``metrics.json`` holds both the
-validation error (for choosing settings) and the test error (for the final figures). Outputs in ``out_dir``: checkpoint.pt, learning_curve.parquet, metrics.json
-(written last; a rerun that finds it for the same run returns at once).
+validation error (for choosing settings) and the test error (for the final figures).
+Outputs in ``out_dir``: checkpoint.pt, learning_curve.parquet, metrics.json (written last;
+a rerun that finds it for the same run returns at once).
 """
 
 from __future__ import annotations
@@ -173,8 +174,8 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
     """Train and evaluate one arm; return ``out_dir/metrics.json``.
 
     ``shard_dir`` (or the in-memory ``synthetic=(images, labels)``) is read by the
-    augmented and control arms only (for control: its judged real rows). A finished run is not redone; an interrupted one resumes from
-    ``checkpoint.pt``. ``on_step(step)`` is called after every training step (raising
+    augmented and control arms only (for control: its judged real rows). A finished run is
+    not redone; an interrupted one resumes from ``checkpoint.pt``. ``on_step(step)`` is called after every training step (raising
     from it stops the run; the last checkpoint stays).
     """
     out_dir = Path(out_dir)
@@ -207,8 +208,12 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
     trainer.fit(on_step=on_step)
     t0 = time.perf_counter()
     result = trainer.evaluate_ema("test")
-    val = trainer.evaluate_ema("validation") if data.val_labels is not None else None
     eval_s = time.perf_counter() - t0
+    # With a validation split, the last curve point is the final model on the validation
+    # images (fit records one at the last step): read it rather than evaluating again.
+    last = trainer.curve[-1] if trainer.curve else None
+    val_error = last["test_error"] if data.curve_split == "validation" and last and \
+        last["step"] == trainer.step else None
 
     curve = pd.DataFrame(trainer.curve)
     _atomic_write_bytes(out_dir / CURVE, lambda tmp: curve.to_parquet(tmp, index=False))
@@ -218,7 +223,7 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
         "dataset": dataset.name, "net": net_name,
         "num_params": sum(p.numel() for p in net.parameters()),
         "top1_error": result.top1_error, "top1_accuracy": result.top1_accuracy,
-        "val_error": None if val is None else val.top1_error,
+        "val_error": val_error,
         "num_validation": len(split.val_idx), "curve_split": data.curve_split,
         # None for a class absent from the test split (strict JSON has no NaN).
         "per_class_accuracy": {name: (None if np.isnan(acc) else acc) for name, acc in

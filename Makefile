@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup system-deps demo test lint bench-cpu
+.PHONY: setup system-deps demo test test-slow lint bench-cpu
 
 $(BIN)/augment: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,14 @@ setup: $(BIN)/augment system-deps
 demo: setup
 	$(BIN)/augment run demo
 
+# The fast lane (about 2 min on 2 cores); the slow lane runs real Prefect flows and servers
+# end to end (about 3 min). CI runs both (.ci/run).
 test: WITH_CHROMIUM=1
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/pytest -q -m slow
 
 lint: setup
 	$(BIN)/ruff check anl_core pipeline flows tests bench

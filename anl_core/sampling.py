@@ -106,6 +106,7 @@ def masked_sample(model: ANLUNet, scheduler, tokens: torch.Tensor, num_per_condi
         b = len(batch)
         gens = [torch.Generator().manual_seed(image_seed(seed, cid, j)) for _, cid, j in batch]
         x = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(device)
+        sched.set_timesteps(num_inference_steps, device=device)  # init_noise_sigma depends on it
         x = x * sched.init_noise_sigma
         null_ctx = model.context(None, batch_size=b)
         if uncond_only:
@@ -123,7 +124,6 @@ def masked_sample(model: ANLUNet, scheduler, tokens: torch.Tensor, num_per_condi
             kwargs["generator"] = gens
         if "eta" in step_params:
             kwargs["eta"] = eta
-        sched.set_timesteps(num_inference_steps, device=device)
         for t in sched.timesteps:
             inp = sched.scale_model_input(x, t)
             if not (cond_only or uncond_only):

@@ -8,7 +8,8 @@
 #   phase B  on the 6.8M base: the faithfulness sweep (issue 9); issue 16's protocol: for 3
 #            independent repetitions (own split, seeds, adapters and samples), the pipeline's
 #            stages up to the shards, then supervised, baseline, augmented and control arms,
-#            one process each on the card; the paired table (bench/ssl_gain.py) at the end
+#            one process each on the card; issue 17's second round (augmented-r2, selftrain)
+#            after each baseline; the paired table (bench/ssl_gain.py) at the end
 #   phase C  if time is left: the issue-3/4 speed benches, alone on the card
 #
 # The GPU machine has torch but not our other dependencies and no internet: the call carries
@@ -16,7 +17,8 @@
 # and this script installs them:
 #   run(command="bash bench/gpu_all.sh", carry=[".whl", ".fmnist"], timeout_s=600)
 # Knobs (environment): LIMIT (seconds, default 545), LARGE_S (6.8M pretraining budget, 200),
-# SSL_STEPS (4096), SKIP_SMALL=1 (do not retrain the 1.1M model).
+# SSL_STEPS (4096), LOOP_K (round-2 pseudo-labels per class, 50), SKIP_SMALL=1 (do not retrain
+# the 1.1M model).
 # TINY=1 runs the same steps at toy sizes on CPU (PY=.venv/bin/python), to test this script
 # before spending GPU time. Results: $OUT/summary.txt, $OUT/results.tar.gz (logs, sweep cells,
 # sample grids, arm metrics; refreshed every 20 s), $OUT/base_*.tar (the new base models).
@@ -68,6 +70,7 @@ if [ "$TINY" = 1 ]; then
          --set steps=3 --set batch_size=8 --set sample_steps=2 --set time_limit_s=60)
   REF=(--reference-width 4 --reference-epochs 1)
   SSL=(--steps 4 --batch-size 8 --mu 1 --curve-points 2 --set ssl.control_pool=200)
+  LOOP=(--set loop.threshold=0 --set loop.per_class=3)  # a 4-step classifier is never sure
   SYN=(--set tuning.steps=2 --set tuning.batch_size=4 --set sampling.per_condition=2
        --set sampling.num_inference_steps=2 --set sampling.batch_size=16 --set labels_per_class=2
        --set quality.reference.epochs=1 --set encoder=efficientnet-lite0@128
@@ -87,6 +90,7 @@ else
          --set checkpoint_every=2000 --set time_limit_s=200)
   REF=(--reference-width 32 --reference-epochs 8)
   SSL=(--steps "${SSL_STEPS:-4096}")
+  LOOP=(--set loop.per_class="${LOOP_K:-50}" --set loop.per_condition=4)
   SYN=(--set tuning.steps=300 --set sampling.per_condition=32 --set sampling.num_inference_steps=25)
   FAITH=(--tune-steps 300 --scopes per-class --token-sets patch --guidance 0,1,3
          --mask-ratios 0,0.5 --per-condition 16 --inference-steps 25)
@@ -129,7 +133,7 @@ EOF
 bg reference "$PY" "$W/reference.py" "$REFCACHE" "$DEV" "${REF[1]}" "${REF[3]}"
 P_REF=$LAST
 SSL_ARGS=(--preset fashion-mnist-40labels "${SSL[@]}" --runs-dir "$W/ssl/runs"
-          --set validation_per_class=500 "${COMMON[@]}")
+          --set validation_per_class=500 --set loop.rounds=2 "${LOOP[@]}" "${COMMON[@]}")
 
 wait "$P_LARGE"; say "pretrain_large: $(finished pretrain_large)"
 tar -cf "$OUT/base_large.tar" -C "$W" --exclude=checkpoints base_large 2>/dev/null
@@ -157,11 +161,21 @@ for r in 0 1 2; do  # after its split exists: the real-data arms need nothing el
     P_REAL+=("$LAST")
   done
 done
-for p in "${P_REAL[@]}"; do wait "$p"; done
-say "SSL arms: $(for r in 0 1 2; do for a in supervised baseline augmented control; do
+# Issue 17's second round: once a repetition's baseline is trained, its pseudo-labels,
+# round-2 adapters, samples and shards, then augmented-r2 and selftrain (one process per rep).
+P_R2=()
+for r in 0 1 2; do
+  wait "${P_REAL[$((4 * r + 1))]}"  # ssl_baseline_$r
+  bg "ssl_round2_$r" "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --reps "$r" \
+    --arms augmented-r2,selftrain
+  P_R2+=("$LAST")
+done
+for p in "${P_REAL[@]}" "${P_R2[@]}"; do wait "$p"; done
+say "SSL arms: $(for r in 0 1 2; do for a in supervised baseline augmented control round2; do
   finished "ssl_${a}_$r"; done; done | tr '\n' ' ')"
 # Every arm has finished (or run out of time): this only reads them for the paired table.
 timeout 120 "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --reps 0,1,2 --json "$W/ssl_gain.json" \
+  --arms supervised,baseline,augmented,control,augmented-r2,selftrain \
   > "$W/logs/ssl_table.log" 2>&1
 wait "$P_FL"; say "faith_large: $(finished faith_large)"
 

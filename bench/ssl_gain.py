@@ -5,7 +5,9 @@ Each repetition r is a whole pipeline run of the preset with its own labeled spl
 training seed, all ``--rep-offset + r``; the arms of one repetition share them (paired).
 Per repetition it runs the pipeline's own stages (split, encode, tune, sample, shards: the
 flow's code, cached in ``--runs-dir``) and then the arms with ``pipeline.stages.run_ssl_arm``
-(supervised, baseline, augmented, control: the flow's code too).
+(supervised, baseline, augmented, control: the flow's code too). With ``--set
+loop.rounds=2`` it also runs the second round (``pipeline.loop``: pseudo-labels from the
+baseline, round-2 adapters, samples and shards) and its arms augmented-r2 and selftrain.
 
 It prints every arm's validation and test error per repetition, and for augmented -
 baseline, augmented - control and baseline - supervised the per-repetition paired
@@ -36,10 +38,13 @@ import torch
 
 from bench.common import add_preset_args, csv_list, fmt, load_bench_config, markdown_table
 
-ARMS = ("supervised", "baseline", "augmented", "control")
+ROUND_ONE = ("supervised", "baseline", "augmented", "control")
+ROUND_TWO = ("augmented-r2", "selftrain")  # need --set loop.rounds=2 (and the baseline)
+ARMS = ROUND_ONE + ROUND_TWO
 # (arm, against): positive = arm has the lower error.
 PAIRS = (("augmented", "baseline"), ("augmented", "control"), ("baseline", "supervised"),
-         ("control", "baseline"))
+         ("control", "baseline"), ("augmented-r2", "baseline"), ("augmented-r2", "selftrain"),
+         ("augmented-r2", "augmented"), ("selftrain", "baseline"))
 SYNTHESIS_STAGES = ("split", "encode", "tune", "sample", "shards")
 TARGET_GAIN = 2.0  # accuracy points, augmented over baseline (issue 16), CI above 0
 
@@ -72,15 +77,28 @@ def run_repetition(config, r: int, arms: list[str], offset: int,
     if config.pretrains_base:
         raise SystemExit("this bench tunes on a fixed base_model; the preset pretrains one")
     run_dir = init_run_dir(config)
-    needs_shards = bool({"augmented", "control"} & set(arms)) if synthesis is None else synthesis
+    needs_shards = bool({"augmented", "control", *ROUND_TWO} & set(arms)) \
+        if synthesis is None else synthesis
     for stage in SYNTHESIS_STAGES if needs_shards else ("split",):
         rec = stages.STAGE_FUNCTIONS[stage](run_dir, config)
         state = "skipped" if rec.get("skipped") else \
             f"adopted from {rec['adopted_from']}" if rec.get("adopted_from") else \
             f"{rec.get('wall_s', 0):.0f} s"
         print(f"  rep {r} stage {stage}: {state}", flush=True)
+    round_two = [a for a in arms if a in ROUND_TWO]
+    first = [a for a in arms if a not in ROUND_TWO]
+    if round_two and "baseline" not in first:
+        first.append("baseline")  # its classifier makes the pseudo-labels
     out = {}
-    for arm in arms:
+    for arm in first + round_two:
+        if round_two and arm == round_two[0]:  # the baseline is trained: round 2's stages
+            for name, fn in (("pseudo", stages.run_pseudo), ("encode", stages.run_encode),
+                             ("tune", stages.run_tune), ("sample", stages.run_sample),
+                             ("shards", stages.run_shards)):
+                rec = fn(run_dir, config) if name == "pseudo" else fn(run_dir, config, 2)
+                state = "skipped" if rec.get("skipped") else f"{rec.get('wall_s', 0):.0f} s"
+                extra = f" {json.dumps(rec['metrics'])}" if name == "pseudo" else ""
+                print(f"  rep {r} round-2 {name}: {state}{extra}", flush=True)
         rec = stages.run_ssl_arm(run_dir, config, arm, offset + r)
         unit = Path(run_dir) / stages.ssl_rel(arm, offset + r)
         m = json.loads((unit / "metrics.json").read_text())
@@ -192,8 +210,14 @@ def main() -> None:
     if bad:
         p.error(f"--arms {sorted(bad)}: choose from {', '.join(ARMS)}")
     torch.set_num_threads(args.threads)
+    first = [a for a in args.arms if a not in ROUND_TWO]
+    two_rounds = any(o.replace(" ", "") == "loop.rounds=2" for o in args.overrides)
+    if (two_rounds or set(ROUND_TWO) & set(args.arms)) and "baseline" not in first:
+        first.append("baseline")  # round 2 reads its classifier (the config insists)
     base = load_bench_config(args, {"runs_dir": str(args.runs_dir.resolve()),
-                                    **ssl_overrides(args), "ssl.arms": list(args.arms)})
+                                    **ssl_overrides(args), "ssl.arms": first})
+    if set(ROUND_TWO) & set(args.arms) and base.loop.rounds != 2:
+        p.error(f"--arms {', '.join(ROUND_TWO)} are the second round's: add --set loop.rounds=2")
     if not base.validation_per_class:
         print("WARNING: no validation split (validation_per_class=0): curves and selection "
               "fall back to test images; pass --set validation_per_class=N")

@@ -1,5 +1,7 @@
 """The ``augment`` flow: dataset -> split -> tokens -> adapters -> samples -> shards ->
-classifiers -> report, all in one run directory named by preset and config hash.
+classifiers -> [second round] -> report, all in one run directory named by preset and
+config hash. With ``loop.rounds: 2`` the baseline's pseudo-labels expand each class's
+subset and the generation steps run again in ``round-2/`` (``pipeline.loop``).
 
 Per-class tuning and sampling run in a subflow whose task runner the config chooses:
 threads on this machine (``task_runner: default``), or Prefect's Dask task runner
@@ -19,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import tasks
 from pipeline.config import AugmentConfig, with_overrides
 from pipeline.runs import clear_running
-from pipeline.stages import adapter_units
+from pipeline.stages import ROUND_TWO_ARMS, adapter_units
 
 
 def make_task_runner(config: AugmentConfig):
@@ -39,12 +41,13 @@ def make_task_runner(config: AugmentConfig):
 
 
 @flow(name="augment-classes", log_prints=True)
-def adapt_classes(run_dir: str, config: AugmentConfig, classes: list[int]) -> dict[str, list[str]]:
+def adapt_classes(run_dir: str, config: AugmentConfig, classes: list[int],
+                  loop_round: int = 1) -> dict[str, list[str]]:
     """Tune every adapter unit and sample every class; sampling of class c waits only for
     the adapter it uses."""
     units = adapter_units(config, len(classes))
-    tuned = {c: tasks.tune_class.submit(run_dir, config, c) for c in units}
-    sampled = [tasks.sample_class.submit(run_dir, config, c,
+    tuned = {c: tasks.tune_class.submit(run_dir, config, c, loop_round) for c in units}
+    sampled = [tasks.sample_class.submit(run_dir, config, c, loop_round,
                                          wait_for=[tuned[None if None in tuned else c]])
                for c in classes]
     return {"adapters": [f.result() for f in tuned.values()],
@@ -80,13 +83,30 @@ def augment(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None 
             for seed in config.ssl.seeds:
                 tasks.ssl_arm(run_dir, config, arm, seed)
         tasks.ssl(run_dir, config)
+        if config.loop.rounds == 2:
+            second_round(run_dir, config, classes)
         report = tasks.report(run_dir, config)
+        tasks.publish_report(run_dir, config)
     finally:
         clear_running(Path(run_dir))
     (Path(run_dir) / "stages" / "failed.json").unlink(missing_ok=True)
     path = Path(run_dir) / report["outputs"].get("html", "report.html")
     print(f"report: {path}")
     return str(path)
+
+
+def second_round(run_dir: str, config: AugmentConfig, classes: list[int]) -> None:
+    """Pseudo-label with the baseline, then round 1's generation steps again on the expanded
+    class subsets (in ``round-2/``), then the round's two arms."""
+    tasks.pseudo(run_dir, config)
+    tasks.encode(run_dir, config, loop_round=2)
+    adapt_classes.with_options(task_runner=make_task_runner(config))(run_dir, config, classes, 2)
+    for stage in (tasks.tune, tasks.sample, tasks.shards):
+        stage(run_dir, config, loop_round=2)
+    for arm in ROUND_TWO_ARMS:
+        for seed in config.ssl.seeds:
+            tasks.ssl_arm(run_dir, config, arm, seed)
+    tasks.loop(run_dir, config)
 
 
 @flow(name="benchmark", log_prints=True)

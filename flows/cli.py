@@ -118,6 +118,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pipeline import report
 
     dirs = [Path(d) for d in args.run_dirs]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:  # before any work: no half-appended history, no traceback for a typo
+        print(f"augment: error: no run directory {', '.join(missing)}; pass directories "
+              "under runs/ (see `augment runs`)", file=sys.stderr)
+        return 2
     if args.history:
         from pipeline.config import resolve_path
 
@@ -138,9 +143,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import shlex
+
     from pipeline.pretrain import run_from_args
 
-    out = run_from_args(args, command="augment pretrain " + " ".join(sys.argv[2:]))
+    # The words given to main() (not sys.argv: main may be called with its own list), quoted:
+    # the model card re-parses this command to name the training data.
+    words = getattr(args, "argv", sys.argv[1:])
+    out = run_from_args(args, command="augment pretrain " + shlex.join(words[1:]))
     print(f"base model written to {out}")
     return 0
 
@@ -202,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM -> SystemExit, so Prefect's context managers run and stop the temporary API
     # server they started (a plain SIGTERM would leave it running).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from pipeline.config import ConfigError
     from pipeline.preflight import PreflightError
 

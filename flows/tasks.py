@@ -34,13 +34,16 @@ def prepare_run(config: AugmentConfig) -> str:
     return str(run_dir)
 
 
-def _stage_task(stage: str):
-    fn = stages.STAGE_FUNCTIONS[stage]
+def _stage_task(stage: str, fn=None):
+    fn = fn or stages.STAGE_FUNCTIONS[stage]
 
-    @task(name=stage, **_opts)
-    def run(run_dir: str, config: AugmentConfig) -> dict | None:
+    @task(name=stage, task_run_name=f"{stage}-round{{loop_round}}", **_opts)
+    def run(run_dir: str, config: AugmentConfig, loop_round: int = 1) -> dict | None:
+        """``loop_round`` 2: the generation stages again, in ``round-2/`` (``loop.rounds: 2``)."""
         with stages.stage_failure_recorded(Path(run_dir), stage):
-            return fn(Path(run_dir), config)
+            if loop_round == 1:
+                return fn(Path(run_dir), config)
+            return fn(Path(run_dir), config, loop_round=loop_round)
 
     run.__doc__ = f"Stage {stage!r}: pipeline.stages.{fn.__name__}."
     return run
@@ -54,23 +57,25 @@ sample = _stage_task("sample")  # likewise
 shards = _stage_task("shards")
 quality = _stage_task("quality")
 ssl = _stage_task("ssl")
+pseudo = _stage_task("pseudo", stages.run_pseudo)  # round 2's pseudo-labels
+loop = _stage_task("loop")  # after round 2's tasks: writes the loop record
 report = _stage_task("report")
 
 
-@task(name="tune-class", task_run_name="tune-{class_idx}", **_opts)
-def tune_class(run_dir: str, config: AugmentConfig, class_idx: int | None) -> str:
+@task(name="tune-class", task_run_name="tune-{class_idx}-round{loop_round}", **_opts)
+def tune_class(run_dir: str, config: AugmentConfig, class_idx: int | None, loop_round: int = 1) -> str:
     """Tune one class's adapter; returns its directory."""
     with stages.stage_failure_recorded(Path(run_dir), "tune"):
-        stages.run_tune_class(Path(run_dir), config, class_idx)
-    return str(Path(run_dir) / stages.adapter_rel(class_idx))
+        stages.run_tune_class(Path(run_dir), config, class_idx, loop_round)
+    return str(stages.round_root(Path(run_dir), loop_round) / stages.adapter_rel(class_idx))
 
 
-@task(name="sample-class", task_run_name="sample-{class_idx}", **_opts)
-def sample_class(run_dir: str, config: AugmentConfig, class_idx: int) -> str:
+@task(name="sample-class", task_run_name="sample-{class_idx}-round{loop_round}", **_opts)
+def sample_class(run_dir: str, config: AugmentConfig, class_idx: int, loop_round: int = 1) -> str:
     """Masked sampling for one class; returns its sample directory."""
     with stages.stage_failure_recorded(Path(run_dir), "sample"):
-        stages.run_sample_class(Path(run_dir), config, class_idx)
-    return str(Path(run_dir) / stages.sample_rel(class_idx))
+        stages.run_sample_class(Path(run_dir), config, class_idx, loop_round)
+    return str(stages.round_root(Path(run_dir), loop_round) / stages.sample_rel(class_idx))
 
 
 @task(name="ssl-arm", task_run_name="ssl-{arm}-seed{seed}", **_opts)
@@ -91,3 +96,27 @@ def append_history(run_dir: str, history: str) -> dict:
     row = append(path, Path(run_dir))
     page = render_history(path, path.parent)
     return {"history": str(path), "page": str(page), "run_id": row["run_id"]}
+
+
+def artifact_key(kind: str, preset: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    slug = "".join(ch if ch.isalnum() else "-" for ch in preset.lower()).strip("-") or "custom"
+    return f"{kind}-{slug}"
+
+
+@task(name="publish-report", **_opts)
+def publish_report(run_dir: str, config: AugmentConfig) -> dict[str, str]:
+    """The run's Markdown summary and results table as Prefect artifacts, keyed by preset, so
+    the UI (and ``prefect artifact inspect report-<preset>``) shows each preset's latest."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from pipeline.report import artifacts
+
+    markdown, table = artifacts(run_dir)
+    keys = {"markdown": artifact_key("report", config.preset),
+            "table": artifact_key("results", config.preset)}
+    create_markdown_artifact(markdown=markdown, key=keys["markdown"],
+                             description=f"anl-augment report for {run_dir}")
+    create_table_artifact(table=table, key=keys["table"],
+                          description=f"SSL arms of {run_dir} (error in %)")
+    return keys

@@ -38,6 +38,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def check_unet_shape(block_out_channels, attention_levels, attention_head_dim: int) -> None:
+    """Raise ValueError for a U-Net diffusers cannot build: an attention level out of range,
+    or attention (at a listed level or in the mid block, which always has it) over fewer
+    channels than one head needs (diffusers divides by zero)."""
+    n = len(block_out_channels)
+    bad = [i for i in attention_levels if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"attention_levels {bad} are not levels of block_out_channels "
+                         f"(0..{n - 1})")
+    narrow = sorted({block_out_channels[i] for i in (*attention_levels, n - 1)
+                     if block_out_channels[i] < attention_head_dim})
+    if narrow:
+        raise ValueError(f"attention over {narrow} channels with attention_head_dim="
+                         f"{attention_head_dim} gives no head (the mid block always has "
+                         f"attention); lower attention_head_dim to at most {min(narrow)} or "
+                         "widen those levels")
+
+
 class PretrainSection(_Section):
     """Pretrain an unconditional base U-Net on the unlabeled pool: ``pipeline.pretrain.PretrainConfig``.
 
@@ -62,6 +80,11 @@ class PretrainSection(_Section):
     sample_steps: int = Field(50, ge=1)
     time_limit_s: float | None = Field(None, ge=0)  # wall-clock budget; see PretrainConfig
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> PretrainSection:
+        check_unet_shape(self.block_out_channels, self.attention_levels, self.attention_head_dim)
+        return self
 
 
 class AdapterSection(_Section):
@@ -237,6 +260,28 @@ class QualitySection(_Section):
     seed: int = 0
 
 
+class LoopSection(_Section):
+    """A second round (DPT's loop, ``pipeline.loop``): the baseline classifier pseudo-labels
+    the unlabeled pool, each class's adapter is tuned again on its labeled images plus its
+    confident pseudo-labeled ones, sampling is conditioned on them, and ``augmented-r2``
+    trains on the round-2 shards beside ``selftrain`` (the same pseudo-labeled real images
+    as its extra rows, the control that must be beaten).
+
+    ``rounds``: 1 = off. ``per_class``: at most K pseudo-labeled images per class, the most
+    confident first (class-balanced). ``threshold``: the least EMA-softmax confidence kept.
+    ``warm_start``: round 2 starts each adapter from its round-1 weights (else fresh).
+    ``conditions``: sample from labeled and pseudo-labeled images, or labeled ones only.
+    ``per_condition``: round-2 samples per condition image (default: sampling.per_condition).
+    """
+
+    rounds: Literal[1, 2] = 1
+    per_class: int = Field(50, ge=1)
+    threshold: Ratio = 0.95
+    warm_start: bool = True
+    conditions: Literal["labeled+pseudo", "labeled"] = "labeled+pseudo"
+    per_condition: int | None = Field(None, ge=1)
+
+
 # Fields that say where and how work runs, not what it computes: left out of every hash.
 RUNTIME_FIELDS = frozenset({"preset", "runs_dir", "task_runner", "dask_address", "dask_n_workers",
                             "progress", "device", "require_gpu"})
@@ -264,6 +309,7 @@ class AugmentConfig(_Section):
     shards: ShardsSection = Field(default_factory=ShardsSection)
     ssl: SSLSection = Field(default_factory=SSLSection)
     quality: QualitySection = Field(default_factory=QualitySection)
+    loop: LoopSection = Field(default_factory=LoopSection)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     require_gpu: bool = False
     task_runner: Literal["default", "dask"] = "default"
@@ -278,6 +324,9 @@ class AugmentConfig(_Section):
             raise ValueError("dataset_root is required when dataset='image-folder'")
         if self.image_size & (self.image_size - 1):
             raise ValueError(f"image_size={self.image_size} must be a power of two (U-Net strides)")
+        if self.loop.rounds == 2 and "baseline" not in self.ssl.arms:
+            raise ValueError("loop.rounds=2 pseudo-labels with the baseline arm's classifier: "
+                             "add 'baseline' to ssl.arms or set loop.rounds=1")
         return self
 
     # -- helpers that read like the config file -------------------------------------------
@@ -422,6 +471,8 @@ def result_fields(config: AugmentConfig) -> dict[str, Any]:
         fields.pop("filter")  # the same, for the synthetic-row filter
     if not config.validation_per_class:
         fields.pop("validation_per_class")  # and for the validation split
+    if config.loop.rounds == 1:
+        fields.pop("loop")  # and for the second round
     return fields
 
 
@@ -441,6 +492,7 @@ STAGE_PARTS: dict[str, tuple[str, ...]] = {
     "shards": ("shards",),
     "quality": ("quality", "encoder", "image_size"),
     "ssl": ("ssl",),
+    "loop": ("loop",),
     "report": (),
 }
 
@@ -453,7 +505,8 @@ STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
     "shards": ("sample",),
     "quality": ("shards", "split"),
     "ssl": ("split", "shards"),
-    "report": ("quality", "ssl"),
+    "loop": ("ssl", "tune"),
+    "report": ("quality", "ssl", "loop"),
 }
 
 

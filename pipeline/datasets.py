@@ -8,6 +8,7 @@ in-memory arrays let the SSL trainer keep the whole set on the GPU.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import pickle
@@ -288,3 +289,9 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     if name not in REGISTRY:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(available_datasets())}")
     return REGISTRY[name](root, download, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset_cached(name: str, root: str | None, download: bool = False) -> ImageDataset:
+    """``load_dataset`` once per process: pre-flight and several stages read the same data."""
+    return load_dataset(name, root, download)

@@ -55,6 +55,11 @@ class PretrainConfig:
     device: str = "auto"
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from pipeline.config import check_unet_shape
+
+        check_unet_shape(self.block_out_channels, self.attention_levels, self.attention_head_dim)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)

@@ -186,11 +186,11 @@ def resolve_features(encoder, device: str | None, reference) -> tuple[str, Featu
 
 
 def class_grid_png(real: np.ndarray, synthetic: dict[float, np.ndarray], title: str,
-                   cols: int = 8) -> bytes:
+                   cols: int = 8, real_label: str = "real labeled") -> bytes:
     """PNG: one row of real labeled images, then one row of synthetic images per mask ratio."""
     from matplotlib.figure import Figure
 
-    rows = [("real labeled", real[:cols])] + \
+    rows = [(real_label, real[:cols])] + \
         [(f"mask {r:g}", imgs[:cols]) for r, imgs in sorted(synthetic.items())]
     h, w, c = (real if len(real) else next(iter(synthetic.values()))).shape[1:]
     fig = Figure(figsize=(cols * 0.55 + 1.0, len(rows) * 0.6 + 0.35))

@@ -333,6 +333,34 @@ def synthetic_section(run: RunData) -> dict:
             "filter": kept, "grids": _grid_uris(run)}
 
 
+def round_two_section(run: RunData) -> dict | None:
+    """The second round (``loop.rounds: 2``): its pseudo-labels, their precision against
+    the true labels (an evaluation figure: nothing in the run reads it), its shards and grids;
+    its arms' errors are in the results table with everyone else's. None when it did not run."""
+    rec = (run.stages or {}).get("loop")
+    if not rec:
+        return None
+    m = rec.get("metrics") or {}
+    pseudo = m.get("pseudo") or {}
+    names = m.get("class_names") or [str(c) for c in range(len(pseudo.get("per_class", [])))]
+    loop_cfg = (run.config or {}).get("loop") or {}
+    rows = [{"class": c, "name": name, "pseudo": n, "precision": prec}
+            for c, (name, n, prec) in enumerate(zip(
+                names, pseudo.get("per_class", []), pseudo.get("precision_per_class", []),
+                strict=False))]
+    grids = []
+    for rel in (rec.get("outputs") or {}).get("grids", []):
+        path = run.run_dir / rel
+        if path.is_file():
+            grids.append((Path(rel).stem, plots.data_uri(path.read_bytes())))
+    return {"pseudo_labeled": pseudo.get("pseudo_labeled"), "pool": pseudo.get("pool"),
+            "precision": pseudo.get("precision"), "classifier": pseudo.get("classifier"),
+            "per_class_k": loop_cfg.get("per_class"), "threshold": loop_cfg.get("threshold"),
+            "warm_start": loop_cfg.get("warm_start"), "conditions": loop_cfg.get("conditions"),
+            "rows": m.get("rows"), "kept_share": m.get("kept_share"), "classes": rows,
+            "grids": grids}
+
+
 CLASS_KEYS = ("class", "name", "n_synthetic", "kid", "kid_std", "label_consistency",
               "reference_accuracy", "diversity_synthetic", "diversity_real",
               "within_condition_diversity", "nn_rmse_synthetic", "nn_rmse_real", "top_confusion",
@@ -434,6 +462,17 @@ def markdown_summary(run: RunData | str | Path) -> str:
     if per_seed:
         lines += ["Per seed:", "", md_table(per_seed, ["arm", "seed", "error", *(
             ["val error"] if has_val else [])])]
+    r2 = round_two_section(run)
+    if r2:
+        lines += ["## Second round", "",
+                  (f"The {r2['classifier']} classifier pseudo-labeled {r2['pseudo_labeled']} of "
+                   f"{r2['pool']} unlabeled images (at most {r2['per_class_k']} per class, "
+                   f"confidence >= {r2['threshold']}); {pct_or(r2['precision'])} of them are "
+                   "right (measured afterwards; nothing in the run reads it). Round 2 wrote "
+                   f"{r2['rows']} synthetic images."), "",
+                  md_table([{"class": f"{c['class']}: {c['name']}", "pseudo-labeled": c["pseudo"],
+                             "precision": pct_or(c["precision"])} for c in r2["classes"]],
+                           ["class", "pseudo-labeled", "precision"]), ""]
     lines += ["## Synthetic data quality", ""]
     q = run.quality
     if q:
@@ -463,7 +502,8 @@ def build_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     tuning = plots.tuning_losses(run.tunes)
     html = render("run.html.j2", title=f"anl-augment report: {run.preset}", run=run,
                   verdict=verdict(run), overview=overview(run), ssl=ssl_section(run),
-                  synthetic=synthetic_section(run), quality=quality_view(run.quality),
+                  synthetic=synthetic_section(run), round_two=round_two_section(run),
+                  quality=quality_view(run.quality),
                   quality_overall=quality_overall(run.quality), cost=cost_rows(run),
                   tuning_png=plots.data_uri(tuning) if tuning else None,
                   stages=stage_rows(run), config_json=cfg_text,

@@ -20,17 +20,21 @@ import numpy as np
 import pandas as pd
 
 from pipeline.paired import PairedDifference, learning_curve_settled, paired_difference
+from pipeline.runs import STAGE_ORDER
 
 NOT_RUN = "not run"
-STAGE_ORDER = ("split", "pretrain", "encode", "tune", "sample", "shards", "quality", "ssl",
-               "report")
 # control: as many real unlabeled images as synthetic rows, labeled by the synthetic filter's
 # encoder/prototype judge and added as labeled rows the way synthetic rows are.
-ARM_ORDER = ("supervised", "baseline", "augmented", "control")
+# Round 2 (loop.rounds=2): augmented-r2 trains on the round-2 shards; selftrain, its control,
+# on the pseudo-labeled real images the round-2 adapters were tuned on.
+ARM_ORDER = ("supervised", "baseline", "augmented", "control", "augmented-r2", "selftrain")
 # (arm, against): the differences a reader asks about, most important first.
 # augmented - control: do generated images add anything beyond the encoder's pseudo-labels?
+# Round 2: augmented-r2 - selftrain says whether generation adds to self-training.
 COMPARISONS = (("augmented", "baseline"), ("augmented", "control"), ("baseline", "supervised"),
-               ("control", "baseline"), ("augmented", "supervised"))
+               ("control", "baseline"), ("augmented", "supervised"),
+               ("augmented-r2", "baseline"), ("augmented-r2", "selftrain"),
+               ("augmented-r2", "augmented"), ("selftrain", "baseline"))
 SETTLED_TOLERANCE_PP = 0.5  # a learning curve whose last quarter moves less than this settled
 
 

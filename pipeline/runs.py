@@ -18,7 +18,8 @@ from pathlib import Path
 from pipeline.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from pipeline.config import REPO_ROOT, AugmentConfig, config_hash
 
-STAGE_ORDER = ("split", "pretrain", "encode", "tune", "sample", "shards", "quality", "ssl", "report")
+STAGE_ORDER = ("split", "pretrain", "encode", "tune", "sample", "shards", "quality", "ssl", "loop",
+               "report")
 LOCK_NAME = "running.json"
 
 

@@ -17,7 +17,6 @@ Per-class work (tuning, sampling) is split into units, ``run_tune_class`` and
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -44,15 +43,9 @@ class StageError(RuntimeError):
 # --------------------------------------------------------------------------- shared inputs
 
 
-@functools.lru_cache(maxsize=4)
-def load_dataset_cached(name: str, root: str | None, download: bool = False):
-    """Datasets are read by several stages; one load per process is enough."""
-    from pipeline.datasets import load_dataset
-
-    return load_dataset(name, root, download)
-
-
 def dataset_for(config: AugmentConfig):
+    from pipeline.datasets import load_dataset_cached
+
     return load_dataset_cached(config.dataset, config.dataset_root, config.download)
 
 
@@ -111,15 +104,54 @@ def stage_keys(config: AugmentConfig, run_dir: Path | None = None) -> dict[str, 
     k["shards"] = stage_key(config, "shards", {"sample": k["sample"]})
     k["quality"] = stage_key(config, "quality", {"shards": k["shards"], "split": k["split"]})
     k["ssl"] = stage_key(config, "ssl", {"split": k["split"], "shards": k["shards"]})
-    k["report"] = stage_key(config, "report", {"quality": k["quality"], "ssl": k["ssl"]})
+    k["loop"] = _round_two_keys(config, k, base) if config.loop.rounds == 2 else None
+    k["report"] = stage_key(config, "report", {"quality": k["quality"], "ssl": k["ssl"],
+                                               "loop": k["loop"]})
     return k
+
+
+def _round_two_keys(config: AugmentConfig, k: dict, base: str | None) -> str:
+    """Adds the second round's keys to ``k`` (``pseudo``, ``<stage>-r2``); returns the loop key.
+
+    The pseudo-labels depend on the baseline classifier that made them (its unit key) and on
+    K and the threshold; round 2's encode/tune/sample/shards chain from there as round 1's do,
+    so a changed K reruns round 2 only, and a changed sampling setting reruns from sample-r2.
+    """
+    lp = config.loop
+    k["pseudo"] = _digest({"stage": "pseudo", "per_class": lp.per_class,
+                           "threshold": lp.threshold,
+                           "classifier": ssl_unit_key(config, k, "baseline", config.ssl.seeds[0])}
+                          )[:16]
+    k["encode-r2"] = stage_key(config, "encode", {"split": k["split"], "pseudo": k["pseudo"]})
+    k["tune-r2"] = stage_key(config, "tune", {"encode": k["encode-r2"], "pretrain": k["pretrain"],
+                                              "warm": k["tune"] if lp.warm_start else None},
+                             extra={"base": base})
+    k["sample-r2"] = stage_key(config, "sample", {"tune": k["tune-r2"]},
+                               extra={"ratio_seeds": True, "conditions": lp.conditions,
+                                      "per_condition": lp.per_condition})
+    k["shards-r2"] = stage_key(config, "shards", {"sample": k["sample-r2"]})
+    return stage_key(config, "loop", {"shards-r2": k["shards-r2"], "pseudo": k["pseudo"],
+                                      "ssl": k["ssl"]})
+
+
+ROUND_TWO = "round-2"
+
+
+def round_root(run_dir: Path, loop_round: int) -> Path:
+    """Where a round's conditions, adapters, samples, shards and stage records live."""
+    return Path(run_dir) if loop_round == 1 else Path(run_dir) / ROUND_TWO
+
+
+def _key(keys: dict, stage: str, loop_round: int) -> str:
+    return keys[stage] if loop_round == 1 else keys[f"{stage}-r2"]
 
 
 def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
     """Key of one arm and seed: only what that arm reads.
 
     Only the augmented and control arms read the shards (control: their per-class counts)
-    and the extra-row settings; the other arms survive a sampling change, a change of the
+    and the extra-row settings (round 2: augmented-r2 the round-2 shards, selftrain the
+    pseudo-labels); the other arms survive a sampling change, a change of the
     extra-row settings and a change of the arm or seed lists.
     """
     from pipeline.ssl.arms import EXTRA_ROW_ARMS
@@ -127,7 +159,11 @@ def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
 
     up = {"split": keys["split"], "arm": arm, "seed": str(seed)}
     ssl = config.ssl.model_dump(exclude={"arms", "seeds"})
-    if arm in EXTRA_ROW_ARMS:
+    if arm == "augmented-r2":
+        up["shards"] = keys["shards-r2"]
+    elif arm == "selftrain":
+        up["pseudo"] = keys["pseudo"]
+    elif arm in EXTRA_ROW_ARMS:
         up["shards"] = keys["shards"]
     else:
         for k in (*SYNTHETIC_FIELDS, "control_pool"):
@@ -230,6 +266,11 @@ def _place(src: Path, dst: Path) -> None:
 
 
 def _siblings(run_dir: Path):
+    """Other run directories beside this one (for a round-2 folder: their round-2 folders)."""
+    if run_dir.name == ROUND_TWO:
+        yield from (other / ROUND_TWO for other in _siblings(run_dir.parent)
+                    if (other / ROUND_TWO).is_dir())
+        return
     root = run_dir.parent
     if not root.is_dir():
         return
@@ -237,6 +278,11 @@ def _siblings(run_dir: Path):
         if other.is_dir() and other.resolve() != run_dir.resolve() \
                 and not other.name.startswith((".", "_")):
             yield other
+
+
+def _run_name(path: Path) -> str:
+    """The run a folder belongs to (a round-2 folder belongs to its parent run)."""
+    return path.parent.name if path.name == ROUND_TWO else path.name
 
 
 def _adopt_stage(run_dir: Path, stage: str, key: str) -> dict | None:
@@ -250,7 +296,7 @@ def _adopt_stage(run_dir: Path, stage: str, key: str) -> dict | None:
             continue
         for p in outputs:
             _place(p, run_dir / p.relative_to(other))
-        rec = {**rec, "adopted_from": other.name}
+        rec = {**rec, "adopted_from": _run_name(other)}
         atomic_write_json(run_dir / "stages" / f"{stage}.json", rec)
         return rec
     return None
@@ -261,7 +307,7 @@ def _adopt_unit(run_dir: Path, rel: str, key: str) -> dict | None:
         marker = read_json(other / rel / UNIT_MARKER)
         if marker and marker.get("key") == key:
             _place(other / rel, run_dir / rel)
-            return {**marker, "adopted_from": other.name}
+            return {**marker, "adopted_from": _run_name(other)}
     return None
 
 
@@ -390,9 +436,14 @@ def run_pretrain(run_dir: Path, config: AugmentConfig) -> dict | None:
 TOKENS_FILE = "conditions/tokens.safetensors"
 
 
-def run_encode(run_dir: Path, config: AugmentConfig) -> dict:
-    """Condition tokens of every labeled image, in split order (one row per labeled index)."""
+def run_encode(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:
+    """Condition tokens of every labeled image, in split order (one row per labeled index).
+
+    Round 2: the labeled images, then the round's pseudo-labeled ones (``pseudo`` = 1 marks
+    them), with the classifier's labels; the unlabeled neighbours are round 1's alone.
+    """
     keys = stage_keys(config)
+    root = round_root(run_dir, loop_round)
 
     def body(device: str) -> tuple[dict, dict]:
         import torch
@@ -403,30 +454,37 @@ def run_encode(run_dir: Path, config: AugmentConfig) -> dict:
 
         ds, split = dataset_for(config), split_for(Path(run_dir))
         encoder = load_encoder(config.encoder, device=device)
-        images = to_model_space(ds.train_images[split.labeled_idx], device=device)
+        index, labels = split.labeled_idx, split.labeled_labels
+        pseudo = np.zeros(len(index), np.int64)
+        if loop_round == 2:
+            chosen = load_pseudo_labels(root)
+            index = np.concatenate([index, chosen.train_idx])
+            labels = np.concatenate([labels, chosen.labels])
+            pseudo = np.concatenate([pseudo, np.ones(len(chosen.labels), np.int64)])
+        images = to_model_space(ds.train_images[index], device=device)
         t0 = time.perf_counter()
-        tokens = encoder.encode(images).cpu().contiguous()
+        tokens = encoder.encode(images, progress=config.progress and loop_round == 2).cpu().contiguous()
         seconds = time.perf_counter() - t0
-        labels = torch.as_tensor(split.labeled_labels, dtype=torch.int64)
-        tensors = {"tokens": tokens,
-                   "index": torch.as_tensor(split.labeled_idx, dtype=torch.int64),
-                   "labels": labels}
-        metrics = {"images": len(tokens),
+        tensors = {"tokens": tokens, "index": torch.as_tensor(index, dtype=torch.int64),
+                   "labels": torch.as_tensor(labels, dtype=torch.int64)}
+        if loop_round == 2:
+            tensors["pseudo"] = torch.as_tensor(pseudo)
+        metrics = {"images": len(tokens), "pseudo_labeled": int(pseudo.sum()),
                    "images_per_s": round(len(tokens) / max(seconds, 1e-9), 2),
                    "encoder_id": encoder.encoder_id, "num_tokens": encoder.num_tokens,
                    "token_dim": encoder.token_dim}
-        if config.neighbors.per_image:
+        if config.neighbors.per_image and loop_round == 1:
             tensors["neighbors"], nb_metrics = unlabeled_neighbors(
                 ds, split, encoder, tokens, config, device)
             metrics.update(nb_metrics)
-        out = Path(run_dir) / TOKENS_FILE
+        out = root / TOKENS_FILE
         atomic_write(out, lambda tmp: save_file(
             tensors, tmp, metadata={"encoder_id": encoder.encoder_id,
                                     "token_dim": str(encoder.token_dim),
                                     "num_tokens": str(encoder.num_tokens)}))
         return ({"tokens": TOKENS_FILE}, metrics)
 
-    return _run_stage(run_dir, config, "encode", keys["encode"], body)
+    return _run_stage(root, config, "encode", _key(keys, "encode", loop_round), body)
 
 
 def unlabeled_neighbors(ds, split, encoder, tokens, config: AugmentConfig, device: str):
@@ -488,21 +546,27 @@ def class_indices(run_dir: Path, config: AugmentConfig) -> list[int]:
     return list(range(dataset_for(config).num_classes))
 
 
-def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None) -> dict:
-    """Tune one ANL adapter on one class's labeled images (or all of them, when shared)."""
+def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
+                   loop_round: int = 1) -> dict:
+    """Tune one ANL adapter on one class's labeled images (or all of them, when shared).
+
+    Round 2: on its labeled and pseudo-labeled images, from its round-1 weights when
+    ``loop.warm_start`` (else from a fresh initialisation, as round 1).
+    """
     keys = stage_keys(config)
     rel = adapter_rel(class_idx)
+    root = round_root(run_dir, loop_round)
 
     def body(unit_dir: Path, device: str) -> dict:
         import torch
 
-        from anl_core.inject import ANLConfig, attach_anl, save_adapter
+        from anl_core.inject import ANLConfig, attach_anl, load_adapter, save_adapter
         from anl_core.tuning import TuneConfig, tune_adapter
         from pipeline.images import to_model_space
         from pipeline.neighbors import tuning_pairs
 
         run = Path(run_dir)
-        ds, tok = dataset_for(config), load_tokens(run)
+        ds, tok = dataset_for(config), load_tokens(root)
         rows = (torch.arange(len(tok["labels"])) if class_idx is None
                 else torch.nonzero(tok["labels"] == class_idx).flatten())
         if len(rows) == 0:
@@ -515,7 +579,9 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None) 
                          encoder_id=tok["encoder_id"], **config.adapter.model_dump(
                              exclude={"scope"}))
         torch.manual_seed(_unit_seed(config.tuning.seed, class_idx))  # adapter init
-        model = attach_anl(unet, acfg)
+        warm = loop_round == 2 and config.loop.warm_start
+        model = (load_adapter(unet, run / rel, encoder_id=tok["encoder_id"]) if warm
+                 else attach_anl(unet, acfg))
         tcfg = TuneConfig(**{**config.tuning.model_dump(),
                              "seed": _unit_seed(config.tuning.seed, class_idx)})
         result = tune_adapter(model, scheduler, images, tok["tokens"][token_rows], tcfg,
@@ -525,6 +591,8 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None) 
         _remove(tmp)
         save_adapter(model, tmp)
         info = {"class": class_idx, "images": len(rows),
+                "pseudo_labeled": int(tok["pseudo"][rows].sum()) if "pseudo" in tok else 0,
+                "warm_start": warm,
                 "neighbor_targets": len(targets) - len(rows), "loss_history": result.loss_history,
                 "steps": result.steps, "steps_per_s": round(result.steps_per_second, 3),
                 "wall_s": round(result.seconds, 3), "param_counts": model.param_counts(),
@@ -535,7 +603,7 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None) 
         os.replace(tmp, unit_dir)
         return {k: v for k, v in info.items() if k != "loss_history"}
 
-    return _unit(Path(run_dir), rel, keys["tune"], config, body)
+    return _unit(root, rel, _key(keys, "tune", loop_round), config, body)
 
 
 def _unit_seed(seed: int, class_idx: int | None) -> int:
@@ -543,16 +611,17 @@ def _unit_seed(seed: int, class_idx: int | None) -> int:
     return seed if class_idx is None else seed + 1000 * (class_idx + 1)
 
 
-def run_tune(run_dir: Path, config: AugmentConfig) -> dict:
+def run_tune(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:
     """Tune every missing adapter unit, then record the stage."""
     keys = stage_keys(config)
-    rec = finished_record(Path(run_dir), "tune", keys["tune"])
+    root, key = round_root(run_dir, loop_round), _key(keys, "tune", loop_round)
+    rec = finished_record(root, "tune", key)
     if rec is not None:
         return {**rec, "skipped": True}
-    units = {adapter_rel(c): run_tune_class(run_dir, config, c)
+    units = {adapter_rel(c): run_tune_class(run_dir, config, c, loop_round)
              for c in adapter_units(config, len(class_indices(run_dir, config)))}
     steps_per_s = [u["metrics"].get("steps_per_s", 0.0) for u in units.values()]
-    return _aggregate_units(Path(run_dir), config, "tune", keys["tune"], units,
+    return _aggregate_units(root, config, "tune", key, units,
                             {"adapters": list(units)},
                             {"adapters": len(units),
                              "steps_per_s": round(float(np.mean(steps_per_s)), 3)})
@@ -599,7 +668,24 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> dict:
+def condition_rows(tok: dict, class_idx: int, config: AugmentConfig, loop_round: int = 1):
+    """Token rows a class's samples are conditioned on (round 2 with ``loop.conditions:
+    labeled``: its labeled images only, though its adapter was tuned on the pseudo ones too)."""
+    import torch
+
+    take = tok["labels"] == class_idx
+    if loop_round == 2 and config.loop.conditions == "labeled":
+        take &= tok["pseudo"] == 0
+    return torch.nonzero(take).flatten()
+
+
+def per_condition(config: AugmentConfig, loop_round: int = 1) -> int:
+    lp = config.loop.per_condition
+    return lp if loop_round == 2 and lp is not None else config.sampling.per_condition
+
+
+def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
+                     loop_round: int = 1) -> dict:
     """Masked sampling for one class, in chunk files; a rerun resumes at the first missing one.
 
     Each chunk's images depend only on (seed, condition id, image index), so a resumed run
@@ -608,9 +694,10 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> di
     keys = stage_keys(config)
     rel = sample_rel(class_idx)
     adapter = adapter_rel(None if config.adapter.scope == "shared" else class_idx)
+    root = round_root(run_dir, loop_round)
+    key, k = _key(keys, "sample", loop_round), per_condition(config, loop_round)
 
     def body(unit_dir: Path, device: str) -> dict:
-        import torch
 
         from anl_core.inject import load_adapter
         from anl_core.sampling import masked_sample
@@ -618,12 +705,12 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> di
 
         run = Path(run_dir)
         plan_file = read_json(unit_dir / "plan.json")
-        if plan_file and plan_file.get("key") != keys["sample"]:
+        if plan_file and plan_file.get("key") != key:
             _remove(unit_dir)  # parts of another configuration: never mix them
         unit_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(unit_dir / "plan.json", {"key": keys["sample"], "class": class_idx})
-        tok = load_tokens(run)
-        rows = torch.nonzero(tok["labels"] == class_idx).flatten()
+        atomic_write_json(unit_dir / "plan.json", {"key": key, "class": class_idx})
+        tok = load_tokens(root)
+        rows = condition_rows(tok, class_idx, config, loop_round)
         cond_ids = tok["index"][rows].numpy()
         ds = dataset_for(config)
         plan = _sample_plan(config, len(rows))
@@ -631,15 +718,15 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> di
         s = config.sampling
         t0, made = time.perf_counter(), 0
         if todo:
-            if not (run / adapter / UNIT_MARKER).exists():
-                raise StageError(f"adapter {run / adapter} is not finished; run the tune stage")
+            if not (root / adapter / UNIT_MARKER).exists():
+                raise StageError(f"adapter {root / adapter} is not finished; run the tune stage")
             unet, scheduler = load_base(run, config, device)
-            model = load_adapter(unet, run / adapter, encoder_id=tok["encoder_id"])
+            model = load_adapter(unet, root / adapter, encoder_id=tok["encoder_id"])
             from tqdm.auto import tqdm
 
             for mi, ci, a, b in tqdm(todo, desc=f"sample class {class_idx}",
                                      disable=not config.progress, unit="chunk"):
-                x = masked_sample(model, scheduler, tok["tokens"][rows[a:b]], s.per_condition,
+                x = masked_sample(model, scheduler, tok["tokens"][rows[a:b]], k,
                                   mask_ratio=s.mask_ratios[mi], guidance=s.guidance,
                                   num_inference_steps=s.num_inference_steps,
                                   seed=ratio_seed(s.seed, mi),
@@ -649,7 +736,7 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> di
                 n = len(images)
                 _save_npz(unit_dir / part_name(mi, ci), images=images,
                           labels=np.full(n, class_idx, np.int64),
-                          condition_id=np.repeat(cond_ids[a:b], s.per_condition).astype(np.int64),
+                          condition_id=np.repeat(cond_ids[a:b], k).astype(np.int64),
                           mask_ratio=np.full(n, s.mask_ratios[mi], np.float64),
                           seed=np.full(n, ratio_seed(s.seed, mi), np.int64))
                 made += n
@@ -658,57 +745,59 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int) -> di
         return {"class": class_idx, "rows": total, "parts": len(plan), "rows_made": made,
                 "images_per_s": round(made / seconds, 3) if made and seconds else None}
 
-    return _unit(Path(run_dir), rel, keys["sample"], config, body)
+    return _unit(root, rel, key, config, body)
 
 
-def run_sample(run_dir: Path, config: AugmentConfig) -> dict:
+def run_sample(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:
     keys = stage_keys(config)
-    rec = finished_record(Path(run_dir), "sample", keys["sample"])
+    root, key = round_root(run_dir, loop_round), _key(keys, "sample", loop_round)
+    rec = finished_record(root, "sample", key)
     if rec is not None:
         return {**rec, "skipped": True}
-    units = {sample_rel(c): run_sample_class(run_dir, config, c)
+    units = {sample_rel(c): run_sample_class(run_dir, config, c, loop_round)
              for c in class_indices(run_dir, config)}
     rates = [u["metrics"]["images_per_s"] for u in units.values()
              if u["metrics"].get("images_per_s")]
-    return _aggregate_units(Path(run_dir), config, "sample", keys["sample"], units,
+    return _aggregate_units(root, config, "sample", key, units,
                             {"samples": list(units)},
                             {"rows": sum(u["metrics"]["rows"] for u in units.values()),
                              "images_per_s": round(float(np.mean(rates)), 3) if rates else None})
 
 
-def sample_parts(run_dir: Path, config: AugmentConfig):
+def sample_parts(run_dir: Path, config: AugmentConfig, loop_round: int = 1):
     """Every finished sample chunk in a fixed order: (class, path)."""
-    run = Path(run_dir)
-    tok = load_tokens(run)
-    for c in class_indices(run, config):
-        n = int((tok["labels"] == c).sum())
+    root = round_root(run_dir, loop_round)
+    tok = load_tokens(root)
+    for c in class_indices(run_dir, config):
+        n = len(condition_rows(tok, c, config, loop_round))
         for mi, ci, _, _ in _sample_plan(config, n):
-            yield c, run / sample_rel(c) / part_name(mi, ci)
+            yield c, root / sample_rel(c) / part_name(mi, ci)
 
 
 # --------------------------------------------------------------------------- shards
 
 
-def run_shards(run_dir: Path, config: AugmentConfig) -> dict:
+def run_shards(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:
     """All synthetic chunks into Parquet shards with provenance; the manifest goes last."""
     keys = stage_keys(config)
+    root = round_root(run_dir, loop_round)
 
     def body(device: str) -> tuple[dict, dict]:
         from pipeline.shards import ShardWriter, verify_shards
 
         run = Path(run_dir)
         for c in class_indices(run, config):
-            marker = read_json(run / sample_rel(c) / UNIT_MARKER)
-            if not marker or marker.get("key") != keys["sample"]:
+            marker = read_json(root / sample_rel(c) / UNIT_MARKER)
+            if not marker or marker.get("key") != _key(keys, "sample", loop_round):
                 raise StageError(f"samples of class {c} are not finished; run the sample stage")
         ds = dataset_for(config)
         s = config.sampling
-        keep, filter_info = synthetic_filter(run, config, device)
+        keep, filter_info = synthetic_filter(run, config, device, loop_round)
         per_class: dict[int, int] = {}
         sampled: dict[int, int] = {}
-        with ShardWriter(run / "shards", ds.class_names, rows_per_shard=config.shards.rows_per_shard,
+        with ShardWriter(root / "shards", ds.class_names, rows_per_shard=config.shards.rows_per_shard,
                          overwrite=True, image_shape=ds.image_shape) as writer:
-            for c, path in sample_parts(run, config):
+            for c, path in sample_parts(run, config, loop_round):
                 with np.load(path) as npz:
                     part = {k: npz[k] for k in npz.files}
                 sampled[c] = sampled.get(c, 0) + len(part["labels"])
@@ -726,7 +815,7 @@ def run_shards(run_dir: Path, config: AugmentConfig) -> dict:
             raise StageError(f"the filter dropped all {sum(sampled.values())} samples; lower "
                              "filter.margin or filter.copy_quantile, or turn it off "
                              "(filter.method=none, filter.copy_quantile=0)")
-        manifest = verify_shards(run / "shards")
+        manifest = verify_shards(root / "shards")
         metrics = {"rows": int(manifest.get("rows", sum(per_class.values()))),
                    "rows_per_class": {str(k): v for k, v in per_class.items()},
                    "shard_files": len(manifest["shards"])}
@@ -737,16 +826,20 @@ def run_shards(run_dir: Path, config: AugmentConfig) -> dict:
                                            for k, n in sampled.items()})
         return ({"shards": "shards"}, metrics)
 
-    return _run_stage(run_dir, config, "shards", keys["shards"], body)
+    return _run_stage(root, config, "shards", _key(keys, "shards", loop_round), body)
 
 
-def synthetic_filter(run_dir: Path, config: AugmentConfig, device: str):
-    """(``keep(images, labels) -> bool mask``, what it tests) for the shards stage."""
-    encoder, tok = None, None
+def synthetic_filter(run_dir: Path, config: AugmentConfig, device: str, loop_round: int = 1):
+    """(``keep(images, labels) -> bool mask``, what it tests) for the shards stage.
+
+    The judge and the near-copy test compare samples with the round's condition images
+    (round 2: labeled and pseudo-labeled, under their pseudo-labels).
+    """
+    tok = load_tokens(round_root(run_dir, loop_round))
+    encoder = None
     if config.filter.method == "prototype":
         from anl_core.encoders import load_encoder
 
-        tok = load_tokens(run_dir)
         encoder = load_encoder(config.encoder, device=device)
         if encoder.encoder_id != tok["encoder_id"]:
             raise StageError(f"the condition tokens were made by {tok['encoder_id']} but the "
@@ -754,7 +847,8 @@ def synthetic_filter(run_dir: Path, config: AugmentConfig, device: str):
     from pipeline.synthetic_filter import build_filter
 
     return build_filter(config.filter, dataset_for(config), split_for(Path(run_dir)), encoder,
-                        None if tok is None else tok["tokens"], device)
+                        tok["tokens"], device, conditions=(tok["index"].numpy(),
+                                                           tok["labels"].numpy()))
 
 
 # --------------------------------------------------------------------------- quality
@@ -795,13 +889,18 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
 
         run = Path(run_dir)
         scfg = SSLConfig.from_dict({**config.ssl.trainer_fields(seed), "device": device})
-        shard_dir = run / "shards" if arm in ("augmented", "control") else None
+        shard_dir = {"augmented": run / "shards", "control": run / "shards",
+                     "augmented-r2": round_root(run, 2) / "shards"}.get(arm)
         if shard_dir is not None and not (shard_dir / "manifest.json").exists():
             raise StageError(f"{shard_dir} has no manifest; run the shards stage first")
         extra_rows, info = None, {}
         if arm == "control":
             extra_rows, info = control_rows_for(run, config, shard_dir, device)
             shard_dir = None
+        if arm == "selftrain":  # the round's pseudo-labeled real images, as extra rows
+            chosen = load_pseudo_labels(round_root(run, 2))
+            extra_rows = (dataset_for(config).train_images[chosen.train_idx], chosen.labels)
+            info = {"selftrain_rows": len(chosen.labels)}
         metrics_path = run_arm(arm, dataset_for(config), split_for(run), unit_dir, scfg,
                                shard_dir=shard_dir, progress=config.progress,
                                synthetic=extra_rows)
@@ -867,6 +966,132 @@ def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:
                                                    "seeds": list(config.ssl.seeds)})
 
 
+# --------------------------------------------------------------------------- loop (round 2)
+
+PSEUDO_FILE = "pseudo.parquet"
+ROUND_TWO_ARMS = ("augmented-r2", "selftrain")
+
+
+def load_pseudo_labels(root: Path):
+    """The round's pseudo-labels, as the pseudo stage wrote them."""
+    import pandas as pd
+
+    from pipeline.loop import PseudoLabels
+
+    path = Path(root) / PSEUDO_FILE
+    if not path.exists():
+        raise StageError(f"{path} not found; run the pseudo-labeling step (loop stage) first")
+    frame = pd.read_parquet(path)
+    return PseudoLabels(frame["train_idx"].to_numpy(np.int64), frame["label"].to_numpy(np.int64),
+                        frame["confidence"].to_numpy(np.float64))
+
+
+def run_pseudo(run_dir: Path, config: AugmentConfig) -> dict:
+    """The baseline classifier (first seed) labels the unlabeled pool; keep, per class, its
+    ``loop.per_class`` most confident images above ``loop.threshold``.
+
+    Reads the pool's images only. Their true labels are read afterwards, for the precision
+    figure in the record, which nothing downstream uses.
+    """
+    keys = stage_keys(config)
+    root, seed, lp = round_root(run_dir, 2), config.ssl.seeds[0], config.loop
+
+    def body(device: str) -> tuple[dict, dict]:
+        import pandas as pd
+
+        from pipeline.loop import select_pseudo_labels
+        from pipeline.ssl.arms import predict_probs
+
+        run = Path(run_dir)
+        arm_dir = run / ssl_rel("baseline", seed)
+        marker = read_json(arm_dir / UNIT_MARKER)
+        if not marker or marker.get("key") != ssl_unit_key(config, keys, "baseline", seed):
+            raise StageError(f"the baseline arm {arm_dir} is not finished for this config; "
+                             "run the ssl stage first")
+        ds, split = dataset_for(config), split_for(run)
+        pool = split.unlabeled_idx
+        t0 = time.perf_counter()
+        probs = predict_probs(arm_dir, ds, ds.train_images[pool], device)
+        seconds = time.perf_counter() - t0
+        chosen = select_pseudo_labels(probs, pool, lp.per_class, lp.threshold)
+        if not len(chosen.labels):
+            raise StageError(f"no unlabeled image reached confidence {lp.threshold} under the "
+                             f"baseline classifier (highest: {probs.max():.3f}); lower "
+                             "loop.threshold or train the baseline longer (ssl.steps)")
+        frame = pd.DataFrame({"train_idx": chosen.train_idx, "label": chosen.labels,
+                              "confidence": chosen.confidence})
+        atomic_write(root / PSEUDO_FILE, lambda tmp: frame.to_parquet(tmp, index=False))
+        # Evaluation only, after the choice: how many of the pseudo-labels are right.
+        right = ds.train_labels[chosen.train_idx] == chosen.labels
+        per_class = chosen.per_class(ds.num_classes)
+        return ({"pseudo": PSEUDO_FILE}, {
+            "classifier": ssl_rel("baseline", seed), "pool": len(pool),
+            "pseudo_labeled": len(chosen.labels), "per_class": per_class,
+            "precision": round(float(right.mean()), 4),
+            "precision_per_class": [round(float(right[chosen.labels == c].mean()), 4)
+                                    if per_class[c] else None for c in range(ds.num_classes)],
+            "pool_images_per_s": round(len(pool) / max(seconds, 1e-9), 1)})
+
+    return _run_stage(root, config, "pseudo", keys["pseudo"], body)
+
+
+def run_loop(run_dir: Path, config: AugmentConfig) -> dict | None:
+    """The second round (``loop.rounds: 2``): pseudo-labels, then round 2's encode, tune,
+    sample and shards in ``round-2/``, then its two arms for every seed. None when off.
+
+    The flow runs the same steps as tasks (the per-class ones on its task runner); this
+    function then only writes the record.
+    """
+    if config.loop.rounds == 1:
+        return None
+    keys = stage_keys(config)
+    rec = finished_record(Path(run_dir), "loop", keys["loop"])
+    if rec is not None:
+        return {**rec, "skipped": True}
+    pseudo = run_pseudo(run_dir, config)
+    run_encode(run_dir, config, loop_round=2)
+    run_tune(run_dir, config, loop_round=2)
+    run_sample(run_dir, config, loop_round=2)
+    shards = run_shards(run_dir, config, loop_round=2)
+    units = {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
+             for a in ROUND_TWO_ARMS for s in config.ssl.seeds}
+    grids = round_two_grids(Path(run_dir), config)
+    return _aggregate_units(Path(run_dir), config, "loop", keys["loop"], units,
+                            {"round": ROUND_TWO, "ssl": list(units), "grids": grids},
+                            {"pseudo": pseudo["metrics"], "rows": shards["metrics"]["rows"],
+                             "kept_share": shards["metrics"].get("kept_share"),
+                             "class_names": list(dataset_for(config).class_names),
+                             "arms": list(ROUND_TWO_ARMS), "seeds": list(config.ssl.seeds)})
+
+
+def round_two_grids(run_dir: Path, config: AugmentConfig, cols: int = 8) -> list[str]:
+    """Per class, a PNG of its pseudo-labeled images above its round-2 samples (for the
+    report: does the expanded subset look like the class, and do the samples follow it?)."""
+    from pipeline.quality import class_grid_png, grid_picks
+    from pipeline.shards import read_shards
+
+    root = round_root(run_dir, 2)
+    ds, chosen = dataset_for(config), load_pseudo_labels(root)
+    arrays = read_shards(root / "shards")
+    ratios = arrays.frame["mask_ratio"].to_numpy(dtype=np.float64)
+    out = []
+    for c, name in enumerate(ds.class_names):
+        rows = np.flatnonzero(arrays.labels == c)
+        synth = {float(r): arrays.images[grid_picks(arrays.frame, rows[ratios[rows] == r], cols)]
+                 for r in np.unique(ratios[rows])}
+        real = ds.train_images[chosen.train_idx[chosen.labels == c][:cols]]
+        if not len(real) and not synth:
+            continue
+        if not len(real):
+            real = np.zeros((0, *ds.image_shape), np.uint8)
+        rel = f"{ROUND_TWO}/grids/class-{c:02d}.png"
+        png = class_grid_png(real, synth, f"round 2, class {c}: {name}", cols,
+                             real_label="pseudo-labeled")
+        atomic_write(Path(run_dir) / rel, lambda tmp, png=png: Path(tmp).write_bytes(png))
+        out.append(rel)
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -887,7 +1112,7 @@ def run_report(run_dir: Path, config: AugmentConfig) -> dict:
 STAGE_FUNCTIONS: dict[str, Callable[[Path, AugmentConfig], dict | None]] = {
     "split": run_split, "pretrain": run_pretrain, "encode": run_encode, "tune": run_tune,
     "sample": run_sample, "shards": run_shards, "quality": run_quality, "ssl": run_ssl,
-    "report": run_report,
+    "loop": run_loop, "report": run_report,
 }
 assert tuple(STAGE_FUNCTIONS) == STAGE_ORDER
 

@@ -79,20 +79,24 @@ def not_copies(images: np.ndarray, labeled: np.ndarray, labeled_labels: np.ndarr
     return dist >= np.asarray(thresholds)[np.asarray(labeled_labels)[idx]]
 
 
-def build_filter(f, ds, split, encoder, labeled_tokens: torch.Tensor | None, device: str):
+def build_filter(f, ds, split, encoder, labeled_tokens: torch.Tensor | None, device: str,
+                 conditions: tuple[np.ndarray, np.ndarray] | None = None):
     """The filter a ``FilterSection`` describes, over one split: (keep, metrics).
 
     ``keep(images, labels) -> bool mask``. The prototype test compares each sample with the
-    labeled images' condition tokens (``labeled_tokens``, split order) in the same
-    ``encoder``; the copy test compares it with the labeled images in pixels, against a
-    seeded pool of unlabeled images.
+    condition images' tokens (``labeled_tokens``) in the same ``encoder``; the copy test
+    compares it with the condition images in pixels, against a seeded pool of unlabeled
+    images. ``conditions`` = (training indices, labels) of the token rows: by default the
+    split's labeled images in split order (round 2 adds its pseudo-labeled ones).
     """
+    cond_idx, cond_labels = conditions if conditions is not None else \
+        (split.labeled_idx, split.labeled_labels)
     tests, info = [], {"filter": "+".join(
         name for name, on in (("prototype", f.method == "prototype"),
                               ("copies", f.copy_quantile > 0)) if on) or "none"}
     if f.method == "prototype":
         labeled_feats = pooled_features(labeled_tokens)
-        labeled_labels = torch.as_tensor(split.labeled_labels, dtype=torch.int64)
+        labeled_labels = torch.as_tensor(cond_labels, dtype=torch.int64)
 
         def prototype(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
             feats = pooled_features(encoder.encode(to_model_space(images, device=device)).cpu())
@@ -102,12 +106,13 @@ def build_filter(f, ds, split, encoder, labeled_tokens: torch.Tensor | None, dev
 
         tests.append(prototype)
     if f.copy_quantile > 0:
-        labeled = ds.train_images[split.labeled_idx]
-        pool = ds.train_images[neighbor_pool(split.unlabeled_idx, f.copy_pool, f.seed)]
-        thresholds = copy_thresholds(pool, labeled, split.labeled_labels, f.copy_quantile)
+        labeled = ds.train_images[cond_idx]
+        pool_idx = neighbor_pool(split.unlabeled_idx, f.copy_pool, f.seed)
+        # Not the condition images themselves (round 2 conditions on pool images).
+        pool = ds.train_images[pool_idx[~np.isin(pool_idx, cond_idx)]]
+        thresholds = copy_thresholds(pool, labeled, cond_labels, f.copy_quantile)
         info["copy_rmse_thresholds"] = [round(float(t), 5) for t in thresholds]
-        tests.append(lambda images, labels: not_copies(images, labeled, split.labeled_labels,
-                                                       thresholds))
+        tests.append(lambda images, labels: not_copies(images, labeled, cond_labels, thresholds))
 
     def keep(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         mask = np.ones(len(labels), bool)

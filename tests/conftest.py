@@ -12,6 +12,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# Fixture modules shared by every test module (test modules never import from each other).
+pytest_plugins = ["flow_fixtures", "report_fixtures"]
+
 
 # --------------------------------------------------------------------------- data_ fixtures
 # Real data only: the Debian Fashion-MNIST files and the 20 real CIFAR-10 test images that
@@ -91,45 +94,25 @@ def data_cifar10_root(tmp_path_factory, data_foolbox_cifar10):
 # seconds on CPU. One base is briefly pretrained on real Fashion-MNIST (downsampled to 8x8)
 # and one adapter tuned on four of its images; both are shared by the tuning and sampling tests.
 
-import contextlib as _anl_contextlib
-
 import torch as _anl_torch
+from torch_helpers import FixedLogits, anl_make_unet, anl_one_thread  # noqa: F401
 
 
-def anl_make_unet(seed: int = 0, sample_size: int = 8, channels: int = 1):
-    """A tiny UNet2DModel with one attention level, the shape of the project's base models."""
-    from diffusers import UNet2DModel
-
-    _anl_torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size, in_channels=channels, out_channels=channels,
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=16,
-    ).eval()
-
-
-@_anl_contextlib.contextmanager
-def anl_one_thread():
-    """Tiny models are op-overhead bound: one thread is several times faster on busy cores."""
-    before = _anl_torch.get_num_threads()
-    _anl_torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        _anl_torch.set_num_threads(before)
-
-
-class FixedLogits(_anl_torch.nn.Module):
-    """A 'model' that returns preset logits for the concatenated (lb, ulb_w, ulb_s) batch."""
-
-    def __init__(self, logits) -> None:
-        super().__init__()
-        self.out = logits
-
-    def forward(self, x):
-        assert x.shape[0] == self.out.shape[0]
-        return self.out
+@_data_pytest.fixture(autouse=True)
+def _restore_torch_global_state():
+    """Each test leaves torch's process-wide state as it found it, so no equality test
+    depends on which tests ran before it (thread count changes kernels' reduction order)."""
+    threads = _anl_torch.get_num_threads()
+    dtype = _anl_torch.get_default_dtype()
+    grad = _anl_torch.is_grad_enabled()
+    deterministic = _anl_torch.are_deterministic_algorithms_enabled()
+    rng = _anl_torch.random.get_rng_state()
+    yield
+    _anl_torch.set_num_threads(threads)
+    _anl_torch.set_default_dtype(dtype)
+    _anl_torch.set_grad_enabled(grad)
+    _anl_torch.use_deterministic_algorithms(deterministic)
+    _anl_torch.random.set_rng_state(rng)
 
 
 @_data_pytest.fixture

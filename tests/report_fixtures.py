@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import anl_one_thread as one_thread
+from torch_helpers import anl_one_thread as one_thread
 
 N_PER_CLASS = 4
 PER_CONDITION = 2

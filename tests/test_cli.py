@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from test_stages import flow_cfg, flow_image_folder, flow_tiny_base  # noqa: F401
 
 from flows.cli import main
 from pipeline import stages
@@ -17,10 +16,18 @@ def _preset_file(cfg, tmp_path):
     return path
 
 
-def test_dry_run_validates_and_preflights(flow_cfg, tmp_path, capsys):  # noqa: F811
+def test_dry_run_validates_and_preflights(flow_cfg, tmp_path, capsys):
+    from pipeline.runs import run_dir_for
+
     assert main(["run", str(_preset_file(flow_cfg, tmp_path)), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "pre-flight ok" in out and "image-folder" in out
+    out = capsys.readouterr().out.splitlines()
+    # The run directory the config hashes to, and what pre-flight found: the folder's
+    # 28x28 grey images, the base's unet/ folder and the configured encoder.
+    assert f"preset {flow_cfg.preset}: run directory {run_dir_for(flow_cfg)}" in out
+    ds = stages.dataset_for(flow_cfg)
+    assert ds.image_shape == (28, 28, 1)
+    assert (f"pre-flight ok: {ds.name} [28, 28, 1], device cpu, base {flow_cfg.base_model}/unet, "
+            f"encoder {flow_cfg.encoder}") in out
     assert not flow_cfg.runs_root().exists()  # nothing written
 
 
@@ -33,7 +40,7 @@ def test_dry_run_validates_and_preflights(flow_cfg, tmp_path, capsys):  # noqa: 
     ("encoder=nobody/no-such-clip", "encoder='nobody/no-such-clip'"),
     ("labels_per_class=500", "labels_per_class=500"),
 ])
-def test_invalid_parameters_fail_before_any_work(flow_cfg, tmp_path, capsys,  # noqa: F811
+def test_invalid_parameters_fail_before_any_work(flow_cfg, tmp_path, capsys,
                                                  override, named):
     rc = main(["run", str(_preset_file(flow_cfg, tmp_path)), "--set", override])
     assert rc == 2
@@ -60,12 +67,16 @@ def test_missing_dataset_is_named(tmp_path, capsys, monkeypatch):
     assert "dataset='cifar10'" in capsys.readouterr().err
 
 
-def test_runs_lists_run_directories_with_status(flow_cfg, capsys):  # noqa: F811
+def test_runs_lists_run_directories_with_status(flow_cfg, capsys):
     run_dir = init_run_dir(flow_cfg)
     stages.run_split(run_dir, flow_cfg)
     assert main(["runs", "--runs-dir", str(flow_cfg.runs_root())]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if run_dir.name in ln)
-    assert "incomplete" in line and "split" in line
+    # name, status, the stages with records (split only), their summed wall time, modified
+    name, status, done, compute = line.split()[:4]
+    assert (name, status, done) == (run_dir.name, "incomplete", "split")
+    split_rec = stages.finished_record(run_dir, "split", stages.stage_keys(flow_cfg)["split"])
+    assert compute == f"{split_rec['wall_s']:.0f}s"
 
 
 def test_presets_deployments_and_datasets_are_listed(capsys):

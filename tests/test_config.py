@@ -20,6 +20,7 @@ from pipeline.config import (
     load_config,
     parse_overrides,
     stage_key,
+    validate_config,
     with_overrides,
 )
 
@@ -137,3 +138,18 @@ def test_sections_mirror_the_component_configs():
     from pipeline.quality import QualityConfig
 
     assert QualitySection().model_dump(exclude={"enabled"}) == _fields(QualityConfig)
+
+
+def test_pretrain_architecture_diffusers_cannot_build_is_a_config_error():
+    from pipeline.pretrain import PretrainConfig
+
+    # The mid block always has attention: 16 channels cannot hold one 32-wide head.
+    with pytest.raises(ConfigError, match=r"attention over \[16\] channels .* at most 16"):
+        validate_config({"pretrain": {"block_out_channels": [8, 16], "attention_levels": []}})
+    with pytest.raises(ConfigError, match=r"attention_levels \[2\] are not levels"):
+        validate_config({"pretrain": {"block_out_channels": [64, 64], "attention_levels": [2]}})
+    with pytest.raises(ValueError, match="gives no head"):  # augment pretrain --set ...
+        PretrainConfig(block_out_channels=(8, 16), attention_levels=(0,), attention_head_dim=16)
+    ok = validate_config({"pretrain": {"block_out_channels": [8, 16], "attention_levels": [1],
+                                       "attention_head_dim": 8}})
+    assert ok.pretrain.attention_head_dim == 8

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_stages import flow_image_folder, flow_tiny_base  # noqa: F401
 
 from flows.deploy import DEPLOYMENTS, PREFECT_YAML, build_deployments, render_prefect_yaml
 from pipeline.config import load_config
@@ -43,10 +41,14 @@ def test_deployments_carry_presets_and_schedules():
     assert not deps["augment/demo"].schedules
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _listening_port(proc: subprocess.Popen) -> int | None:
+    """The port the server listens on. It was started with --port 0, so the OS picked a free
+    one at bind time: no window in which another process can take it."""
+    import psutil
+
+    ports = [c.laddr.port for c in psutil.Process(proc.pid).net_connections(kind="tcp")
+             if c.status == psutil.CONN_LISTEN]
+    return ports[0] if ports else None
 
 
 def _wait(predicate, timeout: float, what: str, procs=()) -> None:
@@ -79,17 +81,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_served_demo_deployment_runs_end_to_end(tmp_path, flow_tiny_base,  # noqa: F811
-                                                flow_image_folder):  # noqa: F811
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
+def test_served_demo_deployment_runs_end_to_end(tmp_path, flow_tiny_base,
+                                                flow_image_folder):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", TQDM_DISABLE="1", COLUMNS="200")
-    client_env = {**env, "PREFECT_API_URL": api}
     logs = tmp_path / "logs"
     logs.mkdir()
     started: list[subprocess.Popen] = []
+    client_env: dict[str, str] = {}  # PREFECT_API_URL is known once the server has bound
 
     def start(cmd, env, name):
         with open(logs / f"{name}.log", "w") as log:
@@ -117,8 +117,11 @@ def test_served_demo_deployment_runs_end_to_end(tmp_path, flow_tiny_base,  # noq
     }
     try:
         server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                        "--port", str(port)], env, "server")
-        _wait(lambda: _healthy(api), 180, "the Prefect server", [server])
+                        "--port", "0"], env, "server")
+        _wait(lambda: _listening_port(server), 180, "the Prefect server to listen", [server])
+        api = f"http://127.0.0.1:{_listening_port(server)}/api"
+        client_env.update(env, PREFECT_API_URL=api)
+        _wait(lambda: _healthy(api), 60, "the Prefect server's health", [server])
         serve = start([str(BIN / "augment"), "serve"], client_env, "serve")
         _wait(lambda: cli("deployment", "inspect", "augment/demo").returncode == 0, 180,
               "the served deployments", [server, serve])

@@ -14,13 +14,13 @@ import typing
 import numpy as np
 import pytest
 import torch
-from conftest import FixedLogits, anl_make_unet, anl_one_thread
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
 )
+from torch_helpers import FixedLogits, anl_make_unet, anl_one_thread
 
 from anl_core.inject import ANLConfig, attach_anl
 from anl_core.sampling import image_seed, masked_sample

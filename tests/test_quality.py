@@ -19,7 +19,6 @@ from pipeline.quality import (
 )
 
 # The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
-pytest_plugins = ["report_fixtures"]
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():

@@ -17,7 +17,6 @@ from pipeline.reference import (
 )
 
 # The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
-pytest_plugins = ["report_fixtures"]
 
 
 def test_reference_learns_real_labels(report_reference, report_dataset):

@@ -35,6 +35,9 @@ REHEARSAL_SIZES = [
     "sampling.per_condition=1", "sampling.num_inference_steps=2",
     "ssl.steps=2", "ssl.batch_size=2", "ssl.eval_size=64",
     "quality.reference.epochs=1", "quality.kid_subsets=2", "quality.kid_subset_size=8",
+    # The second round: fewer pseudo-labels, and any confidence (a 2-step classifier is
+    # never sure of anything; at 0.95 the pseudo step would rightly stop the run).
+    "loop.per_class=2", "loop.threshold=0", "loop.per_condition=1",
 ]
 REHEARSAL_OVERRIDES = ["device=cpu", *REHEARSAL_SIZES]
 
@@ -162,6 +165,7 @@ def test_local_copies_load_by_path(stand_ins):
 # --------------------------------------------------------------------------- the rehearsal
 
 
+@pytest.mark.slow
 def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_process,
                                                      tmp_path):
     import torch
@@ -197,19 +201,35 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     assert f"base {ddpm_snap / 'unet'}" in preflight_line
     assert f"encoder {clip_snap}" in preflight_line
 
-    # Every stage ran (no pretrain: the preset brings its base) under the key the preset gives.
+    # Every stage the preset keys ran under that key; those it gives no key (pretrain: the
+    # preset brings its base; the round-2 loop: one round) left no record.
     keys = stage_keys(expected)
+    assert keys["pretrain"] is None
+    ran = [s for s in STAGE_ORDER if keys[s] is not None]
+    outputs = {}
     for stage in STAGE_ORDER:
         rec = read_json(run_dir / "stages" / f"{stage}.json")
-        if stage == "pretrain":
-            assert rec is None
+        if stage not in ran:
+            assert rec is None, stage
             continue
         assert rec is not None, f"stage {stage} left no record"
         assert rec["key"] == keys[stage], stage
         assert rec["device"].startswith("cpu"), stage
         assert "adopted_from" not in rec, stage
+        outputs[stage] = rec["outputs"]
     (info,) = list_runs(runs)
     assert info.status == "complete" and not (run_dir / "stages" / "failed.json").exists()
+    assert info.stages_done == ran
+    # The records name what is on disk: one adapter and one sample folder per class, one SSL
+    # unit per configured arm and seed, and each of them there.
+    classes = [f"class-{c:02d}" for c in range(10)]
+    assert outputs["tune"] == {"adapters": [f"adapters/{c}" for c in classes]}
+    assert outputs["sample"] == {"samples": [f"samples/{c}" for c in classes]}
+    assert outputs["ssl"] == {"ssl": [f"ssl/{a}/seed-{s}" for a in expected.ssl.arms
+                                      for s in expected.ssl.seeds]}
+    for stage, out in outputs.items():
+        for rel in (v for vs in out.values() for v in ([vs] if isinstance(vs, str) else vs)):
+            assert (run_dir / rel).exists(), (stage, rel)
 
     # encode: the CLIP stand-in, loaded by the real id (encoder id "clip" = the default CLIP).
     enc = read_json(run_dir / "stages" / "encode.json")["metrics"]
@@ -241,8 +261,16 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     manifest = verify_shards(run_dir / "shards")
     shards_rec = read_json(run_dir / "stages" / "shards.json")["metrics"]
     n_rows = sum(s["rows"] for s in manifest["shards"])
-    assert shards_rec["rows_sampled"] == 250 and 0 < n_rows == shards_rec["rows"] <= 250
+    sampled = 10 * expected.labels_per_class * expected.sampling.per_condition * \
+        len(expected.sampling.mask_ratios)
+    assert sampled == 250 == read_json(run_dir / "stages" / "sample.json")["metrics"]["rows"]
+    assert shards_rec["rows_sampled"] == sampled and 0 < n_rows == shards_rec["rows"] <= sampled
     arrays = read_shards(run_dir / "shards")
+    per_class = np.bincount(arrays.labels, minlength=10)
+    assert shards_rec["rows_per_class"] == {str(c): int(n) for c, n in enumerate(per_class)}
+    assert shards_rec["kept_per_class"] == {str(c): round(int(n) / 25, 4)
+                                            for c, n in enumerate(per_class)}
+    assert shards_rec["kept_share"] == round(n_rows / sampled, 4)
     assert arrays.images.shape == (n_rows, 32, 32, 3) and arrays.images.dtype == np.uint8
     assert arrays.images.std() > 1  # denoised pixels, not a constant fill
     split = load_split(run_dir / "split.parquet")
@@ -262,6 +290,17 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     assert frame["adapter_id"].tolist() == [f"class-{c:02d}" for c in arrays.labels]
 
     # ssl: the arms of the preset, each a wrn-28-2; augmented and control with extra rows.
+    # The control arm's rows are the judged real images it cached: per class at most as many
+    # as the shards hold, short by the shortfall it recorded, all unlabeled training images.
+    (judged_file,) = (run_dir / "ssl" / "control").glob("judged-*.npz")
+    with np.load(judged_file) as judged:
+        control_labels, control_idx = judged["labels"], judged["train_idx"]
+        control_info = json.loads(str(judged["info"]))
+    assert len(control_labels) == control_info["control_rows"] == \
+        n_rows - control_info["control_shortfall"] > 0
+    assert (np.bincount(control_labels, minlength=10) <= per_class).all()
+    assert set(control_idx.tolist()) <= set(split.unlabeled_idx.tolist())
+    report_md = (run_dir / "report.md").read_text()
     for arm in expected.ssl.arms:
         for seed in expected.ssl.seeds:
             unit = run_dir / f"ssl/{arm}/seed-{seed}"
@@ -269,22 +308,33 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
             assert metrics is not None, f"{arm} wrote no metrics"
             assert (metrics["arm"], metrics["net"], metrics["steps"], metrics["dataset"]) == \
                 (arm, "wrn-28-2", 2, "cifar10")
-            assert 0.0 <= metrics["top1_error"] <= 1.0
+            # The error is the confusion matrix's off-diagonal share over the 200 test images,
+            # and the report's per-seed table shows it (and the validation error).
+            confusion = np.asarray(metrics["confusion_matrix"])
+            assert confusion.sum() == metrics["num_test"] == 200
+            assert metrics["top1_error"] == pytest.approx(1 - np.trace(confusion) / 200)
+            assert (f"| {arm} | {seed} | {100 * metrics['top1_error']:.2f}% | "
+                    f"{100 * metrics['val_error']:.2f}% |") in report_md
             assert metrics["num_labeled"] == 250
-            extra = {"augmented": n_rows}.get(arm, 0)
-            if arm == "control":  # judged real rows: as many as synthetic, unless the pool is short
-                assert 0 < metrics["num_synthetic"] <= n_rows
-            else:
-                assert metrics.get("num_synthetic", 0) == extra
+            extra = {"augmented": n_rows, "control": len(control_labels)}.get(arm, 0)
+            assert metrics.get("num_synthetic", 0) == extra
             assert metrics["num_validation"] == 50
             assert read_json(unit / "unit.json")["key"] == ssl_unit_key(expected, keys, arm, seed)
 
-    # quality and report.
+    # quality and report: the record holds quality.json's figures, a label consistency is a
+    # share of the n_rows synthetic images, and the report shows it.
     quality = read_json(run_dir / "stages" / "quality.json")["metrics"]
-    assert quality["n_synthetic"] == n_rows and 0.0 <= quality["label_consistency"] <= 1.0
+    overall = read_json(run_dir / "quality" / "quality.json")["overall"]
+    assert quality == {k: overall[k] for k in quality}
+    assert quality["n_synthetic"] == n_rows
+    consistent = quality["label_consistency"] * n_rows
+    assert consistent == pytest.approx(round(consistent), abs=1e-6)
+    assert (f"| label consistency (reference classifier) | "
+            f"{100 * quality['label_consistency']:.2f}% |") in report_md
+    assert f"| synthetic images measured | {n_rows} |" in report_md
     html = (run_dir / "report.html").read_text()
     assert PRESET in html and all(arm in html for arm in expected.ssl.arms)
-    assert (run_dir / "report.md").stat().st_size > 0
+    assert f"run `{run_dir.name}`" in report_md
 
 
 # --------------------------------------------------------------------------- pre-flight

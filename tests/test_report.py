@@ -15,12 +15,10 @@ import pytest
 from pipeline.report import artifacts, build_run_report, markdown_summary, results_table
 
 # The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
-pytest_plugins = ["report_fixtures"]
 
 _DIRECTION = re.compile(r"lowered|raised", re.IGNORECASE)
 T_975_DF2 = 4.302653  # Student t 97.5% quantile, 2 degrees of freedom
 
-SCREENSHOT_DIR = Path(os.environ.get("REPORT_SCREENSHOT_DIR", "/tmp/anl-augment-report-shots"))
 
 
 class _Attrs(HTMLParser):
@@ -91,8 +89,10 @@ def test_report_renders_in_headless_chromium(report_run_copy, tmp_path):
     assert "http://" not in html and "https://" not in html  # nothing to fetch
     n_img = len(re.findall(r"<img\b", html))
     assert n_img >= 10 + 1 + 1 + 3 + 1  # grids, curves, per-class, confusions, tuning loss
-    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-    shot = SCREENSHOT_DIR / "run-report.png"
+    # REPORT_SCREENSHOT_DIR keeps the picture for a person to look at; by default it is temporary.
+    shot_dir = Path(os.environ.get("REPORT_SCREENSHOT_DIR") or tmp_path)
+    shot_dir.mkdir(parents=True, exist_ok=True)
+    shot = shot_dir / "run-report.png"
     shot.unlink(missing_ok=True)
     base = [chromium, "--headless", "--no-sandbox", "--disable-gpu",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -9,7 +9,6 @@ import pytest
 from pipeline.report_history import append_history, read_history, render_history
 
 # The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
-pytest_plugins = ["report_fixtures"]
 
 
 def test_history_appends_one_row_per_run_and_renders(report_run, tmp_path):

@@ -185,7 +185,8 @@ def test_augmented_arm_trains_on_shard_labels(ssl_fm_subset, tmp_path):
     shifted = (ds.train_labels[rows] + 1) % 10
     shard_dir = _write_shards(tmp_path / "shards", ds.train_images[rows], shifted, ds.class_names)
     split = make_split(ds.train_labels, 1, seed=0)
-    # 4 synthetic rows of weight 2 on top of each real one: the shifted labels dominate.
+    # 4 synthetic rows on top of each real one: the shifted labels dominate. (The weight's
+    # own effect is checked exactly in test_method_maths.py.)
     cfg = tiny_config(steps=120, batch_size=32, mu=1, eval_every=60, synthetic_batch_share=4.0,
                       synthetic_weight=2.0, lambda_u=0.0)
     out = tmp_path / "augmented"

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FixedLogits, anl_one_thread
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from torch_helpers import FixedLogits, anl_one_thread
 
 from pipeline.ssl import SSLConfig, build_net
 from pipeline.ssl import augment as aug

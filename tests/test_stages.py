@@ -1,7 +1,7 @@
 """Stage functions on a tiny real setup: 2 Fashion-MNIST classes as an image folder, a tiny
 U-Net base saved in diffusers layout, the packaged EfficientNet-Lite0 encoder at 64 px.
 
-The ``flow_*`` fixtures and ``flow_config`` are imported by the flow, CLI and deploy tests.
+The ``flow_*`` fixtures live in ``flow_fixtures.py`` (loaded by conftest for every module).
 """
 
 from __future__ import annotations
@@ -9,73 +9,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flow_fixtures import REPO
 
 from pipeline import stages
-from pipeline.config import validate_config, with_overrides
+from pipeline.config import with_overrides
 from pipeline.runs import init_run_dir, list_runs, read_json, run_dir_for
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def flow_image_folder(tmp_path_factory, data_fashion_mnist):
-    """Two Fashion-MNIST classes (T-shirt, Trouser): 10 train + 5 test real images each."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("folder")
-    ds = data_fashion_mnist
-    for part, images, labels, n in (("train", ds.train_images, ds.train_labels, 10),
-                                    ("test", ds.test_images, ds.test_labels, 5)):
-        for c, name in enumerate(("a-tshirt", "b-trouser")):
-            d = root / part / name
-            d.mkdir(parents=True)
-            for i, idx in enumerate(np.flatnonzero(labels == c)[:n]):
-                Image.fromarray(images[idx, ..., 0]).save(d / f"{i:03d}.png")
-    return root
-
-
-@pytest.fixture(scope="session")
-def flow_tiny_base(tmp_path_factory):
-    """A tiny grey 32x32 UNet2DModel + DDPM scheduler in diffusers pipeline layout."""
-    import torch
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    root = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
-    unet.save_pretrained(root / "unet")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "scheduler")
-    return root
-
-
-def flow_config(runs_dir: Path, base: Path, folder: Path, **overrides):
-    """A config that runs every stage in seconds on CPU."""
-    data = {
-        "preset": "tiny", "dataset": "image-folder", "dataset_root": str(folder),
-        "labels_per_class": 2, "base_model": str(base), "encoder": "efficientnet-lite0@64",
-        "adapter": {"context_dim": 32, "head_dim": 16},
-        "tuning": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
-        "sampling": {"per_condition": 2, "num_inference_steps": 2, "chunk_conditions": 1,
-                     "batch_size": 8},
-        "ssl": {"steps": 4, "batch_size": 4, "mu": 1, "eval_every": 2, "checkpoint_every": 2,
-                "net": "cnn-small"},
-        "quality": {"enabled": False},
-        "runs_dir": str(runs_dir), "progress": False, "device": "cpu",
-    }
-    cfg = validate_config(data)
-    return with_overrides(cfg, overrides) if overrides else cfg
-
-
-@pytest.fixture()
-def flow_cfg(tmp_path, flow_tiny_base, flow_image_folder):
-    return flow_config(tmp_path / "runs", flow_tiny_base, flow_image_folder)
 
 
 def _mtimes(root: Path) -> dict[str, int]:
@@ -138,22 +80,22 @@ def test_killed_sampling_resumes_without_missing_or_duplicate_rows(flow_cfg, tmp
     adapters_before = _mtimes(run_dir / "adapters")
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.model_dump_json())
-    code = ("import sys; from pathlib import Path; from pipeline.config import AugmentConfig; "
-            "from pipeline.stages import run_sample; "
-            "cfg = AugmentConfig.model_validate_json(Path(sys.argv[1]).read_text()); "
-            "run_sample(Path(sys.argv[2]), cfg)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(cfg_file), str(run_dir)], cwd=REPO)
-    try:
-        deadline = time.time() + 120
-        while not list(run_dir.glob("samples/class-*/part-*.npz")):
-            assert proc.poll() is None, "sampling subprocess exited before writing a chunk"
-            assert time.time() < deadline, "no chunk within 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    # The process kills itself (SIGKILL: no cleanup, no finally) right after its first chunk
+    # is published, so the test sees the same mid-sampling state on every machine and load.
+    code = ("import os, signal, sys; from pathlib import Path; "
+            "from pipeline.config import AugmentConfig; from pipeline import stages; "
+            "save = stages._save_npz\n"
+            "def save_then_die(*a, **k):\n"
+            "    save(*a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "stages._save_npz = save_then_die\n"
+            "cfg = AugmentConfig.model_validate_json(Path(sys.argv[1]).read_text())\n"
+            "stages.run_sample(Path(sys.argv[2]), cfg)")
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg_file), str(run_dir)], cwd=REPO,
+                          timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
     parts = list(run_dir.glob("samples/class-*/part-*.npz"))
-    assert 1 <= len(parts) < 4, "the kill should land mid-sampling"
+    assert len(parts) == 1, parts  # 4 chunks planned (2 classes x 2 conditions): 3 missing
+    assert not (run_dir / "stages" / "sample.json").exists()
     first_part = {p: p.stat().st_mtime_ns for p in parts}
 
     stages.run_sample(run_dir, cfg)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_stages import flow_cfg, flow_image_folder, flow_tiny_base  # noqa: F401
 
 from pipeline import stages
 from pipeline.config import config_hash, with_overrides
@@ -69,7 +68,7 @@ def test_copies_are_closer_to_a_labeled_image_than_most_real_images_of_its_class
         not_copies(samples, labeled[:0], labels[:0], t)
 
 
-def test_filter_keys_only_the_shards_stage_and_keeps_hashes_when_off(flow_cfg):  # noqa: F811
+def test_filter_keys_only_the_shards_stage_and_keeps_hashes_when_off(flow_cfg):
     plain = stages.stage_keys(flow_cfg)
     off = with_overrides(flow_cfg, {"filter.margin": 0.3})  # method none: the option is off
     assert stages.stage_keys(off) == plain and config_hash(off) == config_hash(flow_cfg)
@@ -86,45 +85,89 @@ def test_filter_keys_only_the_shards_stage_and_keeps_hashes_when_off(flow_cfg): 
         with_overrides(flow_cfg, {"filter.method": "clip"})
 
 
-def test_shards_stage_writes_only_the_rows_the_filter_keeps(flow_cfg):  # noqa: F811
-    from pipeline.quality import nearest_pool_image
+def _plant(run_dir, labeled, lab):
+    """Class 0's first sample part becomes three known rows: its two labeled images (right
+    class, exact copies) and class 1's first labeled image (wrong class, an exact copy)."""
+    part = run_dir / "samples/class-00/part-00-00000.npz"
+    with np.load(part) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["images"] = np.stack([labeled[lab == 0][0], labeled[lab == 0][1], labeled[lab == 1][0]])
+    with open(part, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _rmse_to_nearest(images, pool):
+    """(pixel RMSE in [0, 1] units, index) of each image's nearest pool image, in float64."""
+    a = images.reshape(len(images), -1).astype(np.float64) / 255
+    b = pool.reshape(len(pool), -1).astype(np.float64) / 255
+    d = np.sqrt(((a[:, None] - b[None]) ** 2).mean(-1))
+    return d.min(1), d.argmin(1)
+
+
+def test_shards_stage_writes_only_the_rows_the_filter_keeps(flow_cfg):
+    from anl_core.encoders import load_encoder
+    from pipeline.images import to_model_space
+    from pipeline.neighbors import neighbor_pool
     from pipeline.shards import read_shards
 
     on = with_overrides(flow_cfg, {"filter.method": "prototype", "sampling.per_condition": 3})
     run_dir = init_run_dir(on)
+    stages.run_all(run_dir, on, until="sample")
+    split, ds = stages.split_for(run_dir), stages.dataset_for(on)
+    labeled, lab = ds.train_images[split.labeled_idx], split.labeled_labels
+    _plant(run_dir, labeled, lab)
     records = stages.run_all(run_dir, on, until="shards")
     metrics = records["shards"]["metrics"]
-    assert metrics["filter"] == "prototype" and metrics["rows_sampled"] == 12
-    # The shards hold exactly the sampled rows the filter keeps, in order.
-    keep, info = stages.synthetic_filter(run_dir, on, "cpu")
-    assert info == {"filter": "prototype"}
-    kept_images, kept_labels = [], []
-    for _, path in stages.sample_parts(run_dir, on):
-        part = np.load(path)
-        mask = keep(part["images"], part["labels"])
-        kept_images.append(part["images"][mask])
-        kept_labels.append(part["labels"][mask])
-    kept_labels = np.concatenate(kept_labels)
-    shards = read_shards(run_dir / "shards")
-    assert np.array_equal(shards.images, np.concatenate(kept_images))
-    assert np.array_equal(shards.labels, kept_labels)
-    assert metrics["rows"] == len(kept_labels) > 0
-    assert metrics["rows_per_class"] == {str(c): int((kept_labels == c).sum())
-                                         for c in (0, 1) if (kept_labels == c).any()}
-    assert metrics["kept_share"] == round(len(kept_labels) / 12, 4)
+    parts = [np.load(p) for p in sorted(run_dir.glob("samples/class-*/part-*.npz"))]
+    images = np.concatenate([p["images"] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts])
+    cond = np.concatenate([p["condition_id"] for p in parts])
+    assert len(labels) == metrics["rows_sampled"] == 12  # 2 classes x 2 labeled x 3
 
-    # The copy test drops what is closer to a labeled image than the threshold.
+    # The prototype margin by hand: mean-token cosine similarity, own class minus other.
+    encoder = load_encoder(on.encoder, device="cpu")
+
+    def unit_mean(x):
+        m = encoder.encode(to_model_space(x)).double().mean(1).numpy()
+        return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+    sim = unit_mean(labeled) @ unit_mean(images).T  # (labeled, samples)
+    class_mean = np.stack([sim[lab == c].mean(0) for c in (0, 1)])
+    margin = class_mean[labels, np.arange(12)] - class_mean[1 - labels, np.arange(12)]
+    assert (np.abs(margin - on.filter.margin) > 1e-4).all(), margin  # no ties to break
+    proto = margin > on.filter.margin
+    assert proto[:3].tolist() == [True, True, False]  # the planted wrong-class row goes
+    shards = read_shards(run_dir / "shards")
+    assert np.array_equal(shards.images, images[proto])
+    assert np.array_equal(shards.labels, labels[proto])
+    assert np.array_equal(shards.frame["condition_id"].to_numpy(), cond[proto])
+    assert metrics["filter"] == "prototype" and metrics["rows"] == int(proto.sum())
+    assert metrics["rows_per_class"] == {str(c): int(proto[labels == c].sum()) for c in (0, 1)
+                                         if proto[labels == c].any()}
+    assert metrics["kept_share"] == round(proto.sum() / 12, 4)
+
+    # The copy test by hand: thresholds are per class (of the nearest labeled image) medians
+    # of the RMSE of 6 real unlabeled images, the whole pool's when a class has under 2.
     both = with_overrides(on, {"filter.copy_quantile": 0.5, "filter.copy_pool": 6})
-    records = stages.run_all(init_run_dir(both), both, until="shards")
-    metrics = records["shards"]["metrics"]
-    assert metrics["filter"] == "prototype+copies" and len(metrics["copy_rmse_thresholds"]) == 2
-    split = stages.split_for(run_dir)
-    ds = stages.dataset_for(on)
-    near, idx = nearest_pool_image(read_shards(init_run_dir(both) / "shards").images,
-                                   ds.train_images[split.labeled_idx])
-    assert len(near) == metrics["rows"] <= len(kept_labels)
-    limit = np.asarray(metrics["copy_rmse_thresholds"])[split.labeled_labels[idx]]
-    assert (near >= limit - 1e-5).all()
+    both_dir = init_run_dir(both)
+    stages.run_all(both_dir, both, until="sample")
+    _plant(both_dir, labeled, lab)
+    metrics = stages.run_all(both_dir, both, until="shards")["shards"]["metrics"]
+    pool = ds.train_images[neighbor_pool(split.unlabeled_idx, 6, both.filter.seed)]
+    d_pool, i_pool = _rmse_to_nearest(pool, labeled)
+    group = lab[i_pool]
+    limit = np.array([np.quantile(d_pool[group == c] if (group == c).sum() >= 2 else d_pool, 0.5)
+                      for c in (0, 1)])
+    assert metrics["copy_rmse_thresholds"] == pytest.approx(limit, abs=1e-5)
+    assert (limit > 0).all()
+    d, i = _rmse_to_nearest(images, labeled)
+    assert (np.abs(d - limit[lab[i]]) > 1e-5).all()  # no ties to break
+    kept = proto & (d >= limit[lab[i]])
+    assert not kept[:3].any()  # the planted copies go, the right-class ones too
+    assert metrics["filter"] == "prototype+copies" and metrics["rows"] == int(kept.sum())
+    shards = read_shards(both_dir / "shards")
+    assert np.array_equal(shards.images, images[kept])
+    assert np.array_equal(shards.labels, labels[kept])
 
     # A margin nothing can clear: a clear error, not an empty shard set.
     none_pass = with_overrides(on, {"filter.margin": 2.0})

@@ -7,6 +7,8 @@
 ``control``     the same as augmented, but the extra rows are real unlabeled images labeled
                 by the encoder's prototype judge (``pipeline.control``): a gain of augmented
                 over control is the generated images' own, not the encoder's.
+``augmented-r2`` the augmented arm on the second round's shards (``pipeline.loop``);
+``selftrain``   its control: the round's pseudo-labeled real images as the extra rows.
 
 All arms share the split, the network initialisation (drawn from ``config.seed`` alone),
 the schedule and the random stream of the real rows (``trainer.py``), so the difference
@@ -34,12 +36,15 @@ from pipeline.atomic import atomic_write as _atomic_write_bytes
 from ..datasets import ImageDataset
 from ..splits import LabeledSplit
 from .algorithms import get_algorithm
+from .augment import to_unit
 from .config import SSLConfig
 from .nets import build_net, resolve_net_name
 from .trainer import TrainData, Trainer, resolve_device
 
-ARMS = ("supervised", "baseline", "augmented", "control")
-EXTRA_ROW_ARMS = ("augmented", "control")  # the arms that read extra labeled rows
+# Round 2 (pipeline.loop): augmented-r2 reads the round-2 shards; selftrain, its control,
+# the pseudo-labeled real images the round-2 adapters were tuned on.
+ARMS = ("supervised", "baseline", "augmented", "control", "augmented-r2", "selftrain")
+EXTRA_ROW_ARMS = ("augmented", "control", "augmented-r2", "selftrain")  # read extra rows
 METRICS = "metrics.json"
 CURVE = "learning_curve.parquet"
 CHECKPOINT = "checkpoint.pt"
@@ -240,3 +245,31 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
     _atomic_write_bytes(metrics_path, lambda tmp: Path(tmp).write_text(
         json.dumps(metrics, indent=1)))
     return metrics_path
+
+
+@torch.no_grad()
+def predict_probs(arm_dir: str | Path, dataset: ImageDataset, images: np.ndarray,
+                  device: str = "cpu", batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities of a finished arm's EMA classifier on uint8 NHWC ``images``.
+
+    The net is rebuilt as ``run_arm`` built it (name, dataset channel statistics) and loaded
+    with the EMA weights of ``checkpoint.pt``, the weights its test error was measured on.
+    """
+    arm_dir = Path(arm_dir)
+    metrics_path, ckpt = arm_dir / METRICS, arm_dir / CHECKPOINT
+    if not metrics_path.exists() or not ckpt.exists():
+        raise ArmError(f"{arm_dir} has no finished classifier ({METRICS} and {CHECKPOINT}); "
+                       "run that arm first")
+    metrics = json.loads(metrics_path.read_text())
+    dev = resolve_device(device)
+    mean, std = _channel_stats(dataset.train_images)
+    net = build_net(metrics["net"], dataset.num_classes, dataset.image_shape, mean, std,
+                    int(metrics["seed"]))
+    state = torch.load(ckpt, map_location=dev, weights_only=True)
+    net.load_state_dict(state["ema"])
+    net.to(dev).eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev)
+        out.append(torch.softmax(net(to_unit(x)).float(), dim=-1).cpu().double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, dataset.num_classes))

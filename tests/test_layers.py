@@ -1,0 +1,96 @@
+"""The import graph (stdlib ``ast``, every import, also those inside functions): the layers
+go flows -> pipeline -> anl_core and never back, and no two modules import each other,
+directly or around a loop."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("anl_core", "pipeline", "flows")
+LAYER = {"anl_core": 0, "pipeline": 1, "flows": 2}  # a module may import its own layer or lower
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(name: str, known: set[str]) -> str | None:
+    """The longest known module that ``name`` is or lies in (``pipeline.ssl.arms.X`` ->
+    ``pipeline.ssl.arms``)."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
+    known = {_module_name(p) for p in files}
+    graph: dict[str, set[str]] = {}
+    for path in files:
+        mod = _module_name(path)
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from .x import y / from .. import z
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                names = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for name in names:
+                target = _resolve(name, known)
+                # A package's __init__ re-exporting its own modules is not a dependency
+                # of those modules on it.
+                if target and target != mod and not target.startswith(mod + "."):
+                    deps.add(target)
+        graph[mod] = deps
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_walker_sees_imports_inside_functions_and_relative_ones():
+    graph = import_graph()
+    assert "pipeline.ssl.trainer" in graph["pipeline.ssl.arms"]  # from .trainer import ...
+    assert "anl_core.sampling" in graph["pipeline.stages"]  # imported inside a function
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layers_point_down_only():
+    broken = sorted(f"{mod} -> {dep}" for mod, deps in import_graph().items() for dep in deps
+                    if LAYER[dep.split(".")[0]] > LAYER[mod.split(".")[0]])
+    assert not broken, "imports against the layers (flows -> pipeline -> anl_core):\n" + \
+        "\n".join(broken)
+
+
+def test_no_import_cycles():
+    cycle = _cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

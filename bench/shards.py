@@ -4,7 +4,7 @@
 
 Images: real Fashion-MNIST (28x28x1) and the 20 real CIFAR-10 images from foolbox tiled with
 random flips and shifts (32x32x3; each PNG is still compressed on its own, so sizes are
-realistic). Also times Pillow per-image PNG encode/decode, the codec the shards replaced.
+realistic). Also times Pillow per-image PNG encode/decode alone, the codec the shards use.
 Every ratio printed comes from this one run on this machine.
 """
 

@@ -217,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     from pipeline.config import ConfigError
     from pipeline.preflight import PreflightError
+    from pipeline.pretrain import PretrainError
 
     try:
         return args.fn(args) or 0
-    except (ConfigError, PreflightError) as e:
+    except (ConfigError, PreflightError, PretrainError) as e:
         print(f"augment: error: {e}", file=sys.stderr)
         return 2
 

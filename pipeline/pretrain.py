@@ -10,6 +10,7 @@ last one; a finished directory (``training.json`` present) is not retrained.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -130,6 +131,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
     config = config or PretrainConfig()
     out_dir = Path(out_dir)
     if (out_dir / "training.json").exists():
+        _check_finished(out_dir, config, images)
         return out_dir
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"pretrain needs uint8 (N, H, W, C) images, got {images.dtype} {images.shape}")
@@ -322,6 +324,24 @@ def build_arg_parser(parser=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+class PretrainError(ValueError):
+    """The output folder holds a model trained with another config or pool."""
+
+
+def _check_finished(out_dir: Path, config: PretrainConfig, images: np.ndarray) -> None:
+    """A finished model is reused only for the same config and pool; anything else is an
+    error, not a silent return of a model trained another way."""
+    done = json.loads((out_dir / "training.json").read_text())
+    want = {k: v for k, v in config.to_dict().items() if k != "device"}
+    have = {k: v for k, v in (done.get("config") or {}).items() if k != "device"}
+    changed = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if changed or done.get("data_sha256") != data_hash(images):
+        what = ", ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in changed) or \
+            "the training images differ"
+        raise PretrainError(f"{out_dir} holds a model trained differently ({what}); pass another "
+                         "--out, or delete that folder to retrain")
 
 
 def run_from_args(args, command: str | None = None) -> Path:

@@ -417,3 +417,13 @@ def test_augment_pretrain_command_writes_a_diffusers_base(flow_image_folder, tmp
     assert (again.dataset, again.root, again.labels_per_class, again.split_seed) == \
         ("image-folder", str(flow_image_folder), 3, 1)
     assert again.set == [a for i, a in enumerate(argv) if i and argv[i - 1] == "--set"]
+
+    # Rerun: the same arguments reuse the model; other values are refused, naming the change
+    # (not a silent return of the model trained with steps=3).
+    record = (out / "training.json").read_bytes()
+    assert main(argv) == 0 and (out / "training.json").read_bytes() == record
+    capsys.readouterr()
+    assert main([*argv, "--set", "steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "trained differently (steps: 3 -> 4)" in err and "another --out" in err
+    assert (out / "training.json").read_bytes() == record

@@ -30,7 +30,7 @@ from typing import Self
 import numpy as np
 
 from pipeline.atomic import atomic_write
-from pipeline.config import AugmentConfig, _digest, stage_key
+from pipeline.config import STAGE_UPSTREAM, AugmentConfig, _digest, stage_key
 from pipeline.runs import STAGE_ORDER, atomic_write_json, read_json
 
 UNIT_MARKER = "unit.json"
@@ -89,24 +89,23 @@ def stage_keys(config: AugmentConfig, run_dir: Path | None = None) -> dict[str, 
     """Every stage's key. The tune key includes the base model's content fingerprint."""
     from pipeline.preflight import base_model_fingerprint, resolve_base_model
 
-    k: dict[str, str | None] = {"split": stage_key(config, "split")}
-    k["pretrain"] = stage_key(config, "pretrain", {"split": k["split"]}) \
-        if config.pretrains_base else None
-    k["encode"] = stage_key(config, "encode", {"split": k["split"]})
     base = None if config.pretrains_base else \
         base_model_fingerprint(resolve_base_model(config.base_model))
-    k["tune"] = stage_key(config, "tune", {"encode": k["encode"], "pretrain": k["pretrain"]},
-                          extra={"base": base})
-    # Several mask ratios: each draws its own noise (ratio_seed); one keeps its old key.
-    k["sample"] = stage_key(config, "sample", {"tune": k["tune"]},
-                            extra={"ratio_seeds": True} if len(config.sampling.mask_ratios) > 1
-                            else None)
-    k["shards"] = stage_key(config, "shards", {"sample": k["sample"]})
-    k["quality"] = stage_key(config, "quality", {"shards": k["shards"], "split": k["split"]})
-    k["ssl"] = stage_key(config, "ssl", {"split": k["split"], "shards": k["shards"]})
+    extras: dict[str, dict | None] = {
+        "tune": {"base": base},
+        # Several mask ratios: each draws its own noise (ratio_seed); one keeps its old key.
+        "sample": {"ratio_seeds": True} if len(config.sampling.mask_ratios) > 1 else None,
+    }
+    # config.STAGE_UPSTREAM is the graph; pretrain has a key only when the config pretrains.
+    k: dict[str, str | None] = {}
+    for stage in STAGE_ORDER[:STAGE_ORDER.index("loop")]:  # loop and report: below
+        if stage == "pretrain" and not config.pretrains_base:
+            k[stage] = None
+            continue
+        k[stage] = stage_key(config, stage, {u: k[u] for u in STAGE_UPSTREAM[stage]},
+                             extra=extras.get(stage))
     k["loop"] = _round_two_keys(config, k, base) if config.loop.rounds == 2 else None
-    k["report"] = stage_key(config, "report", {"quality": k["quality"], "ssl": k["ssl"],
-                                               "loop": k["loop"]})
+    k["report"] = stage_key(config, "report", {u: k[u] for u in STAGE_UPSTREAM["report"]})
     return k
 
 

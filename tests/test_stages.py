@@ -334,3 +334,21 @@ def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatc
     assert len(frame) == 2 * 3 * k
     counts = frame.groupby("condition_id").size()
     assert len(counts) == 6 and (counts == k).all()
+
+
+# The demo preset's stage keys, pinned: moving code around must not rename finished work
+# (these equal the keys before the second round and the STAGE_UPSTREAM-driven stage_keys).
+DEMO_KEYS = {"split": "73054915575ea91f", "pretrain": None, "encode": "17a09fdda5f70922",
+             "tune": "9f9f45dea10b937e", "sample": "7aae4600183810cf",
+             "shards": "48e016007854a2db", "quality": "26a45d05633ff7da",
+             "ssl": "eb8d3f122abfdca2", "loop": None, "report": "49947309537864e9"}
+
+
+def test_stage_keys_are_pinned():
+    from pipeline.config import load_config
+
+    assert stages.stage_keys(load_config("demo")) == DEMO_KEYS
+    two = stages.stage_keys(load_config("demo", ["loop.rounds=2"]))
+    assert {k: two[k] for k in DEMO_KEYS if k not in ("loop", "report")} == \
+        {k: v for k, v in DEMO_KEYS.items() if k not in ("loop", "report")}
+    assert two["pseudo"] == "93e95efe6c3581a6" and two["loop"] == "92c37a7c09d1ccc8"

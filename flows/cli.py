@@ -8,6 +8,7 @@
     augment runs [--runs-dir DIR]          run directories and their status
     augment report RUN_DIR... [--history]  (re)write reports, or a history table over runs
     augment pretrain --out DIR ...         pretrain a base model on the unlabeled pool
+    augment transfer --target T [...]      few-shot generative transfer to a new image domain
 """
 
 from __future__ import annotations
@@ -155,6 +156,31 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from pipeline.transfer import check, transfer_config
+
+    def path_or_name(value: str | None) -> str | None:
+        # A folder relative to the working directory is meant as one; anything else (a hub id,
+        # a built-in target, a path relative to the repository) is passed on as given.
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    flags = {"base_model": path_or_name(args.base_model), "target": path_or_name(args.target),
+             "target_class": args.target_class, "shots": args.shots, "mode": args.mode,
+             "steps": args.steps, "samples": args.samples, "runs_dir": args.runs_dir,
+             "progress": False if args.no_progress else None}
+    config = transfer_config({k: v for k, v in flags.items() if v is not None}, args.set)
+    info = check(config)  # fail in seconds, before Prefect starts
+    print(f"transfer {config.mode}: {info['target']} ({info['shots']} shots, "
+          f"{info['held_out']} held out) from {info['base_model']}, device {info['device']}\n"
+          f"run directory {info['run_dir']}", flush=True)
+    from flows.transfer import transfer
+
+    t0 = time.perf_counter()
+    report = transfer(config=config)
+    print(f"done in {time.perf_counter() - t0:.0f} s\nreport: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="augment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pretrain a base U-Net on the unlabeled pool")
     build_arg_parser(pre)
     pre.set_defaults(fn=_cmd_pretrain)
+
+    tr = sub.add_parser("transfer", help="adapt the base model to a new image domain from a "
+                        "few images (ANL only, or full fine-tuning, or from scratch)")
+    tr.add_argument("--base-model", default=None,
+                    help="diffusers UNet2DModel folder (default data/models/fashion-mnist-ddpm-32)")
+    tr.add_argument("--target", default=None,
+                    help="a folder of PNGs, mnist-foolbox (default), sklearn-digits, or a "
+                         "registered dataset name (with --class)")
+    tr.add_argument("--class", dest="target_class", default=None,
+                    help="the target's class (name or index); default: all its images")
+    tr.add_argument("--shots", type=int, default=None, help="training images (default 10)")
+    tr.add_argument("--mode", default=None, help="anl (default), full or scratch")
+    tr.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    tr.add_argument("--samples", type=int, default=None, help="images to draw (default 100)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any pipeline.transfer.TransferConfig field, e.g. --set guidance=3 "
+                         "(applied after the flags)")
+    tr.add_argument("--runs-dir", default=None, help="default runs/transfer")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.set_defaults(fn=_cmd_transfer)
     return p
 
 
@@ -218,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.preflight import PreflightError
     from pipeline.pretrain import PretrainError
+    from pipeline.transfer import TransferError
 
     try:
         return args.fn(args) or 0
-    except (ConfigError, PreflightError, PretrainError) as e:
+    except (ConfigError, PreflightError, PretrainError, TransferError) as e:
         print(f"augment: error: {e}", file=sys.stderr)
         return 2
 

@@ -186,12 +186,17 @@ def resolve_features(encoder, device: str | None, reference) -> tuple[str, Featu
 
 
 def class_grid_png(real: np.ndarray, synthetic: dict[float, np.ndarray], title: str,
-                   cols: int = 8, real_label: str = "real labeled") -> bytes:
-    """PNG: one row of real labeled images, then one row of synthetic images per mask ratio."""
+                   cols: int = 8, real_label: str = "real labeled",
+                   row_label: str = "mask {:g}") -> bytes:
+    """PNG: one row of real labeled images, then one row of synthetic images per mask ratio.
+
+    ``row_label`` formats each synthetic row's key into its label (a constant string labels
+    every row alike: ``"samples"``).
+    """
     from matplotlib.figure import Figure
 
     rows = [(real_label, real[:cols])] + \
-        [(f"mask {r:g}", imgs[:cols]) for r, imgs in sorted(synthetic.items())]
+        [(row_label.format(r), imgs[:cols]) for r, imgs in sorted(synthetic.items())]
     h, w, c = (real if len(real) else next(iter(synthetic.values()))).shape[1:]
     fig = Figure(figsize=(cols * 0.55 + 1.0, len(rows) * 0.6 + 0.35))
     axes = fig.subplots(len(rows), 1, squeeze=False)

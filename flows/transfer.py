@@ -1,0 +1,60 @@
+"""The ``transfer`` flow: few-shot generative transfer of a base model to a new image domain.
+
+Thin: each task calls one ``pipeline.transfer`` function with the run directory and the
+config, and the steps skip finished work themselves (their records are keyed on the config
+parts they read), so Prefect's own result cache is off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline import transfer as steps
+from pipeline.transfer import TransferConfig
+
+_opts = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+@task(name="transfer-check", **_opts)
+def check(config: TransferConfig) -> dict:
+    """Fail in seconds, naming the parameter, when an input is missing or too small."""
+    return steps.check(config)
+
+
+@task(name="transfer-prepare", **_opts)
+def prepare(config: TransferConfig) -> str:
+    return str(steps.init_run(config))
+
+
+def _step_task(step: str):
+    fn = steps.STEP_FUNCTIONS[step]
+
+    @task(name=f"transfer-{step}", **_opts)
+    def run(run_dir: str, config: TransferConfig) -> dict:
+        return fn(Path(run_dir), config)
+
+    run.__doc__ = f"Step {step!r}: pipeline.transfer.{fn.__name__}."
+    return run
+
+
+target = _step_task("target")
+tune = _step_task("tune")
+sample = _step_task("sample")
+evaluate = _step_task("evaluate")
+report = _step_task("report")
+
+
+@flow(name="transfer", log_prints=True)
+def transfer(config: TransferConfig) -> str:
+    """Run (or resume) one transfer run; returns the path of its report.html."""
+    check(config)
+    run_dir = prepare(config)
+    print(f"run directory: {run_dir}")
+    for step in (target, tune, sample, evaluate):
+        step(run_dir, config)
+    html = Path(run_dir) / report(run_dir, config)["outputs"]["html"]
+    print(f"report: {html}")
+    return str(html)

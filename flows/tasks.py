@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline import stages
+from pipeline import runs, stages
 from pipeline.config import AugmentConfig
 from pipeline.preflight import preflight
 from pipeline.runs import init_run_dir, mark_running
@@ -40,7 +40,7 @@ def _stage_task(stage: str, fn=None):
     @task(name=stage, task_run_name=f"{stage}-round{{loop_round}}", **_opts)
     def run(run_dir: str, config: AugmentConfig, loop_round: int = 1) -> dict | None:
         """``loop_round`` 2: the generation stages again, in ``round-2/`` (``loop.rounds: 2``)."""
-        with stages.stage_failure_recorded(Path(run_dir), stage):
+        with runs.stage_failure_recorded(Path(run_dir), stage):
             if loop_round == 1:
                 return fn(Path(run_dir), config)
             return fn(Path(run_dir), config, loop_round=loop_round)
@@ -65,7 +65,7 @@ report = _stage_task("report")
 @task(name="tune-class", task_run_name="tune-{class_idx}-round{loop_round}", **_opts)
 def tune_class(run_dir: str, config: AugmentConfig, class_idx: int | None, loop_round: int = 1) -> str:
     """Tune one class's adapter; returns its directory."""
-    with stages.stage_failure_recorded(Path(run_dir), "tune"):
+    with runs.stage_failure_recorded(Path(run_dir), "tune"):
         stages.run_tune_class(Path(run_dir), config, class_idx, loop_round)
     return str(stages.round_root(Path(run_dir), loop_round) / stages.adapter_rel(class_idx))
 
@@ -73,14 +73,14 @@ def tune_class(run_dir: str, config: AugmentConfig, class_idx: int | None, loop_
 @task(name="sample-class", task_run_name="sample-{class_idx}-round{loop_round}", **_opts)
 def sample_class(run_dir: str, config: AugmentConfig, class_idx: int, loop_round: int = 1) -> str:
     """Masked sampling for one class; returns its sample directory."""
-    with stages.stage_failure_recorded(Path(run_dir), "sample"):
+    with runs.stage_failure_recorded(Path(run_dir), "sample"):
         stages.run_sample_class(Path(run_dir), config, class_idx, loop_round)
     return str(stages.round_root(Path(run_dir), loop_round) / stages.sample_rel(class_idx))
 
 
 @task(name="ssl-arm", task_run_name="ssl-{arm}-seed{seed}", **_opts)
 def ssl_arm(run_dir: str, config: AugmentConfig, arm: str, seed: int) -> str:
-    with stages.stage_failure_recorded(Path(run_dir), "ssl"):
+    with runs.stage_failure_recorded(Path(run_dir), "ssl"):
         stages.run_ssl_arm(Path(run_dir), config, arm, seed)
     return str(Path(run_dir) / stages.ssl_rel(arm, seed))
 

@@ -1,7 +1,11 @@
-"""Run directories: naming, the resolved config file, and listing runs with their status.
+"""The run store: run directories, their stage records and unit markers, reuse across runs,
+and metering. Stage bodies live in ``pipeline.stages``; this module is their bookkeeping.
 
 A run directory is ``<runs_dir>/<preset>-<confighash8>``: the same config always maps to
-the same directory, so rerunning it resumes and skips finished stages.
+the same directory, so rerunning it resumes and skips finished stages. A stage writes
+``stages/<stage>.json`` last (``run_stage``); a per-class unit writes ``unit.json`` last
+(``run_unit``); a sibling run's finished outputs with the same key are hard-linked in
+(``adopt_stage``, ``adopt_unit``) instead of recomputed.
 """
 
 from __future__ import annotations
@@ -9,11 +13,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from pipeline.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from pipeline.config import REPO_ROOT, AugmentConfig, config_hash
@@ -21,6 +30,12 @@ from pipeline.config import REPO_ROOT, AugmentConfig, config_hash
 STAGE_ORDER = ("split", "pretrain", "encode", "tune", "sample", "shards", "quality", "ssl", "loop",
                "report")
 LOCK_NAME = "running.json"
+UNIT_MARKER = "unit.json"
+ROUND_TWO = "round-2"  # the second round's folder inside a run (loop.rounds: 2)
+
+
+class StageError(RuntimeError):
+    """A stage cannot run because an upstream output is missing or inconsistent."""
 
 
 def read_json(path: str | Path) -> dict | None:
@@ -148,3 +163,228 @@ def list_runs(runs_root: str | Path) -> list[RunInfo]:
     runs = [run_status(p) for p in root.iterdir()
             if p.is_dir() and not p.name.startswith(("_", ".")) and (p / "config.json").exists()]
     return sorted(runs, key=lambda r: r.modified, reverse=True)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Meter:
+    """Wall time and peak memory of a block: CUDA peak allocation, else sampled RSS growth."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> Self:
+        self.started = time.time()
+        self._t0 = time.perf_counter()
+        self._rss0 = self._peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self._peak = max(self._peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.wall_s = time.perf_counter() - self._t0
+        self.finished = time.time()
+        if self.device == "cuda":
+            import torch
+
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.peak_mb = max(self._peak, _rss_bytes()) - self._rss0
+            self.peak_mb = max(0.0, self.peak_mb / 2**20)
+
+
+def device_label(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+# --------------------------------------------------------------------------- reuse
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def place(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` (file or tree) to ``dst`` through a temp name, then swap it in."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.adopt-{os.getpid()}")
+    remove_tree(tmp)
+    if src.is_dir():
+        shutil.copytree(src, tmp, copy_function=link_or_copy)
+    else:
+        link_or_copy(str(src), str(tmp))
+    remove_tree(dst)
+    os.replace(tmp, dst)
+
+
+def sibling_runs(run_dir: Path):
+    """Other run directories beside this one (for a round-2 folder: their round-2 folders)."""
+    if run_dir.name == ROUND_TWO:
+        yield from (other / ROUND_TWO for other in sibling_runs(run_dir.parent)
+                    if (other / ROUND_TWO).is_dir())
+        return
+    root = run_dir.parent
+    if not root.is_dir():
+        return
+    for other in sorted(root.iterdir()):
+        if other.is_dir() and other.resolve() != run_dir.resolve() \
+                and not other.name.startswith((".", "_")):
+            yield other
+
+
+def owner_run(path: Path) -> str:
+    """The run a folder belongs to (a round-2 folder belongs to its parent run)."""
+    return path.parent.name if path.name == ROUND_TWO else path.name
+
+
+def adopt_stage(run_dir: Path, stage: str, key: str) -> dict | None:
+    """Link a sibling run's finished outputs of this stage (same key) into ``run_dir``."""
+    for other in sibling_runs(run_dir):
+        rec = read_json(other / "stages" / f"{stage}.json")
+        if not rec or rec.get("key") != key:
+            continue
+        outputs = [other / rel for rel in flat_outputs(rec.get("outputs", {}))]
+        if not all(p.exists() for p in outputs):
+            continue
+        for p in outputs:
+            place(p, run_dir / p.relative_to(other))
+        rec = {**rec, "adopted_from": owner_run(other)}
+        atomic_write_json(run_dir / "stages" / f"{stage}.json", rec)
+        return rec
+    return None
+
+
+def adopt_unit(run_dir: Path, rel: str, key: str) -> dict | None:
+    for other in sibling_runs(run_dir):
+        marker = read_json(other / rel / UNIT_MARKER)
+        if marker and marker.get("key") == key:
+            place(other / rel, run_dir / rel)
+            return {**marker, "adopted_from": owner_run(other)}
+    return None
+
+
+def flat_outputs(outputs: dict) -> list[str]:
+    out = []
+    for v in outputs.values():
+        if isinstance(v, dict):
+            out += flat_outputs(v)
+        elif isinstance(v, list):
+            out += [str(x) for x in v]
+        elif v:
+            out.append(str(v))
+    return out
+
+
+# --------------------------------------------------------------------------- stage frame
+
+
+def finished_record(run_dir: Path, stage: str, key: str) -> dict | None:
+    rec = read_json(Path(run_dir) / "stages" / f"{stage}.json")
+    return rec if rec and rec.get("key") == key else None
+
+
+def run_stage(run_dir: Path, config: AugmentConfig, stage: str, key: str,
+               body: Callable[[str], tuple[dict, dict]], adopt: bool = True) -> dict:
+    """Skip (same key), adopt (sibling with same key), or run ``body`` and record it."""
+    run_dir = Path(run_dir)
+    rec = finished_record(run_dir, stage, key)
+    if rec is not None:
+        return {**rec, "skipped": True}
+    if adopt and (rec := adopt_stage(run_dir, stage, key)) is not None:
+        return rec
+    device = config.resolved_device()
+    with Meter(device) as m:
+        outputs, metrics = body(device)
+    rec = {"stage": stage, "key": key, "started": m.started, "finished": m.finished,
+           "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
+           "device": device_label(device), "outputs": outputs, "metrics": metrics}
+    atomic_write_json(run_dir / "stages" / f"{stage}.json", rec)
+    return rec
+
+
+def run_unit(run_dir: Path, rel: str, key: str, config: AugmentConfig,
+          body: Callable[[Path, str], dict]) -> dict:
+    """One unit of a mapped stage (a class's adapter or samples) in ``run_dir/rel``.
+
+    ``body(dir, device)`` writes the unit's files into ``dir`` and returns its metrics;
+    the marker ``unit.json`` (with the key) is written last.
+    """
+    unit_dir = Path(run_dir) / rel
+    marker = read_json(unit_dir / UNIT_MARKER)
+    if marker and marker.get("key") == key:
+        return {**marker, "skipped": True}
+    if (adopted := adopt_unit(Path(run_dir), rel, key)) is not None:
+        return adopted
+    device = config.resolved_device()
+    with Meter(device) as m:
+        metrics = body(unit_dir, device)
+    marker = {"unit": rel, "key": key, "started": m.started, "finished": m.finished,
+              "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
+              "device": device_label(device), "metrics": metrics}
+    atomic_write_json(unit_dir / UNIT_MARKER, marker)
+    return marker
+
+
+def aggregate_units(run_dir: Path, config: AugmentConfig, stage: str, key: str,
+                     units: dict[str, dict], outputs: dict, metrics: dict) -> dict:
+    """Stage record for a mapped stage: wall time and memory summed/maxed over its units."""
+    done = [u for u in units.values()]
+    device = config.resolved_device()
+    rec = {"stage": stage, "key": key,
+           "started": min((u.get("started", time.time()) for u in done), default=time.time()),
+           "finished": time.time(),
+           "wall_s": round(sum(u.get("wall_s", 0.0) for u in done), 3),
+           "peak_mem_mb": max((u.get("peak_mem_mb", 0.0) for u in done), default=0.0),
+           "device": device_label(device), "outputs": outputs,
+           "metrics": {**metrics, "units": {name: u.get("metrics", {}) for name, u in units.items()}}}
+    atomic_write_json(Path(run_dir) / "stages" / f"{stage}.json", rec)
+    return rec
+
+
+@contextmanager
+def stage_failure_recorded(run_dir: Path, stage: str):
+    """Record which stage failed (``stages/failed.json``) so ``augment runs`` can say why."""
+    try:
+        yield
+    except BaseException as e:
+        atomic_write_json(Path(run_dir) / "stages" / "failed.json",
+                          {"stage": stage, "error": f"{type(e).__name__}: {e}"[:2000],
+                           "time": time.time()})
+        raise

@@ -7,7 +7,7 @@ stage reads plus its upstream keys (:func:`pipeline.config.stage_key`), never a 
 
 Reuse across runs: when another run directory under the same ``runs_dir`` already finished
 a stage (or one class's adapter or samples) with the same key, its outputs are hard-linked
-into this run instead of recomputed. So a changed sampling parameter gives a new run
+into this run instead of recomputed (the bookkeeping is ``pipeline.runs``). So a changed sampling parameter gives a new run
 directory but reruns only sampling and what follows it.
 
 Per-class work (tuning, sampling) is split into units, ``run_tune_class`` and
@@ -19,26 +19,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 
 from pipeline.atomic import atomic_write
 from pipeline.config import STAGE_UPSTREAM, AugmentConfig, _digest, stage_key
-from pipeline.runs import STAGE_ORDER, atomic_write_json, read_json
-
-UNIT_MARKER = "unit.json"
-
-
-class StageError(RuntimeError):
-    """A stage cannot run because an upstream output is missing or inconsistent."""
-
+from pipeline.runs import (
+    ROUND_TWO,
+    STAGE_ORDER,
+    UNIT_MARKER,
+    StageError,
+    aggregate_units,
+    atomic_write_json,
+    finished_record,
+    read_json,
+    remove_tree,
+    run_stage,
+    run_unit,
+)
 
 # --------------------------------------------------------------------------- shared inputs
 
@@ -133,9 +134,6 @@ def _round_two_keys(config: AugmentConfig, k: dict, base: str | None) -> str:
                                       "ssl": k["ssl"]})
 
 
-ROUND_TWO = "round-2"
-
-
 def round_root(run_dir: Path, loop_round: int) -> Path:
     """Where a round's conditions, adapters, samples, shards and stage records live."""
     return Path(run_dir) if loop_round == 1 else Path(run_dir) / ROUND_TWO
@@ -175,219 +173,6 @@ def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
     return _digest({"stage": "ssl", "ssl": ssl, "upstream": up})[:16]
 
 
-# --------------------------------------------------------------------------- measuring
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class _Meter:
-    """Wall time and peak memory of a block: CUDA peak allocation, else sampled RSS growth."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.peak_mb = 0.0
-
-    def __enter__(self) -> Self:
-        self.started = time.time()
-        self._t0 = time.perf_counter()
-        self._rss0 = self._peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.2):
-            self._peak = max(self._peak, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.wall_s = time.perf_counter() - self._t0
-        self.finished = time.time()
-        if self.device == "cuda":
-            import torch
-
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self.peak_mb = max(self._peak, _rss_bytes()) - self._rss0
-            self.peak_mb = max(0.0, self.peak_mb / 2**20)
-
-
-def _device_label(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name()
-    return f"cpu ({os.cpu_count()} cores)"
-
-
-# --------------------------------------------------------------------------- reuse
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copy2(src, dst)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _place(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` (file or tree) to ``dst`` through a temp name, then swap it in."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.adopt-{os.getpid()}")
-    _remove(tmp)
-    if src.is_dir():
-        shutil.copytree(src, tmp, copy_function=_link_or_copy)
-    else:
-        _link_or_copy(str(src), str(tmp))
-    _remove(dst)
-    os.replace(tmp, dst)
-
-
-def _siblings(run_dir: Path):
-    """Other run directories beside this one (for a round-2 folder: their round-2 folders)."""
-    if run_dir.name == ROUND_TWO:
-        yield from (other / ROUND_TWO for other in _siblings(run_dir.parent)
-                    if (other / ROUND_TWO).is_dir())
-        return
-    root = run_dir.parent
-    if not root.is_dir():
-        return
-    for other in sorted(root.iterdir()):
-        if other.is_dir() and other.resolve() != run_dir.resolve() \
-                and not other.name.startswith((".", "_")):
-            yield other
-
-
-def _run_name(path: Path) -> str:
-    """The run a folder belongs to (a round-2 folder belongs to its parent run)."""
-    return path.parent.name if path.name == ROUND_TWO else path.name
-
-
-def _adopt_stage(run_dir: Path, stage: str, key: str) -> dict | None:
-    """Link a sibling run's finished outputs of this stage (same key) into ``run_dir``."""
-    for other in _siblings(run_dir):
-        rec = read_json(other / "stages" / f"{stage}.json")
-        if not rec or rec.get("key") != key:
-            continue
-        outputs = [other / rel for rel in _flat_outputs(rec.get("outputs", {}))]
-        if not all(p.exists() for p in outputs):
-            continue
-        for p in outputs:
-            _place(p, run_dir / p.relative_to(other))
-        rec = {**rec, "adopted_from": _run_name(other)}
-        atomic_write_json(run_dir / "stages" / f"{stage}.json", rec)
-        return rec
-    return None
-
-
-def _adopt_unit(run_dir: Path, rel: str, key: str) -> dict | None:
-    for other in _siblings(run_dir):
-        marker = read_json(other / rel / UNIT_MARKER)
-        if marker and marker.get("key") == key:
-            _place(other / rel, run_dir / rel)
-            return {**marker, "adopted_from": _run_name(other)}
-    return None
-
-
-def _flat_outputs(outputs: dict) -> list[str]:
-    out = []
-    for v in outputs.values():
-        if isinstance(v, dict):
-            out += _flat_outputs(v)
-        elif isinstance(v, list):
-            out += [str(x) for x in v]
-        elif v:
-            out.append(str(v))
-    return out
-
-
-# --------------------------------------------------------------------------- stage frame
-
-
-def finished_record(run_dir: Path, stage: str, key: str) -> dict | None:
-    rec = read_json(Path(run_dir) / "stages" / f"{stage}.json")
-    return rec if rec and rec.get("key") == key else None
-
-
-def _run_stage(run_dir: Path, config: AugmentConfig, stage: str, key: str,
-               body: Callable[[str], tuple[dict, dict]], adopt: bool = True) -> dict:
-    """Skip (same key), adopt (sibling with same key), or run ``body`` and record it."""
-    run_dir = Path(run_dir)
-    rec = finished_record(run_dir, stage, key)
-    if rec is not None:
-        return {**rec, "skipped": True}
-    if adopt and (rec := _adopt_stage(run_dir, stage, key)) is not None:
-        return rec
-    device = config.resolved_device()
-    with _Meter(device) as m:
-        outputs, metrics = body(device)
-    rec = {"stage": stage, "key": key, "started": m.started, "finished": m.finished,
-           "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
-           "device": _device_label(device), "outputs": outputs, "metrics": metrics}
-    atomic_write_json(run_dir / "stages" / f"{stage}.json", rec)
-    return rec
-
-
-def _unit(run_dir: Path, rel: str, key: str, config: AugmentConfig,
-          body: Callable[[Path, str], dict]) -> dict:
-    """One unit of a mapped stage (a class's adapter or samples) in ``run_dir/rel``.
-
-    ``body(dir, device)`` writes the unit's files into ``dir`` and returns its metrics;
-    the marker ``unit.json`` (with the key) is written last.
-    """
-    unit_dir = Path(run_dir) / rel
-    marker = read_json(unit_dir / UNIT_MARKER)
-    if marker and marker.get("key") == key:
-        return {**marker, "skipped": True}
-    if (adopted := _adopt_unit(Path(run_dir), rel, key)) is not None:
-        return adopted
-    device = config.resolved_device()
-    with _Meter(device) as m:
-        metrics = body(unit_dir, device)
-    marker = {"unit": rel, "key": key, "started": m.started, "finished": m.finished,
-              "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
-              "device": _device_label(device), "metrics": metrics}
-    atomic_write_json(unit_dir / UNIT_MARKER, marker)
-    return marker
-
-
-def _aggregate_units(run_dir: Path, config: AugmentConfig, stage: str, key: str,
-                     units: dict[str, dict], outputs: dict, metrics: dict) -> dict:
-    """Stage record for a mapped stage: wall time and memory summed/maxed over its units."""
-    done = [u for u in units.values()]
-    device = config.resolved_device()
-    rec = {"stage": stage, "key": key,
-           "started": min((u.get("started", time.time()) for u in done), default=time.time()),
-           "finished": time.time(),
-           "wall_s": round(sum(u.get("wall_s", 0.0) for u in done), 3),
-           "peak_mem_mb": max((u.get("peak_mem_mb", 0.0) for u in done), default=0.0),
-           "device": _device_label(device), "outputs": outputs,
-           "metrics": {**metrics, "units": {name: u.get("metrics", {}) for name, u in units.items()}}}
-    atomic_write_json(Path(run_dir) / "stages" / f"{stage}.json", rec)
-    return rec
-
-
 # --------------------------------------------------------------------------- split
 
 
@@ -403,7 +188,7 @@ def run_split(run_dir: Path, config: AugmentConfig) -> dict:
                 {"labeled": len(split.labeled_idx), "unlabeled": len(split.unlabeled_idx),
                  "validation": len(split.val_idx), "num_classes": ds.num_classes})
 
-    return _run_stage(run_dir, config, "split", stage_key(config, "split"), body)
+    return run_stage(run_dir, config, "split", stage_key(config, "split"), body)
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -427,7 +212,7 @@ def run_pretrain(run_dir: Path, config: AugmentConfig) -> dict | None:
         return ({"base": "base"},
                 {k: info.get(k) for k in ("steps", "steps_per_s", "final_loss", "params")})
 
-    return _run_stage(run_dir, config, "pretrain", keys["pretrain"], body)
+    return run_stage(run_dir, config, "pretrain", keys["pretrain"], body)
 
 
 # --------------------------------------------------------------------------- encode
@@ -483,7 +268,7 @@ def run_encode(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dic
                                     "num_tokens": str(encoder.num_tokens)}))
         return ({"tokens": TOKENS_FILE}, metrics)
 
-    return _run_stage(root, config, "encode", _key(keys, "encode", loop_round), body)
+    return run_stage(root, config, "encode", _key(keys, "encode", loop_round), body)
 
 
 def unlabeled_neighbors(ds, split, encoder, tokens, config: AugmentConfig, device: str):
@@ -587,7 +372,7 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
                               progress=config.progress, weights=weights)
         # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
         tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
-        _remove(tmp)
+        remove_tree(tmp)
         save_adapter(model, tmp)
         info = {"class": class_idx, "images": len(rows),
                 "pseudo_labeled": int(tok["pseudo"][rows].sum()) if "pseudo" in tok else 0,
@@ -598,11 +383,11 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
                 "final_loss": float(np.mean(result.loss_history[-50:]))
                 if result.loss_history else None}
         atomic_write_json(tmp / "tune.json", info)
-        _remove(unit_dir)
+        remove_tree(unit_dir)
         os.replace(tmp, unit_dir)
         return {k: v for k, v in info.items() if k != "loss_history"}
 
-    return _unit(root, rel, _key(keys, "tune", loop_round), config, body)
+    return run_unit(root, rel, _key(keys, "tune", loop_round), config, body)
 
 
 def _unit_seed(seed: int, class_idx: int | None) -> int:
@@ -620,7 +405,7 @@ def run_tune(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:
     units = {adapter_rel(c): run_tune_class(run_dir, config, c, loop_round)
              for c in adapter_units(config, len(class_indices(run_dir, config)))}
     steps_per_s = [u["metrics"].get("steps_per_s", 0.0) for u in units.values()]
-    return _aggregate_units(root, config, "tune", key, units,
+    return aggregate_units(root, config, "tune", key, units,
                             {"adapters": list(units)},
                             {"adapters": len(units),
                              "steps_per_s": round(float(np.mean(steps_per_s)), 3)})
@@ -705,7 +490,7 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
         run = Path(run_dir)
         plan_file = read_json(unit_dir / "plan.json")
         if plan_file and plan_file.get("key") != key:
-            _remove(unit_dir)  # parts of another configuration: never mix them
+            remove_tree(unit_dir)  # parts of another configuration: never mix them
         unit_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(unit_dir / "plan.json", {"key": key, "class": class_idx})
         tok = load_tokens(root)
@@ -744,7 +529,7 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
         return {"class": class_idx, "rows": total, "parts": len(plan), "rows_made": made,
                 "images_per_s": round(made / seconds, 3) if made and seconds else None}
 
-    return _unit(root, rel, key, config, body)
+    return run_unit(root, rel, key, config, body)
 
 
 def run_sample(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:
@@ -757,7 +542,7 @@ def run_sample(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dic
              for c in class_indices(run_dir, config)}
     rates = [u["metrics"]["images_per_s"] for u in units.values()
              if u["metrics"].get("images_per_s")]
-    return _aggregate_units(root, config, "sample", key, units,
+    return aggregate_units(root, config, "sample", key, units,
                             {"samples": list(units)},
                             {"rows": sum(u["metrics"]["rows"] for u in units.values()),
                              "images_per_s": round(float(np.mean(rates)), 3) if rates else None})
@@ -825,7 +610,7 @@ def run_shards(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dic
                                            for k, n in sampled.items()})
         return ({"shards": "shards"}, metrics)
 
-    return _run_stage(root, config, "shards", _key(keys, "shards", loop_round), body)
+    return run_stage(root, config, "shards", _key(keys, "shards", loop_round), body)
 
 
 def synthetic_filter(run_dir: Path, config: AugmentConfig, device: str, loop_round: int = 1):
@@ -868,7 +653,7 @@ def run_quality(run_dir: Path, config: AugmentConfig) -> dict:
         summary = read_json(out) or {}
         return {"quality": "quality"}, summary.get("overall", {})
 
-    return _run_stage(run_dir, config, "quality", keys["quality"], body)
+    return run_stage(run_dir, config, "quality", keys["quality"], body)
 
 
 # --------------------------------------------------------------------------- ssl
@@ -907,7 +692,7 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
         return {**{k: v for k, v in metrics.items()
                    if isinstance(v, (int, float, str, type(None)))}, **info}
 
-    return _unit(Path(run_dir), rel, ssl_unit_key(config, keys, arm, seed), config, body)
+    return run_unit(Path(run_dir), rel, ssl_unit_key(config, keys, arm, seed), config, body)
 
 
 def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, device: str):
@@ -960,7 +745,7 @@ def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:
         return {**rec, "skipped": True}
     units = {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
              for a in config.ssl.arms for s in config.ssl.seeds}
-    return _aggregate_units(Path(run_dir), config, "ssl", keys["ssl"], units,
+    return aggregate_units(Path(run_dir), config, "ssl", keys["ssl"], units,
                             {"ssl": list(units)}, {"arms": list(config.ssl.arms),
                                                    "seeds": list(config.ssl.seeds)})
 
@@ -1031,7 +816,7 @@ def run_pseudo(run_dir: Path, config: AugmentConfig) -> dict:
                                     if per_class[c] else None for c in range(ds.num_classes)],
             "pool_images_per_s": round(len(pool) / max(seconds, 1e-9), 1)})
 
-    return _run_stage(root, config, "pseudo", keys["pseudo"], body)
+    return run_stage(root, config, "pseudo", keys["pseudo"], body)
 
 
 def run_loop(run_dir: Path, config: AugmentConfig) -> dict | None:
@@ -1055,7 +840,7 @@ def run_loop(run_dir: Path, config: AugmentConfig) -> dict | None:
     units = {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
              for a in ROUND_TWO_ARMS for s in config.ssl.seeds}
     grids = round_two_grids(Path(run_dir), config)
-    return _aggregate_units(Path(run_dir), config, "loop", keys["loop"], units,
+    return aggregate_units(Path(run_dir), config, "loop", keys["loop"], units,
                             {"round": ROUND_TWO, "ssl": list(units), "grids": grids},
                             {"pseudo": pseudo["metrics"], "rows": shards["metrics"]["rows"],
                              "kept_share": shards["metrics"].get("kept_share"),
@@ -1105,7 +890,7 @@ def run_report(run_dir: Path, config: AugmentConfig) -> dict:
         return rels, {}
 
     # The report reads this run's own records (wall times, devices), so it is never adopted.
-    return _run_stage(run_dir, config, "report", keys["report"], body, adopt=False)
+    return run_stage(run_dir, config, "report", keys["report"], body, adopt=False)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Path, AugmentConfig], dict | None]] = {
@@ -1126,15 +911,3 @@ def run_all(run_dir: Path, config: AugmentConfig, until: str | None = None) -> d
         if name == until:
             break
     return records
-
-
-@contextmanager
-def stage_failure_recorded(run_dir: Path, stage: str):
-    """Record which stage failed (``stages/failed.json``) so ``augment runs`` can say why."""
-    try:
-        yield
-    except BaseException as e:
-        atomic_write_json(Path(run_dir) / "stages" / "failed.json",
-                          {"stage": stage, "error": f"{type(e).__name__}: {e}"[:2000],
-                           "time": time.time()})
-        raise

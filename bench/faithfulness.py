@@ -148,7 +148,7 @@ class Sweep:
                 diversity=mean_pairwise_distance(self.features(self.ds.train_images[held])),
                 nn_rmse=nearest_rmse(self.ds.train_images[held], self.ds.train_images[lab]))
 
-    # ----------------------------------------------------------------- tuning (as run_tune_class)
+    # ----------------------------------------------------------------- tuning (the stage's own)
 
     def load_base(self):
         from pipeline.stages import load_base
@@ -159,12 +159,10 @@ class Sweep:
         return load_base(Path("."), self.config, self.device)
 
     def tune(self, scope: str, kind: str, steps: int, unet, scheduler) -> dict:
-        """{class or None: tuned ANLUNet}; per-class seeds and init exactly as run_tune_class."""
-        from anl_core.inject import ANLConfig, attach_anl
-        from anl_core.tuning import TuneConfig, tune_adapter
+        """{class or None: tuned ANLUNet}: ``stages.tune_class_adapter``, as the tune stage."""
         from pipeline.images import to_model_space
         from pipeline.neighbors import tuning_pairs
-        from pipeline.stages import _unit_seed
+        from pipeline.stages import tune_class_adapter
 
         cfg = self.config
         labels = torch.as_tensor(self.split.labeled_labels)
@@ -180,15 +178,9 @@ class Sweep:
                                     device=self.device)
             tokens = token_set(self.tokens[token_rows], kind)
             encoder_id = self.encoder.encoder_id + ("" if kind == "patch" else f"+{kind}")
-            acfg = ANLConfig(token_dim=tokens.shape[2], num_tokens=tokens.shape[1],
-                             encoder_id=encoder_id,
-                             **cfg.adapter.model_dump(exclude={"scope"}))
-            torch.manual_seed(_unit_seed(cfg.tuning.seed, unit))
-            model = attach_anl(copy.deepcopy(unet), acfg)
-            tcfg = TuneConfig(**{**cfg.tuning.model_dump(), "steps": steps,
-                                 "seed": _unit_seed(cfg.tuning.seed, unit)})
-            result = tune_adapter(model, scheduler, images, tokens, tcfg, progress=self.progress,
-                                  weights=weights)
+            model, result = tune_class_adapter(copy.deepcopy(unet), scheduler, images, tokens,
+                                               cfg, unit, encoder_id, weights=weights,
+                                               steps=steps, progress=self.progress)
             seconds += result.seconds
             models[unit] = model
         return {"models": models, "tune_s": seconds, "adapters": len(units),

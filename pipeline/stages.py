@@ -344,8 +344,7 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
     def body(unit_dir: Path, device: str) -> dict:
         import torch
 
-        from anl_core.inject import ANLConfig, attach_anl, load_adapter, save_adapter
-        from anl_core.tuning import TuneConfig, tune_adapter
+        from anl_core.inject import save_adapter
         from pipeline.images import to_model_space
         from pipeline.neighbors import tuning_pairs
 
@@ -359,17 +358,11 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
             rows, tok.get("neighbors"), tok["index"], config.neighbors.self_share)
         images = to_model_space(ds.train_images[targets], size=config.image_size, device=device)
         unet, scheduler = load_base(run, config, device)
-        acfg = ANLConfig(token_dim=tok["token_dim"], num_tokens=tok["num_tokens"],
-                         encoder_id=tok["encoder_id"], **config.adapter.model_dump(
-                             exclude={"scope"}))
-        torch.manual_seed(_unit_seed(config.tuning.seed, class_idx))  # adapter init
         warm = loop_round == 2 and config.loop.warm_start
-        model = (load_adapter(unet, run / rel, encoder_id=tok["encoder_id"]) if warm
-                 else attach_anl(unet, acfg))
-        tcfg = TuneConfig(**{**config.tuning.model_dump(),
-                             "seed": _unit_seed(config.tuning.seed, class_idx)})
-        result = tune_adapter(model, scheduler, images, tok["tokens"][token_rows], tcfg,
-                              progress=config.progress, weights=weights)
+        model, result = tune_class_adapter(
+            unet, scheduler, images, tok["tokens"][token_rows], config, class_idx,
+            tok["encoder_id"], weights=weights, warm_from=run / rel if warm else None,
+            progress=config.progress)
         # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
         tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
         remove_tree(tmp)
@@ -390,9 +383,38 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
     return run_unit(root, rel, _key(keys, "tune", loop_round), config, body)
 
 
-def _unit_seed(seed: int, class_idx: int | None) -> int:
+def unit_seed(seed: int, class_idx: int | None) -> int:
     """Different, reproducible seeds per class: seed + 1000 * (class + 1); shared: seed."""
     return seed if class_idx is None else seed + 1000 * (class_idx + 1)
+
+
+def tune_class_adapter(unet, scheduler, images, tokens, config: AugmentConfig,
+                       class_idx: int | None, encoder_id: str, *, weights=None,
+                       steps: int | None = None, warm_from: Path | None = None,
+                       progress: bool = False):
+    """Tune one adapter on ``images`` with their condition ``tokens``: (model, TuneResult).
+
+    The stage's tuning and the benches' (``bench/faithfulness.py``) are this one function:
+    the adapter's initialisation and its tuning draws come from the class's ``unit_seed``.
+    ``warm_from``: start from a saved adapter (the second round) instead of a fresh one.
+    """
+    import torch
+
+    from anl_core.inject import ANLConfig, attach_anl, load_adapter
+    from anl_core.tuning import TuneConfig, tune_adapter
+
+    seed = unit_seed(config.tuning.seed, class_idx)
+    torch.manual_seed(seed)  # the adapter's initialisation
+    if warm_from is not None:
+        model = load_adapter(unet, warm_from, encoder_id=encoder_id)
+    else:
+        model = attach_anl(unet, ANLConfig(
+            token_dim=tokens.shape[2], num_tokens=tokens.shape[1], encoder_id=encoder_id,
+            **config.adapter.model_dump(exclude={"scope"})))
+    tcfg = TuneConfig(**{**config.tuning.model_dump(), "seed": seed,
+                         **({"steps": steps} if steps else {})})
+    return model, tune_adapter(model, scheduler, images, tokens, tcfg, progress=progress,
+                               weights=weights)
 
 
 def run_tune(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:

@@ -10,6 +10,7 @@
 #            stages up to the shards, then supervised, baseline, augmented and control arms,
 #            one process each on the card; issue 17's second round (augmented-r2, selftrain)
 #            after each baseline; the paired table (bench/ssl_gain.py) at the end
+#            issue 19's generative transfer (bench/transfer.py) on both bases, if time is left
 #   phase C  if time is left: the issue-3/4 speed benches, alone on the card
 #
 # The GPU machine has torch but not our other dependencies and no internet: the call carries
@@ -71,6 +72,7 @@ if [ "$TINY" = 1 ]; then
   REF=(--reference-width 4 --reference-epochs 1)
   SSL=(--steps 4 --batch-size 8 --mu 1 --curve-points 2 --set ssl.control_pool=200)
   LOOP=(--set loop.threshold=0 --set loop.per_class=3)  # a 4-step classifier is never sure
+  TRANSFER=(--steps 2 --samples 8 --max-held-out 40)
   SYN=(--set tuning.steps=2 --set tuning.batch_size=4 --set sampling.per_condition=2
        --set sampling.num_inference_steps=2 --set sampling.batch_size=16 --set labels_per_class=2
        --set quality.reference.epochs=1 --set encoder=efficientnet-lite0@128
@@ -91,6 +93,7 @@ else
   REF=(--reference-width 32 --reference-epochs 8)
   SSL=(--steps "${SSL_STEPS:-4096}")
   LOOP=(--set loop.per_class="${LOOP_K:-50}" --set loop.per_condition=4)
+  TRANSFER=(--steps 2000 --samples 500)
   SYN=(--set tuning.steps=300 --set sampling.per_condition=32 --set sampling.num_inference_steps=25)
   FAITH=(--tune-steps 300 --scopes per-class --token-sets patch --guidance 0,1,3
          --mask-ratios 0,0.5 --per-condition 16 --inference-steps 25)
@@ -178,6 +181,17 @@ timeout 120 "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --reps 0,1,2 --json "$W/ssl
   --arms supervised,baseline,augmented,control,augmented-r2,selftrain \
   > "$W/logs/ssl_table.log" 2>&1
 wait "$P_FL"; say "faith_large: $(finished faith_large)"
+
+# Issue 19's generative transfer at GPU size, on both bases: base untouched, ANL only, full
+# fine-tuning and from scratch, at equal steps, 10 and 100 shots of sklearn's digits.
+if [ "$(left)" -gt 60 ]; then
+  for b in large small; do
+    base=$W/base_$b; [ -d "$base" ] || base=$REPO/data/models/fashion-mnist-ddpm-32
+    bg "transfer_$b" "$PY" -m bench.transfer --base-model "$base" "${TRANSFER[@]}" \
+      --runs-dir "$W/transfer_$b" --set device="$DEV" --threads "$T" --quiet
+  done
+  wait "$LAST"; say "transfer: $(finished transfer_large) $(finished transfer_small)"
+fi
 
 # --- phase C: speed benches, alone on the card, in what time is left ---
 if [ "$TINY" = 1 ]; then

@@ -13,7 +13,8 @@ digits as one domain, at 10 and 100 shots; or foolbox's 20 real MNIST digits
 (``--target mnist-foolbox``: 10 shots only, 10 held out). The shots are a seeded draw; 10-shot
 shots are among the 100-shot ones and both are measured against the same held-out images.
 Prints one table: KID x 100 (± std over subsets) to the held-out images, sample diversity over
-the held-out images' diversity, near-copy share, trained parameters and training steps/s.
+the held-out images' diversity, near-copy share, trained parameters and training steps/s; and
+for scale, the same figures for as many real target images that are neither shots nor held out.
 
     OMP_NUM_THREADS=1 python -m bench.transfer            # ~10 min on one CPU thread
 """
@@ -42,12 +43,34 @@ def arms(a: argparse.Namespace) -> list[tuple[str, dict]]:
             ("from scratch", {"mode": "scratch", "lr": a.lr_scratch})]
 
 
+def real_floor(config) -> dict:
+    """The figures for real target images that are neither shots nor held out, as many as the
+    samples: what a perfect generator would score (KID's floor, diversity 1, ~5% near-copies)."""
+    import numpy as np
+
+    from anl_core.encoders import load_encoder
+    from pipeline.quality import encoder_features
+    from pipeline.transfer import base_channels, draw_shots, target_pool, transfer_metrics
+
+    pool = target_pool(config, base_channels(config))
+    shots, held = draw_shots(len(pool), config.shots, config.max_held_out, config.seed)
+    rest = np.setdiff1d(np.arange(len(pool)), np.concatenate([shots, held]))
+    pick = np.random.default_rng(config.seed).choice(rest, min(config.samples, len(rest)),
+                                                     replace=False)
+    features = encoder_features(load_encoder(config.encoder, device="cpu"))
+    m = transfer_metrics(pool[pick], pool[shots], pool[held], features, config)
+    return {"shots": config.shots, "arm": f"real images ({len(pick)}, floor)",
+            "kid": f"{100 * m['kid']:.2f} ± {100 * m['kid_std']:.2f}", "kid_value": m["kid"],
+            "kid_std": m["kid_std"], "diversity_over_real": m["diversity_over_real"],
+            "near_copy_share": m["near_copy_share"], "trained_params": "—"}
+
+
 def row(shots: int, label: str, run: Path) -> dict:
     from pipeline.runs import read_json
 
     m = read_json(run / "eval" / "metrics.json")
-    tune = read_json(run / "steps" / "tune.json")["metrics"]
-    sample = read_json(run / "steps" / "sample.json")["metrics"]
+    tune = read_json(run / "stages" / "tune.json")["metrics"]
+    sample = read_json(run / "stages" / "sample.json")["metrics"]
     return {"shots": shots, "arm": label, "kid": f"{100 * m['kid']:.2f} ± {100 * m['kid_std']:.2f}",
             "kid_value": m["kid"], "kid_std": m["kid_std"],
             "diversity_over_real": m["diversity_over_real"],
@@ -103,6 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 break
             rows.append(row(shots, label, run))
             print(f"{shots} shots, {label}: {rows[-1]['kid']} KID x100 ({run})", flush=True)
+        else:  # every arm ran: the floor for this shot count
+            rows.append(real_floor(config))
     print(f"\ngenerative transfer: {base_model_label(a.base_model)} -> {a.target}"
           f"{'' if a.target_class is None else ':' + a.target_class}, {a.steps} steps per arm, "
           f"{a.samples} samples, {rows[0]['n_held_out'] if rows else '?'} held-out images, "

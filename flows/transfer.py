@@ -13,6 +13,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import transfer as steps
+from pipeline.runs import stage_failure_recorded
 from pipeline.transfer import TransferConfig
 
 _opts = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -34,7 +35,8 @@ def _step_task(step: str):
 
     @task(name=f"transfer-{step}", **_opts)
     def run(run_dir: str, config: TransferConfig) -> dict:
-        return fn(Path(run_dir), config)
+        with stage_failure_recorded(Path(run_dir), step):  # `augment runs` says which failed
+            return fn(Path(run_dir), config)
 
     run.__doc__ = f"Step {step!r}: pipeline.transfer.{fn.__name__}."
     return run

@@ -9,7 +9,7 @@ config from fresh weights on the shots. The shots are a seeded draw from the tar
 the rest are held out, and the samples are measured against them only.
 
 A run lives in ``<runs_dir>/<mode>-<target>-<confighash>/``; its steps run in order and each
-writes its outputs atomically, then ``steps/<step>.json`` last, keyed by the config parts it
+writes its outputs atomically, then ``stages/<step>.json`` last, keyed by the config parts it
 reads plus its upstream keys:
 
 | step | writes |
@@ -95,6 +95,12 @@ class TransferConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     runs_dir: str = "runs/transfer"
     progress: bool = True
+
+    def resolved_device(self) -> str:
+        """The device steps run on (``auto``: CUDA when visible)."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @field_validator("target_class", mode="before")
     @classmethod
@@ -485,78 +491,33 @@ def step_keys(config: TransferConfig) -> dict[str, str]:
     return keys
 
 
-def _record_path(run_dir: Path, step: str) -> Path:
-    return Path(run_dir) / "steps" / f"{step}.json"
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link a sibling's output (copy across file systems); every writer here replaces
-    files by rename, never in place, so the shared inodes are never changed."""
-
-    def link(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    tmp = dst.with_name(f".{dst.name}.adopt-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.is_dir():
-        shutil.copytree(src, tmp, copy_function=link)
-    else:
-        link(str(src), str(tmp))
-    if dst.is_dir():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
-
-
-def _adopt(run_dir: Path, step: str, key: str) -> dict | None:
-    """Link a sibling run's finished step with the same key into ``run_dir``; its record."""
-    for other in sorted(p for p in run_dir.parent.iterdir() if p.is_dir() and p != run_dir):
-        rec = read_json(_record_path(other, step))
-        outputs = list((rec or {}).get("outputs", {}).values())
-        if not rec or rec.get("key") != key or not all((other / o).exists() for o in outputs):
-            continue
-        for rel in outputs:
-            _link_tree(other / rel, run_dir / rel)
-        rec = {**rec, "adopted_from": rec.get("adopted_from", other.name)}
-        atomic_write_json(_record_path(run_dir, step), rec)
-        return rec
-    return None
+def _record(run_dir: Path, step: str) -> dict | None:
+    return read_json(Path(run_dir) / "stages" / f"{step}.json")
 
 
 def _run_step(run_dir: Path, config: TransferConfig, step: str,
-              body: Callable[[Path], tuple[dict[str, str], dict[str, Any]]]) -> dict:
-    """Skip (record with this key), adopt (sibling with this key), or run ``body`` and write
-    the record last. ``body(run_dir)`` writes outputs and returns (outputs, metrics)."""
-    key = step_keys(config)[step]
-    rec = read_json(_record_path(run_dir, step))
-    if rec and rec.get("key") == key:
-        return {**rec, "skipped": True}
-    if (rec := _adopt(Path(run_dir), step, key)) is not None:
-        return rec
-    started = time.time()
-    outputs, metrics = body(Path(run_dir))
-    rec = {"step": step, "key": key, "parts": step_parts(config)[step], "started": started,
-           "finished": time.time(), "wall_s": round(time.time() - started, 3),
-           "outputs": outputs, "metrics": metrics}
-    atomic_write_json(_record_path(run_dir, step), rec)
-    return rec
+              body: Callable[[str], tuple[dict[str, str], dict[str, Any]]]) -> dict:
+    """The run store's frame (``pipeline.runs.run_stage``): skip a step recorded under its
+    key, link in a sibling run's finished step with the same key, or run ``body(device)``
+    and write ``stages/<step>.json`` last."""
+    from pipeline.runs import run_stage
+
+    def recorded(device: str):
+        outputs, metrics = body(device)
+        # The parts the key hashes, in the record: a reader sees why a step ran again.
+        return outputs, {**metrics, "parts": step_parts(config)[step]}
+
+    return run_stage(Path(run_dir), config, step, step_keys(config)[step], recorded)
 
 
 def _require(run_dir: Path, config: TransferConfig, step: str) -> dict:
-    rec = read_json(_record_path(run_dir, step))
-    if not rec or rec.get("key") != step_keys(config)[step]:
+    from pipeline.runs import finished_record
+
+    rec = finished_record(Path(run_dir), step, step_keys(config)[step])
+    if rec is None:
         raise TransferError(f"{run_dir}: step {step!r} has not finished for this config; run "
                             "the steps in order (run_transfer does)")
     return rec
-
-
-def _device(config: TransferConfig) -> str:
-    from pipeline.pretrain import resolve_device
-
-    return str(resolve_device(config.device))
 
 
 # --------------------------------------------------------------------------- steps
@@ -577,7 +538,7 @@ def check(config: TransferConfig) -> dict[str, Any]:
     shots, held = draw_shots(len(pool), config.shots, config.max_held_out, config.seed)
     return {"base_model": str(unet_dir), "target": target_name(config), "images": len(pool),
             "shots": len(shots), "held_out": len(held), "image_shape": list(pool.shape[1:]),
-            "device": _device(config), "run_dir": str(run_dir_for(config))}
+            "device": config.resolved_device(), "run_dir": str(run_dir_for(config))}
 
 
 def init_run(config: TransferConfig) -> Path:
@@ -596,7 +557,8 @@ def load_target(run_dir: Path) -> dict[str, np.ndarray]:
 def run_target(run_dir: Path, config: TransferConfig) -> dict:
     """Draw the shots and hold out the rest: ``target/target.npz``."""
 
-    def body(run: Path):
+    def body(device: str):
+        run = Path(run_dir)
         pool = target_pool(config, base_channels(config))
         shot_idx, held_idx = draw_shots(len(pool), config.shots, config.max_held_out,
                                         config.seed)
@@ -638,8 +600,8 @@ def _save_model(model: nn.Module, tokens: torch.Tensor | None, out: Path, info: 
 def run_tune(run_dir: Path, config: TransferConfig) -> dict:
     """Train what the mode trains on the shots: ``model/``."""
 
-    def body(run: Path):
-        device = _device(config)
+    def body(device: str):
+        run = Path(run_dir)
         shots = load_target(run)["shots"]
         unet, scheduler = load_base(config.base_model, device)
         encoder = _encoder(config.encoder, device) if config.mode == "anl" else None
@@ -680,17 +642,20 @@ def run_sample(run_dir: Path, config: TransferConfig) -> dict:
     """Draw the samples and write them as Parquet shards: ``shards/``."""
     from pipeline.shards import ShardWriter
 
-    def body(run: Path):
+    def body(device: str):
+        run = Path(run_dir)
         _require(run, config, "tune")
         target = load_target(run)
-        model, scheduler, tokens = load_trained(run, config, _device(config))
+        model, scheduler, tokens = load_trained(run, config, device)
         started = time.perf_counter()
         images, conds = generate(config, model, scheduler, target["shots"].shape[1:3], tokens,
                                  target["shot_index"])
         seconds = time.perf_counter() - started
         anl = config.mode == "anl"
         with ShardWriter(run / "shards", [target_name(config)], overwrite=True) as writer:
-            writer.write(images, np.zeros(len(images), np.int64), condition_id=conds,
+            # Through the null token a sample owes nothing to a shot: no condition recorded.
+            writer.write(images, np.zeros(len(images), np.int64),
+                         condition_id=None if config.unconditional else conds,
                          adapter_id=f"{config.mode}:{step_keys(config)['tune']}",
                          seed=config.seed, mask_ratio=sample_mask_ratio(config) if anl else None,
                          guidance=config.guidance if anl else None,
@@ -706,20 +671,22 @@ def run_evaluate(run_dir: Path, config: TransferConfig) -> dict:
     from pipeline.quality import encoder_features
     from pipeline.shards import read_shards
 
-    def body(run: Path):
+    def body(device: str):
+        run = Path(run_dir)
         tune, sample = (_require(run, config, s) for s in ("tune", "sample"))
         target = load_target(run)
         samples = read_shards(run / "shards").images
-        features = encoder_features(_encoder(config.encoder, _device(config)))
+        features = encoder_features(_encoder(config.encoder, device))
         metrics = transfer_metrics(samples, target["shots"], target["held_out"], features, config)
-        records = [read_json(_record_path(run, s)) for s in ("target", "tune", "sample")]
+        records = {s: _record(run, s) for s in ("target", "tune", "sample")}
         metrics |= {"feature_space": config.encoder, "mode": config.mode,
                     "trained_params": tune["metrics"]["trained_params"],
                     "steps": tune["metrics"]["steps"],
                     "steps_per_s": tune["metrics"]["steps_per_s"],
                     "images_per_s": sample["metrics"]["images_per_s"],
-                    "wall_s": {r["step"]: r["wall_s"] for r in records}}
-        atomic_write_json(run / "eval" / "metrics.json", _finite(metrics))
+                    "wall_s": {s: r["wall_s"] for s, r in records.items()}}
+        metrics = _finite(metrics)
+        atomic_write_json(run / "eval" / "metrics.json", metrics)
         return {"metrics": "eval/metrics.json"}, {k: metrics[k] for k in (
             "kid", "kid_std", "diversity_over_real", "near_copy_share")}
 
@@ -785,7 +752,7 @@ def report_markdown(ctx: dict[str, Any]) -> str:
 def _report_context(run: Path, config: TransferConfig) -> dict[str, Any]:
     steps = []
     for s in STEPS[:-1]:
-        rec = read_json(_record_path(run, s)) or {}
+        rec = _record(run, s) or {}
         status = f"reused from {rec['adopted_from']}" if rec.get("adopted_from") else "ran"
         steps.append({"step": s, "key": rec.get("key"), "wall_s": rec.get("wall_s"),
                       "status": status})
@@ -804,7 +771,8 @@ def run_report(run_dir: Path, config: TransferConfig) -> dict:
     from pipeline.report_render import render
     from pipeline.shards import read_shards
 
-    def body(run: Path):
+    def body(device: str):
+        run = Path(run_dir)
         _require(run, config, "evaluate")
         ctx = _report_context(run, config)
         shots, samples = load_target(run)["shots"], read_shards(run / "shards").images

@@ -80,7 +80,7 @@ def test_anl_run_records_the_saved_adapters_parameter_count(cfg):
     assert not any(k.startswith("unet.") for k in saved)  # the base is not saved again
     metrics = read_json(run / "eval" / "metrics.json")
     assert metrics["trained_params"] == sum(v.size for v in saved.values())
-    assert read_json(run / "steps" / "tune.json")["metrics"]["trained_params"] == \
+    assert read_json(run / "stages" / "tune.json")["metrics"]["trained_params"] == \
         metrics["trained_params"]
 
 
@@ -143,8 +143,21 @@ def test_fewer_samples_than_shots_take_one_each_of_the_first_shots(cfg):
     assert list(frame["condition_id"]) == list(tr.load_target(run)["shot_index"][:3])
 
 
+def test_unconditional_anl_samples_through_the_null_token_only(cfg):
+    cfg = cfg.model_copy(update={"steps": 20})  # enough for the adapter to read its tokens
+    run = tr.run_transfer(cfg.model_copy(update={"samples": 4}))
+    model, scheduler, tokens = tr.load_trained(run, cfg, "cpu")
+    ids = tr.load_target(run)["shot_index"]
+    other = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))
+    for unconditional, same in ((True, True), (False, False)):
+        config = cfg.model_copy(update={"samples": 4, "unconditional": unconditional})
+        a, _ = tr.generate(config, model, scheduler, (28, 28), tokens, ids)
+        b, _ = tr.generate(config, model, scheduler, (28, 28), other, ids)
+        assert np.array_equal(a, b) == same  # the shots' tokens matter only when conditioned
+
+
 def _records(run):
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (run / "steps").iterdir()}
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (run / "stages").iterdir()}
 
 
 def test_rerun_skips_every_step_and_a_changed_sample_count_reruns_only_sampling(
@@ -165,13 +178,13 @@ def test_rerun_skips_every_step_and_a_changed_sample_count_reruns_only_sampling(
     other = tr.run_transfer(cfg.model_copy(update={"samples": 5}))
     assert other != run and _records(run) == before
     for step in ("target", "tune"):
-        rec = read_json(other / "steps" / f"{step}.json")
+        rec = read_json(other / "stages" / f"{step}.json")
         assert rec.pop("adopted_from") == run.name
-        assert rec == read_json(run / "steps" / f"{step}.json")
+        assert rec == read_json(run / "stages" / f"{step}.json")
     for step in ("sample", "evaluate", "report"):
-        rec = read_json(other / "steps" / f"{step}.json")
+        rec = read_json(other / "stages" / f"{step}.json")
         assert "adopted_from" not in rec and rec["key"] != read_json(
-            run / "steps" / f"{step}.json")["key"]
+            run / "stages" / f"{step}.json")["key"]
     assert read_json(other / "eval" / "metrics.json")["n_samples"] == 5
     weights = "model/adapter.safetensors"
     assert (other / weights).stat().st_ino == (run / weights).stat().st_ino  # linked
@@ -317,4 +330,4 @@ def test_cli_runs_the_transfer_flow_and_writes_the_report(flow_prefect, cfg, cap
         "runs_dir": cfg.runs_dir, "progress": False})
     report = tr.run_dir_for(config) / "report.html"
     assert report.is_file() and f"report: {report}" in capsys.readouterr().out
-    assert all(read_json(report.parent / "steps" / f"{s}.json") for s in tr.STEPS)
+    assert all(read_json(report.parent / "stages" / f"{s}.json") for s in tr.STEPS)

@@ -94,3 +94,23 @@ def test_layers_point_down_only():
 def test_no_import_cycles():
     cycle = _cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_planted_bug_of_the_mutation_check_still_matches_the_code():
+    """scripts/mutation_check.py plants each bug by exact text: when the code moves on, the
+    mutant must move with it, or the check silently stops covering that line."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("mutation_check",
+                                                  REPO / "scripts" / "mutation_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # @dataclass looks its module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    stale = [f"{m.name}: {m.path}" for m in module.MUTANTS
+             if (REPO / m.path).read_text().count(m.old) != 1]
+    assert not stale, "mutants whose text is not in the code exactly once: " + ", ".join(stale)
+    assert all((REPO / t.split("::")[0]).is_file() for m in module.MUTANTS for t in m.tests)

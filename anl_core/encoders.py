@@ -53,7 +53,7 @@ class ConditionEncoder(nn.Module):
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise EncoderError(f"expected images (B, 1 or 3, H, W) in [-1, 1], got "
                                f"{tuple(images.shape)}; convert uint8 NHWC with "
-                               "pipeline.images.to_model_space")
+                               "pipeline.data.images.to_model_space")
         x = (images.to(self.device, torch.float32) + 1.0) / 2.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)

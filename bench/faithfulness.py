@@ -32,12 +32,12 @@ Guidance 0 is the unconditional control (the null token only): its consistency i
         --per-condition 4 --inference-steps 10 --set encoder=efficientnet-lite0@128   # CPU
 
 With ``--set neighbors.per_image=K`` the adapters are also tuned on unlabeled neighbours of
-their labeled images, found as the encode stage finds them (``pipeline.neighbors``); the
+their labeled images, found as the encode stage finds them (``pipeline.generate.neighbors``); the
 share of them in the condition's class is printed. ``copies`` still compares with the
 labeled images only: looking like an unlabeled image is not copying a condition.
 
 With ``--set filter.method=prototype`` (or ``filter.copy_quantile``) the figures are those
-of the samples the shards stage would keep (``pipeline.synthetic_filter``); the consistency
+of the samples the shards stage would keep (``pipeline.generate.synthetic_filter``); the consistency
 before the filter and the share kept are printed beside them.
 
 Cells (JSON, and a PNG grid: condition images over their first samples) are saved under
@@ -100,12 +100,12 @@ class Sweep:
 
     def __init__(self, config, args: argparse.Namespace):
         from anl_core.encoders import load_encoder
-        from pipeline.images import to_model_space
-        from pipeline.quality import encoder_features, mean_pairwise_distance, nearest_rmse
-        from pipeline.reference import ReferenceConfig, load_or_train_reference
-        from pipeline.splits import make_split
+        from pipeline.data.images import to_model_space
+        from pipeline.data.splits import make_split
+        from pipeline.evaluate.quality import encoder_features, mean_pairwise_distance, nearest_rmse
+        from pipeline.evaluate.reference import ReferenceConfig, load_or_train_reference
+        from pipeline.generate.synthetic_filter import build_filter
         from pipeline.stages import dataset_for, unlabeled_neighbors
-        from pipeline.synthetic_filter import build_filter
 
         self.config, self.args = config, args
         self.device = config.resolved_device()
@@ -160,8 +160,8 @@ class Sweep:
 
     def tune(self, scope: str, kind: str, steps: int, unet, scheduler) -> dict:
         """{class or None: tuned ANLUNet}: ``stages.tune_class_adapter``, as the tune stage."""
-        from pipeline.images import to_model_space
-        from pipeline.neighbors import tuning_pairs
+        from pipeline.data.images import to_model_space
+        from pipeline.generate.neighbors import tuning_pairs
         from pipeline.stages import tune_class_adapter
 
         cfg = self.config
@@ -190,8 +190,8 @@ class Sweep:
 
     def run_cell(self, tuned: dict, scheduler, kind: str, guidance: float, mask: float) -> dict:
         from anl_core.sampling import masked_sample
-        from pipeline.images import from_model_space
-        from pipeline.quality import nearest_rmse, within_group_diversity
+        from pipeline.data.images import from_model_space
+        from pipeline.evaluate.quality import nearest_rmse, within_group_diversity
 
         s, a = self.config.sampling, self.args
         labels = self.split.labeled_labels
@@ -317,7 +317,7 @@ def main() -> None:
     if not config.filter.enabled:
         dump.pop("filter")  # cells measured before the filter existed stay valid
     else:  # a cell depends on the filter's code too: a change to it must not reuse old cells
-        import pipeline.synthetic_filter as filter_module
+        import pipeline.generate.synthetic_filter as filter_module
 
         dump["filter_code"] = digest(Path(filter_module.__file__).read_text())
     fixed = {"config": dump,

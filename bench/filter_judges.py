@@ -5,7 +5,7 @@ samples it keeps, its precision (share of kept samples that the reference classi
 on every real label, assigns to their condition's class) and its recall (share of those
 right-class samples it keeps). Judges:
 
-* ``prototype``: the shards stage's test (``pipeline.synthetic_filter``), in encoder space;
+* ``prototype``: the shards stage's test (``pipeline.generate.synthetic_filter``), in encoder space;
 * ``run filter``: the run's own ``filter:`` (e.g. prototype + copies);
 * ``spread``: scikit-learn label spreading (kNN graph) from the 40 labeled images over
   ``--pool`` real unlabeled images, in the same encoder space; a sample is kept when its
@@ -32,7 +32,7 @@ from bench.common import markdown_table
 
 def unit_encoder_features(encoder):
     """Pooled encoder tokens as unit vectors: the space the filter's prototype test uses."""
-    from pipeline.quality import encoder_features
+    from pipeline.evaluate.quality import encoder_features
 
     pooled = encoder_features(encoder)
     return lambda images: torch.nn.functional.normalize(
@@ -56,11 +56,11 @@ def spreading(labeled: np.ndarray, labels: np.ndarray, pool: np.ndarray, k: int)
 
 def judge_run(run: Path, args: argparse.Namespace) -> list[dict]:
     from anl_core.encoders import load_encoder
-    from pipeline.neighbors import class_similarity, neighbor_pool
-    from pipeline.reference import ReferenceConfig, load_or_train_reference
+    from pipeline.evaluate.reference import ReferenceConfig, load_or_train_reference
+    from pipeline.generate.neighbors import class_similarity, neighbor_pool
+    from pipeline.generate.synthetic_filter import build_filter, keep_mask, prototype_margin
     from pipeline.runs import load_run_config
     from pipeline.stages import dataset_for, load_tokens, sample_parts, split_for
-    from pipeline.synthetic_filter import build_filter, keep_mask, prototype_margin
 
     config = load_run_config(run)
     ds, split, tok = dataset_for(config), split_for(run), load_tokens(run)

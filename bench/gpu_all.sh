@@ -54,7 +54,7 @@ PY=${PY:-python3}
 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/summary.txt" || exit 3
 import diffusers, kornia, pydantic, torch, transformers
 import bench.faithfulness, bench.ssl_gain, pipeline.stages  # noqa: F401
-from pipeline.datasets import load_dataset
+from pipeline.data.datasets import load_dataset
 ds = load_dataset("fashion-mnist")
 dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 print(f"torch {torch.__version__} on {dev}; diffusers {diffusers.__version__}, kornia "
@@ -119,15 +119,15 @@ finished() { tail -n 1 "$W/logs/$1.log"; }
 
 # --- phase A ---
 say "phase A: pretrain x2, reference classifier"
-bg pretrain_large "$PY" -m pipeline.pretrain --out "$W/base_large" --no-progress "${LARGE[@]}"
+bg pretrain_large "$PY" -m pipeline.generate.pretrain --out "$W/base_large" --no-progress "${LARGE[@]}"
 P_LARGE=$LAST
 if [ "${SKIP_SMALL:-0}" = 1 ]; then mkdir -p "$W/base_small"; true & else
-  bg pretrain_small "$PY" -m pipeline.pretrain --out "$W/base_small" --no-progress "${SMALL[@]}"; fi
+  bg pretrain_small "$PY" -m pipeline.generate.pretrain --out "$W/base_small" --no-progress "${SMALL[@]}"; fi
 P_SMALL=$!
 cat > "$W/reference.py" <<'EOF'
 import sys
-from pipeline.datasets import load_dataset
-from pipeline.reference import ReferenceConfig, load_or_train_reference
+from pipeline.data.datasets import load_dataset
+from pipeline.evaluate.reference import ReferenceConfig, load_or_train_reference
 cache, dev, width, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 ref = load_or_train_reference(load_dataset("fashion-mnist"), cache,
                               ReferenceConfig(width=width, epochs=epochs), dev, False)

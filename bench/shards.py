@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.datasets import load_dataset
-from pipeline.shards import ShardDataset, ShardWriter, read_shards
+from pipeline.data.datasets import load_dataset
+from pipeline.data.shards import ShardDataset, ShardWriter, read_shards
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:

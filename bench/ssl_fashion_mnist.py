@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.datasets import load_dataset
-from pipeline.splits import make_split
+from pipeline.data.datasets import load_dataset
+from pipeline.data.splits import make_split
 from pipeline.ssl import SSLConfig, run_arm
 
 

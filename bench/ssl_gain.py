@@ -6,13 +6,13 @@ training seed, all ``--rep-offset + r``; the arms of one repetition share them (
 Per repetition it runs the pipeline's own stages (split, encode, tune, sample, shards: the
 flow's code, cached in ``--runs-dir``) and then the arms with ``pipeline.stages.run_ssl_arm``
 (supervised, baseline, augmented, control: the flow's code too). With ``--set
-loop.rounds=2`` it also runs the second round (``pipeline.loop``: pseudo-labels from the
+loop.rounds=2`` it also runs the second round (``pipeline.generate.loop``: pseudo-labels from the
 baseline, round-2 adapters, samples and shards) and its arms augmented-r2 and selftrain.
 
 It prints every arm's validation and test error per repetition, and for augmented -
 baseline, augmented - control and baseline - supervised the per-repetition paired
 differences in accuracy points (positive: the first arm is better), their mean, 95% CI and
-a paired t-test (``pipeline.paired``). Settings are to be chosen on the validation figures;
+a paired t-test (``pipeline.evaluate.paired``). Settings are to be chosen on the validation figures;
 the test figures are for frozen settings. It also reports whether each arm's validation
 learning curve had settled (last quarter moved < 0.5 points), the convergence rule: a
 gain at a budget where the baseline has not settled is not a gain at convergence.
@@ -114,7 +114,7 @@ def run_repetition(config, r: int, arms: list[str], offset: int,
 
 
 def summarise(results: dict[int, dict[str, dict]], arms: list[str]) -> dict:
-    from pipeline.paired import learning_curve_settled, paired_difference
+    from pipeline.evaluate.paired import learning_curve_settled, paired_difference
 
     reps = sorted(results)
     summary: dict = {"reps": reps, "arms": {}, "pairs": {}, "curves": {}}

@@ -49,7 +49,7 @@ def real_floor(config) -> dict:
     import numpy as np
 
     from anl_core.encoders import load_encoder
-    from pipeline.quality import encoder_features
+    from pipeline.evaluate.quality import encoder_features
     from pipeline.transfer import base_channels, draw_shots, target_pool, transfer_metrics
 
     pool = target_pool(config, base_channels(config))

@@ -1,7 +1,7 @@
 """The ``augment`` flow: dataset -> split -> tokens -> adapters -> samples -> shards ->
 classifiers -> [second round] -> report, all in one run directory named by preset and
 config hash. With ``loop.rounds: 2`` the baseline's pseudo-labels expand each class's
-subset and the generation steps run again in ``round-2/`` (``pipeline.loop``).
+subset and the generation steps run again in ``round-2/`` (``pipeline.generate.loop``).
 
 Per-class tuning and sampling run in a subflow whose task runner the config chooses:
 threads on this machine (``task_runner: default``), or Prefect's Dask task runner

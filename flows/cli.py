@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
-    from pipeline.datasets import DESCRIPTIONS, DatasetError, available_datasets, load_dataset
+    from pipeline.data.datasets import DESCRIPTIONS, DatasetError, available_datasets, load_dataset
 
     for name in available_datasets():
         status = "needs root=DIR"
@@ -116,7 +116,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pipeline import report
+    from pipeline.report import build as report
 
     dirs = [Path(d) for d in args.run_dirs]
     missing = [str(d) for d in dirs if not d.is_dir()]
@@ -146,7 +146,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     import shlex
 
-    from pipeline.pretrain import run_from_args
+    from pipeline.generate.pretrain import run_from_args
 
     # The words given to main() (not sys.argv: main may be called with its own list), quoted:
     # the model card re-parses this command to name the training data.
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "directory (default runs/ablation)")
     rep.set_defaults(fn=_cmd_report)
 
-    from pipeline.pretrain import build_arg_parser
+    from pipeline.generate.pretrain import build_arg_parser
 
     pre = sub.add_parser("pretrain", help="pretrain a base U-Net on the unlabeled pool")
     build_arg_parser(pre)
@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     from pipeline.config import ConfigError
+    from pipeline.generate.pretrain import PretrainError
     from pipeline.preflight import PreflightError
-    from pipeline.pretrain import PretrainError
     from pipeline.transfer import TransferError
 
     try:

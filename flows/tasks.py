@@ -89,8 +89,8 @@ def ssl_arm(run_dir: str, config: AugmentConfig, arm: str, seed: int) -> str:
 def append_history(run_dir: str, history: str) -> dict:
     """Add the run's row to the benchmark history table and re-render history.html."""
     from pipeline.config import resolve_path
-    from pipeline.report import append_history as append
-    from pipeline.report import render_history
+    from pipeline.report.build import append_history as append
+    from pipeline.report.build import render_history
 
     path = resolve_path(history)
     row = append(path, Path(run_dir))
@@ -110,7 +110,7 @@ def publish_report(run_dir: str, config: AugmentConfig) -> dict[str, str]:
     the UI (and ``prefect artifact inspect report-<preset>``) shows each preset's latest."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from pipeline.report import artifacts
+    from pipeline.report.build import artifacts
 
     markdown, table = artifacts(run_dir)
     keys = {"markdown": artifact_key("report", config.preset),

@@ -57,7 +57,7 @@ def check_unet_shape(block_out_channels, attention_levels, attention_head_dim: i
 
 
 class PretrainSection(_Section):
-    """Pretrain an unconditional base U-Net on the unlabeled pool: ``pipeline.pretrain.PretrainConfig``.
+    """Pretrain an unconditional base U-Net on the unlabeled pool: ``pipeline.generate.pretrain.PretrainConfig``.
 
     ``sample_size`` comes from ``image_size`` and ``device`` from the run's device.
     """
@@ -122,7 +122,7 @@ class TuningSection(_Section):
 
 
 class NeighborsSection(_Section):
-    """Unlabeled neighbours as extra tuning targets (``pipeline.neighbors``); 0 = off.
+    """Unlabeled neighbours as extra tuning targets (``pipeline.generate.neighbors``); 0 = off.
 
     ``per_image``: neighbours per labeled image; ``pool``: unlabeled images searched (each is
     encoded once, in the encode stage); ``self_share``: share of tuning draws that stay on the
@@ -136,7 +136,7 @@ class NeighborsSection(_Section):
 
 
 class FilterSection(_Section):
-    """Which synthetic rows reach the shards (``pipeline.synthetic_filter``).
+    """Which synthetic rows reach the shards (``pipeline.generate.synthetic_filter``).
 
     ``method``: "none" keeps every sample; "prototype" keeps a sample only when its mean
     encoder similarity to its label's labeled images beats every other class's by more than
@@ -248,10 +248,10 @@ class SSLSection(_Section):
 
 
 class QualitySection(_Section):
-    """Synthetic-data quality: ``pipeline.quality.QualityConfig`` fields, plus an off switch."""
+    """Synthetic-data quality: ``pipeline.evaluate.quality.QualityConfig`` fields, plus an off switch."""
 
     enabled: bool = True
-    reference: dict[str, Any] = Field(default_factory=dict)  # pipeline.reference.ReferenceConfig
+    reference: dict[str, Any] = Field(default_factory=dict)  # pipeline.evaluate.reference.ReferenceConfig
     max_real_per_class: int = Field(1000, ge=1)
     max_synthetic_per_class: int = Field(2000, ge=1)
     grid_per_class: int = Field(8, ge=1)
@@ -261,7 +261,7 @@ class QualitySection(_Section):
 
 
 class LoopSection(_Section):
-    """A second round (DPT's loop, ``pipeline.loop``): the baseline classifier pseudo-labels
+    """A second round (DPT's loop, ``pipeline.generate.loop``): the baseline classifier pseudo-labels
     the unlabeled pool, each class's adapter is tuned again on its labeled images plus its
     confident pseudo-labeled ones, sampling is conditioned on them, and ``augmented-r2``
     trains on the round-2 shards beside ``selftrain`` (the same pseudo-labeled real images

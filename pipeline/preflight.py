@@ -215,7 +215,7 @@ def check_disk(config: AugmentConfig, need: int) -> int:
 
 def preflight(config: AugmentConfig) -> dict[str, Any]:
     """Every check, cheapest first. Returns what was resolved (for the run record)."""
-    from pipeline.datasets import DatasetError, load_dataset_cached
+    from pipeline.data.datasets import DatasetError, load_dataset_cached
 
     device = check_device(config)
     try:

@@ -45,13 +45,13 @@ from pipeline.runs import (
 
 
 def dataset_for(config: AugmentConfig):
-    from pipeline.datasets import load_dataset_cached
+    from pipeline.data.datasets import load_dataset_cached
 
     return load_dataset_cached(config.dataset, config.dataset_root, config.download)
 
 
 def split_for(run_dir: Path):
-    from pipeline.splits import load_split
+    from pipeline.data.splits import load_split
 
     return load_split(run_dir / "split.parquet")
 
@@ -177,7 +177,7 @@ def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
 
 
 def run_split(run_dir: Path, config: AugmentConfig) -> dict:
-    from pipeline.splits import make_split, save_split
+    from pipeline.data.splits import make_split, save_split
 
     def body(device: str) -> tuple[dict, dict]:
         ds = dataset_for(config)
@@ -201,7 +201,7 @@ def run_pretrain(run_dir: Path, config: AugmentConfig) -> dict | None:
     keys = stage_keys(config)
 
     def body(device: str) -> tuple[dict, dict]:
-        from pipeline.pretrain import PretrainConfig, pretrain
+        from pipeline.generate.pretrain import PretrainConfig, pretrain
 
         ds, split = dataset_for(config), split_for(Path(run_dir))
         pcfg = PretrainConfig.from_dict({**config.pretrain.model_dump(),
@@ -234,7 +234,7 @@ def run_encode(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dic
         from safetensors.torch import save_file
 
         from anl_core.encoders import load_encoder
-        from pipeline.images import to_model_space
+        from pipeline.data.images import to_model_space
 
         ds, split = dataset_for(config), split_for(Path(run_dir))
         encoder = load_encoder(config.encoder, device=device)
@@ -279,8 +279,8 @@ def unlabeled_neighbors(ds, split, encoder, tokens, config: AugmentConfig, devic
     """
     import torch
 
-    from pipeline.images import to_model_space
-    from pipeline.neighbors import find_neighbors, neighbor_pool, pooled_features
+    from pipeline.data.images import to_model_space
+    from pipeline.generate.neighbors import find_neighbors, neighbor_pool, pooled_features
 
     nb = config.neighbors
     pool = neighbor_pool(split.unlabeled_idx, nb.pool, nb.seed)
@@ -345,8 +345,8 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
         import torch
 
         from anl_core.inject import save_adapter
-        from pipeline.images import to_model_space
-        from pipeline.neighbors import tuning_pairs
+        from pipeline.data.images import to_model_space
+        from pipeline.generate.neighbors import tuning_pairs
 
         run = Path(run_dir)
         ds, tok = dataset_for(config), load_tokens(root)
@@ -507,7 +507,7 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
 
         from anl_core.inject import load_adapter
         from anl_core.sampling import masked_sample
-        from pipeline.images import from_model_space
+        from pipeline.data.images import from_model_space
 
         run = Path(run_dir)
         plan_file = read_json(unit_dir / "plan.json")
@@ -589,7 +589,7 @@ def run_shards(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dic
     root = round_root(run_dir, loop_round)
 
     def body(device: str) -> tuple[dict, dict]:
-        from pipeline.shards import ShardWriter, verify_shards
+        from pipeline.data.shards import ShardWriter, verify_shards
 
         run = Path(run_dir)
         for c in class_indices(run, config):
@@ -650,7 +650,7 @@ def synthetic_filter(run_dir: Path, config: AugmentConfig, device: str, loop_rou
         if encoder.encoder_id != tok["encoder_id"]:
             raise StageError(f"the condition tokens were made by {tok['encoder_id']} but the "
                              f"config names {encoder.encoder_id}; rerun the encode stage")
-    from pipeline.synthetic_filter import build_filter
+    from pipeline.generate.synthetic_filter import build_filter
 
     return build_filter(config.filter, dataset_for(config), split_for(Path(run_dir)), encoder,
                         tok["tokens"], device, conditions=(tok["index"].numpy(),
@@ -666,7 +666,7 @@ def run_quality(run_dir: Path, config: AugmentConfig) -> dict:
     def body(device: str) -> tuple[dict, dict]:
         if not config.quality.enabled:
             return {}, {"enabled": False}
-        from pipeline.quality import QualityConfig, evaluate_run_quality
+        from pipeline.evaluate.quality import QualityConfig, evaluate_run_quality
 
         qcfg = QualityConfig(**config.quality.model_dump(exclude={"enabled"}))
         out = evaluate_run_quality(Path(run_dir), dataset_for(config), qcfg,
@@ -721,11 +721,11 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
     """The control arm's (images, labels) for this run, and what the judge did.
 
     As many real unlabeled images per class as the shards hold synthetic rows of that class,
-    labeled by the filter's prototype judge in the run's encoder (``pipeline.control``).
+    labeled by the filter's prototype judge in the run's encoder (``pipeline.evaluate.control``).
     """
     from anl_core.encoders import load_encoder
-    from pipeline.control import control_rows, judge_pool
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
+    from pipeline.evaluate.control import control_rows, judge_pool
 
     keys = stage_keys(config)
     key = _digest({"shards": keys["shards"], "encode": keys["encode"],
@@ -782,7 +782,7 @@ def load_pseudo_labels(root: Path):
     """The round's pseudo-labels, as the pseudo stage wrote them."""
     import pandas as pd
 
-    from pipeline.loop import PseudoLabels
+    from pipeline.generate.loop import PseudoLabels
 
     path = Path(root) / PSEUDO_FILE
     if not path.exists():
@@ -805,7 +805,7 @@ def run_pseudo(run_dir: Path, config: AugmentConfig) -> dict:
     def body(device: str) -> tuple[dict, dict]:
         import pandas as pd
 
-        from pipeline.loop import select_pseudo_labels
+        from pipeline.generate.loop import select_pseudo_labels
         from pipeline.ssl.arms import predict_probs
 
         run = Path(run_dir)
@@ -873,8 +873,8 @@ def run_loop(run_dir: Path, config: AugmentConfig) -> dict | None:
 def round_two_grids(run_dir: Path, config: AugmentConfig, cols: int = 8) -> list[str]:
     """Per class, a PNG of its pseudo-labeled images above its round-2 samples (for the
     report: does the expanded subset look like the class, and do the samples follow it?)."""
-    from pipeline.quality import class_grid_png, grid_picks
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
+    from pipeline.evaluate.quality import class_grid_png, grid_picks
 
     root = round_root(run_dir, 2)
     ds, chosen = dataset_for(config), load_pseudo_labels(root)
@@ -905,7 +905,7 @@ def run_report(run_dir: Path, config: AugmentConfig) -> dict:
     keys = stage_keys(config)
 
     def body(device: str) -> tuple[dict, dict]:
-        from pipeline.report import write_report
+        from pipeline.report.build import write_report
 
         paths = write_report(Path(run_dir))
         rels = {Path(p).suffix.lstrip("."): str(Path(p).relative_to(run_dir)) for p in paths}

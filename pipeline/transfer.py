@@ -165,7 +165,7 @@ def folder_images(folder: Path) -> np.ndarray:
     """Every image file directly in ``folder`` (sorted by name) as uint8 (N, H, W, C)."""
     from PIL import Image, UnidentifiedImageError
 
-    from pipeline.datasets import IMAGE_SUFFIXES
+    from pipeline.data.datasets import IMAGE_SUFFIXES
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     images = []
@@ -191,7 +191,7 @@ def folder_images(folder: Path) -> np.ndarray:
 
 
 def _dataset_pool(config: TransferConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    from pipeline.datasets import DatasetError, load_dataset
+    from pipeline.data.datasets import DatasetError, load_dataset
 
     try:
         ds = load_dataset(config.target, config.target_root)
@@ -203,7 +203,7 @@ def _dataset_pool(config: TransferConfig) -> tuple[np.ndarray, np.ndarray, tuple
 
 def _raw_target(config: TransferConfig):
     """(images, labels or None, class names) of the whole target, before class selection."""
-    from pipeline.datasets import available_datasets
+    from pipeline.data.datasets import available_datasets
 
     if config.target == "mnist-foolbox":
         return (*foolbox_mnist(), DIGITS)
@@ -360,7 +360,7 @@ def fit(config: TransferConfig, model: nn.Module, scheduler, shots: np.ndarray,
         tokens: torch.Tensor | None):
     """Train ``model`` on the shots (uint8 NHWC) with the denoising loss; a ``TuneResult``."""
     from anl_core.tuning import TuneConfig, tune_adapter
-    from pipeline.images import to_model_space
+    from pipeline.data.images import to_model_space
 
     anl = config.mode == "anl"
     size = (model.unet if anl else model.net).config.sample_size
@@ -375,7 +375,7 @@ def fit(config: TransferConfig, model: nn.Module, scheduler, shots: np.ndarray,
 
 
 def shot_tokens(encoder, shots: np.ndarray) -> torch.Tensor:
-    from pipeline.images import to_model_space
+    from pipeline.data.images import to_model_space
 
     return encoder.encode(to_model_space(shots, device=encoder.device)).cpu()
 
@@ -385,8 +385,8 @@ def generate(config: TransferConfig, model: nn.Module, scheduler, shape: tuple[i
              tokens: torch.Tensor | None = None, condition_ids: np.ndarray | None = None):
     """(uint8 samples (N, H, W, C), condition id per sample or None)."""
     from anl_core.sampling import masked_sample
-    from pipeline.images import from_model_space
-    from pipeline.model_card import sample_base
+    from pipeline.data.images import from_model_space
+    from pipeline.evaluate.model_card import sample_base
 
     if config.mode != "anl":
         return sample_base(model.net, scheduler, config.samples, config.num_inference_steps,
@@ -417,7 +417,7 @@ def near_copy_share(samples: np.ndarray, shots: np.ndarray, held_out: np.ndarray
     to their nearest shot: only that share of real images of the domain lie so close to a
     shot, so a sample that close is more likely a copy of it than a new image.
     """
-    from pipeline.quality import nearest_rmse
+    from pipeline.evaluate.quality import nearest_rmse
 
     threshold = float(np.percentile(nearest_rmse(held_out, shots), percentile))
     return float((nearest_rmse(samples, shots) < threshold).mean()), threshold
@@ -427,7 +427,7 @@ def transfer_metrics(samples: np.ndarray, shots: np.ndarray, held_out: np.ndarra
                      features: Callable[[np.ndarray], np.ndarray],
                      config: TransferConfig) -> dict[str, float]:
     """Fidelity, diversity and copying of the samples, all against held-out target images."""
-    from pipeline.quality import kid, mean_pairwise_distance, nearest_rmse
+    from pipeline.evaluate.quality import kid, mean_pairwise_distance, nearest_rmse
 
     f_samples, f_real = features(samples), features(held_out)
     k, k_std = kid(f_samples, f_real, config.kid_subsets, config.kid_subset_size, config.seed)
@@ -640,7 +640,7 @@ def load_trained(run_dir: Path, config: TransferConfig, device: str):
 
 def run_sample(run_dir: Path, config: TransferConfig) -> dict:
     """Draw the samples and write them as Parquet shards: ``shards/``."""
-    from pipeline.shards import ShardWriter
+    from pipeline.data.shards import ShardWriter
 
     def body(device: str):
         run = Path(run_dir)
@@ -668,8 +668,8 @@ def run_sample(run_dir: Path, config: TransferConfig) -> dict:
 
 def run_evaluate(run_dir: Path, config: TransferConfig) -> dict:
     """Measure the shards against the held-out images: ``eval/metrics.json``."""
-    from pipeline.quality import encoder_features
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
+    from pipeline.evaluate.quality import encoder_features
 
     def body(device: str):
         run = Path(run_dir)
@@ -732,7 +732,7 @@ def metric_rows(m: dict[str, Any]) -> list[dict[str, str]]:
 
 def transfer_grid(shots: np.ndarray, samples: np.ndarray, title: str, cols: int = 10) -> bytes:
     """PNG: the shots in the first row, samples below (one per shot first, for anl)."""
-    from pipeline.quality import class_grid_png
+    from pipeline.evaluate.quality import class_grid_png
 
     rows = {i: samples[i * cols:(i + 1) * cols] for i in range(3) if len(samples) > i * cols}
     return class_grid_png(shots, rows, title, cols=cols, real_label="shots",
@@ -740,7 +740,7 @@ def transfer_grid(shots: np.ndarray, samples: np.ndarray, title: str, cols: int 
 
 
 def report_markdown(ctx: dict[str, Any]) -> str:
-    from pipeline.report_render import md_table
+    from pipeline.report.render import md_table
 
     return (f"# {ctx['title']}\n\nRun `{ctx['run']}`, mode **{ctx['mode']}**, "
             f"{ctx['shots']} shots.\n\n![shots and samples](grid.png)\n\n## Metrics\n\n"
@@ -767,9 +767,9 @@ def _report_context(run: Path, config: TransferConfig) -> dict[str, Any]:
 def run_report(run_dir: Path, config: TransferConfig) -> dict:
     """``report.html`` (self-contained: the grid is inline), ``report.md`` and ``grid.png``."""
     from pipeline.atomic import atomic_write_bytes
-    from pipeline.report_plots import data_uri
-    from pipeline.report_render import render
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
+    from pipeline.report.plots import data_uri
+    from pipeline.report.render import render
 
     def body(device: str):
         run = Path(run_dir)

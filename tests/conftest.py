@@ -31,7 +31,7 @@ import pytest as _data_pytest
 @_data_pytest.fixture(scope="session")
 def data_fashion_mnist():
     """The full Fashion-MNIST dataset (60k + 10k, ~0.4 s to load), loaded once per session."""
-    from pipeline.datasets import load_dataset
+    from pipeline.data.datasets import load_dataset
 
     return load_dataset("fashion-mnist")
 
@@ -70,7 +70,7 @@ def data_cifar10_root(tmp_path_factory, data_foolbox_cifar10):
 
     Returns (root, train_images, train_labels, test_images, test_labels).
     """
-    from pipeline.datasets import CIFAR10_CLASSES
+    from pipeline.data.datasets import CIFAR10_CLASSES
 
     images, labels = data_foolbox_cifar10
     root = tmp_path_factory.mktemp("cifar")
@@ -139,7 +139,7 @@ def anl_tuned(data_fashion_mnist):
 
     from anl_core.inject import ANLConfig, attach_anl
     from anl_core.tuning import TuneConfig, denoising_loss, tune_adapter
-    from pipeline.images import to_model_space
+    from pipeline.data.images import to_model_space
 
     with anl_one_thread():
         unet = anl_make_unet(seed=0)

@@ -207,7 +207,7 @@ def build_cifar10_root(root: str | Path, train_per_class: int = 40, test_per_cla
     """``root/cifar-10-batches-py`` with ``train_per_class`` x 10 training images in five batches
     and ``test_per_class`` x 10 test images; the test batch starts with the 20 real foolbox
     images unchanged. Returns the arrays written (train_images, train_labels, test_*)."""
-    from pipeline.datasets import CIFAR10_CLASSES
+    from pipeline.data.datasets import CIFAR10_CLASSES
 
     real, real_labels = foolbox_cifar10()
     sources = _class_sources(real, real_labels)

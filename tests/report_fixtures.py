@@ -65,9 +65,9 @@ def synthetic_stand_ins(dataset, split, rng):
 def build_tiny_run(root: Path, dataset, reference, *, preset: str = "report-test",
                    ssl: bool = True, quality: bool = True, overrides: dict | None = None) -> Path:
     from pipeline.config import config_hash, validate_config
-    from pipeline.quality import QualityConfig, evaluate_run_quality
-    from pipeline.shards import ShardWriter
-    from pipeline.splits import make_split, save_split
+    from pipeline.data.shards import ShardWriter
+    from pipeline.data.splits import make_split, save_split
+    from pipeline.evaluate.quality import QualityConfig, evaluate_run_quality
     from pipeline.ssl import SSLConfig, run_arm
 
     data = {"preset": preset, "dataset": "fashion-mnist", "labels_per_class": N_PER_CLASS,
@@ -130,7 +130,7 @@ def build_tiny_run(root: Path, dataset, reference, *, preset: str = "report-test
 
 def small_fashion_mnist(full, train_per_class: int = 200, test_per_class: int = 50):
     """A balanced real subset of Fashion-MNIST (2000 train, 500 test) as an ImageDataset."""
-    from pipeline.datasets import ImageDataset
+    from pipeline.data.datasets import ImageDataset
 
     def pick(labels, n, seed):
         rng = np.random.default_rng(seed)
@@ -150,7 +150,7 @@ def report_dataset(data_fashion_mnist):
 @pytest.fixture(scope="session")
 def report_reference(report_dataset, tmp_path_factory):
     """A small reference classifier trained on the 2000 real training images (cached)."""
-    from pipeline.reference import ReferenceConfig, load_or_train_reference
+    from pipeline.evaluate.reference import ReferenceConfig, load_or_train_reference
 
     cache = tmp_path_factory.mktemp("reference-cache")
     with one_thread():

@@ -122,7 +122,7 @@ def _fields(dc):
 def test_sections_mirror_the_component_configs():
     """Sections copy other modules' dataclass fields; this keeps them from drifting."""
     from anl_core.tuning import TuneConfig
-    from pipeline.pretrain import PretrainConfig
+    from pipeline.generate.pretrain import PretrainConfig
     from pipeline.ssl.config import BUDGETS, SSLConfig
 
     assert SSL_BUDGETS == BUDGETS
@@ -135,13 +135,13 @@ def test_sections_mirror_the_component_configs():
     pre = {k: (list(v) if isinstance(v, tuple) else v) for k, v in _fields(PretrainConfig).items()}
     assert PretrainSection().model_dump() == {k: pre[k] for k in pre
                                               if k not in ("sample_size", "device")}
-    from pipeline.quality import QualityConfig
+    from pipeline.evaluate.quality import QualityConfig
 
     assert QualitySection().model_dump(exclude={"enabled"}) == _fields(QualityConfig)
 
 
 def test_pretrain_architecture_diffusers_cannot_build_is_a_config_error():
-    from pipeline.pretrain import PretrainConfig
+    from pipeline.generate.pretrain import PretrainConfig
 
     # The mid block always has attention: 16 channels cannot hold one 32-wide head.
     with pytest.raises(ConfigError, match=r"attention over \[16\] channels .* at most 16"):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import datasets
-from pipeline.datasets import DatasetError, ImageDataset, available_datasets, load_dataset
+from pipeline.data import datasets
+from pipeline.data.datasets import DatasetError, ImageDataset, available_datasets, load_dataset
 
 
 def _write_idx(path, array):

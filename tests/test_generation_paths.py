@@ -76,7 +76,7 @@ def test_shared_scope_tunes_one_adapter_on_every_class(flow_cfg, monkeypatch):
     assert len(calls) == 1
 
     # Its tuning set is every labeled image of both classes, each with its own tokens.
-    from pipeline.images import to_model_space
+    from pipeline.data.images import to_model_space
 
     tok = stages.load_tokens(run_dir)
     ds = stages.dataset_for(cfg)
@@ -93,8 +93,8 @@ def test_shared_scope_tunes_one_adapter_on_every_class(flow_cfg, monkeypatch):
 def test_shared_adapter_samples_every_class(flow_cfg, flow_tiny_base):
     """Every class's images come from the one shared adapter: re-sampled here from that
     adapter they match pixel for pixel, and the bare base would give other pixels."""
-    from pipeline.images import from_model_space
-    from pipeline.shards import read_shards
+    from pipeline.data.images import from_model_space
+    from pipeline.data.shards import read_shards
 
     cfg = with_overrides(flow_cfg, {"adapter.scope": "shared"})
     run_dir = init_run_dir(cfg)
@@ -355,7 +355,7 @@ def test_stage_base_keeps_its_saved_prediction_type(flow_cfg, flow_tiny_base, tm
 
 def test_augment_pretrain_command_writes_a_diffusers_base(flow_image_folder, tmp_path, capsys):
     from flows.cli import main
-    from pipeline.model_card import training_arguments
+    from pipeline.evaluate.model_card import training_arguments
 
     out = tmp_path / "base"
     argv = ["pretrain", "--dataset", "image-folder", "--root", str(flow_image_folder),
@@ -400,8 +400,8 @@ def test_augment_pretrain_command_writes_a_diffusers_base(flow_image_folder, tmp
     assert (cfg["num_train_timesteps"], cfg["beta_schedule"], cfg["steps"], cfg["batch_size"]) \
         == (200, "squaredcos_cap_v2", 3, 4)
     assert training["steps"] == 3 and len(training["loss_every_50"]) == 1
-    from pipeline.datasets import load_dataset
-    from pipeline.splits import make_split
+    from pipeline.data.datasets import load_dataset
+    from pipeline.data.splits import make_split
 
     ds = load_dataset("image-folder", flow_image_folder)
     labeled = make_split(ds.train_labels, 3, seed=1).labeled_idx

@@ -1,4 +1,4 @@
-"""The second round (``loop.rounds: 2``, ``pipeline.loop``): pseudo-labels chosen from the
+"""The second round (``loop.rounds: 2``, ``pipeline.generate.loop``): pseudo-labels chosen from the
 classifier's probabilities alone, round-2 stages keyed so a rerun redoes only what a change
 touches, warm-started adapters, and the round's two arms reading what they should."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import stages
 from pipeline.config import ConfigError, with_overrides
-from pipeline.loop import select_pseudo_labels
+from pipeline.generate.loop import select_pseudo_labels
 from pipeline.runs import init_run_dir, read_json
 
 LOOP = {"loop.rounds": 2, "loop.threshold": 0.0, "loop.per_class": 3,
@@ -66,7 +66,7 @@ def test_two_rounds_end_to_end_and_a_rerun_skips_everything(flow_cfg):
     assert tok["labels"][n_lab:].tolist() == pseudo["label"].tolist()
     assert tok["pseudo"].tolist() == [0] * n_lab + [1] * len(pseudo)
     # Every condition is sampled per_condition (2) times in the round-2 shards.
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
 
     rows = read_shards(r2 / "shards").frame
     expected = {int(i): 2 for i in tok["index"]}
@@ -200,7 +200,7 @@ def test_labeled_conditions_sample_from_labeled_images_only(flow_cfg):
     cfg = with_overrides(flow_cfg, {**LOOP, "loop.conditions": "labeled"})
     run_dir = init_run_dir(cfg)
     stages.run_all(run_dir, cfg, until="loop")
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
 
     rows = read_shards(run_dir / stages.ROUND_TWO / "shards").frame
     labeled = set(stages.split_for(run_dir).labeled_idx.tolist())

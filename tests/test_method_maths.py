@@ -238,8 +238,8 @@ def test_weighted_ce_by_hand():
 def test_synthetic_weight_reaches_the_labeled_loss(data_fashion_mnist, tmp_path, algorithm):
     """b real + k synthetic labeled rows: the labeled loss is (sum of the real rows' CE +
     synthetic_weight * sum of the synthetic rows' CE) / b, computed here from the logits."""
-    from pipeline.datasets import ImageDataset
-    from pipeline.splits import make_split
+    from pipeline.data.datasets import ImageDataset
+    from pipeline.data.splits import make_split
     from pipeline.ssl import SSLConfig, build_net
     from pipeline.ssl.algorithms import get_algorithm
     from pipeline.ssl.arms import build_train_data
@@ -316,7 +316,7 @@ def kid_draws(monkeypatch):
 
 
 def test_kid_whole_sets_is_the_unbiased_mmd():
-    from pipeline.quality import kid
+    from pipeline.evaluate.quality import kid
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(30, 4)), rng.normal(size=(30, 4))
@@ -329,7 +329,7 @@ def test_kid_whole_sets_is_the_unbiased_mmd():
 
 
 def test_kid_draws_n_subsets_of_subset_size(kid_draws):
-    from pipeline.quality import kid
+    from pipeline.evaluate.quality import kid
 
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(9, 4)), rng.normal(size=(25, 4)) + 0.5
@@ -347,7 +347,7 @@ def test_kid_draws_n_subsets_of_subset_size(kid_draws):
 def test_quality_set_metrics_kid_is_synthetic_against_real(kid_draws):
     """The per-set KID compares the synthetic features with the real ones (not with
     themselves) and passes the config's subset count and size in the right places."""
-    from pipeline.quality import QualityConfig, _set_metrics
+    from pipeline.evaluate.quality import QualityConfig, _set_metrics
 
     rng = np.random.default_rng(2)
     synth, real = rng.normal(size=(9, 4)) + 1.0, rng.normal(size=(25, 4))

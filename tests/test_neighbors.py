@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.neighbors import find_neighbors, neighbor_pool, pooled_features, tuning_pairs
+from pipeline.generate.neighbors import find_neighbors, neighbor_pool, pooled_features, tuning_pairs
 
 
 def _unit(rows):

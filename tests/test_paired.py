@@ -1,10 +1,10 @@
-"""pipeline.paired: paired differences, their t interval and test, and the convergence rule."""
+"""pipeline.evaluate.paired: paired differences, their t interval and test, and the convergence rule."""
 
 import math
 
 import pytest
 
-from pipeline.paired import MIN_REPETITIONS, learning_curve_settled, paired_difference
+from pipeline.evaluate.paired import MIN_REPETITIONS, learning_curve_settled, paired_difference
 
 
 def test_paired_difference_matches_a_hand_computation():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from report_fixtures import MASK_RATIOS
 
-from pipeline.quality import (
+from pipeline.evaluate.quality import (
     QualityConfig,
     QualityError,
     evaluate_run_quality,
@@ -78,7 +78,7 @@ def test_run_quality_answers_known_questions(report_run):
 
 def test_label_consistency_catches_wrong_labels(report_run_copy, report_dataset,
                                                 report_reference):
-    from pipeline.shards import ShardWriter, read_shards
+    from pipeline.data.shards import ShardWriter, read_shards
 
     run = report_run_copy
     arr = read_shards(run / "shards")
@@ -101,7 +101,7 @@ def test_condition_encoder_features(report_dataset):
     import torch
 
     from anl_core.encoders import load_encoder
-    from pipeline.quality import encoder_features
+    from pipeline.evaluate.quality import encoder_features
 
     enc = load_encoder("efficientnet-lite0@128", device="cpu")
     fn = encoder_features(enc)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from report_fixtures import TINY_REFERENCE
 
-from pipeline.reference import (
+from pipeline.evaluate.reference import (
     INFO_FILE,
     MODEL_FILE,
     ReferenceConfig,
@@ -46,7 +46,7 @@ def test_reference_cache_is_reused_not_retrained(report_reference, report_datase
 
 
 def test_cache_key_depends_on_data_and_config(report_dataset):
-    from pipeline.datasets import ImageDataset
+    from pipeline.data.datasets import ImageDataset
 
     cfg = ReferenceConfig(**TINY_REFERENCE)
     k = cache_key(report_dataset, cfg)
@@ -65,7 +65,7 @@ def test_load_reference_names_the_fix(tmp_path):
 
 def test_reference_leaves_out_the_validation_images(report_dataset, tmp_path):
     """A run's validation images are never trained on, not even by the evaluation reference."""
-    from pipeline.reference import train_reference
+    from pipeline.evaluate.reference import train_reference
 
     cfg = ReferenceConfig(**{**TINY_REFERENCE, "epochs": 1})
     val = np.arange(0, len(report_dataset.train_labels), 4)

@@ -103,7 +103,7 @@ def hub_cache_in_process(stand_ins, monkeypatch):
 
 
 def test_stand_ins_have_the_real_layouts(stand_ins, hub_cache_in_process):
-    from pipeline.datasets import load_dataset
+    from pipeline.data.datasets import load_dataset
     from pipeline.preflight import check_encoder, resolve_base_model, resolve_scheduler_config
 
     ddpm = stand_ins["snapshots"][rf.DDPM_ID]
@@ -172,8 +172,8 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     from diffusers import UNet2DModel
 
     from anl_core.inject import base_fingerprint, load_adapter
-    from pipeline.shards import read_shards, verify_shards
-    from pipeline.splits import load_split
+    from pipeline.data.shards import read_shards, verify_shards
+    from pipeline.data.splits import load_split
     from pipeline.stages import ssl_unit_key, stage_keys
 
     runs = tmp_path / "runs"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.report import artifacts, build_run_report, markdown_summary, results_table
+from pipeline.report.build import artifacts, build_run_report, markdown_summary, results_table
 
 # The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
 
@@ -173,7 +173,7 @@ def test_report_says_how_many_samples_the_filter_kept(report_run_copy):
 
 # --------------------------------------------------------------------------- the headline
 # Fabricated arms (metrics.json with chosen errors): every expected figure is computed here
-# by hand, not with pipeline.paired.
+# by hand, not with pipeline.evaluate.paired.
 
 
 def _signed_pp(x: float) -> str:

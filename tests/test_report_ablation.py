@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from pipeline.report_ablation import build_ablation_report, varied_keys
+from pipeline.report.ablation import build_ablation_report, varied_keys
 
 # Fabricated runs (report_fixtures.fabricated_run): metrics.json files with chosen errors,
 # so every figure a row shows has a known answer and belongs to one run only.

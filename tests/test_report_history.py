@@ -6,7 +6,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from pipeline.report_history import append_history, read_history, render_history
+from pipeline.report.history import append_history, read_history, render_history
 
 # The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
 

@@ -47,7 +47,7 @@ def test_sampling_change_reuses_label_only_arms_and_retrains_augmented(flow_cfg,
     """A new guidance makes a new run directory with new shards. Supervised and baseline never
     read the shards, so they are hard-linked from the first run (same unit key, same files);
     augmented reads them, so it is trained again, on the new shards."""
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
     from pipeline.ssl import SSLConfig, run_arm
 
     cfg = with_overrides(flow_cfg, {"ssl.arms": ["supervised", "baseline", "augmented"]})
@@ -94,8 +94,8 @@ def test_augmented_arm_resumes_bit_identically_with_its_extra_row_stream(report_
     """Crash an augmented run after its step-4 checkpoint: the resumed run ends with the
     uninterrupted run's weights, EMA, curve and both generator states. The extra (synthetic)
     rows come from their own generator, so it must be checkpointed and restored as well."""
-    from pipeline.shards import ShardWriter
-    from pipeline.splits import make_split
+    from pipeline.data.shards import ShardWriter
+    from pipeline.data.splits import make_split
     from pipeline.ssl import SSLConfig, run_arm
     from pipeline.ssl.arms import CHECKPOINT, CURVE, METRICS
     from pipeline.ssl.trainer import EXTRA_STREAM

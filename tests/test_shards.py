@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.shards import (
+from pipeline.data.shards import (
     MANIFEST,
     ShardDataset,
     ShardError,

@@ -38,7 +38,7 @@ def shipped(request):
 def card(shipped):
     path = shipped / "card.json"
     assert path.exists(), (f"{path} is missing: write the model card with "
-                           f"`python -m pipeline.model_card {shipped}`")
+                           f"`python -m pipeline.evaluate.model_card {shipped}`")
     return json.loads(path.read_text())
 
 
@@ -73,7 +73,7 @@ def test_card_matches_the_shipped_files(shipped, card):
     weights = shipped / "unet" / "diffusion_pytorch_model.safetensors"
     sha = _sha256(weights)
     assert card["weights_sha256"] == sha, "weights changed since the card was written: rerun " \
-        f"`python -m pipeline.model_card {shipped} --force`"
+        f"`python -m pipeline.evaluate.model_card {shipped} --force`"
     training = json.loads((shipped / "training.json").read_text())
     assert training["weights_sha256"] == sha
     assert weights.stat().st_size <= MAX_BYTES and card["weights_bytes"] == weights.stat().st_size
@@ -121,7 +121,7 @@ def test_card_readme_states_provenance_and_quality(shipped, card):
 
 
 def test_confident_assignments_counts_only_confident_rows():
-    from pipeline.model_card import confident_assignments
+    from pipeline.evaluate.model_card import confident_assignments
 
     probs = np.array([[0.95, 0.05, 0.0], [0.5, 0.5, 0.0], [0.0, 0.02, 0.98],
                       [0.0, 0.01, 0.99], [0.91, 0.09, 0.0]])
@@ -135,9 +135,9 @@ def test_confident_assignments_counts_only_confident_rows():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, data_fashion_mnist):
     """A 2-step pretrain of a tiny U-Net on a 600-image slice of Fashion-MNIST's pool."""
-    from pipeline.datasets import ImageDataset
-    from pipeline.pretrain import PretrainConfig, pretrain
-    from pipeline.splits import make_split
+    from pipeline.data.datasets import ImageDataset
+    from pipeline.data.splits import make_split
+    from pipeline.generate.pretrain import PretrainConfig, pretrain
 
     full = data_fashion_mnist
     ds = ImageDataset("fashion-mnist", full.class_names, full.train_images[:600],
@@ -154,9 +154,9 @@ def tiny_model(tmp_path_factory, data_fashion_mnist):
 
 
 def test_model_card_measures_writes_and_reuses(tiny_model, monkeypatch):
-    from pipeline import model_card
-    from pipeline.model_card import CardConfig, write_model_card
-    from pipeline.reference import ReferenceConfig, train_reference
+    from pipeline.evaluate import model_card
+    from pipeline.evaluate.model_card import CardConfig, write_model_card
+    from pipeline.evaluate.reference import ReferenceConfig, train_reference
 
     model_dir, ds = tiny_model
     ref = train_reference(ds, ReferenceConfig(width=4, epochs=1, batch_size=64), "cpu",
@@ -195,7 +195,7 @@ def test_model_card_measures_writes_and_reuses(tiny_model, monkeypatch):
 
 
 def test_samples_do_not_depend_on_the_batch_size(tiny_model):
-    from pipeline.model_card import load_base, sample_base
+    from pipeline.evaluate.model_card import load_base, sample_base
 
     unet, scheduler = load_base(tiny_model[0])
     a = sample_base(unet, scheduler, 6, steps=2, seed=3, batch_size=6, shape=(28, 28),
@@ -212,7 +212,7 @@ def test_samples_do_not_depend_on_the_batch_size(tiny_model):
 
 
 def test_model_card_refuses_an_unfinished_model(tmp_path):
-    from pipeline.model_card import ModelCardError, build_card
+    from pipeline.evaluate.model_card import ModelCardError, build_card
 
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(ModelCardError, match="training.json"):
@@ -223,7 +223,7 @@ def test_pretrain_time_limit_stops_early_and_exports(tmp_path, data_fashion_mnis
     """A zero-second budget trains no step yet still exports a loadable model, saying so."""
     from diffusers import UNet2DModel
 
-    from pipeline.pretrain import PretrainConfig, pretrain
+    from pipeline.generate.pretrain import PretrainConfig, pretrain
 
     config = PretrainConfig(block_out_channels=(8, 16), attention_levels=(1,),
                             attention_head_dim=8, steps=50, batch_size=8, warmup_steps=1,
@@ -240,7 +240,7 @@ def test_pretrain_config_reads_exponent_numbers_from_set():
     """`--set lr=2e-4` arrives as the string '2e-4' from YAML 1.1: it must become a float."""
     import yaml
 
-    from pipeline.pretrain import PretrainConfig
+    from pipeline.generate.pretrain import PretrainConfig
 
     config = PretrainConfig.from_dict({"lr": yaml.safe_load("2e-4"), "steps": "10",
                                        "time_limit_s": "1e2"})

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.splits import SplitError, load_split, make_split, save_split
+from pipeline.data.splits import SplitError, load_split, make_split, save_split
 
 # Fashion-MNIST, 4 labels per class, seed 0. Pinned so that a numpy or platform change that
 # would silently pick other images (and break "same seed, same split everywhere") fails here.

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.datasets import ImageDataset
-from pipeline.splits import make_split
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.splits import make_split
 from pipeline.ssl import BUDGETS, ArmError, SSLConfig, SSLConfigError, build_net, evaluate, run_arm
 from pipeline.ssl import augment as aug
 from pipeline.ssl.arms import CHECKPOINT, CURVE, METRICS
@@ -170,7 +170,7 @@ def test_fixmatch_arm_learns_with_unlabeled_terms(ssl_fm_subset, tmp_path):
 
 
 def _write_shards(out_dir, images, labels, class_names):
-    from pipeline.shards import ShardWriter
+    from pipeline.data.shards import ShardWriter
 
     with ShardWriter(out_dir, class_names, rows_per_shard=256) as w:
         w.write(images, labels, source="synthetic", seed=0)
@@ -286,7 +286,7 @@ def test_extra_rows_are_added_on_top_of_the_baselines_real_rows(ssl_fm_subset, t
 
 
 def test_validation_split_is_held_out_and_scores_the_curve(ssl_fm_subset, tmp_path):
-    from pipeline.splits import load_split, save_split
+    from pipeline.data.splits import load_split, save_split
     from pipeline.ssl.arms import build_train_data
 
     ds = ssl_fm_subset
@@ -314,7 +314,7 @@ def test_validation_split_is_held_out_and_scores_the_curve(ssl_fm_subset, tmp_pa
 
 
 def test_control_rows_follow_the_judge_and_the_counts():
-    from pipeline.control import control_rows
+    from pipeline.evaluate.control import control_rows
 
     images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
     true = np.arange(100) % 3

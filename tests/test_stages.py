@@ -103,7 +103,7 @@ def test_killed_sampling_resumes_without_missing_or_duplicate_rows(flow_cfg, tmp
     assert {p: p.stat().st_mtime_ns for p in parts} == first_part  # finished chunks kept
     assert _mtimes(run_dir / "adapters") == adapters_before  # adapters not redone
 
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
 
     arrays = read_shards(run_dir / "shards")
     manifest = read_json(run_dir / "shards" / "manifest.json")
@@ -183,7 +183,7 @@ def test_each_mask_ratio_draws_its_own_noise_and_masks(flow_cfg):
     a = np.load(run_dir / "samples/class-00" / stages.part_name(0, 0))["images"]
     b = np.load(run_dir / "samples/class-00" / stages.part_name(1, 0))["images"]
     assert not np.array_equal(a, b)  # only the ratio's index differs between the two
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
 
     frame = read_shards(run_dir / "shards", verify=True).frame
     assert set(frame["seed"]) == {cfg.sampling.seed, stages.ratio_seed(cfg.sampling.seed, 1)}
@@ -233,8 +233,8 @@ def test_sample_parts_and_shards_record_each_rows_condition_label_and_seed(flow_
 
     from anl_core.inject import load_adapter
     from anl_core.sampling import masked_sample
-    from pipeline.images import from_model_space
-    from pipeline.shards import read_shards
+    from pipeline.data.images import from_model_space
+    from pipeline.data.shards import read_shards
 
     k, ratios = 2, [0.3, 0.6]
     cfg = with_overrides(flow_cfg, {"labels_per_class": 3, "sampling.chunk_conditions": 2,
@@ -285,7 +285,7 @@ def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatc
     condition ends up with exactly k rows."""
     import io
 
-    from pipeline.shards import read_shards
+    from pipeline.data.shards import read_shards
 
     k = 2
     cfg = with_overrides(flow_cfg, {"labels_per_class": 3, "sampling.chunk_conditions": 1,

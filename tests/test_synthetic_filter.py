@@ -10,8 +10,13 @@ import torch.nn.functional as F
 
 from pipeline import stages
 from pipeline.config import config_hash, with_overrides
+from pipeline.generate.synthetic_filter import (
+    copy_thresholds,
+    keep_mask,
+    not_copies,
+    prototype_margin,
+)
 from pipeline.runs import init_run_dir
-from pipeline.synthetic_filter import copy_thresholds, keep_mask, not_copies, prototype_margin
 
 
 def _unit(rows):
@@ -106,9 +111,9 @@ def _rmse_to_nearest(images, pool):
 
 def test_shards_stage_writes_only_the_rows_the_filter_keeps(flow_cfg):
     from anl_core.encoders import load_encoder
-    from pipeline.images import to_model_space
-    from pipeline.neighbors import neighbor_pool
-    from pipeline.shards import read_shards
+    from pipeline.data.images import to_model_space
+    from pipeline.data.shards import read_shards
+    from pipeline.generate.neighbors import neighbor_pool
 
     on = with_overrides(flow_cfg, {"filter.method": "prototype", "sampling.per_condition": 3})
     run_dir = init_run_dir(on)

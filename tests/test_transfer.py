@@ -235,7 +235,7 @@ def test_kid_and_diversity_match_an_independent_computation(cfg):
     from sklearn.metrics.pairwise import cosine_distances
 
     from anl_core.encoders import load_encoder
-    from pipeline.images import to_model_space
+    from pipeline.data.images import to_model_space
 
     run = tr.run_transfer(cfg)  # 20 samples, 20 held out: one KID subset, all of both
     frame = pd.concat(pd.read_parquet(p) for p in sorted((run / "shards").glob("*.parquet")))

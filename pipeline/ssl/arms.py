@@ -5,9 +5,9 @@
 ``augmented``   the same plus synthetic images read from Parquet shards, either as extra
                 labeled rows (loss weight ``synthetic_weight``) or as extra unlabeled rows;
 ``control``     the same as augmented, but the extra rows are real unlabeled images labeled
-                by the encoder's prototype judge (``pipeline.control``): a gain of augmented
+                by the encoder's prototype judge (``pipeline.evaluate.control``): a gain of augmented
                 over control is the generated images' own, not the encoder's.
-``augmented-r2`` the augmented arm on the second round's shards (``pipeline.loop``);
+``augmented-r2`` the augmented arm on the second round's shards (``pipeline.generate.loop``);
 ``selftrain``   its control: the round's pseudo-labeled real images as the extra rows.
 
 All arms share the split, the network initialisation (drawn from ``config.seed`` alone),
@@ -32,16 +32,16 @@ import pandas as pd
 import torch
 
 from pipeline.atomic import atomic_write as _atomic_write_bytes
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.splits import LabeledSplit
 
-from ..datasets import ImageDataset
-from ..splits import LabeledSplit
 from .algorithms import get_algorithm
 from .augment import to_unit
 from .config import SSLConfig
 from .nets import build_net, resolve_net_name
 from .trainer import TrainData, Trainer, resolve_device
 
-# Round 2 (pipeline.loop): augmented-r2 reads the round-2 shards; selftrain, its control,
+# Round 2 (pipeline.generate.loop): augmented-r2 reads the round-2 shards; selftrain, its control,
 # the pseudo-labeled real images the round-2 adapters were tuned on.
 ARMS = ("supervised", "baseline", "augmented", "control", "augmented-r2", "selftrain")
 EXTRA_ROW_ARMS = ("augmented", "control", "augmented-r2", "selftrain")  # read extra rows
@@ -75,7 +75,7 @@ def _channel_stats(images: np.ndarray, max_images: int = 10_000) -> tuple[list[f
 
 def load_synthetic(shard_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic (images uint8 NHWC, labels int64) from a finished, verified shard set."""
-    from ..shards import read_shards
+    from pipeline.data.shards import read_shards
 
     arrays = read_shards(shard_dir, verify=True)
     return arrays.images, arrays.labels
@@ -149,7 +149,7 @@ def _check_inputs(arm: str, dataset: ImageDataset, split: LabeledSplit,
         if tuple(s_images.shape[1:]) != tuple(dataset.image_shape):
             raise ArmError(f"synthetic images are {tuple(s_images.shape[1:])} but the dataset's "
                            f"are {dataset.image_shape}; write shards at the dataset's pixel grid "
-                           "(pipeline.images.from_model_space(x, shape=(H, W)))")
+                           "(pipeline.data.images.from_model_space(x, shape=(H, W)))")
         if s_labels.min() < 0 or s_labels.max() >= dataset.num_classes:
             raise ArmError(f"synthetic labels span {s_labels.min()}..{s_labels.max()}, outside "
                            f"the dataset's {dataset.num_classes} classes")

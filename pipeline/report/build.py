@@ -1,11 +1,11 @@
 """The run report: one self-contained HTML page plus a Markdown summary in the run directory.
 
-``build_run_report(run_dir)`` reads the stage outputs (:mod:`pipeline.report_data`), draws the
-figures (:mod:`pipeline.report_plots`) and renders ``report.html`` (images embedded as data
+``build_run_report(run_dir)`` reads the stage outputs (:mod:`pipeline.report.data`), draws the
+figures (:mod:`pipeline.report.plots`) and renders ``report.html`` (images embedded as data
 URIs, no external CSS/JS, so it opens offline or as an e-mail attachment) and ``report.md``.
 A stage that has not run yet shows as "not run". ``markdown_summary`` and ``results_table``
 are what the flow publishes as Prefect artifacts. Ablations and the benchmark history live
-in :mod:`pipeline.report_ablation` and :mod:`pipeline.report_history`.
+in :mod:`pipeline.report.ablation` and :mod:`pipeline.report.history`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import report_plots as plots
 from pipeline.atomic import atomic_write_text
-from pipeline.paired import MIN_REPETITIONS
-from pipeline.report_ablation import build_ablation_report
-from pipeline.report_data import (
+from pipeline.evaluate.paired import MIN_REPETITIONS
+from pipeline.report import plots
+from pipeline.report.ablation import build_ablation_report
+from pipeline.report.data import (
     NOT_RUN,
     SETTLED_TOLERANCE_PP,
     RunData,
@@ -29,8 +29,8 @@ from pipeline.report_data import (
     report_arms,
     results_table,
 )
-from pipeline.report_history import append_history, history_row, render_history
-from pipeline.report_render import ci_pp, mb, md_table, num, pct, pct_or, pp, pval, render, seconds
+from pipeline.report.history import append_history, history_row, render_history
+from pipeline.report.render import ci_pp, mb, md_table, num, pct, pct_or, pp, pval, render, seconds
 
 __all__ = ["append_history", "artifacts", "build_ablation_report", "build_run_report",
            "history_row", "load_run", "markdown_summary", "render_history", "results_table",

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_torch_save as _atomic_torch_save
 from pipeline.atomic import atomic_write_json as _write_json
-from pipeline.images import from_model_space, to_model_space
+from pipeline.data.images import from_model_space, to_model_space
 
 
 @dataclass
@@ -300,8 +300,8 @@ def pretrain_on_unlabeled_pool(dataset_name: str, out_dir: str | Path, labels_pe
                                split_seed: int, config: PretrainConfig, root: str | None = None,
                                progress: bool = True, command: str | None = None) -> Path:
     """Pretrain on the unlabeled pool of the standard split: never test images, never labels."""
-    from pipeline.datasets import load_dataset
-    from pipeline.splits import make_split
+    from pipeline.data.datasets import load_dataset
+    from pipeline.data.splits import make_split
 
     ds = load_dataset(dataset_name, root)
     split = make_split(ds.train_labels, labels_per_class, split_seed, ds.num_classes)

@@ -8,7 +8,7 @@ Four questions, each answered against real images of the same class:
 * diversity: mean pairwise cosine distance of features, synthetic vs real, overall and
   within the samples of one condition image (what the mask ratio is meant to raise);
 * label consistency: the share of synthetic images that a reference classifier trained on
-  real labels (:mod:`pipeline.reference`) assigns to the label they inherited;
+  real labels (:mod:`pipeline.evaluate.reference`) assigns to the label they inherited;
 * memorisation: pixel RMSE from each synthetic image to its nearest labeled image of the
   class, beside the same distance for held-out real images of that class.
 
@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_bytes as _atomic_bytes
-from pipeline.datasets import ImageDataset
-from pipeline.images import to_model_space
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.images import to_model_space
 
 QUALITY_DIR = "quality"
 QUALITY_FILE = "quality.json"
@@ -52,7 +52,7 @@ class QualityError(RuntimeError):
 
 @dataclass(frozen=True)
 class QualityConfig:
-    reference: dict[str, Any] = field(default_factory=dict)  # pipeline.reference.ReferenceConfig
+    reference: dict[str, Any] = field(default_factory=dict)  # pipeline.evaluate.reference.ReferenceConfig
     max_real_per_class: int = 1000
     max_synthetic_per_class: int = 2000
     grid_per_class: int = 8
@@ -269,13 +269,13 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
 
     ``encoder``: condition-encoder name (e.g. the run's ``"efficientnet-lite0"``), an encoder
     object, a features callable, or None for the reference classifier's features.
-    ``reference``: a trained :class:`pipeline.reference.ReferenceClassifier`; by default the
+    ``reference``: a trained :class:`pipeline.evaluate.reference.ReferenceClassifier`; by default the
     one cached under ``cache_dir`` (default ``<runs_dir>/_cache/reference``), trained if absent.
     Returns the path of quality.json (written last, atomically).
     """
-    from pipeline.reference import ReferenceConfig, load_or_train_reference
-    from pipeline.shards import read_shards
-    from pipeline.splits import load_split
+    from pipeline.data.shards import read_shards
+    from pipeline.data.splits import load_split
+    from pipeline.evaluate.reference import ReferenceConfig, load_or_train_reference
 
     run_dir = Path(run_dir)
     config = config or QualityConfig()

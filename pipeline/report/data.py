@@ -4,7 +4,7 @@ Every figure here is read from a file some stage wrote (``stages/*.json``,
 ``ssl/<arm>/seed-<s>/metrics.json`` and ``learning_curve.parquet``, ``quality/quality.json``,
 ``shards/manifest.json``, ``adapters/*/tune.json``, ``config.json``); the only arithmetic is
 aggregation over seeds (mean, sample std) and paired differences between arms, whose
-statistics (95% CI, paired t-test) are :func:`pipeline.paired.paired_difference`'s. A file
+statistics (95% CI, paired t-test) are :func:`pipeline.evaluate.paired.paired_difference`'s. A file
 that is missing or unreadable leaves its part as None, which the report renders as "not run".
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.paired import PairedDifference, learning_curve_settled, paired_difference
+from pipeline.evaluate.paired import PairedDifference, learning_curve_settled, paired_difference
 from pipeline.runs import STAGE_ORDER
 
 NOT_RUN = "not run"

@@ -205,7 +205,7 @@ class ShardWriter:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} "
                              f"{images.shape}; convert model outputs with "
-                             "pipeline.images.from_model_space")
+                             "pipeline.data.images.from_model_space")
         if self.image_shape is None:
             self.image_shape = tuple(int(s) for s in images.shape[1:])
         if tuple(images.shape[1:]) != self.image_shape:

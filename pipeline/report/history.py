@@ -5,7 +5,7 @@ adds its row to the table (atomically; a row for the same run and finish time is
 so re-reporting a run never duplicates it). ``render_history`` draws, per preset, the arms'
 errors, the augmented-minus-baseline difference and the stage wall times over the runs.
 Each difference keeps its n paired seeds, 95% CI and p (none below 3 pairs; see
-:mod:`pipeline.paired`), and ``budget_short`` marks runs whose SSL baseline did not beat
+:mod:`pipeline.evaluate.paired`), and ``budget_short`` marks runs whose SSL baseline did not beat
 supervised training.
 """
 
@@ -17,10 +17,10 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import report_plots as plots
 from pipeline.atomic import atomic_write, atomic_write_text
-from pipeline.report_data import ARM_ORDER, STAGE_ORDER, budget_short, load_run, paired_columns
-from pipeline.report_render import md_table, render
+from pipeline.report import plots
+from pipeline.report.data import ARM_ORDER, STAGE_ORDER, budget_short, load_run, paired_columns
+from pipeline.report.render import md_table, render
 
 TREND_COLUMNS = ["date", "commit", "preset", "run", *[f"error_{a}_pct" for a in ARM_ORDER],
                  "delta_n", "delta_pp", "delta_ci_low_pp", "delta_ci_high_pp", "delta_p",

@@ -5,7 +5,7 @@ encoder's knowledge (ImageNet features decide which samples the prototype filter
 and the adapters are conditioned on them). The control arm isolates the second: it adds
 as many *real* unlabeled images per class as the augmented arm has synthetic rows, each
 labeled by the same judge (mean cosine similarity to each class's labeled images in the
-encoder's pooled tokens, ``pipeline.neighbors.class_similarity``) and kept by the same
+encoder's pooled tokens, ``pipeline.generate.neighbors.class_similarity``) and kept by the same
 rule (margin above ``filter.margin``), as extra labeled rows in the same way and share.
 A gain of augmented over control is the generated images' own.
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.images import to_model_space
-from pipeline.neighbors import class_similarity, neighbor_pool, pooled_features
+from pipeline.data.images import to_model_space
+from pipeline.generate.neighbors import class_similarity, neighbor_pool, pooled_features
 
 
 @dataclass(frozen=True)

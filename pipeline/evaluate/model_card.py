@@ -1,14 +1,14 @@
 """Model card of a pretrained base model: measure its samples, write card.json and README.md.
 
-Reads what ``pipeline.pretrain`` left in the model directory (``training.json``, the diffusers
+Reads what ``pipeline.generate.pretrain`` left in the model directory (``training.json``, the diffusers
 ``unet/`` and ``scheduler/``), draws ``num_samples`` seeded DDIM samples, and measures them
 against real data the model never saw in training:
 
 * KID between the samples and real *test* images in a pretrained encoder's feature space
-  (pooled condition-encoder tokens, :func:`pipeline.quality.encoder_features`), beside the KID
+  (pooled condition-encoder tokens, :func:`pipeline.evaluate.quality.encoder_features`), beside the KID
   of as many real *training* images against the same test images: the floor a perfect model
   would reach at this sample size;
-* the share of samples that the reference classifier (:mod:`pipeline.reference`, trained on
+* the share of samples that the reference classifier (:mod:`pipeline.evaluate.reference`, trained on
   real labels) assigns to some class with probability above ``confidence``, beside the same
   share for real test images; and the class histogram of those assignments (mode coverage).
 
@@ -17,7 +17,7 @@ estimate is singular and its bias dominates; KID is unbiased at any sample size.
 
 ``card.json`` is written last (atomically) and marks a finished card; a rerun with the same
 weights and settings only re-renders README.md from it. Run it as
-``python -m pipeline.model_card data/models/fashion-mnist-ddpm-32``.
+``python -m pipeline.evaluate.model_card data/models/fashion-mnist-ddpm-32``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_text as _write_text
-from pipeline.images import from_model_space
-from pipeline.pretrain import _sha256, _write_json, data_hash, resolve_device
+from pipeline.data.images import from_model_space
+from pipeline.generate.pretrain import _sha256, _write_json, data_hash, resolve_device
 
 CARD_FILE = "card.json"
 README_FILE = "README.md"
@@ -61,7 +61,7 @@ class CardConfig:
     confidence: float = 0.9
     kid_subsets: int = 20
     kid_subset_size: int = 500
-    reference: dict = field(default_factory=dict)  # pipeline.reference.ReferenceConfig fields
+    reference: dict = field(default_factory=dict)  # pipeline.evaluate.reference.ReferenceConfig fields
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,7 +147,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def measure_samples(samples: np.ndarray, dataset, features, reference,
                     config: CardConfig) -> dict:
     """The card's quality figures for uint8 ``samples`` against ``dataset``'s real images."""
-    from pipeline.quality import kid
+    from pipeline.evaluate.quality import kid
 
     rng = np.random.default_rng(config.seed)
     test_idx = rng.choice(len(dataset.test_labels), min(config.num_real, len(dataset.test_labels)),
@@ -185,7 +185,7 @@ def measure_samples(samples: np.ndarray, dataset, features, reference,
 
 def training_arguments(training: dict):
     """The pretrain command's parsed arguments (dataset, split), from training.json."""
-    from pipeline.pretrain import build_arg_parser
+    from pipeline.generate.pretrain import build_arg_parser
 
     words = shlex.split(training.get("command") or "")
     if words[:2] != ["augment", "pretrain"]:
@@ -202,7 +202,7 @@ def git_commit(repo: Path) -> str:
                               check=False, timeout=30).stdout.strip()
     try:
         head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--", "pipeline/pretrain.py", "pipeline/images.py")
+        dirty = git("status", "--porcelain", "--", "pipeline/generate/pretrain.py", "pipeline/data/images.py")
     except (OSError, subprocess.SubprocessError):
         return "uncommitted"
     if not head:
@@ -221,8 +221,8 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
                reference=None, features=None, cache_dir: str | Path | None = None,
                device: str | None = None, progress: bool = True) -> dict:
     """Measure the model in ``model_dir`` and return the card's content (nothing written)."""
-    from pipeline.quality import resolve_features
-    from pipeline.reference import ReferenceConfig, load_or_train_reference
+    from pipeline.evaluate.quality import resolve_features
+    from pipeline.evaluate.reference import ReferenceConfig, load_or_train_reference
 
     model_dir = Path(model_dir)
     config = config or CardConfig()
@@ -234,10 +234,10 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
     args = training_arguments(training)
     dev = resolve_device(device or "auto")
     if dataset is None:
-        from pipeline.datasets import load_dataset
+        from pipeline.data.datasets import load_dataset
 
         dataset = load_dataset(args.dataset, args.root)
-    from pipeline.splits import make_split
+    from pipeline.data.splits import make_split
 
     split = make_split(dataset.train_labels, args.labels_per_class, args.split_seed,
                        dataset.num_classes)
@@ -421,7 +421,7 @@ images = pipe(batch_size=16, num_inference_steps=1000).images  # 32x32, the data
 ```
 
 Images live in [-1, 1] at 32x32; 28x28 Fashion-MNIST was padded with its black background, so
-crop the centre 28x28 to get images on the data's grid (`pipeline.images.from_model_space`).
+crop the centre 28x28 to get images on the data's grid (`pipeline.data.images.from_model_space`).
 
 ## How it was made
 
@@ -461,7 +461,7 @@ coverage):
 - It has seen only Fashion-MNIST's training images (no labels); it knows nothing of other
   domains until adapters are tuned, and it is not meant as a general image generator.
 - The figures depend on the feature space, the judge and the sample size stated above;
-  compare them only with figures measured the same way (`python -m pipeline.model_card`).
+  compare them only with figures measured the same way (`python -m pipeline.evaluate.model_card`).
 """
 
 
@@ -524,7 +524,7 @@ def _finite(obj):
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.model_card", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate.model_card", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", help="directory written by `augment pretrain`")
     defaults = CardConfig()

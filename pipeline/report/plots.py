@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline.report_data import ArmResult
+from pipeline.report.data import ArmResult
 
 ARM_COLORS = {"supervised": "#7f7f7f", "baseline": "#1f77b4", "augmented": "#d62728",
               "control": "#9467bd"}

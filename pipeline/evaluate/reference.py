@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write as _atomic
-from pipeline.datasets import ImageDataset
-from pipeline.images import to_model_space
+from pipeline.data.datasets import ImageDataset
+from pipeline.data.images import to_model_space
 
 CACHE_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -253,7 +253,7 @@ def load_reference(directory: str | Path, device: torch.device | str | None = No
     if not info_path.exists() or not model_path.exists():
         raise ReferenceError(f"no finished reference classifier in {directory} "
                              f"(need {INFO_FILE} and {MODEL_FILE}); train it with "
-                             "pipeline.reference.load_or_train_reference(dataset, cache_dir)")
+                             "pipeline.evaluate.reference.load_or_train_reference(dataset, cache_dir)")
     info = json.loads(info_path.read_text())
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = ReferenceCNN(info["in_channels"], info["num_classes"], info["config"]["width"],

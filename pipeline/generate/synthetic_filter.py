@@ -7,7 +7,7 @@ Two tests, each optional (``filter:`` in the config), applied by the shards stag
   rows teach the classifier wrong labels. Each sample is scored by its margin: its mean
   similarity to the labeled images of its own label minus the best such mean over the other
   classes, in the condition encoder's pooled-token space (the same test that picks unlabeled
-  neighbours, ``pipeline.neighbors``). Samples with a margin at or below ``filter.margin``
+  neighbours, ``pipeline.generate.neighbors``). Samples with a margin at or below ``filter.margin``
   are dropped.
 * copies (``filter.copy_quantile``): a sample closer in pixels to a labeled image than all
   but that share of the real unlabeled images near that image's class are is a near-copy
@@ -21,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.images import to_model_space
-from pipeline.neighbors import class_similarity, neighbor_pool, pooled_features
-from pipeline.quality import nearest_pool_image
+from pipeline.data.images import to_model_space
+from pipeline.evaluate.quality import nearest_pool_image
+from pipeline.generate.neighbors import class_similarity, neighbor_pool, pooled_features
 
 
 def prototype_margin(labeled_feats: torch.Tensor, labeled_labels: torch.Tensor,

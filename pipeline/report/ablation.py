@@ -4,7 +4,7 @@ The varied parameters are found by comparing the runs' ``config.json`` (flattene
 keys, leaving out where and how runs ran), or named with ``vary=``. One table (HTML, Markdown
 and CSV) with a row per run, plus plots of error per arm, the augmented-minus-baseline (and
 augmented-minus-control) difference and the synthetic-quality figures against the varied
-parameter. Differences carry n paired seeds, 95% CI and p (``pipeline.paired``; none below 3
+parameter. Differences carry n paired seeds, 95% CI and p (``pipeline.evaluate.paired``; none below 3
 pairs), and ``budget_short`` marks runs whose SSL baseline did not beat supervised training.
 """
 
@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import report_plots as plots
 from pipeline.atomic import atomic_write_text
-from pipeline.paired import MIN_REPETITIONS
-from pipeline.report_data import ARM_ORDER, RunData, budget_short, load_run, paired_columns
-from pipeline.report_render import md_table, render
+from pipeline.evaluate.paired import MIN_REPETITIONS
+from pipeline.report import plots
+from pipeline.report.data import ARM_ORDER, RunData, budget_short, load_run, paired_columns
+from pipeline.report.render import md_table, render
 
 # Fields that say where/how a run ran or identify it, never what it computed.
 IGNORED_KEYS = {"config_hash", "preset", "runs_dir", "progress", "device", "require_gpu",

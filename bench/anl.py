@@ -1,7 +1,9 @@
 """Benchmark anl_core on whatever device is present; prints ratios measured in this one run.
 
 1. Masked sampling images/s against the ceiling of a plain U-Net forward loop with the same
-   batch and steps (guidance counted as two forwards, i.e. the loop runs at the doubled batch).
+   batch and steps (guidance counted as two forwards, i.e. the loop runs at the doubled batch;
+   compiled, with CUDA graphs on CUDA, when --compile), and against diffusers' DDIMPipeline on
+   the bare U-Net (fp16 on CUDA) at the same batch and steps (issue 21: aim >= 2x at w=1).
 2. Adapter-only tuning vs full fine-tuning: steps/s and peak memory (CUDA) for the same loop.
 
     python -m bench.anl                      # auto: DDPM-CIFAR10 U-Net on CUDA, small on CPU
@@ -72,7 +74,8 @@ def timed(fn, device: torch.device, repeats: int = 2) -> float:
 def forward_ceiling(unet: UNet2DModel, batch: int, steps: int, device: torch.device,
                     compile: bool) -> float:
     """Images/s of ``steps`` plain U-Net forwards at ``batch`` (no scheduler, no adapter)."""
-    net = torch.compile(unet) if compile and device.type == "cuda" else unet
+    net = torch.compile(unet, dynamic=False, mode="reduce-overhead" if device.type == "cuda"
+                        else None) if compile else unet
     cfg = unet.config
     x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
     if device.type == "cuda":
@@ -88,6 +91,28 @@ def forward_ceiling(unet: UNet2DModel, batch: int, steps: int, device: torch.dev
     return timed(loop, device)
 
 
+def ddim_pipeline_rate(unet: UNet2DModel, scheduler, batch: int, steps: int,
+                       device: torch.device) -> float:
+    """Images/s of diffusers' DDIMPipeline on the bare U-Net (a copy in fp16 on CUDA)."""
+    import copy
+
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    bare = copy.deepcopy(unet)
+    for m in bare.modules():  # the copy drops the adapter's hooks: the bare base model
+        m._forward_hooks.clear()
+    if device.type == "cuda":
+        bare = bare.half()
+    pipe = DDIMPipeline(unet=bare, scheduler=DDIMScheduler.from_config(scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def run():
+        pipe(batch_size=batch, num_inference_steps=steps, output_type="np")
+
+    return batch / timed(run, device)
+
+
 def bench_sampling(model, scheduler, tokens, args, device) -> list[tuple[str, float, float]]:
     rows = []
     b, steps = args.batch, args.steps
@@ -101,6 +126,7 @@ def bench_sampling(model, scheduler, tokens, args, device) -> list[tuple[str, fl
                           num_inference_steps=steps, seed=0, batch_size=b, progress=False,
                           compile=args.compile)
 
+        run()  # compiles (when --compile) outside the timing
         sample_s = timed(run, device)
         ceiling_s = forward_ceiling(model.unet, 2 * b if doubled else b, steps, device,
                                     args.compile)
@@ -140,7 +166,9 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=None)
-    parser.add_argument("--compile", action="store_true", help="torch.compile (CUDA only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the sampling step and the ceiling loop (CUDA "
+                             "graphs on CUDA); compile time is not timed")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -162,16 +190,21 @@ def main(argv=None) -> None:
         torch.nn.init.normal_(p, std=0.02)
     counts = model.param_counts()
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), "
-          f"size {args.size}, torch {torch.__version__}, compile {args.compile and cuda}")
+          f"size {args.size}, torch {torch.__version__}, compile {args.compile}")
     print(f"params: base {counts['base'] / 1e6:.2f}M, adapter (trainable) "
           f"{counts['trainable'] / 1e6:.2f}M = {counts['trainable'] / counts['total']:.1%} "
           "of all parameters")
 
     tokens = torch.randn(max(1, args.batch // 4), num_tokens, token_dim, device=device)
-    print(f"\nmasked sampling, batch {args.batch}, {args.steps} DDIM steps")
-    print(f"{'guidance':<22}{'img/s':>10}{'ceiling img/s':>16}{'ratio':>8}")
+    print(f"\nmasked sampling, batch {args.batch}, {args.steps} DDIM steps, compile "
+          f"{args.compile}")
+    pipe_rate = ddim_pipeline_rate(model.unet, scheduler,
+                                   args.batch, args.steps, device)
+    print(f"{'guidance':<22}{'img/s':>10}{'ceiling img/s':>16}{'vs ceiling':>12}"
+          f"{'DDIMPipeline img/s':>20}{'vs pipeline':>13}")
     for label, got, ceiling in bench_sampling(model, scheduler, tokens, args, device):
-        print(f"{label:<22}{got:>10.1f}{ceiling:>16.1f}{got / ceiling:>8.2f}")
+        print(f"{label:<22}{got:>10.1f}{ceiling:>16.1f}{got / ceiling:>12.2f}"
+              f"{pipe_rate:>20.1f}{got / pipe_rate:>13.2f}")
 
     size = unet_cfg["sample_size"]
     images = torch.randn(args.train_batch, unet_cfg["in_channels"], size, size, device=device)

@@ -7,6 +7,11 @@ Per-class tuning and sampling run in a subflow whose task runner the config choo
 threads on this machine (``task_runner: default``), or Prefect's Dask task runner
 (``task_runner: dask``) against ``dask_address`` or a local cluster of ``dask_n_workers``
 processes. Sampling of a class starts as soon as its own adapter is tuned.
+
+The classifier units (arm x seed) are independent: ``arms_at_once`` of them train side by
+side, one process each, on a local Dask cluster (on one card they share it; with several
+cards each worker takes card ``worker number mod count``); with ``task_runner: dask`` they go
+to the Dask cluster like the per-class tasks.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import tasks
 from pipeline.config import AugmentConfig, with_overrides
 from pipeline.runs import clear_running
-from pipeline.stages import ROUND_TWO_ARMS, adapter_units
+from pipeline.stages import ROUND_TWO_ARMS, adapter_units, arms_at_once
 
 
 def make_task_runner(config: AugmentConfig):
@@ -38,6 +43,31 @@ def make_task_runner(config: AugmentConfig):
                                               "dashboard_address": ":0"})
     # One device: per-class tasks run one after another.
     return ThreadPoolTaskRunner(max_workers=1)
+
+
+def make_arm_runner(config: AugmentConfig, at_once: int):
+    """The task runner for the classifier units: ``at_once`` worker processes side by side."""
+    if config.task_runner == "dask":
+        return make_task_runner(config)
+    if at_once == 1:
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(cluster_kwargs={"n_workers": at_once, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": ":0"})
+
+
+@flow(name="augment-arms", log_prints=True)
+def train_arms(run_dir: str, config: AugmentConfig, units: list[tuple[str, int]]) -> list[str]:
+    """Train every (arm, seed) unit; each unit's result depends on its own seed only."""
+    futures = [tasks.ssl_arm.submit(run_dir, config, arm, seed) for arm, seed in units]
+    return [f.result() for f in futures]
+
+
+def run_arms(run_dir: str, config: AugmentConfig, arms) -> list[str]:
+    units = [(arm, seed) for arm in arms for seed in config.ssl.seeds]
+    runner = make_arm_runner(config, arms_at_once(Path(run_dir), config, units))
+    return train_arms.with_options(task_runner=runner)(run_dir, config, units)
 
 
 @flow(name="augment-classes", log_prints=True)
@@ -78,10 +108,7 @@ def augment(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None 
         tasks.sample(run_dir, config)
         tasks.shards(run_dir, config)
         tasks.quality(run_dir, config)
-        # One device: arms run one after another (each already fills it).
-        for arm in config.ssl.arms:
-            for seed in config.ssl.seeds:
-                tasks.ssl_arm(run_dir, config, arm, seed)
+        run_arms(run_dir, config, config.ssl.arms)
         tasks.ssl(run_dir, config)
         if config.loop.rounds == 2:
             second_round(run_dir, config, classes)
@@ -103,9 +130,7 @@ def second_round(run_dir: str, config: AugmentConfig, classes: list[int]) -> Non
     adapt_classes.with_options(task_runner=make_task_runner(config))(run_dir, config, classes, 2)
     for stage in (tasks.tune, tasks.sample, tasks.shards):
         stage(run_dir, config, loop_round=2)
-    for arm in ROUND_TWO_ARMS:
-        for seed in config.ssl.seeds:
-            tasks.ssl_arm(run_dir, config, arm, seed)
+    run_arms(run_dir, config, ROUND_TWO_ARMS)
     tasks.loop(run_dir, config)
 
 

@@ -62,9 +62,27 @@ loop = _stage_task("loop")  # after round 2's tasks: writes the loop record
 report = _stage_task("report")
 
 
+def use_worker_gpu() -> None:
+    """On a Dask worker of a machine with several GPUs, take GPU ``worker number mod count``
+    (LocalCluster names its workers 0, 1, ...), so n workers spread over the cards."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not on a Dask worker
+        return
+    index = int(name) if str(name).isdigit() else sum(map(ord, str(name)))
+    torch.cuda.set_device(index % torch.cuda.device_count())
+
+
 @task(name="tune-class", task_run_name="tune-{class_idx}-round{loop_round}", **_opts)
 def tune_class(run_dir: str, config: AugmentConfig, class_idx: int | None, loop_round: int = 1) -> str:
     """Tune one class's adapter; returns its directory."""
+    use_worker_gpu()
     with runs.stage_failure_recorded(Path(run_dir), "tune"):
         stages.run_tune_class(Path(run_dir), config, class_idx, loop_round)
     return str(stages.round_root(Path(run_dir), loop_round) / stages.adapter_rel(class_idx))
@@ -73,6 +91,7 @@ def tune_class(run_dir: str, config: AugmentConfig, class_idx: int | None, loop_
 @task(name="sample-class", task_run_name="sample-{class_idx}-round{loop_round}", **_opts)
 def sample_class(run_dir: str, config: AugmentConfig, class_idx: int, loop_round: int = 1) -> str:
     """Masked sampling for one class; returns its sample directory."""
+    use_worker_gpu()
     with runs.stage_failure_recorded(Path(run_dir), "sample"):
         stages.run_sample_class(Path(run_dir), config, class_idx, loop_round)
     return str(stages.round_root(Path(run_dir), loop_round) / stages.sample_rel(class_idx))
@@ -80,6 +99,8 @@ def sample_class(run_dir: str, config: AugmentConfig, class_idx: int, loop_round
 
 @task(name="ssl-arm", task_run_name="ssl-{arm}-seed{seed}", **_opts)
 def ssl_arm(run_dir: str, config: AugmentConfig, arm: str, seed: int) -> str:
+    """Train one classifier unit (``ssl/<arm>/seed-<s>``); returns its directory."""
+    use_worker_gpu()
     with runs.stage_failure_recorded(Path(run_dir), "ssl"):
         stages.run_ssl_arm(Path(run_dir), config, arm, seed)
     return str(Path(run_dir) / stages.ssl_rel(arm, seed))

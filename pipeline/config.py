@@ -284,7 +284,7 @@ class LoopSection(_Section):
 
 # Fields that say where and how work runs, not what it computes: left out of every hash.
 RUNTIME_FIELDS = frozenset({"preset", "runs_dir", "task_runner", "dask_address", "dask_n_workers",
-                            "progress", "device", "require_gpu"})
+                            "progress", "device", "require_gpu", "arms_at_once"})
 
 
 class AugmentConfig(_Section):
@@ -315,6 +315,9 @@ class AugmentConfig(_Section):
     task_runner: Literal["default", "dask"] = "default"
     dask_address: str | None = None
     dask_n_workers: int = Field(2, ge=1)
+    # Classifier units (arm x seed) trained side by side, one process each: a number, or
+    # "auto" = as many as fit the card by one unit's measured peak memory (one on the CPU).
+    arms_at_once: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     runs_dir: str = "runs"
     progress: bool = True
 

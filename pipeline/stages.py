@@ -772,6 +772,29 @@ def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:
                                                    "seeds": list(config.ssl.seeds)})
 
 
+def arms_at_once(run_dir: Path, config: AugmentConfig, units: list[tuple[str, int]]) -> int:
+    """How many of ``units`` (arm, seed) to train side by side (``config.arms_at_once``);
+    for ``"auto"`` on CUDA, one unit's peak memory is measured first (a few steps)."""
+    from pipeline.ssl.capacity import free_bytes_now, measure_arm_peak_bytes, units_at_once
+
+    device = config.resolved_device()
+    peak = free = None
+    if config.arms_at_once == "auto" and device == "cuda" and len(units) > 1:
+        from pipeline.ssl import SSLConfig
+
+        # An arm without extra rows: extra rows add k labeled rows per batch and a few
+        # thousand small images to the store, noise against the unlabeled batch's share.
+        arm = next((a for a, _ in units if a in ("baseline", "supervised")), "baseline")
+        scfg = SSLConfig.from_dict({**config.ssl.trainer_fields(units[0][1]), "device": device})
+        peak = measure_arm_peak_bytes(arm, dataset_for(config), split_for(run_dir), scfg)
+        free = free_bytes_now()
+    n = units_at_once(config.arms_at_once, len(units), device, peak, free)
+    if peak is not None:
+        print(f"arms side by side: {n} (one unit peaks at {peak / 2**30:.2f} GiB, "
+              f"{free / 2**30:.1f} GiB free)")
+    return n
+
+
 # --------------------------------------------------------------------------- loop (round 2)
 
 PSEUDO_FILE = "pseudo.parquet"

@@ -111,3 +111,45 @@ def test_any_diffusers_scheduler_is_accepted(anl_tuned, spacing):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     # The guidance scale reaches the images: a stronger one moves them.
     assert (masked_sample(m, euler, tok[:1], guidance=3.0, **kw) - out).abs().max() > 1e-2
+
+
+def _counting_backend():
+    """A torch.compile backend that counts the graphs it is given (one per compile)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    built = []
+
+    def counting_backend(gm, example_inputs):
+        built.append(gm)
+        return gm.forward  # run the captured graph as is (aot_eager-like, no codegen)
+
+    return built, counting_backend
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_compiled_sampling_matches_eager_and_compiles_once(anl_tuned, guidance):
+    """The compiled step: the same images as eager (a padded last batch included), one
+    graph for every later call on the model, however many conditions a call has."""
+    m, s, tok = copy.deepcopy(anl_tuned["model"]), anl_tuned["scheduler"], anl_tuned["tokens"]
+    kw = {"num_per_condition": 3, "mask_ratio": 0.5, "guidance": guidance,
+          "num_inference_steps": 4, "seed": 4, "batch_size": 4, "progress": False}
+    built, backend = _counting_backend()
+    eager = masked_sample(m, s, tok[:3], **kw)  # 9 images: batches of 4, 4 and a padded 1
+    compiled = masked_sample(m, s, tok[:3], compile=backend, **kw)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert len(built) == 1
+    alone = masked_sample(m, s, tok[1:2], condition_ids=[1], compile=backend, **kw)
+    torch.testing.assert_close(alone, eager[3:6], atol=1e-5, rtol=1e-5)
+    assert len(built) == 1  # no recompile for a call with another number of conditions
+
+
+@pytest.mark.slow
+def test_inductor_compiled_sampling_matches_eager(anl_tuned):
+    """The real compiler the GPU runs use (inductor; about a minute to compile on 2 cores)."""
+    m, s, tok = copy.deepcopy(anl_tuned["model"]), anl_tuned["scheduler"], anl_tuned["tokens"]
+    kw = {"num_per_condition": 3, "mask_ratio": 0.5, "guidance": 2.0,
+          "num_inference_steps": 4, "seed": 4, "batch_size": 4, "progress": False}
+    eager = masked_sample(m, s, tok[:3], **kw)
+    torch.testing.assert_close(masked_sample(m, s, tok[:3], compile=True, **kw), eager,
+                               atol=1e-4, rtol=1e-4)

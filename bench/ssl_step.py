@@ -1,9 +1,12 @@
 """Throughput of the FixMatch step (WRN-28-2, USB batch shape) and where its time goes.
 
 Measures, in one run on one device:
-  full     sample + augment + forward/backward/SGD/EMA, steps/s
-  data     sampling + weak/strong augmentation + layout only, ms/step
-  model    the training step on a fixed batch only, ms/step
+  pipelined the trainer's loop: batch k+1 produced (on a side CUDA stream) while step k runs
+  serial    sample + augment, then forward/backward/SGD/EMA, steps/s
+  data      sampling + weak/strong augmentation + layout only, ms/step, with the grouped
+            augmentation (each op on the images that drew it) and the dense one
+  model     the training step on a fixed batch only: the ceiling (issue 21: pipelined
+            >= 0.92 of it)
 and, for the feeding side, a USB-like CPU loader: torchvision PIL transforms per image
 (crop+flip, RandAugment(3) and RandomErasing as Cutout) in this one process.
 
@@ -14,14 +17,17 @@ and, for the feeding side, a USB-like CPU loader: torchvision PIL transforms per
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import pipeline.ssl.trainer as trainer_module
 from pipeline.ssl import SSLConfig
 from pipeline.ssl.algorithms import FixMatch
+from pipeline.ssl.augment import strong_augment
 from pipeline.ssl.nets import build_net
 from pipeline.ssl.trainer import TrainData, Trainer
 
@@ -70,7 +76,12 @@ def main() -> None:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--tiny", action="store_true",
+                   help="toy sizes (cnn-tiny, batch 4, mu 2, 3 steps, 2k-image pool): tests this "
+                        "script in seconds; its figures mean nothing")
     args = p.parse_args()
+    if args.tiny:
+        args.net, args.batch_size, args.mu, args.steps = "cnn-tiny", 4, 2, args.steps or 3
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -82,14 +93,15 @@ def main() -> None:
                     compile=args.compile)
     # CIFAR-10-sized pool of random pixels: the cost of every op does not depend on content.
     rng = np.random.default_rng(0)
-    pool = rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8)
+    n_pool = 2_000 if args.tiny else 50_000
+    pool = rng.integers(0, 256, (n_pool, 32, 32, 3), dtype=np.uint8)
     store = torch.from_numpy(pool).to(device)
-    labels = torch.from_numpy(rng.integers(0, 10, 50_000)).to(device)
+    labels = torch.from_numpy(rng.integers(0, 10, n_pool)).to(device)
     test = store[:1000]
-    data = TrainData(store=store, labels=labels, weights=torch.ones(50_000, device=device),
+    data = TrainData(store=store, labels=labels, weights=torch.ones(n_pool, device=device),
                      labeled_real=torch.arange(250, device=device),
                      labeled_synth=torch.zeros(0, dtype=torch.int64, device=device),
-                     unlabeled=torch.arange(50_000, device=device), test_images=test,
+                     unlabeled=torch.arange(n_pool, device=device), test_images=test,
                      test_labels=labels[:1000], curve_images=test, curve_labels=labels[:1000],
                      num_classes=10)
     net = build_net(args.net, 10, (32, 32, 3), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=0)
@@ -99,15 +111,36 @@ def main() -> None:
     def full() -> None:
         trainer.train_step(trainer.sample_batch())
 
+    def pipelined(n: int) -> float:
+        """Trainer.fit's order of work, without its bookkeeping: seconds per step."""
+        sync(device)
+        t = time.perf_counter()
+        pending = trainer._produce()
+        for _ in range(n):
+            batch = trainer._ready(pending)
+            trainer.train_step(batch)
+            pending = trainer._produce()
+        sync(device)
+        return (time.perf_counter() - t) / n
+
     warm = 20 if cuda else 2
     for _ in range(warm):
         full()
+    pipelined(warm)
     batch = trainer.sample_batch()
+    t_pipe = pipelined(steps)
     t_full = timed(full, steps, device)
     t_data = timed(trainer.sample_batch, steps, device)
     t_model = timed(lambda: trainer.train_step(batch), steps, device)
+    dense = functools.partial(strong_augment, grouped=False)
+    trainer_module.strong_augment, grouped_fn = dense, trainer_module.strong_augment
+    try:
+        timed(trainer.sample_batch, warm, device)
+        t_data_dense = timed(trainer.sample_batch, steps, device)
+    finally:
+        trainer_module.strong_augment = grouped_fn
     n_img = bs * (1 + 2 * args.mu)
-    pil_rate = pil_loader_rate(pool, 512 if cuda else 128)
+    pil_rate = pil_loader_rate(pool, 512 if cuda else (16 if args.tiny else 128))
 
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
           + f", torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -116,10 +149,17 @@ def main() -> None:
           f"images/step ({shape}); amp={trainer.amp} channels_last={trainer.channels_last} "
           f"compile={cfg.compile and cuda}")
     print(f"{'what':<44}{'ms/step':>10}{'steps/s':>10}")
-    print(f"{'full step (sample+augment+train)':<44}{t_full * 1e3:>10.2f}{1 / t_full:>10.2f}")
-    print(f"{'  data: sample + augment + layout':<44}{t_data * 1e3:>10.2f}{1 / t_data:>10.2f}")
+    print(f"{'pipelined step (the trainer loop)':<44}{t_pipe * 1e3:>10.2f}{1 / t_pipe:>10.2f}")
+    print(f"{'serial step (sample+augment, then train)':<44}{t_full * 1e3:>10.2f}"
+          f"{1 / t_full:>10.2f}")
+    print(f"{'  data: sample + augment (grouped ops)':<44}{t_data * 1e3:>10.2f}{1 / t_data:>10.2f}")
+    print(f"{'  data: sample + augment (dense ops)':<44}{t_data_dense * 1e3:>10.2f}"
+          f"{1 / t_data_dense:>10.2f}")
     print(f"{'  model: fwd/bwd/SGD/EMA on a fixed batch':<44}{t_model * 1e3:>10.2f}"
           f"{1 / t_model:>10.2f}")
+    print(f"pipelined / model-only ceiling: {t_model / t_pipe:.3f} (issue 21 aim >= 0.92); "
+          f"pipelined / serial: {t_full / t_pipe:.2f}x; grouped / dense augmentation: "
+          f"{t_data_dense / t_data:.2f}x faster")
     share = t_data / (t_data + t_model)
     print(f"share of step time in augmentation + data movement: {share:.1%} "
           f"(data / (data + model), measured separately)")

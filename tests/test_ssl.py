@@ -101,8 +101,8 @@ def test_strong_augment_per_image_deterministic_and_in_range():
     c = aug.strong_augment(x, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
-    # Dense (GPU) and per-op-subset (CPU) batching give the same images.
-    dense = aug.strong_augment(x, torch.Generator().manual_seed(5), subsets=False)
+    # Dense and grouped batching give the same images.
+    dense = aug.strong_augment(x, torch.Generator().manual_seed(5), grouped=False)
     assert torch.allclose(dense, a, atol=1e-6)
     # Identity round is exact; each op, drawn by the whole batch, changes the images.
     assert torch.equal(aug._apply_round(x, torch.zeros(64, dtype=torch.long), torch.rand(64)), x)
@@ -367,3 +367,51 @@ def test_resume_after_interrupt_gives_identical_weights(ssl_fm_subset, tmp_path)
     pd.testing.assert_frame_equal(
         pd.read_parquet(tmp_path / "straight" / CURVE).drop(columns=drop),
         pd.read_parquet(tmp_path / "resumed" / CURVE).drop(columns=drop))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grouped_augmentation_equals_dense_and_runs_each_op_on_its_images_only(channels,
+                                                                                monkeypatch):
+    """Grouped RandAugment (each op on the images that drew it) gives the dense result for
+    several seeds; an op gets exactly the images that drew it, and an op nobody drew never
+    runs."""
+    x = torch.rand(48, channels, 16, 16)
+    for seed in range(4):
+        grouped = aug.strong_augment(x, torch.Generator().manual_seed(seed))
+        dense = aug.strong_augment(x, torch.Generator().manual_seed(seed), grouped=False)
+        torch.testing.assert_close(grouped, dense, atol=1e-6, rtol=0)
+
+    seen = {}
+    for name, fn in list(aug._PHOTOMETRIC.items()):
+        def counted(xs, ms, name=name, fn=fn):
+            seen[name] = seen.get(name, 0) + len(xs)
+            return fn(xs, ms)
+        monkeypatch.setitem(aug._PHOTOMETRIC, name, counted)
+    op = torch.tensor([aug._OP_ID[n] for n in ("brightness", "brightness", "rotate", "identity",
+                                                "solarize", "shear_x")])
+    aug._apply_round(torch.rand(6, channels, 8, 8), op, torch.rand(6))
+    assert seen == {"brightness": 2, "solarize": 1}
+
+
+def test_producing_the_next_batch_ahead_changes_no_draw(ssl_fm_subset, tmp_path):
+    """fit() produces batch k+1 before step k is done; its weights equal those of a plain
+    loop that draws each batch right before its step, and a checkpoint taken mid-run holds
+    the generators' state from before the batch produced ahead."""
+    split = make_split(ssl_fm_subset.train_labels, 4, seed=0)
+    cfg = tiny_config(steps=6, batch_size=8, mu=2, eval_every=6, checkpoint_every=6)
+    ahead = _trainer(ssl_fm_subset, split, cfg, None, tmp_path / "a.pt")
+    ahead.fit()
+    plain = _trainer(ssl_fm_subset, split, cfg, None, tmp_path / "b.pt")
+    states = []
+    for _ in range(cfg.steps):
+        states.append(plain.generator.get_state())
+        plain.train_step(plain.sample_batch())
+    for name, tensor in ahead.model.state_dict().items():
+        assert torch.equal(tensor, plain.model.state_dict()[name]), name
+
+    seen = []
+    mid = _trainer(ssl_fm_subset, split, cfg, None, tmp_path / "c.pt")
+    with pytest.raises(StopIteration):
+        mid.fit(on_step=lambda step: (seen.append(mid.state_dict()["generator"]),
+                                      step == 3 and next(iter(()))))
+    assert torch.equal(seen[0], states[1]) and torch.equal(seen[2], states[3])

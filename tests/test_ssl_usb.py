@@ -312,7 +312,7 @@ def test_cutout_is_usbs_square_and_colour(monkeypatch):
 def test_strong_augment_still_seeded_and_batched():
     x = torch.rand(32, 3, 16, 16)
     a = aug.strong_augment(x, torch.Generator().manual_seed(3))
-    b = aug.strong_augment(x, torch.Generator().manual_seed(3), subsets=False)
+    b = aug.strong_augment(x, torch.Generator().manual_seed(3), grouped=False)
     assert torch.equal(a, b)  # integer pixel maps: dense and per-op batching agree exactly
     assert a.min() >= 0 and a.max() <= 1
 

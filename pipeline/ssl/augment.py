@@ -15,15 +15,19 @@ batch, so a batch of 448 unlabeled images would share their 3 ops, which is a we
 correlated augmentation than FixMatch's per-image one; and it draws from torch's global
 RNG, which would make exact resume depend on everything else that touches that RNG.
 
-What we do instead: every op is computed for the whole batch with per-image magnitudes
-and kept only where an image drew it (``torch.where``); an image that did not draw an op
-passes through unchanged. Compared with gathering the images that drew each op into
-sub-batches, this does ~14x more elementwise work per round, but the batch is tiny
-(448 x 3 x 32 x 32), so it costs microseconds on a GPU, and it needs no boolean
-indexing, hence no host-device sync and no shape-dependent kernels (torch.compile and
-CUDA graphs friendly). All five geometric ops of a round fold into one fixed-point affine
-map per image, so each round does a single gather. Equalize and sharpness are
-kornia's batched kernels (per-image factors); the PIL-style blends are a line each here.
+What we do instead: per-image ops and magnitudes, batched two ways (same images):
+
+* grouped (default): each round sorts the batch by the op each image drew and runs every
+  op once, on its own contiguous slice (all five geometric ops fold into one fixed-point
+  affine map per image, so they are one slice and one gather); an op no image drew costs
+  nothing. Knowing the slice sizes costs one host sync per round (three per batch), which
+  the trainer hides by producing batch k+1 while the card trains on batch k.
+* dense (``grouped=False``): every op on the whole batch, kept where drawn
+  (``torch.where``): ~14x the arithmetic, but no host sync and no data-dependent shapes
+  (torch.compile and CUDA graphs friendly).
+
+Equalize and sharpness are kornia's batched kernels (per-image factors); the PIL-style
+blends are a line each here.
 
 Known difference from USB: PIL rounds every op's output to uint8, we keep float values
 between ops (a blend's output is not snapped to the 8-bit grid before the next op).
@@ -228,35 +232,53 @@ def _warp(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
     return torch.where(inside.unsqueeze(1), out, torch.full_like(out, FILL))
 
 
-def _apply_round(x: torch.Tensor, op: torch.Tensor, u: torch.Tensor,
-                 subsets: bool = False) -> torch.Tensor:
-    """One RandAugment round: image i gets op[i] with magnitude drawn from u[i] in [0, 1).
+# Groups a round runs separately: identity (nothing to do), each photometric op, and all
+# geometric ops together (one warp). _GROUP_OF[op id] is the op's group.
+_GROUPS = ("identity", *_PHOTOMETRIC, "geometric")
+_GROUP_OF = tuple(_GROUPS.index("geometric" if name in _GEOMETRIC else name) for name in OPS)
 
-    ``subsets=False`` (GPU default) computes each op on the whole batch and keeps it where
-    drawn; ``subsets=True`` (CPU default) gathers the images that drew each op, which
-    does 1/14 of the arithmetic at the price of a host sync per op. Same result.
-    """
-    b = x.shape[0]
+
+def _magnitudes(op: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     mag = torch.zeros_like(u)
     for name, (lo, hi) in _RANGES.items():
         mag = torch.where(op == _OP_ID[name], lo + (hi - lo) * u, mag)
-    groups = [(name, op == _OP_ID[name], fn) for name, fn in _PHOTOMETRIC.items()]
-    geometric = torch.zeros_like(op, dtype=torch.bool)
-    for name in _GEOMETRIC:
-        geometric |= op == _OP_ID[name]
-    groups.append(("geometric", geometric, lambda xs, ms, ops: _warp(xs, ops, ms)))
-    if subsets:
-        x = x.clone()  # written in place below; the caller's tensor stays untouched
-    for name, chosen, fn in groups:
-        call = (lambda xs, ms, ops, fn=fn: fn(xs, ms, ops)) if name == "geometric" else \
-            (lambda xs, ms, ops, fn=fn: fn(xs, ms))
-        if subsets:
-            i = chosen.nonzero().squeeze(1)
-            if i.numel():
-                x.index_copy_(0, i, call(x[i], mag[i], op[i]))
-        else:
-            x = torch.where(chosen.view(b, 1, 1, 1), call(x, mag, op), x)
-    return x
+    return mag
+
+
+def _run_group(group: str, x: torch.Tensor, mag: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+    if group == "identity":
+        return x
+    if group == "geometric":
+        return _warp(x, op, mag)
+    return _PHOTOMETRIC[group](x, mag)
+
+
+def _apply_round(x: torch.Tensor, op: torch.Tensor, u: torch.Tensor,
+                 grouped: bool = True) -> torch.Tensor:
+    """One RandAugment round: image i gets op[i] with magnitude drawn from u[i] in [0, 1).
+
+    ``grouped`` runs each op on the images that drew it only; ``grouped=False`` runs each
+    op on the whole batch and keeps it where drawn (module doc). Same result.
+    """
+    b = x.shape[0]
+    mag = _magnitudes(op, u)
+    group = torch.tensor(_GROUP_OF, device=op.device)[op]
+    if not grouped:
+        for gid, name in enumerate(_GROUPS[1:], start=1):
+            x = torch.where((group == gid).view(b, 1, 1, 1), _run_group(name, x, mag, op), x)
+        return x
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=len(_GROUPS)).tolist()  # the round's host sync
+    xs, ms, ops = x[order], mag[order], op[order]
+    parts, start = [], 0
+    for name, n in zip(_GROUPS, counts, strict=True):
+        if n:
+            sl = slice(start, start + n)
+            parts.append(_run_group(name, xs[sl], ms[sl], ops[sl]))
+        start += n
+    out = torch.empty_like(x)
+    out[order] = torch.cat(parts)
+    return out
 
 
 def cutout(x: torch.Tensor, gen: torch.Generator, max_frac: float = 0.5) -> torch.Tensor:
@@ -296,15 +318,14 @@ def cutout(x: torch.Tensor, gen: torch.Generator, max_frac: float = 0.5) -> torc
 
 
 def strong_augment(x: torch.Tensor, gen: torch.Generator, num_ops: int = 3,
-                   cutout_frac: float = 0.5, subsets: bool | None = None) -> torch.Tensor:
+                   cutout_frac: float = 0.5, grouped: bool = True) -> torch.Tensor:
     """RandAugment(num_ops) with per-image ops and magnitudes, then Cutout. x: float [0,1].
 
-    ``subsets`` picks the op batching (see _apply_round); None: subsets on CPU only.
+    ``grouped`` picks the op batching (module doc); the random draws are the same either way.
     """
     b, dev = x.shape[0], x.device
-    subsets = dev.type == "cpu" if subsets is None else subsets
     for _ in range(num_ops):
         op = torch.randint(0, len(OPS), (b,), generator=gen, device=dev)
         u = torch.rand(b, generator=gen, device=dev)
-        x = _apply_round(x, op, u, subsets=subsets)
+        x = _apply_round(x, op, u, grouped=grouped)
     return cutout(x, gen, cutout_frac) if cutout_frac > 0 else x

@@ -8,11 +8,19 @@ augmented from a second generator, so the main stream, and with it every real ro
 sees, is the baseline's: with no extra rows an arm reproduces the baseline bit for bit. The checkpoint holds that generator's state together with the
 model, EMA, optimiser, LR schedule, algorithm state and the learning curve so far, so
 a resumed run continues the very same stream (bit-exact on CPU).
+
+Batch k+1 (index draws, weak and strong augmentation, layout) is produced while the model
+trains on batch k: on CUDA on a side stream, after step k's kernels are queued, so the
+augmentation's host syncs and kernels overlap the step; on the CPU the same order of calls.
+The generators are only ever used for batches, so producing ahead changes no draw; a
+checkpoint saves their state from *before* the produced-but-unused batch, which a resumed
+run therefore draws again.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -129,6 +137,9 @@ class Trainer:
         self._buffers = list(self.model.buffers())
         self._synth_probs = class_balanced_probs(self.data.labels[self.data.labeled_synth]) \
             if config.synthetic_class_balance and len(self.data.labeled_synth) else None
+        # Batches are produced on this stream (CUDA) one step ahead; see the module doc.
+        self._side = torch.cuda.Stream(device) if cuda else None
+        self._states_before_pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------- batches
 
@@ -172,6 +183,27 @@ class Trainer:
                     setattr(batch, name, x.contiguous(memory_format=torch.channels_last))
         return batch
 
+    def _produce(self) -> Batch:
+        """Start the next batch (on the side stream on CUDA), remembering the generators'
+        state before it for checkpoints."""
+        self._states_before_pending = (self.generator.get_state(),
+                                       self.extra_generator.get_state())
+        if self._side is None:
+            return self.sample_batch()
+        with torch.cuda.stream(self._side):
+            return self.sample_batch()
+
+    def _ready(self, batch: Batch) -> Batch:
+        """Make the main stream wait for ``batch`` and own its memory from here on."""
+        if self._side is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self._side)
+            for f in dataclasses.fields(batch):
+                t = getattr(batch, f.name)
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(main)
+        return batch
+
     # ------------------------------------------------------------------- one step
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -209,12 +241,14 @@ class Trainer:
     # ------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
+        # Before a batch produced ahead but not trained on: a resumed run draws it again.
+        generator, extra = self._states_before_pending or (self.generator.get_state(),
+                                                           self.extra_generator.get_state())
         return {
             "fingerprint": self.fingerprint, "step": self.step,
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(),
-            "extra_generator": self.extra_generator.get_state(),
+            "generator": generator, "extra_generator": extra,
             "algorithm": self.algorithm.state_dict(),
             "curve": list(self.curve), "train_time_s": self.train_time_s,
             "wall_time_s": self.wall_time_s, "config": self.config.to_dict(),
@@ -260,9 +294,16 @@ class Trainer:
                    desc=f"{self.algorithm.name}", unit="step", dynamic_ncols=True)
         session_start = time.perf_counter()
         mark = time.perf_counter()
+        if self._side is not None:  # the data store and the model were put there on main
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+        pending = self._produce() if self.step < cfg.steps else None
         try:
-            while self.step < cfg.steps:
-                terms = self.train_step(self.sample_batch())
+            while pending is not None:
+                batch = self._ready(pending)
+                terms = self.train_step(batch)  # queued on the card; produce the next meanwhile
+                pending = self._produce() if self.step + 1 < cfg.steps else None
+                if pending is None:
+                    self._states_before_pending = None
                 self.step += 1
                 self._count += 1
                 for k, v in terms.items():

@@ -66,7 +66,10 @@ from bench.common import (
     markdown_table,
 )
 from pipeline.atomic import atomic_write_json
+from pipeline.generate.encode import unlabeled_neighbors
+from pipeline.generate.tune import tune_class_adapter
 from pipeline.runs import read_json
+from pipeline.stage_inputs import load_base
 
 TOKEN_SETS = ("patch", "pooled", "both")
 SCOPES = ("per-class", "shared")
@@ -105,8 +108,7 @@ class Sweep:
         from pipeline.evaluate.quality import encoder_features, mean_pairwise_distance, nearest_rmse
         from pipeline.evaluate.reference import ReferenceConfig, load_or_train_reference
         from pipeline.generate.synthetic_filter import build_filter
-        from pipeline.stages import dataset_for, unlabeled_neighbors
-
+        from pipeline.stages import dataset_for
         self.config, self.args = config, args
         self.device = config.resolved_device()
         self.progress = config.progress
@@ -151,7 +153,6 @@ class Sweep:
     # ----------------------------------------------------------------- tuning (the stage's own)
 
     def load_base(self):
-        from pipeline.stages import load_base
 
         # run_dir is only read when the config pretrains its own base, which a bench does not.
         if self.config.pretrains_base:
@@ -159,10 +160,9 @@ class Sweep:
         return load_base(Path("."), self.config, self.device)
 
     def tune(self, scope: str, kind: str, steps: int, unet, scheduler) -> dict:
-        """{class or None: tuned ANLUNet}: ``stages.tune_class_adapter``, as the tune stage."""
+        """{class or None: tuned ANLUNet}: ``tune_class_adapter``, as the tune stage."""
         from pipeline.data.images import to_model_space
         from pipeline.generate.neighbors import tuning_pairs
-        from pipeline.stages import tune_class_adapter
 
         cfg = self.config
         labels = torch.as_tensor(self.split.labeled_labels)

@@ -11,7 +11,10 @@
 #            one process each on the card; issue 17's second round (augmented-r2, selftrain)
 #            after each baseline; the paired table (bench/ssl_gain.py) at the end
 #            issue 19's generative transfer (bench/transfer.py) on both bases, if time is left
-#   phase C  if time is left: the issue-3/4 speed benches, alone on the card
+#   phase C  if time is left: the speed benches, alone on the card (issues 3/4 and 21: the
+#            FixMatch step pipelined vs the model-only ceiling, grouped vs dense augmentation;
+#            4 classifier units side by side vs 1; masked sampling eager and compiled vs
+#            DDIMPipeline fp16 and the compiled forward ceiling)
 #
 # The GPU machine has torch but not our other dependencies and no internet: the call carries
 # wheels (.whl) and Fashion-MNIST (.fmnist, xz), made here by `bash bench/gpu_prepare.sh`,
@@ -19,7 +22,7 @@
 #   run(command="bash bench/gpu_all.sh", carry=[".whl", ".fmnist"], timeout_s=600)
 # Knobs (environment): LIMIT (seconds, default 545), LARGE_S (6.8M pretraining budget, 200),
 # SSL_STEPS (4096), LOOP_K (round-2 pseudo-labels per class, 50), SKIP_SMALL=1 (do not retrain
-# the 1.1M model).
+# the 1.1M model), ONLY_SPEED=1 (skip phases A and B: issue 21's figures in one short call).
 # TINY=1 runs the same steps at toy sizes on CPU (PY=.venv/bin/python), to test this script
 # before spending GPU time. Results: $OUT/summary.txt, $OUT/results.tar.gz (logs, sweep cells,
 # sample grids, arm metrics; refreshed every 20 s), $OUT/base_*.tar (the new base models).
@@ -117,6 +120,7 @@ bg() {  # bg NAME COMMAND...: run in the background, time-boxed, log to $W/logs/
 }
 finished() { tail -n 1 "$W/logs/$1.log"; }
 
+if [ "${ONLY_SPEED:-0}" != 1 ]; then
 # --- phase A ---
 say "phase A: pretrain x2, reference classifier"
 bg pretrain_large "$PY" -m pipeline.generate.pretrain --out "$W/base_large" --no-progress "${LARGE[@]}"
@@ -192,21 +196,32 @@ if [ "$(left)" -gt 60 ]; then
   done
   wait "$LAST"; say "transfer: $(finished transfer_large) $(finished transfer_small)"
 fi
+fi  # ONLY_SPEED
 
 # --- phase C: speed benches, alone on the card, in what time is left ---
 if [ "$TINY" = 1 ]; then
   C_ANL=(--device cpu --size small --batch 4 --steps 2 --train-steps 2 --threads 1)
-  C_SSL=(--device cpu --steps 2 --threads 1)
+  C_SSL=(--device cpu --tiny --threads 1)
+  C_ARMS=(--device cpu --tiny --units 1,2)
 else
-  C_ANL=(--device cuda); C_SSL=(--device cuda)
+  C_ANL=(--device cuda); C_SSL=(--device cuda); C_ARMS=(--device cuda --units 1,4)
 fi
 if [ "$(left)" -gt 40 ]; then
   say "phase C: bench.ssl_step ($(left) s left)"
   timeout "$(($(left) - 10))" "$PY" -m bench.ssl_step "${C_SSL[@]}" > "$W/logs/bench_ssl_step.log" 2>&1
 fi
 if [ "$(left)" -gt 60 ]; then
+  say "phase C: bench.arms_at_once ($(left) s left)"
+  timeout "$(($(left) - 10))" "$PY" -m bench.arms_at_once "${C_ARMS[@]}" > "$W/logs/bench_arms.log" 2>&1
+fi
+if [ "$(left)" -gt 60 ]; then
   say "phase C: bench.anl ($(left) s left)"
   timeout "$(($(left) - 10))" "$PY" -m bench.anl "${C_ANL[@]}" > "$W/logs/bench_anl.log" 2>&1
+fi
+if [ "$(left)" -gt 90 ] && [ "$TINY" != 1 ]; then  # inductor takes minutes on a 2-core CPU
+  say "phase C: bench.anl --compile ($(left) s left)"
+  timeout "$(($(left) - 10))" "$PY" -m bench.anl "${C_ANL[@]}" --compile \
+    > "$W/logs/bench_anl_compiled.log" 2>&1
 fi
 
 kill "$PACKER" 2>/dev/null

@@ -65,6 +65,42 @@ def pil_loader_rate(images: np.ndarray, n_images: int) -> float:
     return n_images / (time.perf_counter() - t)
 
 
+def make_trainer(net_name: str, bs: int, mu: int, device: torch.device, amp: bool = True,
+                 channels_last: bool = True, compile: bool = False,
+                 n_pool: int = 50_000) -> Trainer:
+    """A FixMatch trainer on a CIFAR-10-sized pool of random pixels (the cost of every op
+    does not depend on content), 250 labeled rows, nothing written."""
+    cfg = SSLConfig(net=net_name, steps=10**6, batch_size=bs, mu=mu, device=str(device),
+                    amp=amp, channels_last=channels_last, compile=compile)
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (n_pool, 32, 32, 3), dtype=np.uint8)
+    store = torch.from_numpy(pool).to(device)
+    labels = torch.from_numpy(rng.integers(0, 10, n_pool)).to(device)
+    test = store[:1000]
+    data = TrainData(store=store, labels=labels, weights=torch.ones(n_pool, device=device),
+                     labeled_real=torch.arange(250, device=device),
+                     labeled_synth=torch.zeros(0, dtype=torch.int64, device=device),
+                     unlabeled=torch.arange(n_pool, device=device), test_images=test,
+                     test_labels=labels[:1000], curve_images=test, curve_labels=labels[:1000],
+                     num_classes=10)
+    net = build_net(net_name, 10, (32, 32, 3), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=0)
+    return Trainer(net, FixMatch(cfg, 10), data, cfg, device, Path("/nonexistent/ckpt.pt"),
+                   "bench", progress=False)
+
+
+def pipelined(trainer: Trainer, n: int, device: torch.device) -> float:
+    """Trainer.fit's order of work, without its bookkeeping: seconds per step."""
+    sync(device)
+    t = time.perf_counter()
+    pending = trainer._produce()
+    for _ in range(n):
+        batch = trainer._ready(pending)
+        trainer.train_step(batch)
+        pending = trainer._produce()
+    sync(device)
+    return (time.perf_counter() - t) / n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,47 +124,21 @@ def main() -> None:
     cuda = device.type == "cuda"
     bs = args.batch_size or (64 if cuda else 8)
     steps = args.steps or (200 if cuda else 5)
-    cfg = SSLConfig(net=args.net, steps=10**6, batch_size=bs, mu=args.mu, device=str(device),
-                    amp=not args.no_amp, channels_last=not args.no_channels_last,
-                    compile=args.compile)
-    # CIFAR-10-sized pool of random pixels: the cost of every op does not depend on content.
-    rng = np.random.default_rng(0)
-    n_pool = 2_000 if args.tiny else 50_000
-    pool = rng.integers(0, 256, (n_pool, 32, 32, 3), dtype=np.uint8)
-    store = torch.from_numpy(pool).to(device)
-    labels = torch.from_numpy(rng.integers(0, 10, n_pool)).to(device)
-    test = store[:1000]
-    data = TrainData(store=store, labels=labels, weights=torch.ones(n_pool, device=device),
-                     labeled_real=torch.arange(250, device=device),
-                     labeled_synth=torch.zeros(0, dtype=torch.int64, device=device),
-                     unlabeled=torch.arange(n_pool, device=device), test_images=test,
-                     test_labels=labels[:1000], curve_images=test, curve_labels=labels[:1000],
-                     num_classes=10)
-    net = build_net(args.net, 10, (32, 32, 3), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=0)
-    trainer = Trainer(net, FixMatch(cfg, 10), data, cfg, device, Path("/nonexistent/ckpt.pt"),
-                      "bench", progress=False)
+    trainer = make_trainer(args.net, bs, args.mu, device, amp=not args.no_amp,
+                           channels_last=not args.no_channels_last, compile=args.compile,
+                           n_pool=2_000 if args.tiny else 50_000)
+    cfg = trainer.config
+    pool = trainer.data.store.cpu().numpy()
 
     def full() -> None:
         trainer.train_step(trainer.sample_batch())
 
-    def pipelined(n: int) -> float:
-        """Trainer.fit's order of work, without its bookkeeping: seconds per step."""
-        sync(device)
-        t = time.perf_counter()
-        pending = trainer._produce()
-        for _ in range(n):
-            batch = trainer._ready(pending)
-            trainer.train_step(batch)
-            pending = trainer._produce()
-        sync(device)
-        return (time.perf_counter() - t) / n
-
     warm = 20 if cuda else 2
     for _ in range(warm):
         full()
-    pipelined(warm)
+    pipelined(trainer, warm, device)
     batch = trainer.sample_batch()
-    t_pipe = pipelined(steps)
+    t_pipe = pipelined(trainer, steps, device)
     t_full = timed(full, steps, device)
     t_data = timed(trainer.sample_batch, steps, device)
     t_model = timed(lambda: trainer.train_step(batch), steps, device)

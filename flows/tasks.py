@@ -15,8 +15,11 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline import runs, stages
 from pipeline.config import AugmentConfig
+from pipeline.generate.sample import run_sample_class
+from pipeline.generate.tune import run_tune_class
 from pipeline.preflight import preflight
 from pipeline.runs import init_run_dir, mark_running
+from pipeline.stage_inputs import adapter_rel, round_root, sample_rel
 
 _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -84,8 +87,8 @@ def tune_class(run_dir: str, config: AugmentConfig, class_idx: int | None, loop_
     """Tune one class's adapter; returns its directory."""
     use_worker_gpu()
     with runs.stage_failure_recorded(Path(run_dir), "tune"):
-        stages.run_tune_class(Path(run_dir), config, class_idx, loop_round)
-    return str(stages.round_root(Path(run_dir), loop_round) / stages.adapter_rel(class_idx))
+        run_tune_class(Path(run_dir), config, class_idx, loop_round)
+    return str(round_root(Path(run_dir), loop_round) / adapter_rel(class_idx))
 
 
 @task(name="sample-class", task_run_name="sample-{class_idx}-round{loop_round}", **_opts)
@@ -93,8 +96,8 @@ def sample_class(run_dir: str, config: AugmentConfig, class_idx: int, loop_round
     """Masked sampling for one class; returns its sample directory."""
     use_worker_gpu()
     with runs.stage_failure_recorded(Path(run_dir), "sample"):
-        stages.run_sample_class(Path(run_dir), config, class_idx, loop_round)
-    return str(stages.round_root(Path(run_dir), loop_round) / stages.sample_rel(class_idx))
+        run_sample_class(Path(run_dir), config, class_idx, loop_round)
+    return str(round_root(Path(run_dir), loop_round) / sample_rel(class_idx))
 
 
 @task(name="ssl-arm", task_run_name="ssl-{arm}-seed{seed}", **_opts)

@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.stage_graph import STAGE_PARTS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO_ROOT / "data" / "presets"
 
@@ -484,33 +486,9 @@ def config_hash(config: AugmentConfig) -> str:
     return _digest(result_fields(config))
 
 
-# Config parts each stage reads. Upstream stage keys are folded in by the caller, so a
-# change propagates downstream only.
-STAGE_PARTS: dict[str, tuple[str, ...]] = {
-    "split": ("dataset", "labels_per_class", "split_seed", "validation_per_class"),
-    "pretrain": ("dataset", "image_size", "pretrain"),
-    "encode": ("encoder", "image_size"),
-    "tune": ("base_model", "encoder", "image_size", "adapter", "tuning"),
-    "sample": ("sampling",),
-    "shards": ("shards",),
-    "quality": ("quality", "encoder", "image_size"),
-    "ssl": ("ssl",),
-    "loop": ("loop",),
-    "report": (),
-}
-
-STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
-    "split": (),
-    "pretrain": ("split",),
-    "encode": ("split",),
-    "tune": ("encode", "pretrain"),
-    "sample": ("tune",),
-    "shards": ("sample",),
-    "quality": ("shards", "split"),
-    "ssl": ("split", "shards"),
-    "loop": ("ssl", "tune"),
-    "report": ("quality", "ssl", "loop"),
-}
+# The stage graph (config parts each stage reads, upstream stages) is declared once, in
+# pipeline.stage_graph; upstream keys are folded in by the caller, so a change propagates
+# downstream only.
 
 
 def stage_parts(config: AugmentConfig, stage: str) -> dict[str, Any]:

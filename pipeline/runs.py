@@ -26,9 +26,8 @@ from typing import Self
 
 from pipeline.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from pipeline.config import REPO_ROOT, AugmentConfig, config_hash
+from pipeline.stage_graph import STAGE_ORDER
 
-STAGE_ORDER = ("split", "pretrain", "encode", "tune", "sample", "shards", "quality", "ssl", "loop",
-               "report")
 LOCK_NAME = "running.json"
 UNIT_MARKER = "unit.json"
 ROUND_TWO = "round-2"  # the second round's folder inside a run (loop.rounds: 2)

@@ -12,7 +12,10 @@ from flow_fixtures import flow_config
 from safetensors.numpy import load_file
 
 from pipeline import stages
-from pipeline.runs import STAGE_ORDER, init_run_dir, list_runs, read_json
+from pipeline.keys import ssl_unit_key
+from pipeline.runs import init_run_dir, list_runs, read_json
+from pipeline.stage_graph import STAGE_ORDER
+from pipeline.stage_inputs import sample_rel
 
 # The Prefect harness starts a temporary API (about 15 s): CI's slow lane runs these; the
 # stage functions they orchestrate are tested directly in the fast lane.
@@ -63,7 +66,7 @@ def test_flow_runs_every_stage_and_a_rerun_skips_them(flow_prefect, flow_cfg):
         metrics = read_json(unit / "metrics.json")
         assert (metrics["arm"], metrics["seed"], metrics["steps"]) == (arm, 0, cfg.ssl.steps)
         assert metrics.get("num_synthetic", 0) == extra.get(arm, 0), arm
-        assert read_json(unit / "unit.json")["key"] == stages.ssl_unit_key(cfg, keys, arm, 0)
+        assert read_json(unit / "unit.json")["key"] == ssl_unit_key(cfg, keys, arm, 0)
     quality = read_json(run_dir / "stages" / "quality.json")["metrics"]
     assert quality["n_synthetic"] == expected_rows
     (info,) = list_runs(run_dir.parent)
@@ -119,10 +122,10 @@ def test_dask_task_runner_gives_the_same_adapters_and_samples(flow_prefect, tmp_
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
-        parts = sorted((default_dir / stages.sample_rel(c)).glob("part-*.npz"))
+        parts = sorted((default_dir / sample_rel(c)).glob("part-*.npz"))
         assert len(parts) == 2
         for p in parts:
             x = np.load(p)["images"].astype(int)
-            y = np.load(dask_dir / stages.sample_rel(c) / p.name)["images"].astype(int)
+            y = np.load(dask_dir / sample_rel(c) / p.name)["images"].astype(int)
             assert x.shape == y.shape and np.abs(x - y).max() <= 1
             assert (x == y).mean() > 0.99

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import stages
 from pipeline.config import with_overrides
+from pipeline.generate.pseudo import PSEUDO_FILE
 from pipeline.runs import init_run_dir, list_runs, read_json
 
 pytestmark = pytest.mark.slow  # the Prefect harness starts a temporary API (about 15 s)
@@ -31,7 +32,7 @@ def test_flow_runs_the_second_round_and_a_rerun_skips_it(flow_prefect, flow_cfg)
             stages.stage_keys(cfg)["pseudo" if name == "pseudo" else f"{name}-r2"], name
     loop = read_json(run_dir / "stages" / "loop.json")
     assert loop["key"] == stages.stage_keys(cfg)["loop"]
-    pseudo = pd.read_parquet(r2 / stages.PSEUDO_FILE)
+    pseudo = pd.read_parquet(r2 / PSEUDO_FILE)
     assert loop["metrics"]["pseudo"]["pseudo_labeled"] == len(pseudo)
     selftrain = read_json(run_dir / "ssl/selftrain/seed-0/metrics.json")
     assert selftrain["num_synthetic"] == len(pseudo)

@@ -23,7 +23,9 @@ from anl_core.inject import ANLConfig, attach_anl, base_fingerprint, load_adapte
 from anl_core.sampling import image_seed, masked_sample
 from pipeline import stages
 from pipeline.config import with_overrides
+from pipeline.generate.sample import part_name
 from pipeline.runs import init_run_dir, read_json
+from pipeline.stage_inputs import load_base, load_tokens
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +80,7 @@ def test_shared_scope_tunes_one_adapter_on_every_class(flow_cfg, monkeypatch):
     # Its tuning set is every labeled image of both classes, each with its own tokens.
     from pipeline.data.images import to_model_space
 
-    tok = stages.load_tokens(run_dir)
+    tok = load_tokens(run_dir)
     ds = stages.dataset_for(cfg)
     labeled = tok["index"].numpy()
     assert np.bincount(ds.train_labels[labeled], minlength=2).tolist() == [2, 2]
@@ -111,7 +113,7 @@ def test_shared_adapter_samples_every_class(flow_cfg, flow_tiny_base):
     stages.run_all(run_dir, cfg, until="shards")
 
     s = cfg.sampling
-    tok = stages.load_tokens(run_dir)
+    tok = load_tokens(run_dir)
     sched = DDPMScheduler.from_pretrained(flow_tiny_base / "scheduler")
 
     def base():
@@ -132,7 +134,7 @@ def test_shared_adapter_samples_every_class(flow_cfg, flow_tiny_base):
         rows = torch.nonzero(tok["labels"] == c).flatten().tolist()
         assert len(rows) == 2
         for ci, row in enumerate(rows):  # chunk_conditions=1: one part file per condition
-            stored = np.load(run_dir / f"samples/class-{c:02d}" / stages.part_name(0, ci))
+            stored = np.load(run_dir / f"samples/class-{c:02d}" / part_name(0, ci))
             assert stored["condition_id"].tolist() == [int(tok["index"][row])] * s.per_condition
             images = stored["images"].astype(int)
             # 1 level: uint8 rounding of float sums that may differ in the last bit.
@@ -160,7 +162,7 @@ def test_pretrain_stage_builds_the_base_the_tune_stage_uses(flow_cfg, flow_tiny_
 
     # Trained on the unlabeled pool only: the 20 training images minus the 4 labeled ones.
     ds = stages.dataset_for(cfg)
-    labeled = stages.load_tokens(run_dir)["index"].numpy()
+    labeled = load_tokens(run_dir)["index"].numpy()
     pool = np.setdiff1d(np.arange(len(ds.train_labels)), labeled)
     training = read_json(run_dir / "base/training.json")
     assert training["steps"] == 2 and training["num_images"] == 16 == len(pool)
@@ -344,7 +346,7 @@ def test_stage_base_keeps_its_saved_prediction_type(flow_cfg, flow_tiny_base, tm
     DDPMScheduler(num_train_timesteps=500, prediction_type="v_prediction",
                   beta_schedule="squaredcos_cap_v2").save_pretrained(base / "scheduler")
     cfg = with_overrides(flow_cfg, {"base_model": str(base)})
-    _, sched = stages.load_base(init_run_dir(cfg), cfg, "cpu")
+    _, sched = load_base(init_run_dir(cfg), cfg, "cpu")
     assert sched.config.prediction_type == "v_prediction"
     assert sched.config.num_train_timesteps == 500
     assert sched.config.beta_schedule == "squaredcos_cap_v2"

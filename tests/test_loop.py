@@ -13,7 +13,10 @@ import pytest
 from pipeline import stages
 from pipeline.config import ConfigError, with_overrides
 from pipeline.generate.loop import select_pseudo_labels
+from pipeline.generate.pseudo import PSEUDO_FILE
+from pipeline.generate.tune import run_tune_class
 from pipeline.runs import init_run_dir, read_json
+from pipeline.stage_inputs import load_tokens
 
 LOOP = {"loop.rounds": 2, "loop.threshold": 0.0, "loop.per_class": 3,
         "ssl.arms": ["baseline", "augmented"]}
@@ -53,13 +56,13 @@ def test_two_rounds_end_to_end_and_a_rerun_skips_everything(flow_cfg):
     run_dir = init_run_dir(cfg)
     records = stages.run_all(run_dir, cfg)
     r2 = run_dir / stages.ROUND_TWO
-    pseudo = pd.read_parquet(r2 / stages.PSEUDO_FILE)
+    pseudo = pd.read_parquet(r2 / PSEUDO_FILE)
     split = stages.split_for(run_dir)
     # Pseudo-labeled images come from the unlabeled pool only, at most K per class.
     assert set(pseudo["train_idx"]) <= set(split.unlabeled_idx.tolist())
     assert pseudo.groupby("label").size().max() <= 3 and len(pseudo) >= 1
     # Round-2 conditions: the labeled images, then the pseudo-labeled ones under their labels.
-    tok = stages.load_tokens(r2)
+    tok = load_tokens(r2)
     n_lab = len(split.labeled_idx)
     assert tok["index"][:n_lab].tolist() == split.labeled_idx.tolist()
     assert tok["index"][n_lab:].tolist() == pseudo["train_idx"].tolist()
@@ -103,7 +106,7 @@ def test_pseudo_labels_never_read_pool_or_test_labels(flow_cfg, monkeypatch):
     run_dir = init_run_dir(cfg)
     stages.run_all(run_dir, cfg, until="ssl")
     first = stages.run_pseudo(run_dir, cfg)
-    chosen = pd.read_parquet(run_dir / stages.ROUND_TWO / stages.PSEUDO_FILE)
+    chosen = pd.read_parquet(run_dir / stages.ROUND_TWO / PSEUDO_FILE)
 
     # The same images with every unlabeled-pool and test label scrambled: the choice of
     # images and their pseudo-labels must not move (only the precision figure may).
@@ -112,11 +115,13 @@ def test_pseudo_labels_never_read_pool_or_test_labels(flow_cfg, monkeypatch):
     labels[split.unlabeled_idx] = (labels[split.unlabeled_idx] + 1) % ds.num_classes
     scrambled = dataclasses.replace(ds, train_labels=labels,
                                     test_labels=(ds.test_labels + 1) % ds.num_classes)
-    monkeypatch.setattr(stages, "dataset_for", lambda config: scrambled)
+    from pipeline.generate import pseudo
+
+    monkeypatch.setattr(pseudo, "dataset_for", lambda config: scrambled)
     (run_dir / stages.ROUND_TWO / "stages" / "pseudo.json").unlink()
     second = stages.run_pseudo(run_dir, cfg)
     assert not second.get("skipped")
-    again = pd.read_parquet(run_dir / stages.ROUND_TWO / stages.PSEUDO_FILE)
+    again = pd.read_parquet(run_dir / stages.ROUND_TWO / PSEUDO_FILE)
     pd.testing.assert_frame_equal(chosen, again)
     assert first["metrics"]["precision"] != second["metrics"]["precision"]
 
@@ -147,7 +152,7 @@ def test_round_two_keys_rerun_only_what_a_change_touches(flow_cfg):
     r2 = second / stages.ROUND_TWO
     for name in ("pseudo", "encode", "tune", "sample", "shards"):
         assert "adopted_from" not in read_json(r2 / "stages" / f"{name}.json"), name
-    assert pd.read_parquet(r2 / stages.PSEUDO_FILE).groupby("label").size().max() <= 2
+    assert pd.read_parquet(r2 / PSEUDO_FILE).groupby("label").size().max() <= 2
 
     # Round-2 samples per condition only: pseudo-labels and round-2 adapters are lent.
     pc = with_overrides(cfg, {"loop.per_condition": 1})
@@ -161,7 +166,7 @@ def test_round_two_keys_rerun_only_what_a_change_touches(flow_cfg):
         assert _linked(r1 / f"adapters/class-{c:02d}", r3 / f"adapters/class-{c:02d}")
         assert not _linked(r1 / f"samples/class-{c:02d}", r3 / f"samples/class-{c:02d}")
     rows = read_json(r3 / "stages" / "shards.json")["metrics"]["rows"]
-    assert rows == len(stages.load_tokens(r3)["index"])  # one sample per condition
+    assert rows == len(load_tokens(r3)["index"])  # one sample per condition
 
 
 def test_warm_start_tunes_from_the_round_one_adapter(flow_cfg, monkeypatch):
@@ -187,7 +192,7 @@ def test_warm_start_tunes_from_the_round_one_adapter(flow_cfg, monkeypatch):
         stages.run_pseudo(run_dir, cfg)
         stages.run_encode(run_dir, cfg, 2)
         monkeypatch.setattr(anl_core.tuning, "tune_adapter", spy)
-        stages.run_tune_class(run_dir, cfg, 0, 2)
+        run_tune_class(run_dir, cfg, 0, 2)
         monkeypatch.setattr(anl_core.tuning, "tune_adapter", real)
         one = load_file(run_dir / "adapters/class-00/adapter.safetensors")
         gap = max(float(np.abs(one[k] - seen["start"][k]).max()) for k in one)
@@ -207,6 +212,6 @@ def test_labeled_conditions_sample_from_labeled_images_only(flow_cfg):
     assert set(rows["condition_id"]) == labeled  # every labeled image, no pseudo one
     tuned = [read_json(run_dir / stages.ROUND_TWO / f"adapters/class-{c:02d}/tune.json")
              for c in (0, 1)]
-    n_pseudo = len(pd.read_parquet(run_dir / stages.ROUND_TWO / stages.PSEUDO_FILE))
+    n_pseudo = len(pd.read_parquet(run_dir / stages.ROUND_TWO / PSEUDO_FILE))
     # ... yet the adapters were tuned on the pseudo-labeled images too.
     assert sum(t["pseudo_labeled"] for t in tuned) == n_pseudo >= 1

@@ -23,7 +23,9 @@ import pytest
 import rehearsal_fixtures as rf
 
 from pipeline.config import REPO_ROOT, config_hash, load_config
-from pipeline.runs import STAGE_ORDER, list_runs, read_json
+from pipeline.keys import ssl_unit_key
+from pipeline.runs import list_runs, read_json
+from pipeline.stage_graph import STAGE_ORDER
 
 PRESET = "cifar10-250labels"
 # Size overrides only: how much work each stage does, never what it computes with. The
@@ -174,8 +176,7 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     from anl_core.inject import base_fingerprint, load_adapter
     from pipeline.data.shards import read_shards, verify_shards
     from pipeline.data.splits import load_split
-    from pipeline.stages import ssl_unit_key, stage_keys
-
+    from pipeline.stages import stage_keys
     runs = tmp_path / "runs"
     env = _env(stand_ins["hf_home"], stand_ins["cifar_root"], tmp_path / "prefect")
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from torch_helpers import FixedLogits, anl_one_thread
 
 from pipeline import stages
 from pipeline.config import with_overrides
+from pipeline.keys import ssl_unit_key
 from pipeline.runs import init_run_dir, read_json
 
 LABEL_ONLY_ARMS = ("supervised", "baseline")
@@ -208,8 +209,8 @@ def test_soft_label_setting_reaches_the_trainer_and_its_fingerprint(flow_cfg):
     assert scfg.fingerprint() != SSLConfig.from_dict(flow_cfg.ssl.trainer_fields(0)).fingerprint()
     # Every arm that trains with FixMatch is a different classifier with soft labels.
     k1, k2 = stages.stage_keys(flow_cfg), stages.stage_keys(soft)
-    assert stages.ssl_unit_key(flow_cfg, k1, "baseline", 0) != \
-        stages.ssl_unit_key(soft, k2, "baseline", 0)
+    assert ssl_unit_key(flow_cfg, k1, "baseline", 0) != \
+        ssl_unit_key(soft, k2, "baseline", 0)
 
 
 # --------------------------------------------------------------------------- 4. benchmark

@@ -17,7 +17,10 @@ from flow_fixtures import REPO
 
 from pipeline import stages
 from pipeline.config import with_overrides
+from pipeline.generate.sample import part_name, ratio_seed, run_sample_class
+from pipeline.keys import ssl_unit_key
 from pipeline.runs import init_run_dir, list_runs, read_json, run_dir_for
+from pipeline.stage_inputs import adapter_rel, load_base, load_tokens, sample_rel
 
 
 def _mtimes(root: Path) -> dict[str, int]:
@@ -25,6 +28,19 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 
 UPSTREAM = ("split", "encode", "tune", "sample", "shards")
+
+
+def assert_outputs_as_declared(stage: str, outputs: dict, root: str = "") -> None:
+    """A record's outputs are the ones pipeline.stage_graph declares for the stage."""
+    from pipeline.stage_graph import BY_NAME
+
+    declared = BY_NAME[stage].outputs
+    assert set(outputs) <= set(declared), (stage, set(outputs) - set(declared))
+    for name, paths in outputs.items():
+        for path in paths if isinstance(paths, list) else [paths]:
+            want = root + declared[name]
+            ok = path.startswith(want) if want.endswith("/") else path == want
+            assert ok or path + "/" == want, (stage, name, path, want)
 
 
 def test_stages_write_records_and_skip_on_rerun(flow_cfg):
@@ -36,6 +52,7 @@ def test_stages_write_records_and_skip_on_rerun(flow_cfg):
         assert on_disk["key"] == rec["key"] and on_disk["stage"] == name
         for field in ("started", "finished", "wall_s", "peak_mem_mb", "device", "outputs"):
             assert field in on_disk, (name, field)
+        assert_outputs_as_declared(name, on_disk["outputs"])
     for c in (0, 1):
         tune = read_json(run_dir / f"adapters/class-{c:02d}/tune.json")
         assert len(tune["loss_history"]) == 2 and tune["param_counts"]["adapter"] > 0
@@ -67,8 +84,8 @@ def test_changed_sampling_reuses_finished_upstream_stages(flow_cfg):
         b = second / f"adapters/class-{c:02d}/adapter.safetensors"
         assert a.stat().st_ino == b.stat().st_ino  # hard link, not retuned
     assert "adopted_from" not in records["sample"]
-    old = np.load(first / "samples/class-00" / stages.part_name(0, 0))["images"]
-    new = np.load(second / "samples/class-00" / stages.part_name(0, 0))["images"]
+    old = np.load(first / "samples/class-00" / part_name(0, 0))["images"]
+    new = np.load(second / "samples/class-00" / part_name(0, 0))["images"]
     assert not np.array_equal(old, new)  # guidance changed the samples
 
 
@@ -84,10 +101,11 @@ def test_killed_sampling_resumes_without_missing_or_duplicate_rows(flow_cfg, tmp
     # is published, so the test sees the same mid-sampling state on every machine and load.
     code = ("import os, signal, sys; from pathlib import Path; "
             "from pipeline.config import AugmentConfig; from pipeline import stages; "
-            "save = stages._save_npz\n"
+            "from pipeline.generate import sample\n"
+            "save = sample.save_npz\n"
             "def save_then_die(*a, **k):\n"
             "    save(*a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
-            "stages._save_npz = save_then_die\n"
+            "sample.save_npz = save_then_die\n"
             "cfg = AugmentConfig.model_validate_json(Path(sys.argv[1]).read_text())\n"
             "stages.run_sample(Path(sys.argv[2]), cfg)")
     proc = subprocess.run([sys.executable, "-c", code, str(cfg_file), str(run_dir)], cwd=REPO,
@@ -118,7 +136,7 @@ def test_killed_sampling_resumes_without_missing_or_duplicate_rows(flow_cfg, tmp
     original = np.load(killed_part)["images"]
     killed_part.unlink()
     (killed_part.parent / "unit.json").unlink()
-    stages.run_sample_class(run_dir, cfg, int(killed_part.parent.name.split("-")[1]))
+    run_sample_class(run_dir, cfg, int(killed_part.parent.name.split("-")[1]))
     regenerated = np.load(killed_part)["images"]
     assert np.abs(original.astype(int) - regenerated.astype(int)).max() <= 1
 
@@ -146,7 +164,7 @@ def test_neighbors_add_unlabeled_tuning_targets_and_keep_keys_when_off(flow_cfg)
 
     run_dir = init_run_dir(on)
     records = stages.run_all(run_dir, on, until="tune")
-    tok = stages.load_tokens(run_dir)
+    tok = load_tokens(run_dir)
     split = stages.split_for(run_dir)
     nb = tok["neighbors"]
     assert nb.shape == (4, 3)  # 2 classes x 2 labeled images, 3 neighbours each
@@ -168,9 +186,9 @@ def test_each_mask_ratio_draws_its_own_noise_and_masks(flow_cfg):
 
     from anl_core.sampling import MASK_STREAM, _random_mask, image_seed
 
-    assert stages.ratio_seed(7, 0) == 7  # one-ratio runs draw what they always drew
-    s0, s1 = stages.ratio_seed(7, 0), stages.ratio_seed(7, 1)
-    assert s1 != s0 and stages.ratio_seed(7, 1) == s1 and stages.ratio_seed(8, 1) != s1
+    assert ratio_seed(7, 0) == 7  # one-ratio runs draw what they always drew
+    s0, s1 = ratio_seed(7, 0), ratio_seed(7, 1)
+    assert s1 != s0 and ratio_seed(7, 1) == s1 and ratio_seed(8, 1) != s1
     noise = [torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(
         image_seed(s, 3, 0))) for s in (s0, s1)]
     assert not torch.equal(*noise)
@@ -180,13 +198,13 @@ def test_each_mask_ratio_draws_its_own_noise_and_masks(flow_cfg):
     cfg = with_overrides(flow_cfg, {"sampling.mask_ratios": [0.0, 0.0]})  # same ratio twice
     run_dir = init_run_dir(cfg)
     stages.run_all(run_dir, cfg, until="shards")
-    a = np.load(run_dir / "samples/class-00" / stages.part_name(0, 0))["images"]
-    b = np.load(run_dir / "samples/class-00" / stages.part_name(1, 0))["images"]
+    a = np.load(run_dir / "samples/class-00" / part_name(0, 0))["images"]
+    b = np.load(run_dir / "samples/class-00" / part_name(1, 0))["images"]
     assert not np.array_equal(a, b)  # only the ratio's index differs between the two
     from pipeline.data.shards import read_shards
 
     frame = read_shards(run_dir / "shards", verify=True).frame
-    assert set(frame["seed"]) == {cfg.sampling.seed, stages.ratio_seed(cfg.sampling.seed, 1)}
+    assert set(frame["seed"]) == {cfg.sampling.seed, ratio_seed(cfg.sampling.seed, 1)}
 
 
 def test_control_arm_runs_in_the_flow_with_judged_real_rows(flow_cfg):
@@ -213,10 +231,10 @@ def test_control_arm_runs_in_the_flow_with_judged_real_rows(flow_cfg):
     # A change of the extra-row settings reruns augmented and control, not the baseline.
     other = with_overrides(cfg, {"ssl.synthetic_batch_share": 1.0})
     k2 = stages.stage_keys(other)
-    assert stages.ssl_unit_key(cfg, keys, "baseline", 0) == \
-        stages.ssl_unit_key(other, k2, "baseline", 0)
+    assert ssl_unit_key(cfg, keys, "baseline", 0) == \
+        ssl_unit_key(other, k2, "baseline", 0)
     for arm in ("augmented", "control"):
-        assert stages.ssl_unit_key(cfg, keys, arm, 0) != stages.ssl_unit_key(other, k2, arm, 0)
+        assert ssl_unit_key(cfg, keys, arm, 0) != ssl_unit_key(other, k2, arm, 0)
     assert base["fingerprint"] != m["fingerprint"]
 
 
@@ -246,9 +264,9 @@ def test_sample_parts_and_shards_record_each_rows_condition_label_and_seed(flow_
         conds = _class_conditions(run_dir, c)
         assert len(conds) == 3
         for mi, ratio in enumerate(ratios):
-            seed = stages.ratio_seed(cfg.sampling.seed, mi)
+            seed = ratio_seed(cfg.sampling.seed, mi)
             for ci, chunk in enumerate((conds[:2], conds[2:])):  # chunk_conditions = 2
-                with np.load(run_dir / stages.sample_rel(c) / stages.part_name(mi, ci)) as z:
+                with np.load(run_dir / sample_rel(c) / part_name(mi, ci)) as z:
                     rows = [(c, cid, seed, ratio) for cid in chunk for _ in range(k)]
                     assert z["condition_id"].tolist() == [r[1] for r in rows], (c, mi, ci)
                     assert z["labels"].tolist() == [c] * len(rows)
@@ -257,19 +275,19 @@ def test_sample_parts_and_shards_record_each_rows_condition_label_and_seed(flow_
                     assert len(z["images"]) == len(rows)
                 expected += rows
     # The pixels agree with the provenance: each condition sampled alone gives its rows.
-    unet, scheduler = stages.load_base(run_dir, cfg, "cpu")
-    tok = stages.load_tokens(run_dir)
-    model = load_adapter(unet, run_dir / stages.adapter_rel(1), encoder_id=tok["encoder_id"])
+    unet, scheduler = load_base(run_dir, cfg, "cpu")
+    tok = load_tokens(run_dir)
+    model = load_adapter(unet, run_dir / adapter_rel(1), encoder_id=tok["encoder_id"])
     shape = stages.dataset_for(cfg).image_shape[:2]
     s = cfg.sampling
-    with np.load(run_dir / stages.sample_rel(1) / stages.part_name(1, 0)) as z:
+    with np.load(run_dir / sample_rel(1) / part_name(1, 0)) as z:
         images = z["images"]
     for i, cid in enumerate(_class_conditions(run_dir, 1)[:2]):
         row = int(torch.nonzero(tok["index"] == cid).flatten()[0])
         x = masked_sample(model, scheduler, tok["tokens"][row:row + 1], k,
                           mask_ratio=ratios[1], guidance=s.guidance,
                           num_inference_steps=s.num_inference_steps,
-                          seed=stages.ratio_seed(s.seed, 1), batch_size=s.batch_size,
+                          seed=ratio_seed(s.seed, 1), batch_size=s.batch_size,
                           condition_ids=[cid], progress=False, eta=s.eta)
         alone = from_model_space(x, shape=shape)
         assert np.abs(alone.astype(int) - images[i * k:(i + 1) * k].astype(int)).max() <= 1, cid
@@ -309,23 +327,23 @@ def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatc
         m.setattr(np, "savez", crashing_savez)
         with pytest.raises(OSError, match="injected"):
             stages.run_sample(run_dir, cfg)
-    unit = run_dir / stages.sample_rel(0)
-    first = unit / stages.part_name(0, 0)
+    unit = run_dir / sample_rel(0)
+    first = unit / part_name(0, 0)
     # Only the finished chunk and the plan: no partial part, no temp file, no unit marker.
     assert sorted(p.name for p in unit.iterdir()) == [first.name, "plan.json"]
-    assert not (run_dir / stages.sample_rel(1)).exists()
+    assert not (run_dir / sample_rel(1)).exists()
     stamp = first.stat().st_mtime_ns
 
     stages.run_sample(run_dir, cfg)
     assert first.stat().st_mtime_ns == stamp  # the finished chunk is kept, not redone
     for c in (0, 1):
-        d = run_dir / stages.sample_rel(c)
+        d = run_dir / sample_rel(c)
         assert sorted(p.name for p in d.glob("*.npz")) == \
-            [stages.part_name(0, ci) for ci in range(3)]
+            [part_name(0, ci) for ci in range(3)]
         assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no temp files
         ids = []
         for ci in range(3):
-            with np.load(d / stages.part_name(0, ci)) as z:
+            with np.load(d / part_name(0, ci)) as z:
                 assert z["images"].shape[0] == k and z["images"].dtype == np.uint8
                 ids += z["condition_id"].tolist()
         assert ids == [cid for cid in _class_conditions(run_dir, c) for _ in range(k)]

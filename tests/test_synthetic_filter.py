@@ -16,7 +16,7 @@ from pipeline.generate.synthetic_filter import (
     not_copies,
     prototype_margin,
 )
-from pipeline.runs import init_run_dir
+from pipeline.runs import StageError, init_run_dir
 
 
 def _unit(rows):
@@ -176,5 +176,5 @@ def test_shards_stage_writes_only_the_rows_the_filter_keeps(flow_cfg):
 
     # A margin nothing can clear: a clear error, not an empty shard set.
     none_pass = with_overrides(on, {"filter.margin": 2.0})
-    with pytest.raises(stages.StageError, match="dropped all 12 samples; lower filter.margin"):
+    with pytest.raises(StageError, match="dropped all 12 samples; lower filter.margin"):
         stages.run_all(init_run_dir(none_pass), none_pass, until="shards")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.evaluate.paired import PairedDifference, learning_curve_settled, paired_difference
-from pipeline.runs import STAGE_ORDER
+from pipeline.stage_graph import STAGE_ORDER
 
 NOT_RUN = "not run"
 # control: as many real unlabeled images as synthetic rows, labeled by the synthetic filter's

@@ -19,8 +19,9 @@ import pandas as pd
 
 from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.report import plots
-from pipeline.report.data import ARM_ORDER, STAGE_ORDER, budget_short, load_run, paired_columns
+from pipeline.report.data import ARM_ORDER, budget_short, load_run, paired_columns
 from pipeline.report.render import md_table, render
+from pipeline.stage_graph import STAGE_ORDER
 
 TREND_COLUMNS = ["date", "commit", "preset", "run", *[f"error_{a}_pct" for a in ARM_ORDER],
                  "delta_n", "delta_pp", "delta_ci_low_pp", "delta_ci_high_pp", "delta_p",

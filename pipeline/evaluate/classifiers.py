@@ -1,0 +1,132 @@
+"""The ssl stage: one classifier unit per arm and seed (``pipeline.ssl.run_arm``), the control
+arm's judged real rows, and how many units train side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import AugmentConfig, _digest
+from pipeline.generate.pseudo import load_pseudo_labels
+from pipeline.keys import ssl_unit_key, stage_keys
+from pipeline.runs import (
+    StageError,
+    aggregate_units,
+    finished_record,
+    read_json,
+    run_unit,
+)
+from pipeline.stage_inputs import dataset_for, load_tokens, round_root, save_npz, split_for, ssl_rel
+
+
+def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> dict:
+    """One classifier: ``pipeline.ssl.run_arm`` in ``ssl/<arm>/seed-<s>`` (resumes in place)."""
+    keys = stage_keys(config)
+    rel = ssl_rel(arm, seed)
+
+    def body(unit_dir: Path, device: str) -> dict:
+        from pipeline.ssl import SSLConfig, run_arm
+
+        run = Path(run_dir)
+        scfg = SSLConfig.from_dict({**config.ssl.trainer_fields(seed), "device": device})
+        shard_dir = {"augmented": run / "shards", "control": run / "shards",
+                     "augmented-r2": round_root(run, 2) / "shards"}.get(arm)
+        if shard_dir is not None and not (shard_dir / "manifest.json").exists():
+            raise StageError(f"{shard_dir} has no manifest; run the shards stage first")
+        extra_rows, info = None, {}
+        if arm == "control":
+            extra_rows, info = control_rows_for(run, config, shard_dir, device)
+            shard_dir = None
+        if arm == "selftrain":  # the round's pseudo-labeled real images, as extra rows
+            chosen = load_pseudo_labels(round_root(run, 2))
+            extra_rows = (dataset_for(config).train_images[chosen.train_idx], chosen.labels)
+            info = {"selftrain_rows": len(chosen.labels)}
+        metrics_path = run_arm(arm, dataset_for(config), split_for(run), unit_dir, scfg,
+                               shard_dir=shard_dir, progress=config.progress,
+                               synthetic=extra_rows)
+        metrics = read_json(metrics_path) or {}
+        return {**{k: v for k, v in metrics.items()
+                   if isinstance(v, (int, float, str, type(None)))}, **info}
+
+    return run_unit(Path(run_dir), rel, ssl_unit_key(config, keys, arm, seed), config, body)
+
+
+def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, device: str):
+    """The control arm's (images, labels) for this run, and what the judge did.
+
+    As many real unlabeled images per class as the shards hold synthetic rows of that class,
+    labeled by the filter's prototype judge in the run's encoder (``pipeline.evaluate.control``).
+    """
+    from anl_core.encoders import load_encoder
+    from pipeline.data.shards import read_shards
+    from pipeline.evaluate.control import control_rows, judge_pool
+
+    keys = stage_keys(config)
+    key = _digest({"shards": keys["shards"], "encode": keys["encode"],
+                   "margin": config.filter.margin, "seed": config.sampling.seed,
+                   "pool": config.ssl.control_pool})[:16]
+    cached = Path(run_dir) / "ssl" / "control" / f"judged-{key}.npz"
+    if cached.exists():  # every seed of the control arm reads the same rows: judge once
+        with np.load(cached) as z:
+            return (z["images"], z["labels"]), json.loads(str(z["info"]))
+    tok = load_tokens(run_dir)
+    encoder = load_encoder(config.encoder, device=device)
+    if encoder.encoder_id != tok["encoder_id"]:
+        raise StageError(f"the condition tokens were made by {tok['encoder_id']} but the "
+                         f"config names {encoder.encoder_id}; rerun the encode stage")
+    ds, split = dataset_for(config), split_for(run_dir)
+    synth_labels = read_shards(shard_dir, verify=True).labels
+    counts = {int(c): int(n) for c, n in enumerate(np.bincount(synth_labels)) if n}
+
+    def judge(images):
+        return judge_pool(encoder, tok["tokens"], split.labeled_labels, images, device)
+
+    rows = control_rows(ds.train_images, ds.train_labels, split.unlabeled_idx, counts, judge,
+                        config.ssl.control_pool, config.sampling.seed, config.filter.margin)
+    if not len(rows.labels):
+        raise StageError(f"the judge kept none of the {config.ssl.control_pool} unlabeled images "
+                         "for the control arm; raise ssl.control_pool or lower filter.margin")
+    info = {"control_rows": len(rows.labels), "control_precision": round(rows.precision, 4),
+            "control_shortfall": int(sum(rows.shortfall.values()))}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    save_npz(cached, images=rows.images, labels=rows.labels, train_idx=rows.train_idx,
+              info=np.array(json.dumps(info)))
+    return (rows.images, rows.labels), info
+
+
+def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:
+    keys = stage_keys(config)
+    rec = finished_record(Path(run_dir), "ssl", keys["ssl"])
+    if rec is not None:
+        return {**rec, "skipped": True}
+    units = {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
+             for a in config.ssl.arms for s in config.ssl.seeds}
+    return aggregate_units(Path(run_dir), config, "ssl", keys["ssl"], units,
+                            {"ssl": list(units)}, {"arms": list(config.ssl.arms),
+                                                   "seeds": list(config.ssl.seeds)})
+
+
+def arms_at_once(run_dir: Path, config: AugmentConfig, units: list[tuple[str, int]]) -> int:
+    """How many of ``units`` (arm, seed) to train side by side (``config.arms_at_once``);
+    for ``"auto"`` on CUDA, one unit's peak memory is measured first (a few steps)."""
+    from pipeline.ssl.capacity import free_bytes_now, measure_arm_peak_bytes, units_at_once
+
+    device = config.resolved_device()
+    peak = free = None
+    if config.arms_at_once == "auto" and device == "cuda" and len(units) > 1:
+        from pipeline.ssl import SSLConfig
+
+        # An arm without extra rows: extra rows add k labeled rows per batch and a few
+        # thousand small images to the store, noise against the unlabeled batch's share.
+        arm = next((a for a, _ in units if a in ("baseline", "supervised")), "baseline")
+        scfg = SSLConfig.from_dict({**config.ssl.trainer_fields(units[0][1]), "device": device})
+        peak = measure_arm_peak_bytes(arm, dataset_for(config), split_for(run_dir), scfg)
+        free = free_bytes_now()
+    n = units_at_once(config.arms_at_once, len(units), device, peak, free)
+    if peak is not None:
+        print(f"arms side by side: {n} (one unit peaks at {peak / 2**30:.2f} GiB, "
+              f"{free / 2**30:.1f} GiB free)")
+    return n

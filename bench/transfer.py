@@ -50,7 +50,9 @@ def real_floor(config) -> dict:
 
     from anl_core.encoders import load_encoder
     from pipeline.evaluate.quality import encoder_features
-    from pipeline.transfer import base_channels, draw_shots, target_pool, transfer_metrics
+    from pipeline.transfer.metrics import transfer_metrics
+    from pipeline.transfer.model import base_channels
+    from pipeline.transfer.target import draw_shots, target_pool
 
     pool = target_pool(config, base_channels(config))
     shots, held = draw_shots(len(pool), config.shots, config.max_held_out, config.seed)

@@ -12,9 +12,9 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline import transfer as steps
 from pipeline.runs import stage_failure_recorded
 from pipeline.transfer import TransferConfig
+from pipeline.transfer import run as steps
 
 _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 

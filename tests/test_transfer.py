@@ -14,8 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import transfer as tr
 from pipeline.runs import read_json
+from pipeline.transfer import config as tconfig
+from pipeline.transfer import metrics as tmetrics
+from pipeline.transfer import model as tmodel
+from pipeline.transfer import run as trun
+from pipeline.transfer import target as ttarget
 
 SHOTS, POOL = 4, 24
 
@@ -33,7 +37,7 @@ def trousers(tmp_path_factory, data_fashion_mnist):
 @pytest.fixture()
 def cfg(tmp_path, flow_tiny_base, trousers):
     """Seconds per run: 3 steps, 2 DDIM steps, a narrow adapter; 20 samples, 20 held out."""
-    return tr.transfer_config({
+    return tconfig.transfer_config({
         "base_model": str(flow_tiny_base), "target": str(trousers), "shots": SHOTS, "steps": 3,
         "batch_size": 4, "samples": POOL - SHOTS, "num_inference_steps": 2, "context_dim": 32,
         "head_dim": 16, "kid_subsets": 3, "runs_dir": str(tmp_path / "runs"), "progress": False,
@@ -41,8 +45,8 @@ def cfg(tmp_path, flow_tiny_base, trousers):
 
 
 def _shots(config):
-    pool = tr.target_pool(config, 1)
-    return pool[tr.draw_shots(len(pool), config.shots, config.max_held_out, config.seed)[0]]
+    pool = ttarget.target_pool(config, 1)
+    return pool[ttarget.draw_shots(len(pool), config.shots, config.max_held_out, config.seed)[0]]
 
 
 def _state(module):
@@ -55,19 +59,19 @@ def _state(module):
 def test_anl_trains_only_the_adapter_and_leaves_every_base_weight_bit_identical(cfg):
     from anl_core.encoders import load_encoder
 
-    unet, scheduler = tr.load_base(cfg.base_model, "cpu")
+    unet, scheduler = tmodel.load_base(cfg.base_model, "cpu")
     before = _state(unet)
     encoder = load_encoder(cfg.encoder, device="cpu")
     shots = _shots(cfg)
-    model = tr.build_model(cfg, unet, encoder)
+    model = tmodel.build_model(cfg, unet, encoder)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tr.fit(cfg, model, scheduler, shots, tr.shot_tokens(encoder, shots))
+    tmodel.fit(cfg, model, scheduler, shots, tmodel.shot_tokens(encoder, shots))
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     changed = {n for n, p in model.named_parameters() if not torch.equal(start[n], p)}
     adapter = {n for n, _ in model.named_parameters() if not n.startswith("unet.")}
     assert changed and changed <= adapter
     # The count the run records is the adapter's size, and smaller than the base.
-    count = tr.trainable_count(model)
+    count = tmodel.trainable_count(model)
     assert count == sum(p.numel() for n, p in model.named_parameters() if n in adapter)
     assert 0 < count < sum(v.numel() for v in before.values())
 
@@ -75,7 +79,7 @@ def test_anl_trains_only_the_adapter_and_leaves_every_base_weight_bit_identical(
 def test_anl_run_records_the_saved_adapters_parameter_count(cfg):
     from safetensors.numpy import load_file
 
-    run = tr.run_transfer(cfg)
+    run = trun.run_transfer(cfg)
     saved = load_file(str(run / "model" / "adapter.safetensors"))
     assert not any(k.startswith("unet.") for k in saved)  # the base is not saved again
     metrics = read_json(run / "eval" / "metrics.json")
@@ -86,26 +90,26 @@ def test_anl_run_records_the_saved_adapters_parameter_count(cfg):
 
 def test_full_fine_tuning_changes_the_base_weights(cfg):
     config = cfg.model_copy(update={"mode": "full"})
-    unet, scheduler = tr.load_base(config.base_model, "cpu")
+    unet, scheduler = tmodel.load_base(config.base_model, "cpu")
     before = _state(unet)
-    model = tr.build_model(config, unet)
-    tr.fit(config, model, scheduler, _shots(config), None)
+    model = tmodel.build_model(config, unet)
+    tmodel.fit(config, model, scheduler, _shots(config), None)
     changed = [k for k, v in unet.state_dict().items() if not torch.equal(before[k], v)]
     assert len(changed) > 0.9 * len(before)  # all but what got no gradient in 3 steps
-    assert tr.trainable_count(model) == sum(v.numel() for v in before.values())
+    assert tmodel.trainable_count(model) == sum(v.numel() for v in before.values())
 
 
 def test_scratch_starts_from_fresh_weights_of_the_base_config(cfg):
     config = cfg.model_copy(update={"mode": "scratch"})
-    unet, _ = tr.load_base(config.base_model, "cpu")
-    net = tr.build_model(config, unet).net
+    unet, _ = tmodel.load_base(config.base_model, "cpu")
+    net = tmodel.build_model(config, unet).net
     assert dict(net.config) == dict(unet.config)
     base, fresh = unet.state_dict(), net.state_dict()
     assert {k: v.shape for k, v in base.items()} == {k: v.shape for k, v in fresh.items()}
     # Every tensor a random init draws (not a constant like a norm's ones) is new.
     drawn = [k for k, v in base.items() if v.numel() > 1 and v.std() > 0]
     assert drawn and all(not torch.equal(base[k], fresh[k]) for k in drawn)
-    again = tr.build_model(config, unet).net.state_dict()  # seeded: the same fresh weights
+    again = tmodel.build_model(config, unet).net.state_dict()  # seeded: the same fresh weights
     assert all(torch.equal(fresh[k], again[k]) for k in fresh)
 
 
@@ -115,13 +119,13 @@ def test_scratch_starts_from_fresh_weights_of_the_base_config(cfg):
 @pytest.mark.parametrize("mode", ["anl", "full", "scratch"])
 def test_each_mode_writes_readable_shards_metrics_and_a_report(cfg, mode):
     config = cfg.model_copy(update={"mode": mode, "samples": 6})
-    run = tr.run_transfer(config)
+    run = trun.run_transfer(config)
     frame = pd.concat(pd.read_parquet(p) for p in sorted((run / "shards").glob("*.parquet")))
     assert len(frame) == 6
-    assert set(frame["label"]) == {0} and set(frame["label_name"]) == {tr.target_name(config)}
+    assert set(frame["label"]) == {0} and set(frame["label_name"]) == {ttarget.target_name(config)}
     images = [np.asarray(Image.open(io.BytesIO(b["bytes"]))) for b in frame["image"]]
     assert {im.shape for im in images} == {(28, 28)}
-    shot_index = set(tr.load_target(run)["shot_index"].tolist())
+    shot_index = set(trun.load_target(run)["shot_index"].tolist())
     if mode == "anl":  # 6 samples over 4 shots: one of each shot before a second of any
         assert set(frame["condition_id"]) == shot_index
         assert sorted(frame["condition_id"].value_counts()) == [1, 1, 2, 2]
@@ -138,21 +142,21 @@ def test_each_mode_writes_readable_shards_metrics_and_a_report(cfg, mode):
 
 
 def test_fewer_samples_than_shots_take_one_each_of_the_first_shots(cfg):
-    run = tr.run_transfer(cfg.model_copy(update={"samples": 3}))
+    run = trun.run_transfer(cfg.model_copy(update={"samples": 3}))
     frame = pd.read_parquet(next((run / "shards").glob("*.parquet")))
-    assert list(frame["condition_id"]) == list(tr.load_target(run)["shot_index"][:3])
+    assert list(frame["condition_id"]) == list(trun.load_target(run)["shot_index"][:3])
 
 
 def test_unconditional_anl_samples_through_the_null_token_only(cfg):
     cfg = cfg.model_copy(update={"steps": 20})  # enough for the adapter to read its tokens
-    run = tr.run_transfer(cfg.model_copy(update={"samples": 4}))
-    model, scheduler, tokens = tr.load_trained(run, cfg, "cpu")
-    ids = tr.load_target(run)["shot_index"]
+    run = trun.run_transfer(cfg.model_copy(update={"samples": 4}))
+    model, scheduler, tokens = trun.load_trained(run, cfg, "cpu")
+    ids = trun.load_target(run)["shot_index"]
     other = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))
     for unconditional, same in ((True, True), (False, False)):
         config = cfg.model_copy(update={"samples": 4, "unconditional": unconditional})
-        a, _ = tr.generate(config, model, scheduler, (28, 28), tokens, ids)
-        b, _ = tr.generate(config, model, scheduler, (28, 28), other, ids)
+        a, _ = tmodel.generate(config, model, scheduler, (28, 28), tokens, ids)
+        b, _ = tmodel.generate(config, model, scheduler, (28, 28), other, ids)
         assert np.array_equal(a, b) == same  # the shots' tokens matter only when conditioned
 
 
@@ -162,20 +166,20 @@ def _records(run):
 
 def test_rerun_skips_every_step_and_a_changed_sample_count_reruns_only_sampling(
         cfg, monkeypatch):
-    run = tr.run_transfer(cfg)
+    run = trun.run_transfer(cfg)
     before = _records(run)
-    assert sorted(before) == [f"{s}.json" for s in sorted(tr.STEPS)]
+    assert sorted(before) == [f"{s}.json" for s in sorted(tconfig.STEPS)]
 
     def never(*a, **k):
         raise AssertionError("a finished step ran again")
 
     for name in ("fit", "generate", "transfer_metrics"):
-        monkeypatch.setattr(tr, name, never)
-    assert tr.run_transfer(cfg) == run
+        monkeypatch.setattr(trun, name, never)
+    assert trun.run_transfer(cfg) == run
     assert _records(run) == before
     monkeypatch.undo()
-    monkeypatch.setattr(tr, "fit", never)  # the model is reused, not trained again
-    other = tr.run_transfer(cfg.model_copy(update={"samples": 5}))
+    monkeypatch.setattr(trun, "fit", never)  # the model is reused, not trained again
+    other = trun.run_transfer(cfg.model_copy(update={"samples": 5}))
     assert other != run and _records(run) == before
     for step in ("target", "tune"):
         rec = read_json(other / "stages" / f"{step}.json")
@@ -191,17 +195,17 @@ def test_rerun_skips_every_step_and_a_changed_sample_count_reruns_only_sampling(
 
 
 def test_step_keys_follow_the_parts_each_step_reads(cfg):
-    keys = tr.step_keys(cfg)
-    guided = tr.step_keys(cfg.model_copy(update={"guidance": 3.0}))
-    assert [s for s in tr.STEPS if keys[s] != guided[s]] == ["sample", "evaluate", "report"]
-    lr = tr.step_keys(cfg.model_copy(update={"lr": 1e-4}))
-    assert [s for s in tr.STEPS if keys[s] != lr[s]] == ["tune", "sample", "evaluate", "report"]
+    keys = trun.step_keys(cfg)
+    guided = trun.step_keys(cfg.model_copy(update={"guidance": 3.0}))
+    assert [s for s in tconfig.STEPS if keys[s] != guided[s]] == ["sample", "evaluate", "report"]
+    lr = trun.step_keys(cfg.model_copy(update={"lr": 1e-4}))
+    assert [s for s in tconfig.STEPS if keys[s] != lr[s]] == ["tune", "sample", "evaluate", "report"]
     # Sampling settings that full fine-tuning does not read leave its keys alone.
     full = cfg.model_copy(update={"mode": "full"})
-    assert tr.step_keys(full) == tr.step_keys(full.model_copy(update={"guidance": 3.0}))
+    assert trun.step_keys(full) == trun.step_keys(full.model_copy(update={"guidance": 3.0}))
     # Runtime fields change neither the keys nor the run directory.
     moved = cfg.model_copy(update={"progress": True, "device": "auto"})
-    assert tr.step_keys(moved) == keys and tr.run_dir_for(moved) == tr.run_dir_for(cfg)
+    assert trun.step_keys(moved) == keys and trun.run_dir_for(moved) == trun.run_dir_for(cfg)
 
 
 # --------------------------------------------------------------------------- evaluation figures
@@ -214,17 +218,17 @@ def _nearest_rmse(queries, pool):
 
 
 def test_near_copy_share_counts_planted_copies(cfg):
-    target = tr.target_pool(cfg, 1)
-    shot_idx, held_idx = tr.draw_shots(len(target), SHOTS, 500, 0)
+    target = ttarget.target_pool(cfg, 1)
+    shot_idx, held_idx = ttarget.draw_shots(len(target), SHOTS, 500, 0)
     shots, held = target[shot_idx], target[held_idx]
-    assert tr.near_copy_share(np.repeat(shots, 3, axis=0), shots, held)[0] == 1.0
+    assert tmetrics.near_copy_share(np.repeat(shots, 3, axis=0), shots, held)[0] == 1.0
     # Three copies and five real held-out images against a threshold computed by hand: the
     # 5th percentile by linear interpolation between order statistics.
     d = np.sort(_nearest_rmse(held, shots))
     pos = 0.05 * (len(d) - 1)
     threshold = d[int(pos)] + (pos - int(pos)) * (d[int(pos) + 1] - d[int(pos)])
     mixed = np.concatenate([shots[:3], held[:5]])
-    share, got = tr.near_copy_share(mixed, shots, held)
+    share, got = tmetrics.near_copy_share(mixed, shots, held)
     assert got == pytest.approx(threshold, rel=1e-5)
     assert share == (3 + (_nearest_rmse(held[:5], shots) < threshold).sum()) / 8
 
@@ -237,10 +241,10 @@ def test_kid_and_diversity_match_an_independent_computation(cfg):
     from anl_core.encoders import load_encoder
     from pipeline.data.images import to_model_space
 
-    run = tr.run_transfer(cfg)  # 20 samples, 20 held out: one KID subset, all of both
+    run = trun.run_transfer(cfg)  # 20 samples, 20 held out: one KID subset, all of both
     frame = pd.concat(pd.read_parquet(p) for p in sorted((run / "shards").glob("*.parquet")))
     samples = np.stack([np.asarray(Image.open(io.BytesIO(b["bytes"]))) for b in frame["image"]])
-    held = tr.load_target(run)["held_out"]
+    held = trun.load_target(run)["held_out"]
     encoder = load_encoder(cfg.encoder, device="cpu")
 
     def feats(x):
@@ -273,21 +277,21 @@ def test_kid_and_diversity_match_an_independent_computation(cfg):
 def test_builtin_targets_and_a_registered_class_load_as_documented():
     from sklearn.datasets import load_digits
 
-    mnist = tr.target_pool(tr.transfer_config({"target": "mnist-foolbox"}), 1)
+    mnist = ttarget.target_pool(tconfig.transfer_config({"target": "mnist-foolbox"}), 1)
     assert mnist.shape == (20, 28, 28, 1) and mnist.dtype == np.uint8
-    digits = tr.target_pool(tr.transfer_config({"target": "sklearn-digits"}), 1)
+    digits = ttarget.target_pool(tconfig.transfer_config({"target": "sklearn-digits"}), 1)
     assert digits.shape == (1797, 28, 28, 1)
     # Upscaled into the centred 20x20 box, black around it, as MNIST centres its digits.
     assert digits[:, :4].max() == 0 and digits[:, 24:].max() == 0 and digits.max() == 255
-    sevens = tr.target_pool(tr.transfer_config({"target": "sklearn-digits",
+    sevens = ttarget.target_pool(tconfig.transfer_config({"target": "sklearn-digits",
                                                 "target_class": 7}), 3)
     assert len(sevens) == (load_digits().target == 7).sum() and sevens.shape[-1] == 3
-    trousers = tr.target_pool(tr.transfer_config({"target": "fashion-mnist",
+    trousers = ttarget.target_pool(tconfig.transfer_config({"target": "fashion-mnist",
                                                   "target_class": "Trouser"}), 1)
     assert len(trousers) == 7000  # 6000 train + 1000 test
     # One seed: the 10 shots are among the 100, and both hold out the same images.
-    s10, h10 = tr.draw_shots(1797, 10, 500, 0)
-    s100, h100 = tr.draw_shots(1797, 100, 500, 0)
+    s10, h10 = ttarget.draw_shots(1797, 10, 500, 0)
+    s100, h100 = ttarget.draw_shots(1797, 100, 500, 0)
     assert set(s10) <= set(s100) and np.array_equal(h10, h100) and len(h10) == 500
     assert not set(s100) & set(h100)
 
@@ -304,15 +308,15 @@ def test_builtin_targets_and_a_registered_class_load_as_documented():
 def test_bad_inputs_are_named_errors_and_the_cli_exits_2(cfg, capsys, over, named):
     from flows.cli import main
 
-    with pytest.raises(tr.TransferError) as err:
-        tr.check(tr.transfer_config({**cfg.model_dump(), **over}))
+    with pytest.raises(tconfig.TransferError) as err:
+        trun.check(tconfig.transfer_config({**cfg.model_dump(), **over}))
     assert named in str(err.value)
     args = ["transfer", "--runs-dir", cfg.runs_dir]
     for key, value in {"base_model": cfg.base_model, "target": cfg.target, **over}.items():
         args += ["--set", f"{key}={value}"]
     assert main(args) == 2
     assert named in capsys.readouterr().err
-    assert not tr.resolve_path(cfg.runs_dir).exists()  # nothing written
+    assert not trun.resolve_path(cfg.runs_dir).exists()  # nothing written
 
 
 @pytest.mark.slow  # the Prefect harness starts a temporary API (about 15 s)
@@ -324,10 +328,10 @@ def test_cli_runs_the_transfer_flow_and_writes_the_report(flow_prefect, cfg, cap
                "--set", "num_inference_steps=2", "--set", "device=cpu",
                "--runs-dir", cfg.runs_dir, "--no-progress"])
     assert rc == 0
-    config = tr.transfer_config({  # what the flags and --set say, the rest the defaults
+    config = tconfig.transfer_config({  # what the flags and --set say, the rest the defaults
         "base_model": cfg.base_model, "target": cfg.target, "shots": 4, "mode": "full",
         "steps": 2, "samples": 6, "num_inference_steps": 2, "device": "cpu",
         "runs_dir": cfg.runs_dir, "progress": False})
-    report = tr.run_dir_for(config) / "report.html"
+    report = trun.run_dir_for(config) / "report.html"
     assert report.is_file() and f"report: {report}" in capsys.readouterr().out
-    assert all(read_json(report.parent / "stages" / f"{s}.json") for s in tr.STEPS)
+    assert all(read_json(report.parent / "stages" / f"{s}.json") for s in tconfig.STEPS)

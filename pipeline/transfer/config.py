@@ -1,0 +1,114 @@
+"""Transfer settings: one validated config, its hash and its run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.config import apply_overrides, parse_overrides
+
+BUILTIN_TARGETS = ("mnist-foolbox", "sklearn-digits")
+
+
+DIGITS = tuple(str(d) for d in range(10))
+
+
+STEPS = ("target", "tune", "sample", "evaluate", "report")
+
+
+RUNTIME_FIELDS = frozenset({"runs_dir", "progress", "device"})  # where and how, not what
+
+
+NEAR_COPY_PERCENTILE = 5.0
+
+
+SAMPLE_BATCH = 64  # images per sampling batch; every image has its own seed, so no effect
+
+
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class TransferError(ValueError):
+    """A transfer run's input is unusable; the message names the parameter and the fix."""
+
+
+class TransferConfig(BaseModel):
+    """Everything one transfer run depends on; validated strictly (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = "data/models/fashion-mnist-ddpm-32"
+    # A folder of images, a built-in target (BUILTIN_TARGETS) or a registered dataset name.
+    target: str = "mnist-foolbox"
+    target_class: str | None = None  # a class name or index; None: every image of the target
+    target_root: str | None = None  # root= of a registered dataset
+    shots: int = Field(10, ge=1)
+    max_held_out: int = Field(500, ge=2)  # held-out images evaluated against (KID cost)
+    seed: int = 0
+    encoder: str = "efficientnet-lite0@64"
+    mode: Literal["anl", "full", "scratch"] = "anl"
+    steps: int = Field(300, ge=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    hflip: bool = False  # off: digits and text are not mirror-symmetric
+    context_dim: int = Field(128, ge=1)  # anl: projected token width
+    head_dim: int = Field(32, ge=1)  # anl: attention head width
+    cond_dropout: Ratio = 0.1  # anl: share of steps that train the null condition
+    train_mask_ratio: Ratio = 0.3  # anl: tokens masked per step, up to this share
+    samples: int = Field(100, ge=1)
+    mask_ratio: Ratio = 0.3  # anl: tokens replaced by the null token per sample
+    guidance: float = Field(2.0, ge=0)
+    num_inference_steps: int = Field(25, ge=1)
+    unconditional: bool = False  # anl: sample through the null token only
+    kid_subsets: int = Field(20, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    runs_dir: str = "runs/transfer"
+    progress: bool = True
+
+    def resolved_device(self) -> str:
+        """The device steps run on (``auto``: CUDA when visible)."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @field_validator("target_class", mode="before")
+    @classmethod
+    def _class_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v  # --class 3 and --class '3' are one class
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown parameter {loc!r}: remove it or check its spelling "
+                         f"(parameters: {', '.join(TransferConfig.model_fields)})")
+        else:
+            lines.append(f"{loc}={e.get('input')!r}: {e['msg'].replace('Value error, ', '')}")
+    return "invalid transfer configuration:\n  " + "\n  ".join(lines)
+
+
+def transfer_config(values: dict[str, Any] | None = None,
+                    overrides: list[str] | dict[str, Any] | None = None) -> TransferConfig:
+    """A validated config from ``values`` plus ``key=value`` overrides (values are YAML)."""
+    data = apply_overrides(dict(values or {}), parse_overrides(overrides))
+    try:
+        return TransferConfig.model_validate(data)
+    except ValidationError as e:
+        raise TransferError(_explain(e)) from None
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_hash(config: TransferConfig) -> str:
+    return _digest(config.model_dump(mode="json", exclude=set(RUNTIME_FIELDS)))

@@ -63,7 +63,7 @@ def load_bench_config(args: argparse.Namespace, extra: dict[str, Any] | None = N
 
 def base_model_label(spec: str) -> str:
     """Where the base model is and how long it was trained, for the header of a table."""
-    from pipeline.preflight import resolve_base_model
+    from pipeline.models import resolve_base_model
 
     unet_dir = resolve_base_model(spec)
     step = None
@@ -79,7 +79,7 @@ def base_model_label(spec: str) -> str:
 
 def base_fingerprint(spec: str) -> str:
     """Content hash of the base U-Net (config + weights): what results are keyed on."""
-    from pipeline.preflight import base_model_fingerprint, resolve_base_model
+    from pipeline.models import base_model_fingerprint, resolve_base_model
 
     return base_model_fingerprint(resolve_base_model(spec))
 

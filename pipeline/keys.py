@@ -12,7 +12,7 @@ from pipeline.stage_graph import STAGE_ORDER, STAGE_UPSTREAM
 
 def stage_keys(config: AugmentConfig, run_dir: Path | None = None) -> dict[str, str | None]:
     """Every stage's key. The tune key includes the base model's content fingerprint."""
-    from pipeline.preflight import base_model_fingerprint, resolve_base_model
+    from pipeline.models import base_model_fingerprint, resolve_base_model
 
     base = None if config.pretrains_base else \
         base_model_fingerprint(resolve_base_model(config.base_model))

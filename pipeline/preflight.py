@@ -6,127 +6,18 @@ with a message naming the parameter and the ways to fix it, not after an hour of
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import AugmentConfig, resolve_path
-
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-class PreflightError(RuntimeError):
-    """An input of the run is missing; the message names the parameter and how to provide it."""
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true")
-
-
-def _unet_dir(root: Path) -> Path | None:
-    """The folder holding a UNet2DModel: the root itself, or ``unet/`` of a pipeline."""
-    for cand in (root / "unet", root):
-        if (cand / "config.json").is_file() and any((cand / w).is_file() for w in WEIGHT_NAMES):
-            return cand
-    return None
-
-
-def _hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        if _offline():
-            raise
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise FileNotFoundError(str(e)) from e
-
-
-def _not_found_why(spec: str, err: Exception) -> str:
-    """Where the model was looked for: the cache folder, and whether the hub was asked."""
-    from huggingface_hub import constants
-
-    hub = ("HF_HUB_OFFLINE=1, so the hub was not asked" if _offline()
-           else "the Hugging Face hub could not be reached")
-    return (f"({type(err).__name__}): {spec} is not in the Hugging Face cache "
-            f"{constants.HF_HUB_CACHE} and {hub}")
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
-
-
-def resolve_base_model(spec: str) -> Path:
-    """Local folder of the base UNet2DModel named by ``base_model`` (a path or a hub id)."""
-    path = resolve_path(spec)
-    if path.exists():
-        found = _unet_dir(path)
-        if found is None:
-            raise PreflightError(
-                f"base_model={spec!r}: {path} holds no diffusers UNet2DModel (needs config.json and "
-                f"{' or '.join(WEIGHT_NAMES)} at its root or in unet/); save one with "
-                "UNet2DModel.save_pretrained or `augment pretrain --out DIR`")
-        return found
-    if not _looks_like_hub_id(spec):
-        raise PreflightError(f"base_model={spec!r}: no such directory ({path}); give a local "
-                             "diffusers model folder or a Hugging Face hub id such as "
-                             "google/ddpm-cifar10-32")
-    try:
-        snap = _hub_snapshot(spec, ["*.json", "*.safetensors", "*.bin"])
-    except Exception as e:  # noqa: BLE001 - every failure here means "not available"
-        raise PreflightError(
-            f"base_model={spec!r} cannot be found offline {_not_found_why(spec, e)}. Provide it "
-            f"one of two ways: (1) cache it by id: run `hf download {spec}` where the hub is "
-            "reachable, with HF_HOME set to a folder this machine reads (or copy that folder "
-            "here and set HF_HOME to it); or (2) give a local copy: a folder saved with "
-            "DDPMPipeline/UNet2DModel.save_pretrained, passed as --set base_model=/path/to/it. "
-            "(For a run without downloads, a base the project ships: "
-            "base_model=data/models/fashion-mnist-ddpm-32.)") from None
-    found = _unet_dir(snap)
-    if found is None:
-        raise PreflightError(f"base_model={spec!r}: the hub snapshot {snap} holds no "
-                             "UNet2DModel weights")
-    return found
-
-
-def resolve_scheduler_config(unet_dir: Path) -> Path | None:
-    """The scheduler config saved next to the U-Net (pipeline layout or flat hub layout)."""
-    for cand in (unet_dir.parent / "scheduler" / "scheduler_config.json",
-                 unet_dir / "scheduler_config.json",
-                 unet_dir / "scheduler" / "scheduler_config.json"):
-        if cand.is_file():
-            return cand
-    return None
-
-
-@functools.lru_cache(maxsize=8)
-def _fingerprint_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def base_model_fingerprint(unet_dir: Path) -> str:
-    """sha256 of the base U-Net's config and weights: identifies the base in stage keys."""
-    h = hashlib.sha256((unet_dir / "config.json").read_bytes())
-    for name in WEIGHT_NAMES:
-        p = unet_dir / name
-        if p.is_file():
-            st = p.stat()
-            h.update(_fingerprint_cached(str(p), st.st_size, st.st_mtime_ns).encode())
-    return h.hexdigest()
+from pipeline.models import (
+    PreflightError,
+    _hub_snapshot,
+    _looks_like_hub_id,
+    _not_found_why,
+    resolve_base_model,
+)
 
 
 def check_encoder(spec: str) -> str:

@@ -29,7 +29,7 @@ def split_for(run_dir: Path):
 
 
 def base_model_dir(run_dir: Path, config: AugmentConfig) -> Path:
-    from pipeline.preflight import resolve_base_model
+    from pipeline.models import resolve_base_model
 
     if config.pretrains_base:
         base = run_dir / "base"
@@ -41,17 +41,9 @@ def base_model_dir(run_dir: Path, config: AugmentConfig) -> Path:
 
 def load_base(run_dir: Path, config: AugmentConfig, device: str):
     """The frozen base U-Net (fp32 on CPU; the stored dtype is not trusted) and its scheduler."""
-    import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+    from pipeline.models import load_base_unet
 
-    from pipeline.preflight import resolve_scheduler_config
-
-    unet_dir = base_model_dir(run_dir, config)
-    unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32,
-                                       low_cpu_mem_usage=False).to(device).eval()
-    sched_cfg = resolve_scheduler_config(unet_dir)
-    scheduler = (DDPMScheduler.from_pretrained(sched_cfg.parent) if sched_cfg
-                 else DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"))
+    unet, scheduler = load_base_unet(base_model_dir(run_dir, config), device)
     if unet.config.sample_size != config.image_size:
         raise StageError(f"image_size={config.image_size} but the base model works at "
                          f"{unet.config.sample_size}; set image_size={unet.config.sample_size}")

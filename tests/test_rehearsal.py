@@ -106,7 +106,8 @@ def hub_cache_in_process(stand_ins, monkeypatch):
 
 def test_stand_ins_have_the_real_layouts(stand_ins, hub_cache_in_process):
     from pipeline.data.datasets import load_dataset
-    from pipeline.preflight import check_encoder, resolve_base_model, resolve_scheduler_config
+    from pipeline.models import resolve_base_model, resolve_scheduler_config
+    from pipeline.preflight import check_encoder
 
     ddpm = stand_ins["snapshots"][rf.DDPM_ID]
     index = json.loads((ddpm / "model_index.json").read_text())
@@ -151,7 +152,8 @@ def test_local_copies_load_by_path(stand_ins):
     import torch
 
     from anl_core.encoders import load_encoder
-    from pipeline.preflight import check_encoder, resolve_base_model, resolve_scheduler_config
+    from pipeline.models import resolve_base_model, resolve_scheduler_config
+    from pipeline.preflight import check_encoder
 
     unet_dir = resolve_base_model(str(stand_ins["local_ddpm"]))
     assert unet_dir == stand_ins["local_ddpm"] / "unet"

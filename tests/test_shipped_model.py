@@ -149,7 +149,9 @@ def tiny_model(tmp_path_factory, data_fashion_mnist):
                             sample_steps=2, device="cpu")
     pretrain(ds.train_images[split.unlabeled_idx], out, config, progress=False,
              command=f"augment pretrain --dataset fashion-mnist --labels-per-class 4 "
-                     f"--split-seed 0 --out {out}")
+                     f"--split-seed 0 --out {out}",
+             source={"dataset": "fashion-mnist", "root": None, "labels_per_class": 4,
+                     "split_seed": 0})
     return out, ds
 
 

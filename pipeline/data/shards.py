@@ -19,7 +19,6 @@ the manifest and refuse a missing, truncated or altered one.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -41,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.atomic import atomic_write_text
+from pipeline.models import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "anl-augment-shards"
@@ -88,13 +88,6 @@ def shard_schema(class_names: Sequence[str]) -> pa.Schema:
 def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text, fsync=True)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _claim_dir(out_dir: Path, overwrite: bool) -> None:
@@ -334,7 +327,7 @@ class ShardWriter:
         cur = self._cur
         self._shards.append({
             "file": cur["file"], "rows": cur["rows"], "bytes": final.stat().st_size,
-            "sha256": _sha256(final), "row_groups": cur["groups"],
+            "sha256": file_sha256(final), "row_groups": cur["groups"],
             "class_histogram": cur["hist"].tolist(), "sources": cur["sources"],
         })
         self._cur = {}
@@ -412,7 +405,7 @@ def verify_shards(shard_dir: str | Path, *, checksum: bool = True) -> dict:
             kind = "truncated" if size < s["bytes"] else "grown"
             raise ShardError(f"shard {path} is {kind}: {size} bytes, manifest says {s['bytes']}; "
                              f"{fix}")
-        if checksum and _sha256(path) != s["sha256"]:
+        if checksum and file_sha256(path) != s["sha256"]:
             raise ShardError(f"shard {path} was altered: sha256 differs from the manifest; {fix}")
         try:
             rows = pq.ParquetFile(path).metadata.num_rows

@@ -23,7 +23,6 @@ weights and settings only re-renders README.md from it. Run it as
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,8 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_text as _write_text
+from pipeline.config import REPO_ROOT
 from pipeline.data.images import from_model_space
-from pipeline.generate.pretrain import _sha256, _write_json, data_hash, resolve_device
+from pipeline.generate.pretrain import _write_json, data_hash, resolve_device
+from pipeline.models import file_sha256
 
 CARD_FILE = "card.json"
 README_FILE = "README.md"
@@ -72,15 +73,14 @@ class CardConfig:
 
 def load_base(model_dir: str | Path, device: torch.device | str = "cpu"):
     """(UNet2DModel in float32, its DDPMScheduler) from a diffusers pipeline directory."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from pipeline.models import load_base_unet
 
     model_dir = Path(model_dir)
     if not (model_dir / WEIGHTS_FILE).exists():
         raise ModelCardError(f"{model_dir} has no {WEIGHTS_FILE}; train it first with "
                              "`augment pretrain --out " + str(model_dir) + "`")
     # fp16 on disk; sample in fp32 (CPU) or under bf16 autocast (CUDA).
-    unet = UNet2DModel.from_pretrained(model_dir / "unet").float()
-    return unet.to(device).eval(), DDPMScheduler.from_pretrained(model_dir / "scheduler")
+    return load_base_unet(model_dir / "unet", device)
 
 
 @torch.no_grad()
@@ -183,15 +183,14 @@ def measure_samples(samples: np.ndarray, dataset, features, reference,
 # --------------------------------------------------------------------------- provenance
 
 
-def training_arguments(training: dict):
-    """The pretrain command's parsed arguments (dataset, split), from training.json."""
-    from pipeline.generate.pretrain import build_arg_parser
-
-    words = shlex.split(training.get("command") or "")
-    if words[:2] != ["augment", "pretrain"]:
-        raise ModelCardError("training.json has no `augment pretrain ...` command; retrain with "
-                             "`augment pretrain`, which records it")
-    return build_arg_parser().parse_args(words[2:])
+def training_pool(training: dict) -> dict:
+    """Where the model's training images came from (dataset, root, labels_per_class,
+    split_seed), as ``augment pretrain`` records it in training.json."""
+    pool = training.get("pool")
+    if not isinstance(pool, dict) or not {"dataset", "labels_per_class", "split_seed"} <= set(pool):
+        raise ModelCardError("training.json has no `pool` record (dataset and split of the "
+                             "training images); retrain with `augment pretrain`, which writes it")
+    return pool
 
 
 def git_commit(repo: Path) -> str:
@@ -231,15 +230,15 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
         raise ModelCardError(f"{training_path} is missing: the model is not finished (or was not "
                              "made by `augment pretrain`)")
     training = json.loads(training_path.read_text())
-    args = training_arguments(training)
+    pool = training_pool(training)
     dev = resolve_device(device or "auto")
     if dataset is None:
         from pipeline.data.datasets import load_dataset
 
-        dataset = load_dataset(args.dataset, args.root)
+        dataset = load_dataset(pool["dataset"], pool.get("root"))
     from pipeline.data.splits import make_split
 
-    split = make_split(dataset.train_labels, args.labels_per_class, args.split_seed,
+    split = make_split(dataset.train_labels, pool["labels_per_class"], pool["split_seed"],
                        dataset.num_classes)
     recomputed_hash = data_hash(dataset.train_images[split.unlabeled_idx])
     if reference is None:
@@ -265,7 +264,7 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
     return {
         "format": CARD_FORMAT, "version": CARD_VERSION, "name": model_dir.name,
         "location": _repo_relative(model_dir),
-        **_card_identity(_sha256(weights), config),
+        **_card_identity(file_sha256(weights), config),
         "weights_bytes": weights.stat().st_size,
         "weights_dtype": "/".join(sorted(_safetensors_dtypes(weights))),
         "unet_config": {k: v for k, v in unet_config.items() if not k.startswith("_")},
@@ -275,10 +274,10 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
         "command": training["command"],
         # pretrain may record its own commit; else the code's commit when the card is written.
         "git_commit": training.get("git_commit")
-        or git_commit(Path(__file__).resolve().parents[1]),
+        or git_commit(REPO_ROOT),
         "git_commit_source": "training" if training.get("git_commit") else "card",
         "dataset": dataset.name, "class_names": list(dataset.class_names),
-        "labels_per_class": args.labels_per_class, "split_seed": args.split_seed,
+        "labels_per_class": pool["labels_per_class"], "split_seed": pool["split_seed"],
         "num_images": training.get("num_images"), "data_sha256": training.get("data_sha256"),
         "data_sha256_verified": recomputed_hash == training.get("data_sha256"),
         "steps": training.get("steps"), "wall_s": training.get("wall_s"),
@@ -292,7 +291,7 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
 
 
 def _repo_relative(path: Path) -> str:
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     try:
         return str(path.resolve().relative_to(root))
     except ValueError:
@@ -497,7 +496,7 @@ def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,
     if path.exists() and not force and (model_dir / WEIGHTS_FILE).exists():
         old = json.loads(path.read_text())
         if {k: old.get(k) for k in ("weights_sha256", "card_config")} == \
-                _card_identity(_sha256(model_dir / WEIGHTS_FILE), config):
+                _card_identity(file_sha256(model_dir / WEIGHTS_FILE), config):
             card = old
             # Facts about training (not measured figures) are read again from training.json,
             # so a card written before a field existed renders correctly.

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_torch_save as _atomic_torch_save
 from pipeline.atomic import atomic_write_json as _write_json
 from pipeline.data.images import from_model_space, to_model_space
+from pipeline.models import file_sha256
 
 
 @dataclass
@@ -122,8 +123,12 @@ def data_hash(images: np.ndarray) -> str:
 
 
 def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | None = None,
-             progress: bool = True, fp16: bool = True, command: str | None = None) -> Path:
-    """Train a DDPM on ``images`` (uint8 N,H,W,C: the unlabeled pool only) into ``out_dir``."""
+             progress: bool = True, fp16: bool = True, command: str | None = None,
+             source: dict | None = None) -> Path:
+    """Train a DDPM on ``images`` (uint8 N,H,W,C: the unlabeled pool only) into ``out_dir``.
+
+    ``source`` names where the images came from (dataset, root, split); it is recorded as
+    ``pool`` in ``training.json``, so the model card can rebuild the pool and check its hash."""
     from diffusers import DDIMScheduler, DDPMPipeline
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
@@ -245,8 +250,8 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
         "params": sum(p.numel() for p in unet.parameters()),
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
         "loss_every_50": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
-        "weights_sha256": _sha256(out_dir / "unet" / "diffusion_pytorch_model.safetensors"),
-        "command": command, "sample_scheduler": DDIMScheduler.__name__,
+        "weights_sha256": file_sha256(out_dir / "unet" / "diffusion_pytorch_model.safetensors"),
+        "command": command, "pool": source, "sample_scheduler": DDIMScheduler.__name__,
     }
     _write_json(out_dir / "training.json", record)
     return out_dir
@@ -288,13 +293,6 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def pretrain_on_unlabeled_pool(dataset_name: str, out_dir: str | Path, labels_per_class: int,
                                split_seed: int, config: PretrainConfig, root: str | None = None,
@@ -305,8 +303,10 @@ def pretrain_on_unlabeled_pool(dataset_name: str, out_dir: str | Path, labels_pe
 
     ds = load_dataset(dataset_name, root)
     split = make_split(ds.train_labels, labels_per_class, split_seed, ds.num_classes)
+    source = {"dataset": dataset_name, "root": root, "labels_per_class": labels_per_class,
+              "split_seed": split_seed}
     return pretrain(ds.train_images[split.unlabeled_idx], out_dir, config, progress=progress,
-                    command=command)
+                    command=command, source=source)
 
 
 def build_arg_parser(parser=None):

@@ -17,7 +17,8 @@ from pipeline.transfer.config import SAMPLE_BATCH, TransferConfig, TransferError
 
 def base_dir(config: TransferConfig) -> Path:
     """The folder of the base UNet2DModel (a pipeline's ``unet/`` or the folder itself)."""
-    from pipeline.preflight import PreflightError, resolve_base_model
+    from pipeline.models import resolve_base_model
+    from pipeline.preflight import PreflightError
 
     try:
         return resolve_base_model(config.base_model)
@@ -31,17 +32,9 @@ def base_channels(config: TransferConfig) -> int:
 
 def load_base(spec: str, device: torch.device | str):
     """The base UNet2DModel (float32, eval) and its training scheduler (DDPM by default)."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from pipeline.models import load_base_unet, resolve_base_model
 
-    from pipeline.preflight import resolve_base_model, resolve_scheduler_config
-
-    unet_dir = resolve_base_model(spec)
-    unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32,
-                                       low_cpu_mem_usage=False).to(device).eval()
-    sched = resolve_scheduler_config(unet_dir)
-    scheduler = (DDPMScheduler.from_pretrained(sched.parent) if sched
-                 else DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"))
-    return unet, scheduler
+    return load_base_unet(resolve_base_model(spec), device)
 
 
 @functools.lru_cache(maxsize=2)

@@ -46,7 +46,7 @@ def run_dir_for(config: TransferConfig) -> Path:
 
 def step_parts(config: TransferConfig) -> dict[str, dict[str, Any]]:
     """The config parts each step reads: a change reruns that step and the ones after it."""
-    from pipeline.preflight import base_model_fingerprint
+    from pipeline.models import base_model_fingerprint
 
     c = config.model_dump(mode="json")
 

@@ -89,7 +89,12 @@ def test_card_matches_the_shipped_files(shipped, card):
 
 
 def test_card_readme_states_provenance_and_quality(shipped, card):
+    from pipeline.evaluate.model_card import render_readme
+
     text = (shipped / "README.md").read_text()
+    # The README is the Jinja template rendered from card.json, byte for byte (Markdown: no
+    # HTML escaping of quotes or '>' in code and tables).
+    assert render_readme(card) == text
     for needle in (card["command"], card["git_commit"], card["data_sha256"],
                    card["weights_sha256"], "samples.png", "KID", "Intended use"):
         assert needle in text, f"README.md lacks {needle!r}"

@@ -37,6 +37,7 @@ from pipeline.config import REPO_ROOT
 from pipeline.data.images import from_model_space
 from pipeline.generate.pretrain import _write_json, data_hash, resolve_device
 from pipeline.models import file_sha256
+from pipeline.report.render import render
 
 CARD_FILE = "card.json"
 README_FILE = "README.md"
@@ -391,77 +392,10 @@ def render_readme(card: dict) -> str:
         ("mean pixel intensity (0..1)", f"{q.get('mean_intensity', float('nan')):.3f}",
          f"{q.get('real_test_mean_intensity', float('nan')):.3f} (test images)"),
     ])
-    return f"""---
-library_name: diffusers
-license: apache-2.0
-tags: [ddpm, unconditional-image-generation, {card['dataset']}]
-pipeline_tag: unconditional-image-generation
----
-
-# {card['name']}
-
-An unconditional DDPM (diffusers `UNet2DModel` + `DDPMScheduler`, {card['params']:,} parameters,
-{ucfg['sample_size']}x{ucfg['sample_size']}x{ucfg['in_channels']}) trained by this project's own
-pretrain stage on the unlabeled pool of {card['dataset']}. {_used_by(card['location'])}
-Frozen, with ANL adapters tuned on top of it,
-it turns a few labeled images per class into synthetic labeled images, with no network access.
-The weights are the EMA weights, stored in {card['weights_dtype']}.
-
-![64 DDIM-50 samples of this model](samples.png)
-
-## Load it
-
-```python
-from diffusers import DDPMPipeline, UNet2DModel
-
-unet = UNet2DModel.from_pretrained("{card['location']}/unet")  # or the whole pipeline:
-pipe = DDPMPipeline.from_pretrained("{card['location']}")
-images = pipe(batch_size=16, num_inference_steps=1000).images  # 32x32, the data is padded 28x28
-```
-
-Images live in [-1, 1] at 32x32; 28x28 Fashion-MNIST was padded with its black background, so
-crop the centre 28x28 to get images on the data's grid (`pipeline.data.images.from_model_space`).
-
-## How it was made
-
-{made}
-
-{retrain}
-
-## Quality
-
-{q['n_samples']} samples (DDIM, {cfg['sample_steps']} steps, seed {cfg['seed']}) against
-{q['n_real_test']} real test images, which the model never saw, measured in
-{q['sampling_s']:.0f} s of sampling on {q['sampling_device']}:
-
-{figures}
-
-KID is the unbiased squared MMD with a cubic polynomial kernel (mean +- std over
-{cfg['kid_subsets']} subsets of {cfg['kid_subset_size']}); lower is better and the real-image
-row is what a perfect model would get at this sample size. FID is not given: with
-{q['n_samples']} samples and 1280-dimensional features its covariance estimate is singular.
-The judge is `{q['reference_id']}`, a small CNN trained on the real labeled training set
-(test accuracy {_pct(q['reference_test_accuracy'])}); its assignments per class (the mode
-coverage):
-
-{per_class}
-
-## UNet config
-
-```json
-{unet_json}
-```
-
-## Intended use and limitations
-
-- Intended use: the frozen base model for ANL adapter tuning and masked sampling in this
-  project's offline presets, on 28x28 grey images of the Fashion-MNIST kind; tests and demos.
-- {budget}
-- It has seen only Fashion-MNIST's training images (no labels); it knows nothing of other
-  domains until adapters are tuned, and it is not meant as a general image generator.
-- The figures depend on the feature space, the judge and the sample size stated above;
-  compare them only with figures measured the same way (`python -m pipeline.evaluate.model_card`).
-"""
+    return render("model_card.md.j2", card=card, q=q, cfg=cfg, ucfg=ucfg, made=made,
+                  retrain=retrain, figures=figures, per_class=per_class, unet_json=unet_json,
+                  budget=budget, used_by=_used_by(card["location"]),
+                  reference_accuracy=_pct(q["reference_test_accuracy"])) + "\n"
 
 
 def _used_by(location: str) -> str:

@@ -82,7 +82,7 @@ def mb(x) -> str:
 
 def environment() -> Environment:
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)),
-                      autoescape=select_autoescape(["html", "j2"]),
+                      autoescape=select_autoescape(["html", "html.j2"]),  # .md.j2: Markdown
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(pct=pct, pct_or=pct_or, pp=pp, pp_or=pp_or, pp_abs_or=pp_abs_or,
                        num=num, seconds=seconds, mb=mb, pval=pval, ci_pp=ci_pp)

@@ -23,7 +23,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.ssl.config import BUDGETS, SSLConfig
 from pipeline.stage_graph import STAGE_PARTS
+from pipeline.validation import explain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = REPO_ROOT / "data" / "presets"
@@ -178,75 +180,44 @@ class ShardsSection(_Section):
     rows_per_shard: int = Field(4096, ge=1)
 
 
-SSL_BUDGETS = {  # mirrors pipeline.ssl.config.BUDGETS (a test keeps them equal)
-    "steps-1048576": {"steps": 2**20, "eval_every": 8192, "checkpoint_every": 8192},
-    "steps-262144": {"steps": 2**18, "eval_every": 4096, "checkpoint_every": 4096},
-    "steps-65536": {"steps": 2**16, "eval_every": 2048, "checkpoint_every": 2048},
-    "steps-8192": {"steps": 2**13, "eval_every": 512, "checkpoint_every": 1024},
-    "steps-1024": {"steps": 2**10, "eval_every": 128, "checkpoint_every": 256},
-    "steps-256": {"steps": 2**8, "eval_every": 64, "checkpoint_every": 128},
-}
+class SSLSection(SSLConfig):
+    """Downstream classifiers: which arms and seeds, plus the trainer's own fields, declared
+    once in ``pipeline.ssl.SSLConfig`` (this section extends that model).
 
-
-class SSLSection(_Section):
-    """Downstream classifiers: which arms and seeds, plus ``pipeline.ssl.SSLConfig`` fields.
-
-    ``budget`` names a step budget (e.g. "steps-1048576", USB's 2^20); it fills ``steps``,
-    ``eval_every`` and ``checkpoint_every`` unless those are given explicitly.
+    ``budget`` names a step budget (``pipeline.ssl.config.BUDGETS``, e.g. "steps-1048576",
+    USB's 2^20); it fills ``steps``, ``eval_every`` and ``checkpoint_every`` unless those are
+    given explicitly. ``seed`` and ``device`` are not set here: each unit gets one seed of
+    ``seeds`` and the run's device (:meth:`trainer_config`).
     """
 
     arms: list[Literal["supervised", "baseline", "augmented", "control"]] = Field(
         default_factory=lambda: ["supervised", "baseline", "augmented", "control"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: str | None = None
-    algorithm: str = "fixmatch"
-    net: str = "auto"
-    steps: int = Field(2**20, ge=1)
-    batch_size: int = Field(64, ge=1)
-    mu: int = Field(7, ge=1)
-    tau: float = Field(0.95, gt=0, le=1)
-    lambda_u: float = Field(1.0, ge=0)
-    hard_labels: bool = True
-    T: float = Field(0.5, gt=0)
-    lr: float = Field(0.03, gt=0)
-    momentum: float = Field(0.9, ge=0)
-    weight_decay: float = Field(5e-4, ge=0)
-    nesterov: bool = True
-    ema: float = Field(0.999, ge=0, lt=1)
-    ema_warmup: bool = True
-    include_labeled_in_unlabeled: bool = True
-    eval_every: int = Field(5000, ge=1)
-    eval_size: int | None = Field(None, ge=1)
-    checkpoint_every: int = Field(5000, ge=1)
-    synthetic_as: Literal["labeled", "unlabeled"] = "labeled"
-    synthetic_weight: float = Field(1.0, ge=0)
-    # Extra labeled rows per batch (synthetic or control) on top of batch_size real rows,
-    # as a share of batch_size; see pipeline.ssl.config.SSLConfig.
-    synthetic_batch_share: float = Field(0.5, ge=0, le=4)
-    synthetic_class_balance: bool = False
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    progress_every: int = Field(50, ge=1)
-    extra: dict[str, Any] = Field(default_factory=dict)
     # The control arm draws its judged real rows from this many unlabeled images.
     control_pool: int = Field(4000, ge=1)
+    seed: int = Field(0, exclude=True)       # per unit, from seeds
+    device: str = Field("auto", exclude=True)  # the run's device
 
     @model_validator(mode="before")
     @classmethod
     def _fill_budget(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("budget") is not None:
-            budget = data["budget"]
-            if budget not in SSL_BUDGETS:
-                raise ValueError(f"ssl.budget={budget!r} is not a known budget; choose one of "
-                                 f"{', '.join(SSL_BUDGETS)} or leave it null and set ssl.steps")
-            data = {**SSL_BUDGETS[budget], **data}
+        if isinstance(data, dict):
+            for name, use in (("seed", "ssl.seeds"), ("device", "the top-level device")):
+                if name in data:
+                    raise ValueError(f"ssl.{name} is set per classifier unit; use {use}")
+            if data.get("budget") is not None:
+                budget = data["budget"]
+                if budget not in BUDGETS:
+                    raise ValueError(f"ssl.budget={budget!r} is not a known budget; choose one "
+                                     f"of {', '.join(BUDGETS)} or leave it null and set ssl.steps")
+                data = {**BUDGETS[budget], **data}
         return data
 
-    def trainer_fields(self, seed: int) -> dict[str, Any]:
-        """The ``SSLConfig`` keyword arguments for one seed."""
-        fields = self.model_dump(exclude={"arms", "seeds", "budget", "control_pool"})
-        return {**fields, "seed": seed}
+    def trainer_config(self, seed: int, device: str = "auto") -> SSLConfig:
+        """The trainer's config for one unit: this section's trainer fields, one seed."""
+        fields = {k: getattr(self, k) for k in SSLConfig.model_fields}
+        return SSLConfig(**{**fields, "seed": seed, "device": device})
 
 
 class QualitySection(_Section):
@@ -360,35 +331,11 @@ def resolve_path(value: str | Path) -> Path:
 # --------------------------------------------------------------------------- errors
 
 
-def _format_loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and not part.startswith(("function-", "literal[")):
-            out += f".{part}" if out else part
-    return out
-
-
-def _explain(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = _format_loc(e["loc"])
-        msg = e["msg"].replace("Value error, ", "")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown parameter {loc!r}: remove it or check its spelling")
-        elif loc:
-            lines.append(f"{loc}={e.get('input')!r}: {msg}")
-        else:
-            lines.append(msg)
-    return "invalid configuration:\n  " + "\n  ".join(lines)
-
-
 def validate_config(data: dict[str, Any]) -> AugmentConfig:
     try:
         return AugmentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_explain(e)) from None
+        raise ConfigError(explain(e)) from None
 
 
 # --------------------------------------------------------------------------- presets

@@ -68,7 +68,7 @@ def build_tiny_run(root: Path, dataset, reference, *, preset: str = "report-test
     from pipeline.data.shards import ShardWriter
     from pipeline.data.splits import make_split, save_split
     from pipeline.evaluate.quality import QualityConfig, evaluate_run_quality
-    from pipeline.ssl import SSLConfig, run_arm
+    from pipeline.ssl import run_arm
 
     data = {"preset": preset, "dataset": "fashion-mnist", "labels_per_class": N_PER_CLASS,
             "encoder": "efficientnet-lite0@128",
@@ -118,8 +118,8 @@ def build_tiny_run(root: Path, dataset, reference, *, preset: str = "report-test
     if ssl:
         for arm in config.ssl.arms:
             for seed in config.ssl.seeds:
-                scfg = SSLConfig.from_dict({**config.ssl.trainer_fields(seed), "device": "cpu",
-                                            "amp": False, "channels_last": False})
+                scfg = config.ssl.trainer_config(seed, "cpu").model_copy(
+                    update={"amp": False, "channels_last": False})
                 run_arm(arm, dataset, split, run_dir / f"ssl/{arm}/seed-{seed}", scfg,
                         shard_dir=run_dir / "shards" if arm == "augmented" else None,
                         progress=False)

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from pipeline.config import (
-    SSL_BUDGETS,
     AugmentConfig,
     ConfigError,
     PretrainSection,
@@ -123,15 +122,9 @@ def test_sections_mirror_the_component_configs():
     """Sections copy other modules' dataclass fields; this keeps them from drifting."""
     from anl_core.tuning import TuneConfig
     from pipeline.generate.pretrain import PretrainConfig
-    from pipeline.ssl.config import BUDGETS, SSLConfig
 
-    assert SSL_BUDGETS == BUDGETS
     tune = _fields(TuneConfig)
     assert TuningSection().model_dump() == tune
-    ssl = _fields(SSLConfig)
-    mine = SSLSection().trainer_fields(seed=0)
-    assert set(mine) == set(ssl) - {"device"}
-    assert {k: v for k, v in mine.items()} == {k: ssl[k] for k in mine}
     pre = {k: (list(v) if isinstance(v, tuple) else v) for k, v in _fields(PretrainConfig).items()}
     assert PretrainSection().model_dump() == {k: pre[k] for k in pre
                                               if k not in ("sample_size", "device")}
@@ -153,3 +146,31 @@ def test_pretrain_architecture_diffusers_cannot_build_is_a_config_error():
     ok = validate_config({"pretrain": {"block_out_channels": [8, 16], "attention_levels": [1],
                                        "attention_head_dim": 8}})
     assert ok.pretrain.attention_head_dim == 8
+
+
+# Every preset's config hash, pinned before the config twins were merged (issue 18): the
+# ssl section now extends pipeline.ssl.SSLConfig rather than copying its fields.
+PINNED_HASHES = {"benchmark-nightly": "94f37b3ab959", "cifar10-250labels": "c017b4e2b69a",
+                 "demo": "40f449644d6a", "fashion-mnist-40labels": "3db641d6a8ba"}
+
+
+def test_preset_hashes_are_pinned():
+    from pipeline.config import available_presets, config_hash, load_config
+
+    assert {p: config_hash(load_config(p))[:12] for p in available_presets()} == PINNED_HASHES
+
+
+def test_ssl_section_extends_the_trainer_config_and_fills_seed_and_device():
+    from pipeline.ssl.config import BUDGETS, SSLConfig
+
+    sec = SSLSection(budget="steps-8192", seeds=[3, 4], lr=0.05)
+    assert isinstance(sec, SSLConfig)
+    assert sec.steps == BUDGETS["steps-8192"]["steps"]
+    unit = sec.trainer_config(4, "cpu")
+    assert type(unit) is SSLConfig and (unit.seed, unit.device, unit.lr) == (4, "cpu", 0.05)
+    assert set(sec.model_dump()) == set(SSLConfig.model_fields) - {"seed", "device"} | \
+        {"arms", "seeds", "budget", "control_pool"}
+    for bad, named in (({"seed": 1}, "ssl.seeds"), ({"device": "cpu"}, "top-level device"),
+                       ({"budget": "short"}, "not a known budget")):
+        with pytest.raises(ValueError, match=named):
+            SSLSection(**bad)

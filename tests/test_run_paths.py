@@ -49,7 +49,7 @@ def test_sampling_change_reuses_label_only_arms_and_retrains_augmented(flow_cfg,
     read the shards, so they are hard-linked from the first run (same unit key, same files);
     augmented reads them, so it is trained again, on the new shards."""
     from pipeline.data.shards import read_shards
-    from pipeline.ssl import SSLConfig, run_arm
+    from pipeline.ssl import run_arm
 
     cfg = with_overrides(flow_cfg, {"ssl.arms": ["supervised", "baseline", "augmented"]})
     with anl_one_thread():  # the direct rerun below must see the same kernels
@@ -81,7 +81,7 @@ def test_sampling_change_reuses_label_only_arms_and_retrains_augmented(flow_cfg,
         assert not _same_tensors(retrained, _model_state(a / "checkpoint.pt"))
         # Trained on the second run's shards: the same arm run by hand on them agrees bit
         # for bit (the stage passes the config's trainer fields and device cpu).
-        scfg = SSLConfig.from_dict({**changed.ssl.trainer_fields(0), "device": "cpu"})
+        scfg = changed.ssl.trainer_config(0, "cpu")
         run_arm("augmented", stages.dataset_for(changed), stages.split_for(second),
                 tmp_path / "by-hand", scfg, shard_dir=second / "shards", progress=False)
         assert _same_tensors(retrained, _model_state(tmp_path / "by-hand" / "checkpoint.pt"))
@@ -201,12 +201,11 @@ def test_soft_pseudo_labels_give_the_hand_computed_unsupervised_loss():
 
 
 def test_soft_label_setting_reaches_the_trainer_and_its_fingerprint(flow_cfg):
-    from pipeline.ssl import SSLConfig
 
     soft = with_overrides(flow_cfg, {"ssl.hard_labels": False})
-    scfg = SSLConfig.from_dict(soft.ssl.trainer_fields(0))
+    scfg = soft.ssl.trainer_config(0)
     assert scfg.hard_labels is False
-    assert scfg.fingerprint() != SSLConfig.from_dict(flow_cfg.ssl.trainer_fields(0)).fingerprint()
+    assert scfg.fingerprint() != flow_cfg.ssl.trainer_config(0).fingerprint()
     # Every arm that trains with FixMatch is a different classifier with soft labels.
     k1, k2 = stages.stage_keys(flow_cfg), stages.stage_keys(soft)
     assert ssl_unit_key(flow_cfg, k1, "baseline", 0) != \

@@ -28,10 +28,10 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
     rel = ssl_rel(arm, seed)
 
     def body(unit_dir: Path, device: str) -> dict:
-        from pipeline.ssl import SSLConfig, run_arm
+        from pipeline.ssl import run_arm
 
         run = Path(run_dir)
-        scfg = SSLConfig.from_dict({**config.ssl.trainer_fields(seed), "device": device})
+        scfg = config.ssl.trainer_config(seed, device)
         shard_dir = {"augmented": run / "shards", "control": run / "shards",
                      "augmented-r2": round_root(run, 2) / "shards"}.get(arm)
         if shard_dir is not None and not (shard_dir / "manifest.json").exists():
@@ -117,12 +117,11 @@ def arms_at_once(run_dir: Path, config: AugmentConfig, units: list[tuple[str, in
     device = config.resolved_device()
     peak = free = None
     if config.arms_at_once == "auto" and device == "cuda" and len(units) > 1:
-        from pipeline.ssl import SSLConfig
 
         # An arm without extra rows: extra rows add k labeled rows per batch and a few
         # thousand small images to the store, noise against the unlabeled batch's share.
         arm = next((a for a, _ in units if a in ("baseline", "supervised")), "baseline")
-        scfg = SSLConfig.from_dict({**config.ssl.trainer_fields(units[0][1]), "device": device})
+        scfg = config.ssl.trainer_config(units[0][1], device)
         peak = measure_arm_peak_bytes(arm, dataset_for(config), split_for(run_dir), scfg)
         free = free_bytes_now()
     n = units_at_once(config.arms_at_once, len(units), device, peak, free)

@@ -1,18 +1,30 @@
 """Downstream semi-supervised classifier: FixMatch (USB protocol) on real + synthetic data.
 
 Entry point: ``run_arm(arm, dataset, split, out_dir, config, shard_dir=None)``.
+
+Names are imported on first use (PEP 562): ``pipeline.config`` composes ``SSLConfig`` from the
+light ``pipeline.ssl.config``, and reading a preset should not import torch.
 """
 
-from .algorithms import ALGORITHMS, Batch, FixMatch, SSLAlgorithm, StepOutput, Supervised
-from .arms import ARMS, ArmError, build_train_data, load_synthetic, run_arm
-from .config import BUDGETS, SSLConfig, SSLConfigError
-from .evaluate import EvalResult, evaluate
-from .nets import NETS, build_net
-from .trainer import CheckpointMismatchError, TrainData, Trainer
+from __future__ import annotations
 
-__all__ = [
-    "ALGORITHMS", "ARMS", "BUDGETS", "NETS", "ArmError", "Batch", "CheckpointMismatchError",
-    "EvalResult", "FixMatch", "SSLAlgorithm", "SSLConfig", "SSLConfigError", "StepOutput",
-    "Supervised", "TrainData", "Trainer", "build_net", "build_train_data", "evaluate",
-    "load_synthetic", "run_arm",
-]
+import importlib
+
+_HOMES = {
+    "algorithms": ("ALGORITHMS", "Batch", "FixMatch", "SSLAlgorithm", "StepOutput", "Supervised"),
+    "arms": ("ARMS", "ArmError", "build_train_data", "load_synthetic", "run_arm"),
+    "config": ("BUDGETS", "SSLConfig", "SSLConfigError"),
+    "evaluate": ("EvalResult",),  # evaluate() itself: pipeline.ssl.evaluate.evaluate
+    "nets": ("NETS", "build_net"),
+    "trainer": ("CheckpointMismatchError", "TrainData", "Trainer"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = [name for names in _HOMES.values() for name in names]
+
+
+def __getattr__(name: str):
+    if name not in _HOME_OF:
+        raise AttributeError(f"module 'pipeline.ssl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME_OF[name]}", __name__), name)
+    globals()[name] = value  # once
+    return value

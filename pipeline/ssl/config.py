@@ -1,4 +1,4 @@
-"""SSLConfig: every knob of a semi-supervised run, one JSON-serialisable dataclass.
+"""SSLConfig: every knob of a semi-supervised run, one validated pydantic model.
 
 Defaults follow the USB FixMatch protocol for CIFAR-10 (WRN-28-2, batch 64, mu 7,
 tau 0.95, lambda_u 1, SGD 0.03 nesterov, wd 5e-4, cosine decay, EMA 0.999); see
@@ -8,11 +8,11 @@ shared/ANCHORS.md. Budgets are named by their step count, not by adjectives, so 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 # name -> (steps, eval_every, checkpoint_every). The full USB budget is 2^20 steps.
 BUDGETS: dict[str, dict[str, int]] = {
@@ -24,7 +24,6 @@ BUDGETS: dict[str, dict[str, int]] = {
     "steps-256": {"steps": 2**8, "eval_every": 64, "checkpoint_every": 128},
 }
 
-SYNTHETIC_AS = ("labeled", "unlabeled")
 MAX_EXTRA_SHARE = 4.0  # at most 4 extra labeled rows per real one
 
 # The fields only an arm with extra labeled rows (augmented, control) reads.
@@ -40,74 +39,56 @@ _NOT_FINGERPRINTED = ("device", "compile", "progress_every")
 
 
 class SSLConfigError(ValueError):
-    """An SSLConfig field has a value the trainer cannot use; the message names it."""
+    """An unknown budget name. (A bad field value raises pydantic's ValidationError, a
+    ValueError that names the field.)"""
 
 
-@dataclass
-class SSLConfig:
+class SSLConfig(BaseModel):
+    """Every knob of the trainer, declared once with its bounds; ``pipeline.config`` composes
+    it as the ``ssl:`` section (adding arms and seeds), so a preset is validated here too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
     algorithm: str = "fixmatch"
     net: str = "auto"  # "auto": wrn-28-2 for colour, cnn-small for grey; see nets.NETS
-    steps: int = 2**20
-    batch_size: int = 64
-    mu: int = 7  # unlabeled batch = mu * batch_size
-    tau: float = 0.95  # confidence threshold for pseudo-labels
-    lambda_u: float = 1.0
+    steps: int = Field(2**20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    mu: int = Field(7, ge=1)  # unlabeled batch = mu * batch_size
+    tau: float = Field(0.95, gt=0, le=1)  # confidence threshold for pseudo-labels
+    lambda_u: float = Field(1.0, ge=0)
     hard_labels: bool = True
-    T: float = 0.5  # temperature: kept for other algorithms; FixMatch, as USB, never applies it
-    lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    # Temperature: kept for other algorithms; FixMatch, as USB, never applies it.
+    T: float = Field(0.5, gt=0)
+    lr: float = Field(0.03, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = True
-    ema: float = 0.999
+    ema: float = Field(0.999, ge=0, lt=1)
     # EMA decay at step t is min(ema, (1 + t) / (10 + t)): without it a short run evaluates
     # weights that are still mostly the random init (0.999^1000 = 0.37); from ~10k steps
     # on it is exactly USB's fixed 0.999.
     ema_warmup: bool = True
     include_labeled_in_unlabeled: bool = True  # USB puts the labeled images in the pool too
-    eval_every: int = 5000
-    eval_size: int | None = None  # test images used for learning-curve points (None: all)
-    checkpoint_every: int = 5000
+    eval_every: int = Field(5000, ge=1)
+    eval_size: int | None = Field(None, ge=1)  # test images per curve point (None: all)
+    checkpoint_every: int = Field(5000, ge=1)
     seed: int = 0
     device: str = "auto"
-    synthetic_as: str = "labeled"
-    synthetic_weight: float = 1.0  # loss weight of a synthetic labeled row (real rows: 1)
+    synthetic_as: Literal["labeled", "unlabeled"] = "labeled"
+    synthetic_weight: float = Field(1.0, ge=0)  # loss weight of a synthetic row (real: 1)
     # Extra labeled rows (synthetic in the augmented arm, judged real in the control arm)
     # added to each labeled batch on top of its batch_size real rows, as a share of
     # batch_size: 0.5 at batch 16 is 16 real + 8 extra rows. The real rows are the
     # baseline's own (trainer.py), so the arms differ only by the extra rows.
-    synthetic_batch_share: float = 0.5
+    synthetic_batch_share: float = Field(0.5, ge=0, le=MAX_EXTRA_SHARE)
     # Draw the extra rows class-balanced (each class equally often) rather than
     # row-uniform: a filter keeps very different shares of each class (bench/RESULTS.md).
     synthetic_class_balance: bool = False
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile of the training forward, CUDA only
-    progress_every: int = 50  # steps between progress-bar postfix updates (host syncs)
-    extra: dict[str, Any] = field(default_factory=dict)  # algorithm-specific knobs
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise SSLConfigError(msg)
-
-        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.mu >= 1, f"mu must be >= 1, got {self.mu}")
-        need(0.0 < self.tau <= 1.0, f"tau must be in (0, 1], got {self.tau}")
-        need(0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema}")
-        need(self.eval_every >= 1 and self.checkpoint_every >= 1,
-             "eval_every and checkpoint_every must be >= 1")
-        need(self.synthetic_as in SYNTHETIC_AS,
-             f"synthetic_as must be one of {SYNTHETIC_AS}, got {self.synthetic_as!r}")
-        need(self.synthetic_weight >= 0, f"synthetic_weight must be >= 0, got {self.synthetic_weight}")
-        need(self.synthetic_batch_share is not None and
-             0.0 <= self.synthetic_batch_share <= MAX_EXTRA_SHARE,
-             f"synthetic_batch_share (extra labeled rows per batch, as a share of batch_size) "
-             f"must be in [0, {MAX_EXTRA_SHARE:g}], got {self.synthetic_batch_share}")
-        need(self.T > 0, f"T must be > 0, got {self.T}")
+    progress_every: int = Field(50, ge=1)  # steps between progress-bar updates (host syncs)
+    extra: dict[str, Any] = Field(default_factory=dict)  # algorithm-specific knobs
 
     @classmethod
     def from_budget(cls, budget: str, **overrides: Any) -> SSLConfig:
@@ -117,22 +98,7 @@ class SSLConfig:
         return cls(**{**BUDGETS[budget], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SSLConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SSLConfigError(f"unknown SSLConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> SSLConfig:
-        return cls.from_dict(json.loads(text))
+        return self.model_dump()
 
     def fingerprint(self, reads_extra_rows: bool = True) -> str:
         """Hash of the fields that decide the result (not device/compile/progress).
@@ -149,5 +115,5 @@ class SSLConfig:
 
     def without_extra_rows(self) -> SSLConfig:
         """This config with the extra-row fields at their defaults (for arms without them)."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        return dataclasses.replace(self, **{k: defaults[k] for k in SYNTHETIC_FIELDS})
+        return self.model_copy(update={k: SSLConfig.model_fields[k].default
+                                       for k in SYNTHETIC_FIELDS})

@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.config import apply_overrides, parse_overrides
+from pipeline.validation import explain
 
 BUILTIN_TARGETS = ("mnist-foolbox", "sklearn-digits")
 
@@ -83,18 +84,6 @@ class TransferConfig(BaseModel):
         return str(v) if isinstance(v, int) else v  # --class 3 and --class '3' are one class
 
 
-def _explain(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown parameter {loc!r}: remove it or check its spelling "
-                         f"(parameters: {', '.join(TransferConfig.model_fields)})")
-        else:
-            lines.append(f"{loc}={e.get('input')!r}: {e['msg'].replace('Value error, ', '')}")
-    return "invalid transfer configuration:\n  " + "\n  ".join(lines)
-
-
 def transfer_config(values: dict[str, Any] | None = None,
                     overrides: list[str] | dict[str, Any] | None = None) -> TransferConfig:
     """A validated config from ``values`` plus ``key=value`` overrides (values are YAML)."""
@@ -102,7 +91,7 @@ def transfer_config(values: dict[str, Any] | None = None,
     try:
         return TransferConfig.model_validate(data)
     except ValidationError as e:
-        raise TransferError(_explain(e)) from None
+        raise TransferError(explain(e, "transfer configuration", TransferConfig.model_fields)) from None
 
 
 def _digest(obj: Any) -> str:

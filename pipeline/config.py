@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.ssl.config import BUDGETS, SSLConfig
 from pipeline.stage_graph import STAGE_PARTS
 from pipeline.validation import explain
@@ -42,53 +43,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def check_unet_shape(block_out_channels, attention_levels, attention_head_dim: int) -> None:
-    """Raise ValueError for a U-Net diffusers cannot build: an attention level out of range,
-    or attention (at a listed level or in the mid block, which always has it) over fewer
-    channels than one head needs (diffusers divides by zero)."""
-    n = len(block_out_channels)
-    bad = [i for i in attention_levels if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"attention_levels {bad} are not levels of block_out_channels "
-                         f"(0..{n - 1})")
-    narrow = sorted({block_out_channels[i] for i in (*attention_levels, n - 1)
-                     if block_out_channels[i] < attention_head_dim})
-    if narrow:
-        raise ValueError(f"attention over {narrow} channels with attention_head_dim="
-                         f"{attention_head_dim} gives no head (the mid block always has "
-                         f"attention); lower attention_head_dim to at most {min(narrow)} or "
-                         "widen those levels")
+class PretrainSection(PretrainConfig):
+    """Pretrain an unconditional base U-Net on the unlabeled pool: the fields of
+    ``pipeline.generate.pretrain_config.PretrainConfig`` (declared there once), except
+    ``sample_size`` (the run's ``image_size``) and ``device`` (the run's device)."""
 
+    sample_size: int = Field(32, exclude=True)  # from image_size
+    device: str = Field("auto", exclude=True)   # the run's device
 
-class PretrainSection(_Section):
-    """Pretrain an unconditional base U-Net on the unlabeled pool: ``pipeline.generate.pretrain.PretrainConfig``.
+    @model_validator(mode="before")
+    @classmethod
+    def _filled_by_the_run(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, use in (("sample_size", "image_size"), ("device", "the top-level device")):
+                if name in data:
+                    raise ValueError(f"pretrain.{name} comes from the run: set {use}")
+        return data
 
-    ``sample_size`` comes from ``image_size`` and ``device`` from the run's device.
-    """
-
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64], min_length=1)
-    attention_levels: list[int] = Field(default_factory=lambda: [2])
-    layers_per_block: int = Field(1, ge=1)
-    attention_head_dim: int = Field(32, ge=1)
-    num_train_timesteps: int = Field(1000, ge=2)
-    beta_schedule: str = "linear"
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(4e-4, gt=0)
-    warmup_steps: int = Field(200, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    ema_max_decay: float = Field(0.9995, ge=0, le=1)
-    hflip: bool = True
-    seed: int = 0
-    checkpoint_every: int = Field(250, ge=1)
-    sample_steps: int = Field(50, ge=1)
-    time_limit_s: float | None = Field(None, ge=0)  # wall-clock budget; see PretrainConfig
-    extra: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _buildable(self) -> PretrainSection:
-        check_unet_shape(self.block_out_channels, self.attention_levels, self.attention_head_dim)
-        return self
+    def for_run(self, image_size: int, device: str) -> PretrainConfig:
+        """The config ``pretrain()`` runs with: this section at the run's size and device."""
+        fields = {k: getattr(self, k) for k in PretrainConfig.model_fields}
+        return PretrainConfig(**{**fields, "sample_size": image_size, "device": device})
 
 
 class AdapterSection(_Section):

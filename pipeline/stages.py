@@ -72,11 +72,10 @@ def run_pretrain(run_dir: Path, config: AugmentConfig) -> dict | None:
     keys = stage_keys(config)
 
     def body(device: str) -> tuple[dict, dict]:
-        from pipeline.generate.pretrain import PretrainConfig, pretrain
+        from pipeline.generate.pretrain import pretrain
 
         ds, split = dataset_for(config), split_for(Path(run_dir))
-        pcfg = PretrainConfig.from_dict({**config.pretrain.model_dump(),
-                                         "sample_size": config.image_size, "device": device})
+        pcfg = config.pretrain.for_run(config.image_size, device)
         out = pretrain(ds.train_images[split.unlabeled_idx], Path(run_dir) / "base", pcfg,
                        progress=config.progress)
         info = read_json(out / "training.json") or {}

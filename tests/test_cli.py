@@ -88,3 +88,15 @@ def test_presets_deployments_and_datasets_are_listed(capsys):
                  "augment/demo", "benchmark/nightly", "0 2 * * *"):
         assert name in out
     assert "fashion-mnist" in out and "available: 60000 train" in out
+
+
+def test_pretrain_set_uses_the_main_parser_and_names_the_field(tmp_path, capsys):
+    """`augment pretrain --set` takes YAML values and fails like `augment run --set`."""
+    from flows.cli import main
+
+    out = tmp_path / "base"
+    assert main(["pretrain", "--out", str(out), "--set", "steps=-1", "--set", "stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "steps=-1: Input should be greater than or equal to 1" in err
+    assert "unknown parameter 'stepz'" in err
+    assert not out.exists()

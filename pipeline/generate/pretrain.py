@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,66 +25,8 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_torch_save as _atomic_torch_save
 from pipeline.atomic import atomic_write_json as _write_json
 from pipeline.data.images import from_model_space, to_model_space
+from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.models import file_sha256
-
-
-@dataclass
-class PretrainConfig:
-    """Architecture and schedule of the base model. Defaults: the shipped Fashion-MNIST model."""
-
-    sample_size: int = 32
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    attention_levels: tuple[int, ...] = (2,)  # indices into block_out_channels (8x8 here)
-    layers_per_block: int = 1
-    attention_head_dim: int = 32
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 4e-4
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    ema_max_decay: float = 0.9995
-    hflip: bool = True
-    seed: int = 0
-    checkpoint_every: int = 250
-    sample_steps: int = 50  # DDIM steps for the final sample grid
-    # Wall-clock budget (seconds of training, resumed runs included): training stops at the
-    # first step past it and exports what it has; training.json records the steps done.
-    # For leased GPU time. None: train all ``steps``.
-    time_limit_s: float | None = None
-    device: str = "auto"
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        from pipeline.config import check_unet_shape
-
-        check_unet_shape(self.block_out_channels, self.attention_levels, self.attention_head_dim)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        d["attention_levels"] = list(self.attention_levels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PretrainConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ValueError(f"unknown pretrain option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        for k in ("block_out_channels", "attention_levels"):
-            if k in known:
-                known[k] = tuple(known[k])
-        for k, v in known.items():
-            # YAML 1.1 reads "2e-4" (no dot) as a string: accept it for numeric fields.
-            kind = str(cls.__dataclass_fields__[k].type)
-            if isinstance(v, str) and kind.split(" ")[0] in ("float", "int"):
-                try:
-                    known[k] = float(v) if kind.startswith("float") else int(v)
-                except ValueError:
-                    raise ValueError(f"pretrain option {k}={v!r} is not a number") from None
-        return cls(**known)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -345,15 +286,17 @@ def _check_finished(out_dir: Path, config: PretrainConfig, images: np.ndarray) -
 
 
 def run_from_args(args, command: str | None = None) -> Path:
-    import yaml
+    from pydantic import ValidationError
 
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = yaml.safe_load(v)
-    config = PretrainConfig.from_dict({**PretrainConfig().to_dict(), **overrides})
+    from pipeline.config import ConfigError, parse_overrides
+    from pipeline.validation import explain
+
+    # The same KEY=VALUE parser (values are YAML) and messages as the main command's --set.
+    try:
+        config = PretrainConfig(**parse_overrides(args.set))
+    except ValidationError as e:
+        raise ConfigError(explain(e, "pretrain configuration",
+                                  PretrainConfig.model_fields)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     return pretrain_on_unlabeled_pool(args.dataset, args.out, args.labels_per_class, args.split_seed,

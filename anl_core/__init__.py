@@ -5,25 +5,31 @@
     tune_adapter(model, scheduler, images, encoder.encode(images), TuneConfig(steps=1000))
     samples = masked_sample(model, scheduler, tokens, num_per_condition=8, mask_ratio=0.3,
                             guidance=2.0, num_inference_steps=50, seed=0)
+
+Names are imported on first use (PEP 562), so reading the settings (``anl_core.configs``)
+does not import torch.
 """
 
-from anl_core.anl import ANLBlock
-from anl_core.encoders import ConditionEncoder, EncoderError, load_encoder
-from anl_core.inject import (
-    AdapterMismatchError,
-    ANLConfig,
-    ANLUNet,
-    attach_anl,
-    base_fingerprint,
-    load_adapter,
-    save_adapter,
-)
-from anl_core.sampling import image_generators, image_seed, masked_sample
-from anl_core.tuning import TuneConfig, TuneResult, denoising_loss, tune_adapter
+from __future__ import annotations
 
-__all__ = [
-    "ANLBlock", "ANLConfig", "ANLUNet", "AdapterMismatchError", "ConditionEncoder",
-    "EncoderError", "TuneConfig", "TuneResult", "attach_anl", "base_fingerprint",
-    "denoising_loss", "image_generators", "image_seed", "load_adapter", "load_encoder",
-    "masked_sample", "save_adapter", "tune_adapter",
-]
+import importlib
+
+_HOMES = {
+    "anl": ("ANLBlock",),
+    "configs": ("TuneConfig",),
+    "encoders": ("ConditionEncoder", "EncoderError", "load_encoder"),
+    "inject": ("AdapterMismatchError", "ANLConfig", "ANLUNet", "attach_anl", "base_fingerprint",
+               "load_adapter", "save_adapter"),
+    "sampling": ("image_generators", "image_seed", "masked_sample"),
+    "tuning": ("TuneResult", "denoising_loss", "tune_adapter"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = [name for names in _HOMES.values() for name in names]
+
+
+def __getattr__(name: str):
+    if name not in _HOME_OF:
+        raise AttributeError(f"module 'anl_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME_OF[name]}", __name__), name)
+    globals()[name] = value  # once
+    return value

@@ -17,31 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from anl_core.configs import TuneConfig
 from anl_core.inject import ANLUNet
-
-
-@dataclasses.dataclass
-class TuneConfig:
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999  # with the usual (1 + n) / (10 + n) warm-up
-    use_ema: bool = True  # load the EMA weights into the model when tuning ends
-    cond_dropout: float = 0.1  # probability a sample trains the null condition
-    train_mask_ratio: float = 0.0  # masks a uniform [0, this] fraction of tokens per sample
-    hflip: bool = True
-    seed: int = 0
-    log_every: int = 1  # loss_history keeps every n-th step's loss
-
-    def __post_init__(self) -> None:
-        for name in ("cond_dropout", "train_mask_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"TuneConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError("TuneConfig needs steps >= 0 and batch_size >= 1")
 
 
 @dataclasses.dataclass

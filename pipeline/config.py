@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from anl_core.configs import TuneConfig
 from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.ssl.config import BUDGETS, SSLConfig
 from pipeline.stage_graph import STAGE_PARTS
@@ -80,24 +81,6 @@ class AdapterSection(_Section):
     head_dim: int = Field(32, ge=1)
     ff_mult: int = Field(2, ge=1)
     positional: bool = True
-
-
-class TuningSection(_Section):
-    """Adapter tuning: ``anl_core.tuning.TuneConfig`` (per-class runs add the class to the seed)."""
-
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
-    warmup_steps: int = Field(50, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    ema_decay: float = Field(0.999, ge=0, le=1)
-    use_ema: bool = True
-    cond_dropout: Ratio = 0.1
-    train_mask_ratio: Ratio = 0.0
-    hflip: bool = True
-    seed: int = 0
-    log_every: int = Field(1, ge=1)
 
 
 class NeighborsSection(_Section):
@@ -250,7 +233,7 @@ class AugmentConfig(_Section):
     pretrain: PretrainSection | None = None
     encoder: str = "efficientnet-lite0"
     adapter: AdapterSection = Field(default_factory=AdapterSection)
-    tuning: TuningSection = Field(default_factory=TuningSection)
+    tuning: TuneConfig = Field(default_factory=TuneConfig)  # anl_core.configs, declared there
     neighbors: NeighborsSection = Field(default_factory=NeighborsSection)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     filter: FilterSection = Field(default_factory=FilterSection)

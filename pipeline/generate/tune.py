@@ -107,7 +107,7 @@ def tune_class_adapter(unet, scheduler, images, tokens, config: AugmentConfig,
     import torch
 
     from anl_core.inject import ANLConfig, attach_anl, load_adapter
-    from anl_core.tuning import TuneConfig, tune_adapter
+    from anl_core.tuning import tune_adapter
 
     seed = unit_seed(config.tuning.seed, class_idx)
     torch.manual_seed(seed)  # the adapter's initialisation
@@ -117,8 +117,7 @@ def tune_class_adapter(unet, scheduler, images, tokens, config: AugmentConfig,
         model = attach_anl(unet, ANLConfig(
             token_dim=tokens.shape[2], num_tokens=tokens.shape[1], encoder_id=encoder_id,
             **config.adapter.model_dump(exclude={"scope"})))
-    tcfg = TuneConfig(**{**config.tuning.model_dump(), "seed": seed,
-                         **({"steps": steps} if steps else {})})
+    tcfg = config.tuning.model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
     return model, tune_adapter(model, scheduler, images, tokens, tcfg, progress=progress,
                                weights=weights)
 

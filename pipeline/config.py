@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from anl_core.configs import TuneConfig
+from pipeline.evaluate.quality_config import QualityConfig
 from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.ssl.config import BUDGETS, SSLConfig
 from pipeline.stage_graph import STAGE_PARTS
@@ -178,17 +179,14 @@ class SSLSection(SSLConfig):
         return SSLConfig(**{**fields, "seed": seed, "device": device})
 
 
-class QualitySection(_Section):
-    """Synthetic-data quality: ``pipeline.evaluate.quality.QualityConfig`` fields, plus an off switch."""
+class QualitySection(QualityConfig):
+    """Synthetic-data quality: ``pipeline.evaluate.quality_config.QualityConfig`` (declared
+    there), plus an off switch."""
 
     enabled: bool = True
-    reference: dict[str, Any] = Field(default_factory=dict)  # pipeline.evaluate.reference.ReferenceConfig
-    max_real_per_class: int = Field(1000, ge=1)
-    max_synthetic_per_class: int = Field(2000, ge=1)
-    grid_per_class: int = Field(8, ge=1)
-    kid_subsets: int = Field(20, ge=1)
-    kid_subset_size: int = Field(1000, ge=2)
-    seed: int = 0
+
+    def component(self) -> QualityConfig:
+        return QualityConfig(**self.model_dump(exclude={"enabled"}))
 
 
 class LoopSection(_Section):

@@ -106,9 +106,9 @@ def run_quality(run_dir: Path, config: AugmentConfig) -> dict:
     def body(device: str) -> tuple[dict, dict]:
         if not config.quality.enabled:
             return {}, {"enabled": False}
-        from pipeline.evaluate.quality import QualityConfig, evaluate_run_quality
+        from pipeline.evaluate.quality import evaluate_run_quality
 
-        qcfg = QualityConfig(**config.quality.model_dump(exclude={"enabled"}))
+        qcfg = config.quality.component()
         out = evaluate_run_quality(Path(run_dir), dataset_for(config), qcfg,
                                    encoder=config.encoder, device=device,
                                    progress=config.progress)

@@ -23,7 +23,6 @@ import io
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_write_bytes as _atomic_bytes
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.images import to_model_space
+from pipeline.evaluate.quality_config import QualityConfig
 
 QUALITY_DIR = "quality"
 QUALITY_FILE = "quality.json"
@@ -48,20 +48,6 @@ FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, C) -> float (N
 
 class QualityError(RuntimeError):
     """Quality cannot be measured for this run; the message says which input is missing."""
-
-
-@dataclass(frozen=True)
-class QualityConfig:
-    reference: dict[str, Any] = field(default_factory=dict)  # pipeline.evaluate.reference.ReferenceConfig
-    max_real_per_class: int = 1000
-    max_synthetic_per_class: int = 2000
-    grid_per_class: int = 8
-    kid_subsets: int = 20
-    kid_subset_size: int = 1000
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- metrics on arrays

@@ -16,9 +16,9 @@ import importlib
 
 _HOMES = {
     "anl": ("ANLBlock",),
-    "configs": ("TuneConfig",),
+    "configs": ("ANLConfig", "AdapterShape", "TuneConfig"),
     "encoders": ("ConditionEncoder", "EncoderError", "load_encoder"),
-    "inject": ("AdapterMismatchError", "ANLConfig", "ANLUNet", "attach_anl", "base_fingerprint",
+    "inject": ("AdapterMismatchError", "ANLUNet", "attach_anl", "base_fingerprint",
                "load_adapter", "save_adapter"),
     "sampling": ("image_generators", "image_seed", "masked_sample"),
     "tuning": ("TuneResult", "denoising_loss", "tune_adapter"),

@@ -1,12 +1,14 @@
 """The method's settings as validated models, declared once (pydantic, no torch).
 
-``pipeline.config`` composes them into a run's config (``tuning:``), so a preset is checked
-by the same bounds ``tune_adapter`` relies on.
+``pipeline.config`` composes them into a run's config (``tuning:``, ``adapter:``), so a preset is checked
+by the same bounds ``tune_adapter`` and ``attach_anl`` rely on.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class TuneConfig(BaseModel):
@@ -27,3 +29,58 @@ class TuneConfig(BaseModel):
     hflip: bool = True
     seed: int = 0
     log_every: int = Field(1, ge=1)  # loss_history keeps every n-th step's loss
+
+
+class AdapterShape(BaseModel):
+    """Where ANL blocks go and how big they are: what a user chooses.
+
+    ``placement``: ``{"down": [i, ...] | "all", "mid": bool, "up": [i, ...] | "all"}`` by block
+    index in ``unet.down_blocks`` / ``unet.up_blocks``; ``context_dim`` the shared projected
+    width of the condition tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    placement: dict[Literal["down", "mid", "up"], bool | Literal["all"] | list[int]] = Field(
+        default_factory=lambda: {"down": "all", "mid": True, "up": "all"})
+    context_dim: int = Field(256, ge=1)
+    head_dim: int = Field(32, ge=1)
+    ff_mult: int = Field(2, ge=1)
+    positional: bool = True  # learned per-position embedding of the condition tokens
+
+
+class ANLConfig(AdapterShape):
+    """Everything needed to rebuild an adapter: its shape, and what it fits (the encoder's
+    token shape and id, the base's fingerprint and block widths, filled on attach); saved
+    as ``adapter_config.json`` next to the weights."""
+
+    token_dim: int = Field(ge=1)
+    num_tokens: int = Field(ge=1)
+    encoder_id: str = ""
+    base_fingerprint: str = ""
+    block_channels: dict[str, int] = Field(default_factory=dict)  # filled on attach
+
+    @classmethod
+    def for_encoder(cls, encoder: Any, **overrides: Any) -> ANLConfig:
+        """Config sized for a ``ConditionEncoder`` (its token shape and id)."""
+        return cls(token_dim=encoder.token_dim, num_tokens=encoder.num_tokens,
+                   encoder_id=encoder.encoder_id, **overrides)
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.model_dump(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ANLConfig:
+        import json
+
+        data = json.loads(text)
+        unknown = set(data) - set(cls.model_fields)
+        if unknown:
+            raise ValueError(f"unknown ANLConfig fields {sorted(unknown)}; was the adapter saved "
+                             "by a newer anl_core?")
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise ValueError(f"adapter_config.json is not a valid ANLConfig: {e}") from None

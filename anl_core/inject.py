@@ -15,7 +15,6 @@ alone: adapting them would need a block per resnet for little gain.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anl_core.anl import ANLBlock
+from anl_core.configs import ANLConfig
 
 CONFIG_NAME = "anl_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -36,51 +36,6 @@ WEIGHTS_NAME = "adapter.safetensors"
 
 class AdapterMismatchError(ValueError):
     """An adapter was loaded onto a base model or encoder it was not trained for."""
-
-
-def _default_placement() -> dict[str, Any]:
-    return {"down": "all", "mid": True, "up": "all"}
-
-
-@dataclasses.dataclass
-class ANLConfig:
-    """Everything needed to rebuild an adapter: where its blocks go, their sizes, what it fits.
-
-    ``placement``: ``{"down": [i, ...] | "all", "mid": bool, "up": [i, ...] | "all"}`` by block
-    index in ``unet.down_blocks`` / ``unet.up_blocks``. ``token_dim`` and ``num_tokens`` are the
-    encoder's token shape; ``context_dim`` the shared projected width of the tokens.
-    ``base_fingerprint`` is filled in by ``attach_anl`` when left empty.
-    """
-
-    token_dim: int
-    num_tokens: int
-    encoder_id: str = ""
-    placement: dict[str, Any] = dataclasses.field(default_factory=_default_placement)
-    context_dim: int = 256
-    head_dim: int = 32
-    ff_mult: int = 2
-    positional: bool = True  # learned per-position embedding of the condition tokens
-    base_fingerprint: str = ""
-    block_channels: dict[str, int] = dataclasses.field(default_factory=dict)  # filled on attach
-
-    @classmethod
-    def for_encoder(cls, encoder: Any, **overrides: Any) -> ANLConfig:
-        """Config sized for a ``ConditionEncoder`` (its token shape and id)."""
-        return cls(token_dim=encoder.token_dim, num_tokens=encoder.num_tokens,
-                   encoder_id=encoder.encoder_id, **overrides)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ANLConfig:
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ANLConfig fields {sorted(unknown)}; was the adapter saved "
-                             "by a newer anl_core?")
-        return cls(**data)
 
 
 def base_fingerprint(unet: nn.Module, samples_per_tensor: int = 1024) -> str:
@@ -298,8 +253,7 @@ def attach_anl(unet: UNet2DModel, config: ANLConfig) -> ANLUNet:
 
     The returned model's adapter parameters sit on the U-Net's device and dtype.
     """
-    config = dataclasses.replace(config, placement=dict(config.placement),
-                                 block_channels=dict(config.block_channels))
+    config = config.model_copy(deep=True)  # the caller's config is left as it was
     fingerprint = base_fingerprint(unet)
     if config.base_fingerprint and config.base_fingerprint != fingerprint:
         raise AdapterMismatchError(

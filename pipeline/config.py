@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from anl_core.configs import TuneConfig
+from anl_core.configs import AdapterShape, TuneConfig
 from pipeline.evaluate.quality_config import QualityConfig
 from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.ssl.config import BUDGETS, SSLConfig
@@ -68,20 +68,12 @@ class PretrainSection(PretrainConfig):
         return PretrainConfig(**{**fields, "sample_size": image_size, "device": device})
 
 
-class AdapterSection(_Section):
-    """Where ANL blocks go and how big they are: ``anl_core.inject.ANLConfig`` fields.
-
-    ``scope``: one adapter per labeled class subset (the method's default) or one shared by
-    all classes. ``placement``: block indices per U-Net part, or "all".
-    """
+class AdapterSection(AdapterShape):
+    """Where ANL blocks go and how big they are (``anl_core.configs.AdapterShape``, declared
+    there), and ``scope``: one adapter per labeled class subset (the method's default) or one
+    shared by all classes."""
 
     scope: Literal["per-class", "shared"] = "per-class"
-    placement: dict[Literal["down", "mid", "up"], bool | Literal["all"] | list[int]] = Field(
-        default_factory=lambda: {"down": "all", "mid": True, "up": "all"})
-    context_dim: int = Field(256, ge=1)
-    head_dim: int = Field(32, ge=1)
-    ff_mult: int = Field(2, ge=1)
-    positional: bool = True
 
 
 class NeighborsSection(_Section):

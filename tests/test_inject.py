@@ -1,6 +1,5 @@
 """Injection into a diffusers UNet2DModel: identity at init, frozen base, save/load checks."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -63,19 +62,19 @@ def test_only_adapter_parameters_train(anl_unet_factory):
 
 
 def test_placement_selects_blocks_and_rejects_bad_indices(anl_unet_factory):
-    cfg = dataclasses.replace(CONFIG, placement={"down": [1], "mid": False, "up": []})
+    cfg = CONFIG.model_copy(update={"placement": {"down": [1], "mid": False, "up": []}})
     model = attach_anl(anl_unet_factory(), cfg)
     assert list(model.config.block_channels) == ["down.1"]
     assert list(model.blocks) == ["down_1"]
     with pytest.raises(ValueError, match="valid: 0..1"):
-        attach_anl(anl_unet_factory(), dataclasses.replace(CONFIG, placement={"down": [2]}))
+        attach_anl(anl_unet_factory(), CONFIG.model_copy(update={"placement": {"down": [2]}}))
     with pytest.raises(ValueError, match="selects no U-Net blocks"):
-        attach_anl(anl_unet_factory(), dataclasses.replace(CONFIG, placement={"mid": False}))
+        attach_anl(anl_unet_factory(), CONFIG.model_copy(update={"placement": {"mid": False}}))
 
 
 def test_down_block_skip_gets_the_adapted_output(anl_unet_factory):
     unet = anl_unet_factory()
-    model = attach_anl(unet, dataclasses.replace(CONFIG, placement={"down": [1]}))
+    model = attach_anl(unet, CONFIG.model_copy(update={"placement": {"down": [1]}}))
     torch.nn.init.normal_(model.blocks["down_1"].to_out.weight, std=0.5)
     seen = {}
     unet.down_blocks[1].register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
@@ -119,7 +118,7 @@ def test_save_load_round_trip_and_refusals(anl_unet_factory, tmp_path):
 
 
 def test_config_json_round_trip():
-    cfg = dataclasses.replace(CONFIG, placement={"down": [0, 1], "mid": True, "up": "all"})
+    cfg = CONFIG.model_copy(update={"placement": {"down": [0, 1], "mid": True, "up": "all"}})
     assert ANLConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown ANLConfig fields"):
         ANLConfig.from_json('{"token_dim": 1, "num_tokens": 1, "colour": 3}')

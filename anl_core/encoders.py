@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from anl_core.precision import autocast_for
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -29,9 +31,6 @@ class EncoderError(RuntimeError):
     """A condition encoder could not be loaded or was given unusable input."""
 
 
-def _autocast(device: torch.device):
-    # bf16 on CUDA for throughput; CPU stays fp32 (bf16 matmuls are slow there).
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 class ConditionEncoder(nn.Module):
@@ -83,7 +82,7 @@ class ConditionEncoder(nn.Module):
         starts = range(0, images.shape[0], batch_size)
         for start in tqdm(starts, desc="encode", unit="batch", disable=not progress, leave=False):
             pixels = self.preprocess(images[start:start + batch_size])
-            with _autocast(self.device):
+            with autocast_for(self.device):
                 out.append(self._tokens(pixels).float())
         if not out:
             return torch.empty(0, self.num_tokens, self.token_dim, device=self.device)

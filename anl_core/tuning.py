@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from anl_core.configs import TuneConfig
 from anl_core.inject import ANLUNet
+from anl_core.precision import autocast_for
 
 
 @dataclasses.dataclass
@@ -81,8 +82,6 @@ def _random_masks(batch: int, num_tokens: int, max_ratio: float, dropout: float,
     return mask | drop[:, None]
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def tune_adapter(model: ANLUNet, scheduler, images: torch.Tensor, tokens: torch.Tensor,
@@ -135,7 +134,7 @@ def tune_adapter(model: ANLUNet, scheduler, images: torch.Tensor, tokens: torch.
             mask = _random_masks(b, tok.shape[1], config.train_mask_ratio,
                                  config.cond_dropout, gen)
             noisy = scheduler.add_noise(x0, noise, t)
-            with _autocast(device):
+            with autocast_for(device):
                 pred = model(noisy, t, tokens=tok,
                              token_mask=None if mask is None else mask.to(device))
             loss = F.mse_loss(pred.float(), training_target(scheduler, x0, noise, t))
@@ -186,7 +185,7 @@ def denoising_loss(model: ANLUNet, scheduler, images: torch.Tensor,
                 noise = noise_all[s:s + batch_size].to(device)
                 t = t_all[s:s + batch_size].to(device)
                 noisy = scheduler.add_noise(x0, noise, t)
-                with _autocast(device):
+                with autocast_for(device):
                     if adapter:
                         tok = None if tokens is None else tokens[s:s + batch_size].to(device)
                         pred = model(noisy, t, tokens=tok)

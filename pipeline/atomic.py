@@ -65,3 +65,19 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def finite(obj):
+    """NaN and inf -> None, through dicts, lists and tuples: strict JSON, and 'not measured'
+    reads as such."""
+    import math
+    import numbers
+
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral) \
+            and not math.isfinite(obj):
+        return None  # float, numpy float32/64
+    return obj

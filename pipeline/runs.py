@@ -38,10 +38,12 @@ class StageError(RuntimeError):
 
 
 def read_json(path: str | Path) -> dict | None:
+    """A JSON object from ``path``; None when missing, unreadable or not an object."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
@@ -215,12 +217,15 @@ class Meter:
             self.peak_mb = max(0.0, self.peak_mb / 2**20)
 
 
-def device_label(device: str) -> str:
-    if device == "cuda":
-        import torch
+def device_label(device) -> str:
+    """What ran the work, for records and reports: the GPU's name, or the CPU's core and
+    torch thread counts."""
+    import torch
 
-        return torch.cuda.get_device_name()
-    return f"cpu ({os.cpu_count()} cores)"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 # --------------------------------------------------------------------------- reuse

@@ -33,11 +33,13 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write_text as _write_text
+from pipeline.atomic import finite
 from pipeline.config import REPO_ROOT
 from pipeline.data.images import from_model_space
 from pipeline.generate.pretrain import _write_json, data_hash, resolve_device
 from pipeline.models import file_sha256
 from pipeline.report.render import render
+from pipeline.runs import device_label
 
 CARD_FILE = "card.json"
 README_FILE = "README.md"
@@ -258,7 +260,7 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
     sample_s = time.perf_counter() - start
     quality = measure_samples(samples, dataset, features, reference, config)
     quality.update(feature_space=space, sampling_s=round(sample_s, 1),
-                   sampling_device=_device_label(dev))
+                   sampling_device=device_label(dev))
 
     weights = model_dir / WEIGHTS_FILE
     unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
@@ -307,10 +309,6 @@ def _safetensors_dtypes(path: Path) -> set[str]:
     return {names.get(v["dtype"], v["dtype"]) for k, v in header.items() if k != "__metadata__"}
 
 
-def _device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} torch threads)"
 
 # --------------------------------------------------------------------------- README
 
@@ -439,19 +437,10 @@ def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,
     if card is None:
         card = build_card(model_dir, config, **kwargs)
     _write_text(model_dir / README_FILE, render_readme(card))
-    _write_json(path, _finite(card))
+    _write_json(path, finite(card))
     return path
 
 
-def _finite(obj):
-    """NaN/inf -> None, so card.json is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from anl_core.precision import autocast_for
 from pipeline.atomic import atomic_write as _atomic
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.images import to_model_space
@@ -107,7 +108,7 @@ class ReferenceClassifier:
         out = []
         for i in range(0, len(images), batch_size):
             x = to_model_space(images[i:i + batch_size], size=size, device=self.device)
-            with _autocast(self.device):
+            with autocast_for(self.device):
                 out.append(fn(x).float().cpu())
         if not out:
             return np.zeros((0, self.model.feature_dim), dtype=np.float32)
@@ -125,11 +126,6 @@ class ReferenceClassifier:
         return self._run(images, self.model.features)
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast on CUDA only: on CPU fp32 is both exact and not slower for a net this small.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def dataset_fingerprint(dataset: ImageDataset) -> str:
@@ -198,7 +194,7 @@ def train_reference(dataset: ImageDataset, config: ReferenceConfig | None = None
             # Random horizontal flips: the garments and CIFAR objects are left/right symmetric.
             flip = torch.rand(len(idx), device=device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            with _autocast(device):
+            with autocast_for(device):
                 loss = F.cross_entropy(model(x), y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

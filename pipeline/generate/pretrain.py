@@ -27,6 +27,7 @@ from pipeline.atomic import atomic_write_json as _write_json
 from pipeline.data.images import from_model_space, to_model_space
 from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.models import file_sha256
+from pipeline.runs import device_label
 
 
 def resolve_device(device: str) -> torch.device:
@@ -186,7 +187,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
     record = {
         "config": config.to_dict(), "steps": step, "wall_s": round(wall, 1),
         "stopped_by_time_limit": stopped_early,
-        "steps_per_s": round(step / max(wall, 1e-9), 3), "device": _device_name(device),
+        "steps_per_s": round(step / max(wall, 1e-9), 3), "device": device_label(device),
         "num_images": len(images), "data_sha256": data_hash(images),
         "params": sum(p.numel() for p in unet.parameters()),
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
@@ -228,10 +229,6 @@ def _save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
         (canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 

@@ -10,7 +10,6 @@ that is missing or unreadable leaves its part as None, which the report renders 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.evaluate.paired import PairedDifference, learning_curve_settled, paired_difference
+from pipeline.runs import read_json
 from pipeline.stage_graph import STAGE_ORDER
 
 NOT_RUN = "not run"
@@ -38,13 +38,6 @@ COMPARISONS = (("augmented", "baseline"), ("augmented", "control"), ("baseline",
 SETTLED_TOLERANCE_PP = 0.5  # a learning curve whose last quarter moves less than this settled
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from anl_core.precision import autocast_for
 
 from .augment import to_unit
 
@@ -23,11 +24,6 @@ class EvalResult:
         return 1.0 - self.top1_error
 
 
-def autocast_for(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when asked; fp32 everywhere else."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -31,12 +31,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from anl_core.precision import autocast_for
 from pipeline.atomic import atomic_torch_save
 
 from .algorithms import Batch, SSLAlgorithm
 from .augment import strong_augment, weak_from_store
 from .config import SSLConfig
-from .evaluate import EvalResult, autocast_for, evaluate
+from .evaluate import EvalResult, evaluate
 
 EXTRA_STREAM = 0x5EED  # offset of the extra-rows generator's seed from the run's seed
 

@@ -3,19 +3,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from pipeline.transfer.config import NEAR_COPY_PERCENTILE
-
-
-def _finite(obj: Any) -> Any:
-    """NaN -> None: strict JSON, and 'not measured' reads as such in the report."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def metric_rows(m: dict[str, Any]) -> list[dict[str, str]]:

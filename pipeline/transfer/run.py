@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text
+from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text, finite
 from pipeline.config import resolve_path
 from pipeline.runs import read_json
 from pipeline.transfer.config import STEPS, TransferConfig, TransferError, _digest, config_hash
@@ -35,7 +35,7 @@ from pipeline.transfer.model import (
     shot_tokens,
     trainable_count,
 )
-from pipeline.transfer.report import _finite, metric_rows, report_markdown, transfer_grid
+from pipeline.transfer.report import metric_rows, report_markdown, transfer_grid
 from pipeline.transfer.target import draw_shots, target_name, target_pool
 
 
@@ -267,7 +267,7 @@ def run_evaluate(run_dir: Path, config: TransferConfig) -> dict:
                     "steps_per_s": tune["metrics"]["steps_per_s"],
                     "images_per_s": sample["metrics"]["images_per_s"],
                     "wall_s": {s: r["wall_s"] for s, r in records.items()}}
-        metrics = _finite(metrics)
+        metrics = finite(metrics)
         atomic_write_json(run / "eval" / "metrics.json", metrics)
         return {"metrics": "eval/metrics.json"}, {k: metrics[k] for k in (
             "kid", "kid_std", "diversity_over_real", "near_copy_share")}

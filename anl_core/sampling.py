@@ -33,6 +33,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from anl_core.inject import ANLUNet
+from anl_core.precision import autocast_for
 
 NOISE_STREAM, MASK_STREAM = 0, 1
 
@@ -160,7 +161,7 @@ def masked_sample(model: ANLUNet, scheduler, tokens: torch.Tensor, num_per_condi
                 inp = torch.cat([inp, inp])
             if cuda:
                 inp = inp.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with autocast_for(device):
                 if compile:
                     rows_in = inp.shape[0]
                     pad = fixed * rows_in // b

@@ -7,7 +7,6 @@ that ``bench.common`` imports.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -85,8 +84,10 @@ def base_fingerprint(spec: str) -> str:
 
 
 def digest(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """A bench cell's key: the pipeline's content hash, shortened."""
+    from pipeline.digest import digest as full_digest
+
+    return full_digest(obj)[:16]
 
 
 def fmt(value: Any, spec: str = ".3f") -> str:
@@ -108,20 +109,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 def image_grid_png(rows: Sequence[tuple[str, Any]], path: Path, title: str = "") -> None:
     """Write a PNG with one labelled strip of uint8 (N, H, W, C) images per row (atomically)."""
-    import numpy as np
-    from matplotlib.figure import Figure
+    from pipeline.data.grids import strips_png
 
-    cols = max(len(imgs) for _, imgs in rows)
-    h, w, c = rows[0][1].shape[1:]
-    fig = Figure(figsize=(cols * 0.5 + 1.2, len(rows) * 0.55 + 0.4))
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for ax, (label, imgs) in zip(axes, rows, strict=True):
-        strip = np.full((h, cols * (w + 2), c), 255, np.uint8)
-        for j, im in enumerate(imgs):
-            strip[:, j * (w + 2):j * (w + 2) + w] = im
-        ax.imshow(strip[..., 0] if c == 1 else strip, cmap="gray" if c == 1 else None,
-                  vmin=0, vmax=255, interpolation="nearest")
-        ax.set_axis_off()
-        ax.text(-2, h / 2, label, ha="right", va="center", fontsize=7)
-    fig.suptitle(title, fontsize=8)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    png = strips_png(rows, title)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(png))

@@ -189,9 +189,8 @@ class Sweep:
     # ----------------------------------------------------------------- sampling + measuring
 
     def run_cell(self, tuned: dict, scheduler, kind: str, guidance: float, mask: float) -> dict:
-        from anl_core.sampling import masked_sample
-        from pipeline.data.images import from_model_space
         from pipeline.evaluate.quality import nearest_rmse, within_group_diversity
+        from pipeline.generate.sample import sample_images
 
         s, a = self.config.sampling, self.args
         labels = self.split.labeled_labels
@@ -201,13 +200,11 @@ class Sweep:
             rows = np.flatnonzero(labels == c)
             cond_ids = self.split.labeled_idx[rows]
             t0 = time.perf_counter()
-            x = masked_sample(model, scheduler, token_set(self.tokens[rows], kind),
-                              a.per_condition, mask_ratio=mask, guidance=guidance,
-                              num_inference_steps=a.inference_steps, seed=s.seed,
-                              batch_size=s.batch_size, condition_ids=cond_ids,
-                              progress=False, eta=s.eta, compile=s.compile)
+            images = sample_images(model, scheduler, token_set(self.tokens[rows], kind), cond_ids,
+                                   a.per_condition, s, mask_ratio=mask, seed=s.seed,
+                                   image_shape=self.ds.image_shape[:2], guidance=guidance,
+                                   num_inference_steps=a.inference_steps)
             sample_s += time.perf_counter() - t0
-            images = from_model_space(x, shape=self.ds.image_shape[:2])
             made += len(images)
             # Grid row: the class's condition images, then the first sample of each condition.
             grid.append((f"{c} real", self.ds.train_images[cond_ids]))

@@ -62,7 +62,7 @@ def judge_run(run: Path, args: argparse.Namespace) -> list[dict]:
     from pipeline.generate.neighbors import class_similarity, neighbor_pool
     from pipeline.generate.synthetic_filter import build_filter, keep_mask, prototype_margin
     from pipeline.runs import load_run_config
-    from pipeline.stages import dataset_for, split_for
+    from pipeline.stage_inputs import dataset_for, split_for
     config = load_run_config(run)
     ds, split, tok = dataset_for(config), split_for(run), load_tokens(run)
     parts = [np.load(p) for _, p in sample_parts(run, config)]

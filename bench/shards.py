@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.datasets import load_dataset
-from pipeline.data.shards import ShardDataset, ShardWriter, read_shards
+from pipeline.data.shard_dataset import ShardDataset
+from pipeline.data.shards import ShardWriter, read_shards
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import AugmentConfig, _digest, stage_key
+from pipeline.config import AugmentConfig, stage_key
+from pipeline.digest import digest
 from pipeline.stage_graph import STAGE_ORDER, STAGE_UPSTREAM
 
 
@@ -42,7 +43,7 @@ def _round_two_keys(config: AugmentConfig, k: dict, base: str | None) -> str:
     so a changed K reruns round 2 only, and a changed sampling setting reruns from sample-r2.
     """
     lp = config.loop
-    k["pseudo"] = _digest({"stage": "pseudo", "per_class": lp.per_class,
+    k["pseudo"] = digest({"stage": "pseudo", "per_class": lp.per_class,
                            "threshold": lp.threshold,
                            "classifier": ssl_unit_key(config, k, "baseline", config.ssl.seeds[0])}
                           )[:16]
@@ -89,4 +90,4 @@ def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
         up["judge"] = {"margin": config.filter.margin, "seed": config.sampling.seed}
     else:
         ssl.pop("control_pool", None)
-    return _digest({"stage": "ssl", "ssl": ssl, "upstream": up})[:16]
+    return digest({"stage": "ssl", "ssl": ssl, "upstream": up})[:16]

@@ -1,5 +1,5 @@
 """The base model: finding it (a local folder or a Hugging Face hub id, offline first),
-identifying it and loading it, in one place for the stages, the transfer feature, the model
+identifying it, loading it and sampling it, in one place for the stages, the transfer feature, the model
 card and the benches.
 
 Identity: ``base_model_fingerprint`` is the sha256 of the U-Net's config and weight files,
@@ -15,8 +15,12 @@ import functools
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import resolve_path
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -152,3 +156,45 @@ def load_base_unet(unet_dir: Path, device="cpu"):
     scheduler = (DDPMScheduler.from_pretrained(sched.parent) if sched
                  else DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"))
     return unet, scheduler
+
+
+def sample_base(unet, scheduler, n: int, steps: int = 50, seed: int = 0, batch_size: int = 125,
+                shape: tuple[int, int] | None = None, progress: bool = True) -> np.ndarray:
+    """``n`` seeded DDIM samples of an unconditional U-Net as uint8 (n, H, W, C).
+
+    Sample i starts from noise drawn by its own generator, seeded by (seed, i), so a sample
+    does not depend on the batch size or the device's batching. ``shape`` centre-crops back to
+    the data's size (e.g. 28x28 out of the padded 32x32).
+    """
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler
+    from tqdm.auto import tqdm
+
+    from anl_core.precision import autocast_for
+    from pipeline.data.images import from_model_space
+
+    device = unet.device
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps, device=device)
+    starts = range(0, n, batch_size)
+    bar = tqdm(total=len(starts) * steps, desc="card samples", disable=not progress, leave=False)
+    out = []
+    for start in starts:
+        seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+                 for i in range(start, min(n, start + batch_size))]
+        x = torch.cat([torch.randn((1, channels, size, size),
+                                   generator=torch.Generator().manual_seed(s)) for s in seeds])
+        x = x.to(device)
+        for t in ddim.timesteps:
+            with torch.no_grad(), autocast_for(device):
+                eps = unet(x, t).sample.float()
+            x = ddim.step(eps, t, x).prev_sample
+            bar.update(1)
+        out.append(from_model_space(x, shape))
+    bar.close()
+    if not out:
+        h, w = shape or (size, size)
+        return np.zeros((0, h, w, channels), np.uint8)
+    return np.concatenate(out)

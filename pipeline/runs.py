@@ -1,5 +1,6 @@
 """The run store: run directories, their stage records and unit markers, reuse across runs,
-and metering. Stage bodies live in ``pipeline.stages``; this module is their bookkeeping.
+and metering. The stages (bound in ``pipeline.stages``) do the work; this module is their
+bookkeeping.
 
 A run directory is ``<runs_dir>/<preset>-<confighash8>``: the same config always maps to
 the same directory, so rerunning it resumes and skips finished stages. A stage writes
@@ -55,13 +56,19 @@ def run_dir_for(config: AugmentConfig) -> Path:
     return config.runs_root() / run_name(config)
 
 
-def _git_commit() -> str | None:
+def git_commit(repo: Path = REPO_ROOT, dirty_paths: tuple[str, ...] = ()) -> str | None:
+    """HEAD of the git checkout at ``repo`` (None outside one), with "+dirty" when any of
+    ``dirty_paths`` differs from it (the code a recorded artifact depends on)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                             check=False, timeout=30)
+        return out.stdout.strip() if out.returncode == 0 else ""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        head = git("rev-parse", "HEAD")
+        dirty = bool(dirty_paths) and bool(git("status", "--porcelain", "--", *dirty_paths))
     except (OSError, subprocess.SubprocessError):
         return None
+    return head + ("+dirty" if dirty else "") if head else None
 
 
 def versions() -> dict[str, str | None]:
@@ -71,7 +78,7 @@ def versions() -> dict[str, str | None]:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "git_commit": _git_commit()}
+            "git_commit": git_commit()}
 
 
 def init_run_dir(config: AugmentConfig) -> Path:

@@ -10,18 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.data.shard_dataset import ShardDataset
 from pipeline.data.shards import (
     MANIFEST,
-    ShardDataset,
     ShardError,
     ShardWriter,
     decode_pngs,
     encode_pngs,
-    merge_shards,
     read_shards,
-    shards_complete,
     verify_shards,
-    write_shards,
 )
 
 
@@ -149,6 +146,20 @@ def test_pandas_reads_the_shards(shard_dir, fmnist):
         np.testing.assert_array_equal(np.asarray(im), x[300, ..., 0])
 
 
+def test_duckdb_queries_the_shards(shard_dir, fmnist):
+    import duckdb
+
+    x, y, _ = fmnist
+    glob = str(shard_dir / "shard-*.parquet")
+    counts = duckdb.sql(f"SELECT label, count(*) AS n FROM read_parquet('{glob}') "
+                        "GROUP BY label ORDER BY label").fetchall()
+    assert counts == [(int(c), int((y == c).sum())) for c in np.unique(y)]
+    ((blob,),) = duckdb.sql(f"SELECT image.bytes FROM read_parquet('{glob}') "
+                            "WHERE source = 'real' LIMIT 1").fetchall()
+    with Image.open(io.BytesIO(blob)) as im:
+        assert np.asarray(im).shape == x.shape[1:3]
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -163,7 +174,6 @@ def test_tampered_shard_is_refused(shard_dir):
         read_shards(shard_dir)
     with pytest.raises(ShardError, match="altered"):
         ShardDataset(shard_dir)
-    assert not shards_complete(shard_dir, checksum=True)
 
 
 def test_truncated_and_missing_shards_are_refused(shard_dir):
@@ -171,18 +181,18 @@ def test_truncated_and_missing_shards_are_refused(shard_dir):
     path.write_bytes(path.read_bytes()[:-500])
     with pytest.raises(ShardError, match=r"shard-00002.parquet is truncated"):
         read_shards(shard_dir)
-    assert not shards_complete(shard_dir)
     path.unlink()
     with pytest.raises(ShardError, match=r"shard-00002.parquet .* is missing"):
         verify_shards(shard_dir)
 
 
 def test_unfinished_set_without_manifest_is_refused(shard_dir):
-    assert shards_complete(shard_dir)
+    verify_shards(shard_dir)
     (shard_dir / MANIFEST).unlink()
     with pytest.raises(ShardError, match="never finished"):
         read_shards(shard_dir)
-    assert not shards_complete(shard_dir)
+    with pytest.raises(ShardError, match="never finished"):
+        verify_shards(shard_dir, checksum=False)
 
 
 def test_failed_write_leaves_nothing(tmp_path, fmnist):
@@ -223,29 +233,6 @@ def test_bad_input_is_refused_before_writing(tmp_path, fmnist):
         with pytest.raises(ValueError, match=r"\(32, 32, 3\) but this shard set holds"):
             w.write(np.zeros((1, 32, 32, 3), np.uint8), [0])
     assert read_shards(tmp_path).labels.tolist() == y[:2].tolist()  # only the good write
-
-
-# --------------------------------------------------------------------------- many parts
-
-
-def test_write_shards_from_parts_and_merge_per_class_sets(tmp_path, fmnist):
-    x, y, names = fmnist
-    dirs = []
-    for c in (2, 5):  # e.g. one sampling stage per class
-        sel = np.flatnonzero(y == c)
-        parts = ((x[sel[i:i + 40]], y[sel[i:i + 40]], {"adapter_id": f"class-{c}", "seed": i})
-                 for i in range(0, len(sel), 40))
-        m = write_shards(tmp_path / f"class-{c}", parts, names, rows_per_shard=64)
-        assert m["num_rows"] == len(sel) and m["class_histogram"][c] == len(sel)
-        dirs.append(tmp_path / f"class-{c}")
-    merged = merge_shards(dirs, tmp_path / "all")
-    expect = np.concatenate([np.flatnonzero(y == 2), np.flatnonzero(y == 5)])
-    data = read_shards(tmp_path / "all")
-    np.testing.assert_array_equal(data.images, x[expect])
-    assert merged["num_rows"] == len(expect)
-    assert data.frame["adapter_id"].tolist() == [f"class-{v}" for v in y[expect]]
-    with pytest.raises(ShardError, match="overwrite=True"):
-        merge_shards(dirs, tmp_path / "all")
 
 
 # --------------------------------------------------------------------------- torch dataset

@@ -202,7 +202,8 @@ def test_model_card_measures_writes_and_reuses(tiny_model, monkeypatch):
 
 
 def test_samples_do_not_depend_on_the_batch_size(tiny_model):
-    from pipeline.evaluate.model_card import load_base, sample_base
+    from pipeline.evaluate.model_card import load_base
+    from pipeline.models import sample_base
 
     unet, scheduler = load_base(tiny_model[0])
     a = sample_base(unet, scheduler, 6, steps=2, seed=3, batch_size=6, shape=(28, 28),

@@ -15,6 +15,10 @@ Every shard is written under a temporary name and renamed when complete; ``manif
 (row count, bytes, sha256 and class histogram per shard) is written last, atomically. A
 directory without a manifest is an unfinished write; readers check every shard against
 the manifest and refuse a missing, truncated or altered one.
+
+One module (about 480 lines) on purpose: the writer, the manifest and the reader are the two
+sides of one file format, and keeping them together is what stops them drifting apart. The
+torch streaming reader, which needs torch, is :mod:`pipeline.data.shard_dataset`.
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ import io
 import json
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -35,9 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.atomic import atomic_write_text
 from pipeline.models import file_sha256
@@ -353,19 +354,6 @@ def _build_manifest(shards: list[dict], class_names: Sequence[str], image_shape,
     }
 
 
-def write_shards(out_dir: str | Path, parts: Iterable[tuple[np.ndarray, Any, Mapping[str, Any]]],
-                 class_names: Sequence[str], **writer_kwargs) -> dict:
-    """Write one shard set from many ``(images, labels, provenance)`` parts; returns the manifest.
-
-    ``provenance`` holds the keyword arguments of :meth:`ShardWriter.write` (``source``,
-    ``condition_id``, ``seed``, ...). Parts may be a generator, so sampling can stream.
-    """
-    with ShardWriter(out_dir, class_names, **writer_kwargs) as writer:
-        for images, labels, provenance in parts:
-            writer.write(images, labels, **dict(provenance or {}))
-    return writer.manifest  # type: ignore[return-value]
-
-
 # --------------------------------------------------------------------------- reader
 
 
@@ -414,15 +402,6 @@ def verify_shards(shard_dir: str | Path, *, checksum: bool = True) -> dict:
         if rows != s["rows"]:
             raise ShardError(f"shard {path} holds {rows} rows, manifest says {s['rows']}; {fix}")
     return manifest
-
-
-def shards_complete(shard_dir: str | Path, *, checksum: bool = False) -> bool:
-    """True when ``shard_dir`` holds a finished, intact shard set: a stage's rerun skips it."""
-    try:
-        verify_shards(shard_dir, checksum=checksum)
-    except ShardError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -476,7 +455,8 @@ def decode_pngs(blobs: Sequence[bytes], shape: Sequence[int]) -> np.ndarray:
     return out
 
 
-def _decode_images(table: pa.Table, shape: Sequence[int], where: Path) -> np.ndarray:
+def decode_image_column(table: pa.Table, shape: Sequence[int], where: Path) -> np.ndarray:
+    """The ``image`` column of a Parquet table (a shard or one row group) as uint8 (N, *shape)."""
     blobs = table.column("image").combine_chunks().field("bytes").to_pylist()
     try:
         return decode_pngs(blobs, shape)
@@ -497,7 +477,7 @@ def read_shards(shard_dir: str | Path, verify: bool = True) -> ShardArrays:
         except Exception as e:
             raise ShardError(f"cannot read shard {path} ({e}); rerun the stage that wrote it") \
                 from e
-        images.append(_decode_images(table, shape, path))
+        images.append(decode_image_column(table, shape, path))
         frames.append(table.drop_columns(["image"]))
     if not frames:
         h, w, c = shape or (0, 0, 0)
@@ -507,98 +487,3 @@ def read_shards(shard_dir: str | Path, verify: bool = True) -> ShardArrays:
     frame = pa.concat_tables(frames).to_pandas(types_mapper=_PANDAS_TYPES.get)
     labels = frame["label"].to_numpy(dtype=np.int64)
     return ShardArrays(np.concatenate(images), labels, frame, manifest)
-
-
-def merge_shards(src_dirs: Sequence[str | Path], out_dir: str | Path, *,
-                 overwrite: bool = False, prefix: str = "shard") -> dict:
-    """Join finished shard sets (e.g. one per class) into one, without re-encoding.
-
-    Each source is verified; its shard files are hard-linked (copied across file systems)
-    under new names, and the joined manifest is written last.
-    """
-    out_dir = Path(out_dir)
-    manifests = [verify_shards(d) for d in src_dirs]
-    if not manifests:
-        raise ValueError("merge_shards needs at least one source directory")
-    names = manifests[0]["class_names"]
-    shapes = {tuple(m["image_shape"]) for m in manifests if m["image_shape"]}
-    if any(m["class_names"] != names for m in manifests) or len(shapes) > 1:
-        raise ShardError("cannot merge shard sets with different class names or image shapes: "
-                         + ", ".join(f"{d}: {m['image_shape']}" for d, m in zip(src_dirs, manifests)))
-    _claim_dir(out_dir, overwrite)
-    shards: list[dict] = []
-    try:
-        for src, m in zip(src_dirs, manifests):
-            for s in m["shards"]:
-                name = f"{prefix}-{len(shards):05d}.parquet"
-                tmp = out_dir / f".{name}.merge.tmp"
-                tmp.unlink(missing_ok=True)
-                try:
-                    os.link(Path(src) / s["file"], tmp)
-                except OSError:
-                    shutil.copyfile(Path(src) / s["file"], tmp)
-                os.replace(tmp, out_dir / name)
-                shards.append({**s, "file": name})
-    except BaseException:
-        for s in shards:
-            (out_dir / s["file"]).unlink(missing_ok=True)
-        raise
-    _remove_stale(out_dir, prefix, {s["file"] for s in shards})
-    manifest = _build_manifest(shards, names, next(iter(shapes), None), shard_schema(names),
-                               manifests[0]["row_group_rows"])
-    _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
-    return manifest
-
-
-# --------------------------------------------------------------------------- torch dataset
-
-
-class ShardDataset(IterableDataset):
-    """A shuffled stream of ``(image uint8 tensor (H, W, C), label int)`` from a shard set.
-
-    Shuffling is two-level, as for any sharded format: the row groups of all shards are
-    visited in a seeded random order, and the rows of ``mix_row_groups`` groups at a time
-    are shuffled together. DataLoader workers each take a disjoint slice of the row groups.
-    Call :meth:`set_epoch` each epoch for a fresh order (like DistributedSampler).
-    """
-
-    def __init__(self, shard_dir: str | Path, shuffle: bool = True, seed: int = 0, *,
-                 verify: bool = True, mix_row_groups: int = 4) -> None:
-        self.shard_dir = Path(shard_dir)
-        self.manifest = verify_shards(self.shard_dir) if verify else load_manifest(self.shard_dir)
-        self.shape = self.manifest["image_shape"]
-        self.shuffle, self.seed, self.epoch = shuffle, int(seed), 0
-        self.mix_row_groups = max(1, int(mix_row_groups))
-        self.units = [(s["file"], g, rows) for s in self.manifest["shards"]
-                      for g, rows in enumerate(s["row_groups"])]
-
-    def __len__(self) -> int:
-        return int(self.manifest["num_rows"])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _my_units(self, rng: np.random.Generator) -> list[tuple[str, int, int]]:
-        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
-        info = get_worker_info()
-        if info is not None:
-            order = order[info.id::info.num_workers]
-        return [self.units[i] for i in order]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        # Every worker draws the same group order from (seed, epoch), then takes its slice.
-        rng = np.random.default_rng([self.seed, self.epoch])
-        units = self._my_units(rng)
-        files: dict[str, pq.ParquetFile] = {}
-        for start in range(0, len(units), self.mix_row_groups):
-            images, labels = [], []
-            for file, group, _ in units[start:start + self.mix_row_groups]:
-                if file not in files:
-                    files[file] = pq.ParquetFile(self.shard_dir / file)
-                table = files[file].read_row_group(group, columns=["image", "label"])
-                images.append(_decode_images(table, self.shape, self.shard_dir / file))
-                labels.append(table.column("label").to_numpy())
-            x, y = np.concatenate(images), np.concatenate(labels)
-            order = rng.permutation(len(y)) if self.shuffle else np.arange(len(y))
-            for i in order:
-                yield torch.from_numpy(x[i]), int(y[i])

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import AugmentConfig, _digest
+from pipeline.config import AugmentConfig
+from pipeline.digest import digest
 from pipeline.generate.pseudo import load_pseudo_labels
 from pipeline.keys import ssl_unit_key, stage_keys
 from pipeline.runs import (
@@ -65,7 +66,7 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
     from pipeline.evaluate.control import control_rows, judge_pool
 
     keys = stage_keys(config)
-    key = _digest({"shards": keys["shards"], "encode": keys["encode"],
+    key = digest({"shards": keys["shards"], "encode": keys["encode"],
                    "margin": config.filter.margin, "seed": config.sampling.seed,
                    "pool": config.ssl.control_pool})[:16]
     cached = Path(run_dir) / "ssl" / "control" / f"judged-{key}.npz"

@@ -18,34 +18,37 @@ estimate is singular and its bias dominates; KID is unbiased at any sample size.
 ``card.json`` is written last (atomically) and marks a finished card; a rerun with the same
 weights and settings only re-renders README.md from it. Run it as
 ``python -m pipeline.evaluate.model_card data/models/fashion-mnist-ddpm-32``.
+
+One module (about 430 lines): measuring a card and rendering it share the card's schema
+(``card.json``), which is declared nowhere else; the README's layout itself is a template
+(``pipeline/report/templates/model_card.md.j2``).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from pipeline.atomic import atomic_write_json, finite
 from pipeline.atomic import atomic_write_text as _write_text
-from pipeline.atomic import finite
 from pipeline.config import REPO_ROOT
-from pipeline.data.images import from_model_space
-from pipeline.generate.pretrain import _write_json, data_hash, resolve_device
-from pipeline.models import file_sha256
+from pipeline.generate.pretrain import data_hash, resolve_device
+from pipeline.models import file_sha256, sample_base
 from pipeline.report.render import render
-from pipeline.runs import device_label
+from pipeline.runs import device_label, git_commit
 
 CARD_FILE = "card.json"
 README_FILE = "README.md"
 WEIGHTS_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
 CARD_FORMAT = "anl-augment-model-card"
 CARD_VERSION = 1
+# The code a card's model depends on: the card says "+dirty" when it differs from HEAD.
+PRETRAIN_CODE = ("pipeline/generate/pretrain.py", "pipeline/data/images.py")
 
 
 class ModelCardError(RuntimeError):
@@ -84,43 +87,6 @@ def load_base(model_dir: str | Path, device: torch.device | str = "cpu"):
                              "`augment pretrain --out " + str(model_dir) + "`")
     # fp16 on disk; sample in fp32 (CPU) or under bf16 autocast (CUDA).
     return load_base_unet(model_dir / "unet", device)
-
-
-@torch.no_grad()
-def sample_base(unet, scheduler, n: int, steps: int = 50, seed: int = 0, batch_size: int = 125,
-                shape: tuple[int, int] | None = None, progress: bool = True) -> np.ndarray:
-    """``n`` seeded DDIM samples of an unconditional U-Net as uint8 (n, H, W, C).
-
-    Sample i starts from noise drawn by its own generator, seeded by (seed, i), so a sample
-    does not depend on the batch size or the device's batching. ``shape`` centre-crops back to
-    the data's size (e.g. 28x28 out of the padded 32x32).
-    """
-    from diffusers import DDIMScheduler
-
-    device = unet.device
-    size, channels = unet.config.sample_size, unet.config.in_channels
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(steps, device=device)
-    starts = range(0, n, batch_size)
-    bar = tqdm(total=len(starts) * steps, desc="card samples", disable=not progress, leave=False)
-    out = []
-    for start in starts:
-        seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-                 for i in range(start, min(n, start + batch_size))]
-        x = torch.cat([torch.randn((1, channels, size, size),
-                                   generator=torch.Generator().manual_seed(s)) for s in seeds])
-        x = x.to(device)
-        for t in ddim.timesteps:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                eps = unet(x, t).sample.float()
-            x = ddim.step(eps, t, x).prev_sample
-            bar.update(1)
-        out.append(from_model_space(x, shape))
-    bar.close()
-    if not out:
-        h, w = shape or (size, size)
-        return np.zeros((0, h, w, channels), np.uint8)
-    return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------- figures
@@ -196,22 +162,6 @@ def training_pool(training: dict) -> dict:
     return pool
 
 
-def git_commit(repo: Path) -> str:
-    """HEAD of the git repository at ``repo`` ("uncommitted" without one), "+dirty" when the
-    pretrain code differs from it."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                              check=False, timeout=30).stdout.strip()
-    try:
-        head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--", "pipeline/generate/pretrain.py", "pipeline/data/images.py")
-    except (OSError, subprocess.SubprocessError):
-        return "uncommitted"
-    if not head:
-        return "uncommitted"
-    return head + ("+dirty" if dirty else "")
-
-
 def _card_identity(weights_sha: str, config: CardConfig) -> dict:
     return {"weights_sha256": weights_sha, "card_config": config.to_dict()}
 
@@ -277,7 +227,7 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
         "command": training["command"],
         # pretrain may record its own commit; else the code's commit when the card is written.
         "git_commit": training.get("git_commit")
-        or git_commit(REPO_ROOT),
+        or git_commit(REPO_ROOT, PRETRAIN_CODE) or "uncommitted",
         "git_commit_source": "training" if training.get("git_commit") else "card",
         "dataset": dataset.name, "class_names": list(dataset.class_names),
         "labels_per_class": pool["labels_per_class"], "split_seed": pool["split_seed"],
@@ -437,7 +387,7 @@ def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,
     if card is None:
         card = build_card(model_dir, config, **kwargs)
     _write_text(model_dir / README_FILE, render_readme(card))
-    _write_json(path, finite(card))
+    atomic_write_json(path, finite(card))
     return path
 
 

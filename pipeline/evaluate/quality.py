@@ -19,7 +19,6 @@ The pure functions (``kid``, ``mean_pairwise_distance``, ...) work on arrays;
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Callable
@@ -179,29 +178,11 @@ def class_grid_png(real: np.ndarray, synthetic: dict[float, np.ndarray], title: 
     ``row_label`` formats each synthetic row's key into its label (a constant string labels
     every row alike: ``"samples"``).
     """
-    from matplotlib.figure import Figure
+    from pipeline.data.grids import strips_png
 
     rows = [(real_label, real[:cols])] + \
         [(row_label.format(r), imgs[:cols]) for r, imgs in sorted(synthetic.items())]
-    h, w, c = (real if len(real) else next(iter(synthetic.values()))).shape[1:]
-    fig = Figure(figsize=(cols * 0.55 + 1.0, len(rows) * 0.6 + 0.35))
-    axes = fig.subplots(len(rows), 1, squeeze=False)
-    for ax, (label, imgs) in zip(axes[:, 0], rows, strict=True):
-        strip = np.full((h, cols * (w + 2), c), 255, np.uint8)
-        for j, im in enumerate(imgs):
-            strip[:, j * (w + 2):j * (w + 2) + w] = im
-        ax.imshow(strip[..., 0] if c == 1 else strip, cmap="gray" if c == 1 else None,
-                  vmin=0, vmax=255, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-        for s in ax.spines.values():
-            s.set_visible(False)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return strips_png(rows, title, cols)
 
 
 def grid_picks(frame, rows: np.ndarray, n: int) -> np.ndarray:

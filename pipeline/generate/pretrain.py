@@ -22,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from anl_core.precision import autocast_for
 from pipeline.atomic import atomic_torch_save as _atomic_torch_save
+from pipeline.atomic import atomic_write_bytes as _atomic_bytes
 from pipeline.atomic import atomic_write_json as _write_json
-from pipeline.data.images import from_model_space, to_model_space
+from pipeline.data.grids import tile_png
+from pipeline.data.images import to_model_space
 from pipeline.generate.pretrain_config import PretrainConfig
-from pipeline.models import file_sha256
+from pipeline.models import file_sha256, sample_base
 from pipeline.runs import device_label
 
 
@@ -111,7 +114,6 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
         gen.set_state(state["gen"])
         step, losses, wall = state["step"], state["losses"], state["wall_s"]
 
-    use_bf16 = device.type == "cuda"
     unet.train()
     bar = tqdm(total=config.steps, initial=step, desc="pretrain", disable=not progress, unit="step")
     t0 = time.perf_counter()
@@ -146,7 +148,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
         t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=gen)
         t = t.to(device)
         xt = scheduler.add_noise(x0, noise, t)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast_for(device):
             pred = unet(xt, t).sample
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
@@ -169,7 +171,8 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
 
     ema.copy_to(unet.parameters())
     unet.eval()
-    grid = sample_grid(unet, scheduler, config, device)
+    # A sheet of seeded DDIM samples beside the weights: a glance tells a broken model apart.
+    grid = sample_base(unet, scheduler, 64, config.sample_steps, config.seed + 1, progress=False)
 
     # Write the pipeline into a temp dir, then move its parts in; training.json marks done.
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
@@ -183,7 +186,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
             os.replace(tmp / name, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _save_grid(grid, out_dir / "samples.png")
+    _atomic_bytes(out_dir / "samples.png", tile_png(grid))
     record = {
         "config": config.to_dict(), "steps": step, "wall_s": round(wall, 1),
         "stopped_by_time_limit": stopped_early,
@@ -197,39 +200,6 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
     }
     _write_json(out_dir / "training.json", record)
     return out_dir
-
-
-@torch.no_grad()
-def sample_grid(unet, scheduler, config: PretrainConfig, device, n: int = 64) -> np.ndarray:
-    """DDIM samples of the trained model as uint8 (n, H, W, C), seeded."""
-    from diffusers import DDIMScheduler
-
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(config.sample_steps)
-    gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
-    x = torch.randn((n, unet.config.in_channels, config.sample_size, config.sample_size), generator=gen)
-    x = x.to(device)
-    for t in ddim.timesteps:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            eps = unet(x, t).sample.float()
-        x = ddim.step(eps, t, x).prev_sample
-    return from_model_space(x)
-
-
-def _save_grid(images: np.ndarray, path: Path, cols: int = 8) -> None:
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    rows = -(-n // cols)
-    canvas = np.zeros((rows * (h + 2), cols * (w + 2), c), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, cols)
-        canvas[r * (h + 2) + 1:r * (h + 2) + 1 + h, q * (w + 2) + 1:q * (w + 2) + 1 + w] = im
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).resize(
-        (canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST).save(path)
-
-
-
 
 
 def pretrain_on_unlabeled_pool(dataset_name: str, out_dir: str | Path, labels_per_class: int,

@@ -75,6 +75,25 @@ def per_condition(config: AugmentConfig, loop_round: int = 1) -> int:
     return lp if loop_round == 2 and lp is not None else config.sampling.per_condition
 
 
+def sample_images(model, scheduler, tokens, condition_ids: np.ndarray, per_condition: int,
+                  sampling, *, mask_ratio: float, seed: int, image_shape: tuple[int, int],
+                  guidance: float | None = None, num_inference_steps: int | None = None,
+                  ) -> np.ndarray:
+    """uint8 (len(tokens) * per_condition, H, W, C): masked samples of the given condition
+    tokens, in data space. The sample stage's work for one chunk; benches sweeping guidance
+    or steps call it with those overridden (``sampling`` is the run's ``sampling:`` section).
+    """
+    from anl_core.sampling import masked_sample
+    from pipeline.data.images import from_model_space
+
+    x = masked_sample(model, scheduler, tokens, per_condition, mask_ratio=mask_ratio,
+                      guidance=sampling.guidance if guidance is None else guidance,
+                      num_inference_steps=num_inference_steps or sampling.num_inference_steps,
+                      seed=seed, batch_size=sampling.batch_size, condition_ids=condition_ids,
+                      progress=False, eta=sampling.eta, compile=sampling.compile)
+    return from_model_space(x, shape=image_shape)
+
+
 def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
                      loop_round: int = 1) -> dict:
     """Masked sampling for one class, in chunk files; a rerun resumes at the first missing one.
@@ -91,8 +110,6 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
     def body(unit_dir: Path, device: str) -> dict:
 
         from anl_core.inject import load_adapter
-        from anl_core.sampling import masked_sample
-        from pipeline.data.images import from_model_space
 
         run = Path(run_dir)
         plan_file = read_json(unit_dir / "plan.json")
@@ -117,13 +134,9 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
 
             for mi, ci, a, b in tqdm(todo, desc=f"sample class {class_idx}",
                                      disable=not config.progress, unit="chunk"):
-                x = masked_sample(model, scheduler, tok["tokens"][rows[a:b]], k,
-                                  mask_ratio=s.mask_ratios[mi], guidance=s.guidance,
-                                  num_inference_steps=s.num_inference_steps,
-                                  seed=ratio_seed(s.seed, mi),
-                                  batch_size=s.batch_size, condition_ids=cond_ids[a:b],
-                                  progress=False, eta=s.eta, compile=s.compile)
-                images = from_model_space(x, shape=ds.image_shape[:2])
+                images = sample_images(model, scheduler, tok["tokens"][rows[a:b]], cond_ids[a:b],
+                                       k, s, mask_ratio=s.mask_ratios[mi],
+                                       seed=ratio_seed(s.seed, mi), image_shape=ds.image_shape[:2])
                 n = len(images)
                 save_npz(unit_dir / part_name(mi, ci), images=images,
                           labels=np.full(n, class_idx, np.int64),

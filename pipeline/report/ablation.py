@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.atomic import atomic_write_text
 from pipeline.evaluate.paired import MIN_REPETITIONS
 from pipeline.report import plots
-from pipeline.report.data import ARM_ORDER, RunData, budget_short, load_run, paired_columns
+from pipeline.report.data import ARM_ORDER, RunData, load_run, outcome_columns
 from pipeline.report.render import md_table, render
 
 # Fields that say where/how a run ran or identify it, never what it computed.
@@ -70,25 +70,15 @@ def _label(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
 
 
+ABLATION_NAMES = {"error": "{arm}_error_pct", "std": "{arm}_std_pct", "seeds": "{arm}_seeds"}
+
+
 def ablation_row(run: RunData, vary: Sequence[str]) -> dict[str, Any]:
     flat = flatten(run.config or {})
     row: dict[str, Any] = {"run": run.name}
     for k in vary:
         row[k] = _scalar(flat.get(k))
-    for arm in ARM_ORDER:
-        mean, std, n = run.arms[arm].summary if arm in run.arms else (None, None, 0)
-        row[f"{arm}_error_pct"] = None if mean is None else round(100 * mean, 4)
-        row[f"{arm}_std_pct"] = None if std is None else round(100 * std, 4)
-        row[f"{arm}_seeds"] = n
-    row.update(paired_columns(run.comparison("augmented", "baseline")))
-    row.update(paired_columns(run.comparison("augmented", "control"), "vs_control"))
-    row["budget_short"] = budget_short(run)
-    q = (run.quality or {}).get("overall", {})
-    row["kid"] = q.get("kid")
-    row["label_consistency"] = q.get("label_consistency")
-    row["diversity_synthetic"] = q.get("diversity_synthetic")
-    row["within_condition_diversity"] = q.get("within_condition_diversity")
-    row["sampling_images_per_s"] = run.sampling_images_per_s()
+    row.update(outcome_columns(run, ABLATION_NAMES, digits=4))
     return row
 
 

@@ -332,6 +332,32 @@ def paired_columns(comp: Comparison | None, prefix: str = "delta") -> dict[str, 
             f"{prefix}_p": _r(d.p_value, 6)}
 
 
+def outcome_columns(run: RunData, names: dict[str, str], digits: int | None = None
+                    ) -> dict[str, Any]:
+    """A run's outcome as flat columns, shared by the ablation table and the benchmark
+    history: per arm its mean error and std in % and its seed count (named by ``names``'
+    templates for "error", "std" and "seeds", e.g. ``"error_{arm}_pct"``), augmented minus
+    baseline and minus control (:func:`paired_columns`), whether the budget was too short,
+    and the quality and sampling-speed headlines. ``digits`` rounds the % columns."""
+    def pct_col(x):
+        return None if x is None else (100 * x if digits is None else round(100 * x, digits))
+
+    row: dict[str, Any] = {}
+    for arm in ARM_ORDER:
+        mean, std, n = run.arms[arm].summary if arm in run.arms else (None, None, 0)
+        row[names["error"].format(arm=arm)] = pct_col(mean)
+        row[names["std"].format(arm=arm)] = pct_col(std)
+        row[names["seeds"].format(arm=arm)] = n
+    row.update(paired_columns(run.comparison("augmented", "baseline")))
+    row.update(paired_columns(run.comparison("augmented", "control"), "vs_control"))
+    row["budget_short"] = budget_short(run)
+    q = (run.quality or {}).get("overall", {})
+    for k in ("kid", "label_consistency", "diversity_synthetic", "within_condition_diversity"):
+        row[k] = q.get(k)
+    row["sampling_images_per_s"] = run.sampling_images_per_s()
+    return row
+
+
 def results_table(run: RunData | str | Path) -> list[dict[str, Any]]:
     """One row per SSL arm (error in %, mean/std/n over seeds, validation error where the run
     had a validation split, change vs baseline in points with its 95% CI and p).

@@ -19,7 +19,7 @@ import pandas as pd
 
 from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.report import plots
-from pipeline.report.data import ARM_ORDER, budget_short, load_run, paired_columns
+from pipeline.report.data import ARM_ORDER, load_run, outcome_columns
 from pipeline.report.render import md_table, render
 from pipeline.stage_graph import STAGE_ORDER
 
@@ -42,18 +42,9 @@ def history_row(run_dir: str | Path, commit: str | None = None) -> dict[str, Any
         "preset": run.preset, "config_hash": run.config_hash, "run": run.name,
         "device": (run.stages.get("ssl") or run.stages.get("sample") or {}).get("device"),
     }
-    for arm in ARM_ORDER:
-        mean, std, n = run.arms[arm].summary if arm in run.arms else (None, None, 0)
-        row[f"error_{arm}_pct"] = None if mean is None else 100 * mean
-        row[f"std_{arm}_pct"] = None if std is None else 100 * std
-        row[f"seeds_{arm}"] = n
-    row.update(paired_columns(run.comparison("augmented", "baseline")))
-    row.update(paired_columns(run.comparison("augmented", "control"), "vs_control"))
-    row["budget_short"] = budget_short(run)
-    q = (run.quality or {}).get("overall", {})
-    row["label_consistency"] = q.get("label_consistency")
-    row["kid"] = q.get("kid")
-    row["sampling_images_per_s"] = run.sampling_images_per_s()
+    # Column names are those of history files already written: keep them.
+    row.update(outcome_columns(run, {"error": "error_{arm}_pct", "std": "std_{arm}_pct",
+                                     "seeds": "seeds_{arm}"}))
     row["tune_steps_per_s"] = ((run.stages.get("tune") or {}).get("metrics") or {}).get(
         "steps_per_s")
     for stage in STAGE_ORDER:

@@ -34,6 +34,7 @@ import torch
 from pipeline.atomic import atomic_write as _atomic_write_bytes
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.splits import LabeledSplit
+from pipeline.digest import digest
 
 from .algorithms import get_algorithm
 from .augment import to_unit
@@ -65,7 +66,7 @@ def _hash_arrays(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _channel_stats(images: np.ndarray, max_images: int = 10_000) -> tuple[list[float], list[float]]:
+def channel_stats(images: np.ndarray, max_images: int = 10_000) -> tuple[list[float], list[float]]:
     """Per-channel mean/std in [0, 1] units, from a fixed subsample (enough for 3 decimals)."""
     if len(images) > max_images:
         images = images[np.random.default_rng(0).choice(len(images), max_images, replace=False)]
@@ -169,7 +170,7 @@ def run_fingerprint(arm: str, dataset: ImageDataset, split: LabeledSplit, config
     }
     if len(split.val_idx):  # absent without one: runs from before validation keep theirs
         parts["validation"] = _hash_arrays(split.val_idx)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(parts, spaced=True)[:16]
 
 
 def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str | Path,
@@ -202,7 +203,7 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
 
     device = resolve_device(config.device)
     data = build_train_data(dataset, split, config, device, synthetic)
-    mean, std = _channel_stats(dataset.train_images)
+    mean, std = channel_stats(dataset.train_images)
     net_name = resolve_net_name(config.net, dataset.image_shape)
     net = build_net(net_name, dataset.num_classes, dataset.image_shape, mean, std, config.seed)
     algorithm_name = "supervised" if arm == "supervised" else config.algorithm
@@ -262,7 +263,7 @@ def predict_probs(arm_dir: str | Path, dataset: ImageDataset, images: np.ndarray
                        "run that arm first")
     metrics = json.loads(metrics_path.read_text())
     dev = resolve_device(device)
-    mean, std = _channel_stats(dataset.train_images)
+    mean, std = channel_stats(dataset.train_images)
     net = build_net(metrics["net"], dataset.num_classes, dataset.image_shape, mean, std,
                     int(metrics["seed"]))
     state = torch.load(ckpt, map_location=dev, weights_only=True)

@@ -57,7 +57,7 @@ def measure_arm_peak_bytes(arm: str, dataset, split, config,
     steps at the config's batch sizes, on the current CUDA device. Nothing is written.
     (Evaluation runs in batches no larger than training's, so training sets the peak.)"""
     from pipeline.ssl.algorithms import get_algorithm
-    from pipeline.ssl.arms import EXTRA_ROW_ARMS, _channel_stats, build_train_data
+    from pipeline.ssl.arms import EXTRA_ROW_ARMS, build_train_data, channel_stats
     from pipeline.ssl.nets import build_net, resolve_net_name
     from pipeline.ssl.trainer import Trainer
 
@@ -67,7 +67,7 @@ def measure_arm_peak_bytes(arm: str, dataset, split, config,
     base = torch.cuda.memory_allocated(device)
     data = build_train_data(dataset, split, config, device,
                             synthetic if arm in EXTRA_ROW_ARMS else None)
-    mean, std = _channel_stats(dataset.train_images)
+    mean, std = channel_stats(dataset.train_images)
     net = build_net(resolve_net_name(config.net, dataset.image_shape), dataset.num_classes,
                     dataset.image_shape, mean, std, config.seed)
     algorithm = get_algorithm("supervised" if arm == "supervised" else config.algorithm)(

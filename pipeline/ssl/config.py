@@ -8,11 +8,11 @@ shared/ANCHORS.md. Budgets are named by their step count, not by adjectives, so 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.digest import digest
 
 # name -> (steps, eval_every, checkpoint_every). The full USB budget is 2^20 steps.
 BUDGETS: dict[str, dict[str, int]] = {
@@ -111,7 +111,7 @@ class SSLConfig(BaseModel):
             for k in SYNTHETIC_FIELDS:
                 del d[k]
         d["layout_version"] = LAYOUT_VERSION
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return digest(d, spaced=True)[:16]
 
     def without_extra_rows(self) -> SSLConfig:
         """This config with the extra-row fields at their defaults (for arms without them)."""

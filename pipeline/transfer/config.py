@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.config import apply_overrides, parse_overrides
+from pipeline.digest import digest
 from pipeline.validation import explain
 
 BUILTIN_TARGETS = ("mnist-foolbox", "sklearn-digits")
@@ -94,10 +93,5 @@ def transfer_config(values: dict[str, Any] | None = None,
         raise TransferError(explain(e, "transfer configuration", TransferConfig.model_fields)) from None
 
 
-def _digest(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def config_hash(config: TransferConfig) -> str:
-    return _digest(config.model_dump(mode="json", exclude=set(RUNTIME_FIELDS)))
+    return digest(config.model_dump(mode="json", exclude=set(RUNTIME_FIELDS)))

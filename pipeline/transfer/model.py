@@ -117,7 +117,7 @@ def generate(config: TransferConfig, model: nn.Module, scheduler, shape: tuple[i
     """(uint8 samples (N, H, W, C), condition id per sample or None)."""
     from anl_core.sampling import masked_sample
     from pipeline.data.images import from_model_space
-    from pipeline.evaluate.model_card import sample_base
+    from pipeline.models import sample_base
 
     if config.mode != "anl":
         return sample_base(model.net, scheduler, config.samples, config.num_inference_steps,

@@ -19,8 +19,9 @@ from torch import nn
 
 from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text, finite
 from pipeline.config import resolve_path
+from pipeline.digest import digest
 from pipeline.runs import read_json
-from pipeline.transfer.config import STEPS, TransferConfig, TransferError, _digest, config_hash
+from pipeline.transfer.config import STEPS, TransferConfig, TransferError, config_hash
 from pipeline.transfer.metrics import transfer_metrics
 from pipeline.transfer.model import (
     WholeUNet,
@@ -72,7 +73,7 @@ def step_keys(config: TransferConfig) -> dict[str, str]:
     """Each step's key: its parts plus every earlier step's key (each step reads the last)."""
     keys: dict[str, str] = {}
     for name, parts in step_parts(config).items():
-        keys[name] = _digest({"step": name, "parts": parts, "upstream": dict(keys)})[:16]
+        keys[name] = digest({"step": name, "parts": parts, "upstream": dict(keys)})[:16]
     return keys
 
 

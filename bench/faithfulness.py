@@ -108,7 +108,7 @@ class Sweep:
         from pipeline.evaluate.quality import encoder_features, mean_pairwise_distance, nearest_rmse
         from pipeline.evaluate.reference import ReferenceConfig, load_or_train_reference
         from pipeline.generate.synthetic_filter import build_filter
-        from pipeline.stages import dataset_for
+        from pipeline.stage_inputs import dataset_for
         self.config, self.args = config, args
         self.device = config.resolved_device()
         self.progress = config.progress

@@ -26,9 +26,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import tasks
 from pipeline.config import AugmentConfig, with_overrides
 from pipeline.evaluate.classifiers import arms_at_once
+from pipeline.generate.pseudo import ROUND_TWO_ARMS
 from pipeline.generate.tune import adapter_units
 from pipeline.runs import clear_running
-from pipeline.stages import ROUND_TWO_ARMS
 
 
 def make_task_runner(config: AugmentConfig):

@@ -77,10 +77,12 @@ MUTANTS = (
            ("tests/test_loop.py",)),
     Mutant("round-two-samples-pseudo-when-labeled-asked", "pipeline/generate/sample.py",
            '        take &= tok["pseudo"] == 0\n', '        pass\n', ("tests/test_loop.py",)),
-    Mutant("preflight-imports-stages", "pipeline/preflight.py",
-           "    from pipeline.data.datasets import DatasetError, load_dataset_cached\n",
-           "    from pipeline.data.datasets import DatasetError, load_dataset_cached\n"
-           "    from pipeline.stages import dataset_for  # noqa: F401\n",
+    # The cycle issue 18 broke: the base model's module importing the pre-flight check that
+    # imports it (PreflightError used to live in preflight.py).
+    Mutant("models-imports-preflight", "pipeline/models.py",
+           "from pipeline.config import resolve_path\n",
+           "from pipeline.config import resolve_path\n"
+           "from pipeline.preflight import preflight  # noqa: F401\n",
            ("tests/test_layers.py",)),
     Mutant("paired-ci-normal-not-t", "pipeline/evaluate/paired.py",
            "stats.t.interval(confidence, n - 1, loc=mean, scale=sem)",

@@ -178,7 +178,7 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     from anl_core.inject import base_fingerprint, load_adapter
     from pipeline.data.shards import read_shards, verify_shards
     from pipeline.data.splits import load_split
-    from pipeline.stages import stage_keys
+    from pipeline.keys import stage_keys
     runs = tmp_path / "runs"
     env = _env(stand_ins["hf_home"], stand_ins["cifar_root"], tmp_path / "prefect")
     t0 = time.perf_counter()

@@ -370,3 +370,20 @@ def test_stage_keys_are_pinned():
     assert {k: two[k] for k in DEMO_KEYS if k not in ("loop", "report")} == \
         {k: v for k, v in DEMO_KEYS.items() if k not in ("loop", "report")}
     assert two["pseudo"] == "93e95efe6c3581a6" and two["loop"] == "92c37a7c09d1ccc8"
+
+
+def test_unit_keys_and_ssl_fingerprints_are_pinned():
+    """A finished arm is found by its unit key and resumed by its fingerprint: moving the
+    hashing into one function (pipeline.digest) must not rename either."""
+    from pipeline.config import load_config
+    from pipeline.keys import ssl_unit_key
+
+    config = load_config("demo")
+    keys = stages.stage_keys(config)
+    assert {a: ssl_unit_key(config, keys, a, 0)
+            for a in ("supervised", "baseline", "augmented", "control")} == {
+        "supervised": "fc4aa78b891b6cc6", "baseline": "9711553999a2995e",
+        "augmented": "763aba4c60ca9725", "control": "c3d1f1688b9f25b5"}
+    trainer = config.ssl.trainer_config(0, "cpu")
+    assert trainer.fingerprint() == "46d6f0d7f154ba1b"
+    assert trainer.fingerprint(reads_extra_rows=False) == "236f5d8c6e1bae76"

@@ -82,7 +82,8 @@ if [ "$TINY" = 1 ]; then
        --set neighbors.pool=200 --set filter.copy_pool=200)
   FAITH=(--classes 0,1 --tune-steps 2 --guidance 0,3 --mask-ratios 0,0.5 --per-condition 2
          --inference-steps 2 --real-per-class 10 --set tuning.batch_size=4
-         --set labels_per_class=2 --set encoder=efficientnet-lite0@128)
+         --set labels_per_class=2 --set encoder=efficientnet-lite0@128 --set neighbors.pool=200
+         --set filter.copy_pool=200)
   SSL+=(--set labels_per_class=2)
 else
   DEV=cuda; T=2

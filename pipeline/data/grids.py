@@ -50,7 +50,9 @@ def strips_png(rows: Sequence[tuple[str, np.ndarray]], title: str = "",
         raise ValueError("strips_png: every row is empty; give at least one image")
     h, w, c = shaped.shape[1:]
     cols = cols or max(len(imgs) for _, imgs in rows)
-    fig = Figure(figsize=(cols * 0.55 + 1.0, len(rows) * 0.6 + 0.35))
+    # Wide enough for the strips and for the title (about 0.07 in per character at 9 pt).
+    fig = Figure(figsize=(max(cols * 0.55 + 1.0, len(title) * 0.07 + 0.4),
+                          len(rows) * 0.6 + 0.35))
     axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
     for ax, (label, imgs) in zip(axes, rows, strict=True):
         strip = np.full((h, cols * (w + GAP), c), 255, np.uint8)

@@ -1,6 +1,6 @@
 """The base model: finding it (a local folder or a Hugging Face hub id, offline first),
-identifying it, loading it and sampling it, in one place for the stages, the transfer feature, the model
-card and the benches.
+identifying it, loading it and sampling it, in one place for the stages, the transfer feature,
+the model card, pretraining and the benches.
 
 Identity: ``base_model_fingerprint`` is the sha256 of the U-Net's config and weight files,
 exact and cheap (files are hashed once per size and mtime); stage keys use it. anl_core has
@@ -179,20 +179,21 @@ def sample_base(unet, scheduler, n: int, steps: int = 50, seed: int = 0, batch_s
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps, device=device)
     starts = range(0, n, batch_size)
-    bar = tqdm(total=len(starts) * steps, desc="card samples", disable=not progress, leave=False)
+    bar = tqdm(total=len(starts) * steps, desc="base samples", disable=not progress, leave=False)
     out = []
-    for start in starts:
-        seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-                 for i in range(start, min(n, start + batch_size))]
-        x = torch.cat([torch.randn((1, channels, size, size),
-                                   generator=torch.Generator().manual_seed(s)) for s in seeds])
-        x = x.to(device)
-        for t in ddim.timesteps:
-            with torch.no_grad(), autocast_for(device):
-                eps = unet(x, t).sample.float()
-            x = ddim.step(eps, t, x).prev_sample
-            bar.update(1)
-        out.append(from_model_space(x, shape))
+    with torch.no_grad():
+        for start in starts:
+            seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+                     for i in range(start, min(n, start + batch_size))]
+            x = torch.cat([torch.randn((1, channels, size, size),
+                                       generator=torch.Generator().manual_seed(s)) for s in seeds])
+            x = x.to(device)
+            for t in ddim.timesteps:
+                with autocast_for(device):
+                    eps = unet(x, t).sample.float()
+                x = ddim.step(eps, t, x).prev_sample
+                bar.update(1)
+            out.append(from_model_space(x, shape))
     bar.close()
     if not out:
         h, w = shape or (size, size)

@@ -181,6 +181,8 @@ def test_truncated_and_missing_shards_are_refused(shard_dir):
     path.write_bytes(path.read_bytes()[:-500])
     with pytest.raises(ShardError, match=r"shard-00002.parquet is truncated"):
         read_shards(shard_dir)
+    with pytest.raises(ShardError, match="truncated"):  # caught without reading a checksum
+        verify_shards(shard_dir, checksum=False)
     path.unlink()
     with pytest.raises(ShardError, match=r"shard-00002.parquet .* is missing"):
         verify_shards(shard_dir)

@@ -1,26 +1,29 @@
-"""SSL gain (issue 16): did the synthetic data help, over independent repetitions?
+"""SSL gain (issues 16, 28): did the synthetic data help, over independent repetitions?
 
 Each repetition r is a whole pipeline run of the preset with its own labeled split
 (``split_seed``), validation split, adapter-tuning, sampling and filter seeds, and its own
 training seed, all ``--rep-offset + r``; the arms of one repetition share them (paired).
 Per repetition it runs the pipeline's own stages (split, encode, tune, sample, shards: the
 flow's code, cached in ``--runs-dir``) and then the arms with ``pipeline.stages.run_ssl_arm``
-(supervised, baseline, augmented, control: the flow's code too). With ``--set
+(supervised, baseline, augmented, replay, control, and baseline-2x / augmented-2x at twice the
+steps: the flow's code too). With ``--set
 loop.rounds=2`` it also runs the second round (``pipeline.generate.loop``: pseudo-labels from the
 baseline, round-2 adapters, samples and shards) and its arms augmented-r2 and selftrain.
 
-It prints every arm's validation and test error per repetition, and for augmented -
-baseline, augmented - control and baseline - supervised the per-repetition paired
-differences in accuracy points (positive: the first arm is better), their mean, 95% CI and
-a paired t-test (``pipeline.evaluate.paired``). Settings are to be chosen on the validation figures;
-the test figures are for frozen settings. It also reports whether each arm's validation
-learning curve had settled (last quarter moved < 0.5 points), the convergence rule: a
-gain at a budget where the baseline has not settled is not a gain at convergence.
+It prints every arm's validation and test error per repetition, and for each pair (augmented -
+baseline, augmented - replay, augmented - control, ...) the per-repetition paired differences
+in accuracy points (positive: the first arm is better), their mean, 95% CI, paired t-test, the
+SD of the differences and the smallest gain the repetitions could detect at 80% power
+(``pipeline.evaluate.paired``). Settings are to be chosen on the validation figures; the test
+figures are for frozen settings. Convergence is the doubling rule
+(``pipeline.evaluate.paired.doubling_check``): the baseline at 2K steps within 0.5 points of
+the baseline at K, and the gain at 2K inside the 95% CI of the gain at K.
 
-    # one repetition per process (2 cores: two at once), then the summary of all three
-    .venv/bin/python -m bench.ssl_gain --preset demo --reps 0 --steps 2048 --batch-size 16 \\
-        --mu 2 --set validation_per_class=100
-    .venv/bin/python -m bench.ssl_gain --preset demo --reps 0,1,2 ... (same flags)
+    # the issue-28 protocol: one process per repetition (2 cores: two at once), then the
+    # summary of all five
+    .venv/bin/python -m bench.ssl_gain --preset demo --reps 0 --steps 2048 --recipe cpu-short \\
+        --set validation_per_class=200
+    .venv/bin/python -m bench.ssl_gain --preset demo --reps 0,1,2,3,4 ... (same flags)
 
 A rerun with the same flags reuses every finished stage and arm; ``--json PATH`` writes the
 summary.
@@ -32,21 +35,22 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from bench.common import add_preset_args, csv_list, fmt, load_bench_config, markdown_table
 
-ROUND_ONE = ("supervised", "baseline", "augmented", "control")
+ROUND_ONE = ("supervised", "baseline", "augmented", "replay", "control", "baseline-2x",
+             "augmented-2x")
 ROUND_TWO = ("augmented-r2", "selftrain")  # need --set loop.rounds=2 (and the baseline)
 ARMS = ROUND_ONE + ROUND_TWO
 # (arm, against): positive = arm has the lower error.
-PAIRS = (("augmented", "baseline"), ("augmented", "control"), ("baseline", "supervised"),
-         ("control", "baseline"), ("augmented-r2", "baseline"), ("augmented-r2", "selftrain"),
+PAIRS = (("augmented", "baseline"), ("augmented", "replay"), ("augmented", "control"),
+         ("replay", "baseline"), ("control", "baseline"), ("baseline", "supervised"),
+         ("augmented-2x", "baseline-2x"), ("baseline-2x", "baseline"), ("augmented-r2", "baseline"), ("augmented-r2", "selftrain"),
          ("augmented-r2", "augmented"), ("selftrain", "baseline"))
 SYNTHESIS_STAGES = ("split", "encode", "tune", "sample", "shards")
-TARGET_GAIN = 2.0  # accuracy points, augmented over baseline (issue 16), CI above 0
+DEFAULT_REPS = [0, 1, 2, 3, 4]  # >= 5 independent repetitions (DESIGN.md, "How we measure")
 
 
 def rep_overrides(r: int, offset: int) -> dict:
@@ -62,6 +66,8 @@ def ssl_overrides(args: argparse.Namespace) -> dict:
         every = max(1, args.steps // args.curve_points)
         out.update({"ssl.budget": None, "ssl.steps": args.steps, "ssl.eval_every": every,
                     "ssl.checkpoint_every": every})
+    if getattr(args, "recipe", None):
+        out["ssl.recipe"] = args.recipe
     for name in ("batch_size", "mu"):
         if getattr(args, name) is not None:
             out[f"ssl.{name}"] = getattr(args, name)
@@ -77,7 +83,7 @@ def run_repetition(config, r: int, arms: list[str], offset: int,
     if config.pretrains_base:
         raise SystemExit("this bench tunes on a fixed base_model; the preset pretrains one")
     run_dir = init_run_dir(config)
-    needs_shards = bool({"augmented", "control", *ROUND_TWO} & set(arms)) \
+    needs_shards = bool({"augmented", "control", "augmented-2x", *ROUND_TWO} & set(arms)) \
         if synthesis is None else synthesis
     for stage in SYNTHESIS_STAGES if needs_shards else ("split",):
         rec = stages.STAGE_FUNCTIONS[stage](run_dir, config)
@@ -114,31 +120,45 @@ def run_repetition(config, r: int, arms: list[str], offset: int,
 
 
 def summarise(results: dict[int, dict[str, dict]], arms: list[str]) -> dict:
-    from pipeline.evaluate.paired import learning_curve_settled, paired_difference
+    from pipeline.evaluate.paired import doubling_check, paired_difference
 
     reps = sorted(results)
-    summary: dict = {"reps": reps, "arms": {}, "pairs": {}, "curves": {}}
+    summary: dict = {"reps": reps, "arms": {}, "pairs": {}, "curves": {}, "doubling": {}}
     for arm in arms:
         summary["arms"][arm] = {
             "val_error": [results[r][arm]["val_error"] for r in reps],
             "test_error": [results[r][arm]["top1_error"] for r in reps]}
-        settled = []
-        for r in reps:
-            c = results[r][arm]["_curve"]
-            ok, moved = learning_curve_settled(c["step"], np.asarray(c["test_error"]) * 100)
-            settled.append({"rep": r, "settled": ok, "last_quarter_moved": moved,
-                            "curve": [round(100 * e, 2) for e in c["test_error"]],
-                            "steps": list(c["step"])})
-        summary["curves"][arm] = settled
+        summary["curves"][arm] = [
+            {"rep": r, "steps": list(results[r][arm]["_curve"]["step"]),
+             "curve": [round(100 * e, 2) for e in results[r][arm]["_curve"]["test_error"]]}
+            for r in reps]
     for a, b in PAIRS:
         if a in arms and b in arms:
             summary["pairs"][f"{a} - {b}"] = {
-                split: paired_difference(
-                    [100 * (1 - results[r][a][key]) for r in reps],
-                    [100 * (1 - results[r][b][key]) for r in reps]).to_dict()
+                split: paired_difference(*_acc(results, reps, a, b, key)).to_dict()
                 for split, key in (("validation", "val_error"), ("test", "top1_error"))
                 if all(results[r][a][key] is not None for r in reps)}
+    if {"baseline", "baseline-2x"} <= set(arms):
+        for split in ("validation", "test"):
+            key = "val_error" if split == "validation" else "top1_error"
+            if not all(results[r][a][key] is not None for r in reps
+                       for a in ("baseline", "baseline-2x")):
+                continue
+            summary["doubling"][split] = doubling_check(
+                [100 * results[r]["baseline"][key] for r in reps],
+                [100 * results[r]["baseline-2x"][key] for r in reps],
+                (summary["pairs"].get("augmented - baseline") or {}).get(split) and
+                paired_difference(*_acc(results, reps, "augmented", "baseline", key)),
+                (summary["pairs"].get("augmented-2x - baseline-2x") or {}).get(split) and
+                paired_difference(*_acc(results, reps, "augmented-2x", "baseline-2x", key)),
+            ).to_dict()
     return summary
+
+
+def _acc(results: dict, reps: list[int], a: str, b: str, key: str) -> tuple[list, list]:
+    """Accuracy % of arms a and b per repetition (the paired statistics' inputs)."""
+    return ([100 * (1 - results[r][a][key]) for r in reps],
+            [100 * (1 - results[r][b][key]) for r in reps])
 
 
 def print_summary(summary: dict, results: dict, config) -> None:
@@ -162,36 +182,41 @@ def print_summary(summary: dict, results: dict, config) -> None:
             rows.append({"pair": name, "split": split,
                          "diffs": " / ".join(f"{x:+.2f}" for x in d["diffs"]),
                          "mean": d["mean"], "lo": d["ci_low"], "hi": d["ci_high"],
-                         "p": d["p_value"], "dir": d["direction"]})
+                         "p": d["p_value"], "sd": d["std"], "mde": d["detectable"],
+                         "dir": d["direction"]})
     print(markdown_table(rows, [("pair", "pair", ""), ("split", "split", ""),
                                 ("diffs", "per rep", ""), ("mean", "mean", "+.2f"),
                                 ("lo", "95% CI low", "+.2f"), ("hi", "95% CI high", "+.2f"),
-                                ("p", "p (paired t)", ".3f"), ("dir", "direction", "")]))
-    print("\nvalidation learning curves (error %), and whether the last quarter moved < 0.5:")
+                                ("p", "p (paired t)", ".3f"), ("sd", "SD of diffs", ".2f"),
+                                ("mde", "detectable at 80% power", ".2f"),
+                                ("dir", "direction", "")]))
+    print("\nvalidation learning curves (error %; EMA model, BN recomputed at each point):")
     for arm, curves in summary["curves"].items():
         for cv in curves:
-            print(f"  {arm} rep {cv['rep']}: steps {cv['steps']} -> {cv['curve']}; last quarter "
-                  f"moved {cv['last_quarter_moved']:.2f} -> "
-                  f"{'settled' if cv['settled'] else 'NOT settled'}")
+            print(f"  {arm} rep {cv['rep']}: steps {cv['steps']} -> {cv['curve']}")
     if "control" in arms:
         for r in reps:
             u = results[r]["control"]["_unit"]
             if u:
                 print(f"  control rep {r}: {u}")
-    g = summary["pairs"].get("augmented - baseline", {}).get("test")
-    if g:
-        base_ok = all(cv["settled"] for cv in summary["curves"].get("baseline", []))
-        print(f"\ntarget (augmented - baseline >= +{TARGET_GAIN:g} points, CI above 0, at a "
-              f"settled baseline): "
-              f"{'met' if g['mean'] >= TARGET_GAIN and (g['ci_low'] or -1) > 0 and base_ok else 'not met'}"
-              f" (mean {g['mean']:+.2f}, 95% CI {fmt(g['ci_low'], '+.2f')}.."
-              f"{fmt(g['ci_high'], '+.2f')}, baseline settled in every rep: {base_ok})")
+    print("\nconvergence by doubling (baseline error %, K -> 2K; the gain at 2K inside the "
+          "95% CI of the gain at K):")
+    if not summary["doubling"]:
+        print("  not checked: run the arms baseline-2x and augmented-2x too")
+    for split, d in summary["doubling"].items():
+        g2 = d["gain_2k"]
+        print(f"  {split}: baseline {d['baseline_k']:.2f} -> {d['baseline_2k']:.2f} (moved "
+              f"{d['baseline_moved']:+.2f}, {'<' if d['baseline_converged'] else 'not <'} "
+              f"{d['tolerance']}); gain at 2K "
+              f"{fmt(g2['mean'] if g2 else None, '+.2f')} "
+              f"{'inside' if d['gain_stable'] else 'outside' if d['gain_stable'] is False else 'vs'}"
+              f" the CI at K -> {'CONVERGED' if d['converged'] else 'NOT converged'}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_preset_args(p, "demo")
-    p.add_argument("--reps", type=csv_list(int), default=[0, 1, 2],
+    p.add_argument("--reps", type=csv_list(int), default=DEFAULT_REPS,
                    help="repetitions to run (each: its own split and seeds)")
     p.add_argument("--rep-offset", type=int, default=0,
                    help="seed of repetition r is offset + r (default 0)")
@@ -199,6 +224,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="FixMatch steps (default: preset's)")
     p.add_argument("--curve-points", type=int, default=8,
                    help="learning-curve points per run (validation split)")
+    p.add_argument("--recipe", default=None,
+                   help="SSL recipe (pipeline.ssl.config.RECIPES, e.g. cpu-short); default: the "
+                        "preset's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--mu", type=int, default=None, help="default: the preset's")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/_bench/ssl_gain/runs"))

@@ -10,8 +10,13 @@ Measures, in one run on one device:
 and, for the feeding side, a USB-like CPU loader: torchvision PIL transforms per image
 (crop+flip, RandAugment(3) and RandomErasing as Cutout) in this one process.
 
+On the CPU it also times the trainer's step in fp32 against bf16 autocast + channels_last
+(issue 28), for cnn-small at width 32 and 16 on Fashion-MNIST's shape (28x28x1) at the
+cpu-short recipe's batch (16 + 2x16), and prints the ratios measured in this one run.
+
     .venv/bin/python -m bench.ssl_step --device cuda           # USB shape: 64 + 7x64x2 images
     .venv/bin/python -m bench.ssl_step --device cpu            # reduced batch, said in the output
+    .venv/bin/python -m bench.ssl_step --device cpu --only-precision   # the fp32/bf16 ratios
 """
 
 from __future__ import annotations
@@ -67,13 +72,14 @@ def pil_loader_rate(images: np.ndarray, n_images: int) -> float:
 
 def make_trainer(net_name: str, bs: int, mu: int, device: torch.device, amp: bool = True,
                  channels_last: bool = True, compile: bool = False,
-                 n_pool: int = 50_000) -> Trainer:
-    """A FixMatch trainer on a CIFAR-10-sized pool of random pixels (the cost of every op
-    does not depend on content), 250 labeled rows, nothing written."""
-    cfg = SSLConfig(net=net_name, steps=10**6, batch_size=bs, mu=mu, device=str(device),
-                    amp=amp, channels_last=channels_last, compile=compile)
+                 n_pool: int = 50_000, shape: tuple[int, int, int] = (32, 32, 3),
+                 width: int | None = None) -> Trainer:
+    """A FixMatch trainer on a pool of random pixels (the cost of every op does not depend
+    on content; CIFAR-10's shape unless ``shape``), 250 labeled rows, nothing written."""
+    cfg = SSLConfig(net=net_name, net_width=width, steps=10**6, batch_size=bs, mu=mu,
+                    device=str(device), amp=amp, channels_last=channels_last, compile=compile)
     rng = np.random.default_rng(0)
-    pool = rng.integers(0, 256, (n_pool, 32, 32, 3), dtype=np.uint8)
+    pool = rng.integers(0, 256, (n_pool, *shape), dtype=np.uint8)
     store = torch.from_numpy(pool).to(device)
     labels = torch.from_numpy(rng.integers(0, 10, n_pool)).to(device)
     test = store[:1000]
@@ -83,7 +89,9 @@ def make_trainer(net_name: str, bs: int, mu: int, device: torch.device, amp: boo
                      unlabeled=torch.arange(n_pool, device=device), test_images=test,
                      test_labels=labels[:1000], curve_images=test, curve_labels=labels[:1000],
                      num_classes=10)
-    net = build_net(net_name, 10, (32, 32, 3), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=0)
+    c = shape[-1]
+    net = build_net(net_name, 10, shape, [0.49, 0.48, 0.45][:c], [0.25, 0.24, 0.26][:c], seed=0,
+                    width=width)
     return Trainer(net, FixMatch(cfg, 10), data, cfg, device, Path("/nonexistent/ckpt.pt"),
                    "bench", progress=False)
 
@@ -101,6 +109,32 @@ def pipelined(trainer: Trainer, n: int, device: torch.device) -> float:
     return (time.perf_counter() - t) / n
 
 
+def cpu_precision(steps: int, tiny: bool) -> None:
+    """fp32 against bf16 autocast + channels_last on this CPU, one run, as ratios."""
+    from anl_core.precision import cpu_has_native_bf16
+
+    device = torch.device("cpu")
+    nets = [("cnn-tiny", None)] if tiny else [("cnn-small", 32), ("cnn-small", 16)]
+    bs, mu = (4, 2) if tiny else (16, 2)
+    print(f"\nCPU precision (issue 28): batch {bs} + {mu}x{bs} unlabeled x 2 views, 28x28x1, "
+          f"threads {torch.get_num_threads()}, native bf16: {cpu_has_native_bf16()}")
+    print(f"{'net':<22}{'fp32 ms/step':>14}{'bf16+NHWC ms/step':>20}{'ratio':>8}")
+    base = None
+    for name, width in nets:
+        t = {}
+        for amp in (False, True):
+            tr = make_trainer(name, bs, mu, device, amp=amp, channels_last=amp,
+                              n_pool=2_000, shape=(28, 28, 1), width=width)
+            pipelined(tr, 3, device)  # warm-up
+            t[amp] = pipelined(tr, steps, device)
+        base = base or t[False]
+        label = f"{name} w{width or 'default'}"
+        print(f"{label:<22}{t[False] * 1e3:>14.1f}{t[True] * 1e3:>20.1f}"
+              f"{t[False] / t[True]:>7.2f}x")
+    print(f"(first row's fp32 / each row's bf16: the speed-up of the recipe's width and "
+          f"precision together: {base / t[True]:.2f}x for the last row)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -112,6 +146,8 @@ def main() -> None:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--only-precision", action="store_true",
+                   help="CPU: only the fp32 vs bf16+channels_last comparison")
     p.add_argument("--tiny", action="store_true",
                    help="toy sizes (cnn-tiny, batch 4, mu 2, 3 steps, 2k-image pool): tests this "
                         "script in seconds; its figures mean nothing")
@@ -122,6 +158,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.only_precision:
+        if cuda:
+            p.error("--only-precision compares CPU precisions: use --device cpu")
+        cpu_precision(args.steps or 40, args.tiny)
+        return
     bs = args.batch_size or (64 if cuda else 8)
     steps = args.steps or (200 if cuda else 5)
     trainer = make_trainer(args.net, bs, args.mu, device, amp=not args.no_amp,
@@ -182,6 +223,8 @@ def main() -> None:
     if cuda:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB; "
               f"2^20 steps at this rate: {2**20 * t_full / 3600:.1f} h")
+    else:
+        cpu_precision(args.steps or 40, args.tiny)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from anl_core.configs import AdapterShape, TuneConfig
 from pipeline.digest import digest
 from pipeline.evaluate.quality_config import QualityConfig
 from pipeline.generate.pretrain_config import PretrainConfig
-from pipeline.ssl.config import BUDGETS, SSLConfig
+from pipeline.ssl.config import BUDGETS, RECIPES, SSLConfig
 from pipeline.stage_graph import STAGE_PARTS
 from pipeline.validation import explain
 
@@ -141,14 +141,19 @@ class SSLSection(SSLConfig):
 
     ``budget`` names a step budget (``pipeline.ssl.config.BUDGETS``, e.g. "steps-1048576",
     USB's 2^20); it fills ``steps``, ``eval_every`` and ``checkpoint_every`` unless those are
-    given explicitly. ``seed`` and ``device`` are not set here: each unit gets one seed of
+    given explicitly. ``recipe`` names a training setting (``pipeline.ssl.config.RECIPES``,
+    e.g. "cpu-short": warm-up, cosine to 0, the mean of the last evaluations, a narrow
+    cnn-small); its fields are filled the same way. ``seed`` and ``device`` are not set here: each unit gets one seed of
     ``seeds`` and the run's device (:meth:`trainer_config`).
     """
 
-    arms: list[Literal["supervised", "baseline", "augmented", "control"]] = Field(
+    # "-2x": the same arm at twice the steps (the doubling rule, pipeline.evaluate.paired).
+    arms: list[Literal["supervised", "baseline", "augmented", "replay", "control",
+                       "baseline-2x", "augmented-2x"]] = Field(
         default_factory=lambda: ["supervised", "baseline", "augmented", "control"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: str | None = None
+    recipe: str | None = None
     # The control arm draws its judged real rows from this many unlabeled images.
     control_pool: int = Field(4000, ge=1)
     seed: int = Field(0, exclude=True)       # per unit, from seeds
@@ -167,6 +172,12 @@ class SSLSection(SSLConfig):
                     raise ValueError(f"ssl.budget={budget!r} is not a known budget; choose one "
                                      f"of {', '.join(BUDGETS)} or leave it null and set ssl.steps")
                 data = {**BUDGETS[budget], **data}
+            if data.get("recipe") is not None:
+                recipe = data["recipe"]
+                if recipe not in RECIPES:
+                    raise ValueError(f"ssl.recipe={recipe!r} is not a known recipe; choose one "
+                                     f"of {', '.join(RECIPES)} or leave it null")
+                data = {**RECIPES[recipe], **data}
         return data
 
     def trainer_config(self, seed: int, device: str = "auto") -> SSLConfig:

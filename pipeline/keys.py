@@ -66,20 +66,24 @@ def round_key(keys: dict, stage: str, loop_round: int) -> str:
 def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
     """Key of one arm and seed: only what that arm reads.
 
-    Only the augmented and control arms read the shards (control: their per-class counts)
+    Only the augmented and control arms read the shards (control: their per-class counts;
+    replay reads the extra-row settings but draws its rows from the split)
     and the extra-row settings (round 2: augmented-r2 the round-2 shards, selftrain the
     pseudo-labels); the other arms survive a sampling change, a change of the
     extra-row settings and a change of the arm or seed lists.
     """
-    from pipeline.ssl.arms import EXTRA_ROW_ARMS
+    from pipeline.ssl.arms import EXTRA_ROW_ARMS, base_arm
     from pipeline.ssl.config import SYNTHETIC_FIELDS
 
-    up = {"split": keys["split"], "arm": arm, "seed": str(seed)}
+    up = {"split": keys["split"], "arm": arm, "seed": str(seed)}  # "-2x": twice the steps
     ssl = config.ssl.model_dump(exclude={"arms", "seeds"})
+    arm = base_arm(arm)
     if arm == "augmented-r2":
         up["shards"] = keys["shards-r2"]
     elif arm == "selftrain":
         up["pseudo"] = keys["pseudo"]
+    elif arm == "replay":  # its extra rows are the split's labeled images
+        pass
     elif arm in EXTRA_ROW_ARMS:
         up["shards"] = keys["shards"]
     else:

@@ -37,6 +37,19 @@ def data_fashion_mnist():
 
 
 @_data_pytest.fixture(scope="session")
+def ssl_fm_subset(data_fashion_mnist):
+    """3000 real Fashion-MNIST training images and 500 test images (seeded)."""
+    from pipeline.data.datasets import ImageDataset
+
+    ds = data_fashion_mnist
+    rng = _data_np.random.default_rng(0)
+    tr = _data_np.sort(rng.choice(len(ds.train_labels), 3000, replace=False))
+    te = _data_np.sort(rng.choice(len(ds.test_labels), 500, replace=False))
+    return ImageDataset("fashion-mnist-subset", ds.class_names, ds.train_images[tr],
+                        ds.train_labels[tr], ds.test_images[te], ds.test_labels[te])
+
+
+@_data_pytest.fixture(scope="session")
 def data_foolbox_cifar10():
     """The 20 real CIFAR-10 test images in foolbox: (uint8 (20, 32, 32, 3), int64 labels)."""
     from PIL import Image

@@ -1,10 +1,19 @@
-"""pipeline.evaluate.paired: paired differences, their t interval and test, and the convergence rule."""
+"""pipeline.evaluate.paired: paired differences, their t interval and test, power, and the
+convergence rule (doubling)."""
 
 import math
 
+import numpy as np
 import pytest
 
-from pipeline.evaluate.paired import MIN_REPETITIONS, learning_curve_settled, paired_difference
+from pipeline.evaluate.paired import (
+    MIN_REPETITIONS,
+    POWER,
+    detectable_difference,
+    doubling_check,
+    paired_difference,
+    paired_t_power,
+)
 
 
 def test_paired_difference_matches_a_hand_computation():
@@ -39,16 +48,40 @@ def test_direction_needs_enough_pairs_and_an_interval_clear_of_zero():
         paired_difference([1.0, 2.0], [1.0])
 
 
-def test_learning_curve_settled_reads_the_last_quarter():
-    steps = [128 * k for k in range(1, 9)]  # 128 .. 1024: last quarter is 768, 896, 1024
-    falling = [60, 50, 45, 40, 37, 34, 32, 30]
-    assert learning_curve_settled(steps, falling) == (False, 4.0)
-    flat_end = [60, 50, 45, 40, 37, 30.2, 30.0, 30.4]
-    ok, moved = learning_curve_settled(steps, flat_end)
-    assert ok and moved == pytest.approx(0.4)
-    # A big drop just before the last quarter does not count against it.
-    assert learning_curve_settled(steps, [60, 50, 45, 40, 37, 30.2, 30.1, 30.0])[0]
-    assert not learning_curve_settled(steps, flat_end, tolerance=0.3)[0]
-    # Points at 50 and 100 only: one point in the last quarter cannot show a flat curve.
-    ok, moved = learning_curve_settled([50, 100], [40.0, 39.9])
-    assert not ok and math.isnan(moved)
+def test_detectable_difference_has_the_stated_power_by_simulation():
+    """At the detectable difference, a paired t-test over n pairs rejects 0 80% of the time
+    (checked by simulation), and it shrinks with more pairs and grows with the spread."""
+    from scipy import stats
+
+    n, sd = 5, 1.3
+    mde = detectable_difference(sd, n)
+    assert paired_t_power(mde, sd, n) == pytest.approx(POWER, abs=1e-6)
+    rng = np.random.default_rng(0)
+    d = rng.normal(mde, sd, size=(20000, n))
+    p = stats.ttest_1samp(d, 0.0, axis=1).pvalue
+    assert (p < 0.05).mean() == pytest.approx(0.8, abs=0.015)
+    # Normal approximation for many pairs: (z_0.975 + z_0.8) sd / sqrt(n).
+    assert detectable_difference(sd, 400) == pytest.approx(2.8016 * sd / 20, rel=0.01)
+    assert detectable_difference(sd, 10) < mde < detectable_difference(2 * sd, n)
+    assert paired_difference([1.0, 2.0, 4.0, 3.0, 5.0], [0.0] * 5).detectable == \
+        pytest.approx(detectable_difference(float(np.std([1, 2, 4, 3, 5], ddof=1)), 5))
+    assert paired_difference([1.0, 2.0], [0.0, 0.0]).detectable is None
+
+
+def test_doubling_rule():
+    """Converged: the baseline moved < 0.5 points from K to 2K and the gain at 2K lies inside
+    the 95% interval of the gain at K."""
+    gain_k = paired_difference([1.0, 2.0, 1.5, 0.5, 2.5], [0.0] * 5)  # mean 1.5, CI ~0.5..2.5
+    inside = paired_difference([1.2, 1.8, 1.4, 1.0, 2.1], [0.0] * 5)
+    outside = paired_difference([4.0, 4.5, 3.8, 4.2, 4.4], [0.0] * 5)
+    ok = doubling_check([30.0, 31.0], [29.8, 30.9], gain_k, inside)
+    assert ok.baseline_converged and ok.gain_stable and ok.converged
+    assert ok.baseline_moved == pytest.approx(-0.15)
+    moved = doubling_check([30.0, 31.0], [29.0, 30.0], gain_k, inside)
+    assert not moved.baseline_converged and not moved.converged
+    left = doubling_check([30.0, 31.0], [29.8, 30.9], gain_k, outside)
+    assert left.gain_stable is False and not left.converged
+    alone = doubling_check([30.0], [30.2])  # no gain measured: the baseline decides
+    assert alone.gain_stable is None and alone.converged
+    with pytest.raises(ValueError, match="same"):
+        doubling_check([30.0, 31.0], [30.0])

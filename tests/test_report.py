@@ -192,6 +192,16 @@ def _hand_paired(a: list[float], b: list[float]) -> tuple[float, float, float, f
     return mean, mean - T_975_DF2 * sem, mean + T_975_DF2 * sem, p
 
 
+def _power(a: list[float], b: list[float]) -> str:
+    """The sentence's spread and detectable-difference clause (pipeline.evaluate.paired)."""
+    from pipeline.evaluate.paired import detectable_difference
+
+    d = [100 * (x - y) for x, y in zip(a, b, strict=True)]
+    sd = float(np.std(d, ddof=1))
+    return (f"; SD of the differences {sd:.2f} pp, so {len(d)} paired runs detect a true "
+            f"difference of {detectable_difference(sd, len(d)):.2f} pp or more with 80% power")
+
+
 def _verdict_text(html: str) -> str:
     return re.search(r'id="verdict">(.*?)</div>', html, re.DOTALL).group(1)
 
@@ -243,7 +253,7 @@ def test_three_paired_runs_give_mean_ci_p_and_direction(tmp_path, augmented, wor
     html_path, md_path = build_run_report(fabricated_run(tmp_path, errors))
     html, md = html_path.read_text(), md_path.read_text()
     stats = (f"{_signed_pp(mean)} pp (95% CI {_signed_pp(lo)} to {_signed_pp(hi)} pp, "
-             f"paired t-test p = {p:.3f})")
+             f"paired t-test p = {p:.3f}{_power(augmented, BASE)})")
     headline = f"Augmented minus baseline error over 3 paired runs: {stats}: "
     clause = {"lowered": "the synthetic data lowered the test error.",
               "raised": "the synthetic data raised the test error.",
@@ -318,41 +328,77 @@ def test_control_arm_in_tables_and_sentence(tmp_path):
     assert (f"| augmented − control | 3 | {_signed_pp(mean)} pp | 1.73 pp | {_signed_pp(lo)} "
             f"to {_signed_pp(hi)} pp | {p:.3f} |") in md
     assert (f"Augmented minus control error over 3 paired runs: {_signed_pp(mean)} pp (95% CI "
-            f"{_signed_pp(lo)} to {_signed_pp(hi)} pp, paired t-test p = {p:.3f}): no clear "
-            "difference (the interval includes 0).") in md
+            f"{_signed_pp(lo)} to {_signed_pp(hi)} pp, paired t-test p = {p:.3f}"
+            f"{_power(errors['augmented'], errors['control'])}): no clear difference (the "
+            "interval includes 0).") in md
     assert 'id="control-note"' in html and "| control | 38 |" in md
 
 
-@pytest.mark.parametrize("curve,settled,movement", [
-    ([(25, 0.45), (50, 0.41), (75, 0.401), (100, 0.40)], True, 0.10),
-    ([(25, 0.60), (50, 0.50), (75, 0.45), (100, 0.40)], False, 5.00),
+@pytest.mark.parametrize("b2x,a2x,converged", [
+    ([0.402, 0.398, 0.401], [0.355, 0.362, 0.345], True),   # moved < 0.5, gain inside its CI
+    ([0.380, 0.378, 0.382], [0.335, 0.344, 0.327], False),  # the baseline moved 2 points
+    ([0.402, 0.398, 0.401], [0.402, 0.399, 0.400], False),  # the gain left its interval
 ])
-def test_curve_settled_sentence(tmp_path, curve, settled, movement):
+def test_convergence_sentence_follows_the_doubling_rule(tmp_path, b2x, a2x, converged):
     from report_fixtures import fabricated_run
 
-    tail = [e for s, e in curve if s >= 75]
-    assert round(100 * (max(tail) - min(tail)), 6) == movement
-    errors = {"supervised": [0.50], "baseline": [0.40], "augmented": [0.36]}
-    run = fabricated_run(tmp_path, errors, curve=curve, curve_split="validation",
-                         val_error=0.39)
+    from pipeline.evaluate.paired import doubling_check, paired_difference
+
+    errors = {"supervised": [0.50, 0.51, 0.52], "baseline": [0.40, 0.40, 0.40],
+              "augmented": [0.36, 0.35, 0.355], "baseline-2x": b2x, "augmented-2x": a2x}
+    run = fabricated_run(tmp_path, errors, curve=[(50, 0.45), (100, 0.40)],
+                         curve_split="validation", val_error=0.39)
     html_path, md_path = build_run_report(run)
     html, md = html_path.read_text(), md_path.read_text()
-    where = ("over its last quarter (steps 75-100; validation error, mean over 1 seed) it moved "
-             f"{movement:.2f} points")
-    if settled:
-        expected = f"The baseline's learning curve had settled: {where}, under 0.5."
-    else:
-        expected = (f"The baseline's learning curve had not settled: {where}, not under 0.5. "
-                    "This run is not converged: gains before convergence are not gains at "
-                    "convergence.")
-    assert expected in md and expected.replace("'", "&#39;") in html
-    assert ("not converged" in md) != settled
+    d = doubling_check([40.0] * 3, [100 * e for e in b2x],
+                       paired_difference([100 * e for e in errors["augmented"]], [40.0] * 3),
+                       paired_difference([100 * e for e in a2x], [100 * e for e in b2x]))
+    assert d.converged == converged
+    moved = (f"Doubling the budget moved the baseline's test error from 40.00% to "
+             f"{d.baseline_2k:.2f}% ({d.baseline_moved:+.2f} points, "
+             f"{'under' if d.baseline_converged else 'not under'} 0.5)")
+    assert moved in md and moved.replace("'", "&#39;") in html
+    assert (f"augmented minus baseline at twice the steps, {d.gain_2k.mean:+.2f} points, is "
+            f"{'inside' if d.gain_stable else 'outside'} the 95% interval") in md
+    assert ("The comparison is converged." in md) == converged
+    assert ("The comparison is not converged" in md) != converged
+    assert "| baseline-2x |" in md and "| augmented-2x |" in md
     assert "Validation error during training" in html  # the curves' split, not "test"
-    # The validation error beside the test error.
     assert "| arm | error % | val error % |" in md and "| baseline | 40 | 39 |" in md
-    vals = {a["data-arm"]: float(a["data-value"]) for a in _parse(html).values
-            if a.get("data-metric") == "mean_val_error"}
-    assert vals == {"supervised": 0.39, "baseline": 0.39, "augmented": 0.39}
+
+
+def test_convergence_unchecked_without_a_doubled_baseline(tmp_path):
+    from report_fixtures import fabricated_run
+
+    errors = {"supervised": [0.50], "baseline": [0.40], "augmented": [0.36]}
+    run = fabricated_run(tmp_path, errors, curve=[(50, 0.41), (100, 0.40)],
+                         curve_split="validation", val_error=0.39)
+    _, md_path = build_run_report(run)
+    md = md_path.read_text()
+    assert ("Convergence was not checked: add baseline-2x (and augmented-2x) to ssl.arms") in md
+    assert "settled" not in md
+
+
+def test_paired_sentence_states_spread_and_detectable_difference(tmp_path):
+    """With 5 paired runs the sentence gives the SD of the differences and the smallest true
+    difference they detect at 80% power (scipy's noncentral t)."""
+    from report_fixtures import fabricated_run
+
+    from pipeline.evaluate.paired import detectable_difference
+
+    base = [0.30, 0.31, 0.29, 0.32, 0.30]
+    aug = [0.29, 0.305, 0.28, 0.31, 0.298]
+    replay = [0.30, 0.30, 0.29, 0.315, 0.301]
+    run = fabricated_run(tmp_path, {"baseline": base, "augmented": aug, "replay": replay})
+    _, md_path = build_run_report(run)
+    md = md_path.read_text()
+    diffs = [100 * (a - b) for a, b in zip(aug, base, strict=True)]
+    sd = float(np.std(diffs, ddof=1))
+    mde = detectable_difference(sd, 5)
+    assert (f"SD of the differences {sd:.2f} pp, so 5 paired runs detect a true difference of "
+            f"{mde:.2f} pp or more with 80% power") in md
+    assert "Augmented minus replay error over 5 paired runs" in md
+    assert "drawn again from the real labeled images" in md
 
 
 def test_old_runs_without_validation_show_test_curves(tmp_path):
@@ -363,20 +409,6 @@ def test_old_runs_without_validation_show_test_curves(tmp_path):
     html_path, md_path = build_run_report(run)
     html, md = html_path.read_text(), md_path.read_text()
     assert "Test error during training" in html and "val error" not in md
-    assert "(steps 75-100; test error, mean over 1 seed) it moved 2.00 points" in md
     assert "budget is too short" not in md  # no supervised arm: nothing to compare with
 
 
-def test_one_curve_point_in_the_last_quarter_is_not_called_settled(tmp_path):
-    """Curve points at 50 and 100 (the old demo's eval_every): the last quarter holds one
-    point, which cannot show a flat curve; the report says so instead of 'settled'."""
-    from report_fixtures import fabricated_run
-
-    errors = {"supervised": [0.50], "baseline": [0.40], "augmented": [0.36]}
-    run = fabricated_run(tmp_path, errors, curve=[(50, 0.41), (100, 0.40)],
-                         curve_split="validation", val_error=0.39)
-    _, md_path = build_run_report(run)
-    md = md_path.read_text()
-    assert "had settled" not in md
-    assert ("The baseline's learning curve has one point in its last quarter (step 100), too "
-            "few to tell whether it settled") in md

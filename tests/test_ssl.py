@@ -10,7 +10,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.data.datasets import ImageDataset
 from pipeline.data.splits import make_split
 from pipeline.ssl import BUDGETS, ArmError, SSLConfig, SSLConfigError, build_net, run_arm
 from pipeline.ssl import augment as aug
@@ -26,17 +25,6 @@ def ssl_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ssl_fm_subset(data_fashion_mnist):
-    """3000 real Fashion-MNIST training images and 500 test images (seeded)."""
-    ds = data_fashion_mnist
-    rng = np.random.default_rng(0)
-    tr = np.sort(rng.choice(len(ds.train_labels), 3000, replace=False))
-    te = np.sort(rng.choice(len(ds.test_labels), 500, replace=False))
-    return ImageDataset("fashion-mnist-subset", ds.class_names, ds.train_images[tr],
-                        ds.train_labels[tr], ds.test_images[te], ds.test_labels[te])
 
 
 def tiny_config(**kw) -> SSLConfig:

@@ -356,10 +356,13 @@ def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatc
 
 # The demo preset's stage keys, pinned: moving code around must not rename finished work
 # (these equal the keys before the second round and the STAGE_UPSTREAM-driven stage_keys).
+# Issue 28 changed what an SSL unit computes (BN recalibration, new trainer fields), so the
+# ssl, report, pseudo and loop keys and the unit keys and fingerprints were re-pinned; the
+# generation stages (split .. shards, quality) kept theirs: their finished work is reused.
 DEMO_KEYS = {"split": "73054915575ea91f", "pretrain": None, "encode": "17a09fdda5f70922",
              "tune": "9f9f45dea10b937e", "sample": "7aae4600183810cf",
              "shards": "48e016007854a2db", "quality": "26a45d05633ff7da",
-             "ssl": "eb8d3f122abfdca2", "loop": None, "report": "49947309537864e9"}
+             "ssl": "f9ab7bc834d34b70", "loop": None, "report": "5ebda3dcd3a95cfe"}
 
 
 def test_stage_keys_are_pinned():
@@ -369,7 +372,7 @@ def test_stage_keys_are_pinned():
     two = stages.stage_keys(load_config("demo", ["loop.rounds=2"]))
     assert {k: two[k] for k in DEMO_KEYS if k not in ("loop", "report")} == \
         {k: v for k, v in DEMO_KEYS.items() if k not in ("loop", "report")}
-    assert two["pseudo"] == "93e95efe6c3581a6" and two["loop"] == "92c37a7c09d1ccc8"
+    assert two["pseudo"] == "4f3c9c2004bd038a" and two["loop"] == "05fb6966c4c57dbc"
 
 
 def test_unit_keys_and_ssl_fingerprints_are_pinned():
@@ -382,8 +385,8 @@ def test_unit_keys_and_ssl_fingerprints_are_pinned():
     keys = stages.stage_keys(config)
     assert {a: ssl_unit_key(config, keys, a, 0)
             for a in ("supervised", "baseline", "augmented", "control")} == {
-        "supervised": "fc4aa78b891b6cc6", "baseline": "9711553999a2995e",
-        "augmented": "763aba4c60ca9725", "control": "c3d1f1688b9f25b5"}
+        "supervised": "bdaccf8d53553fa3", "baseline": "6f90adf62a7883c5",
+        "augmented": "54ba630fdfe7706b", "control": "fa1041eaeb4685b2"}
     trainer = config.ssl.trainer_config(0, "cpu")
-    assert trainer.fingerprint() == "46d6f0d7f154ba1b"
-    assert trainer.fingerprint(reads_extra_rows=False) == "236f5d8c6e1bae76"
+    assert trainer.fingerprint() == "4811c0de7ef96f7f"
+    assert trainer.fingerprint(reads_extra_rows=False) == "78c76799331833a0"

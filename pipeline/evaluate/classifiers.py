@@ -30,24 +30,28 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
 
     def body(unit_dir: Path, device: str) -> dict:
         from pipeline.ssl import run_arm
+        from pipeline.ssl.arms import base_arm
 
         run = Path(run_dir)
         scfg = config.ssl.trainer_config(seed, device)
         shard_dir = {"augmented": run / "shards", "control": run / "shards",
-                     "augmented-r2": round_root(run, 2) / "shards"}.get(arm)
+                     "augmented-r2": round_root(run, 2) / "shards"}.get(base_arm(arm))
         if shard_dir is not None and not (shard_dir / "manifest.json").exists():
             raise StageError(f"{shard_dir} has no manifest; run the shards stage first")
-        extra_rows, info = None, {}
+        extra_rows, pool_exclude, info = None, None, {}
         if arm == "control":
-            extra_rows, info = control_rows_for(run, config, shard_dir, device)
+            extra_rows, pool_exclude, info = control_rows_for(run, config, shard_dir, device)
             shard_dir = None
         if arm == "selftrain":  # the round's pseudo-labeled real images, as extra rows
             chosen = load_pseudo_labels(round_root(run, 2))
             extra_rows = (dataset_for(config).train_images[chosen.train_idx], chosen.labels)
+            pool_exclude = chosen.train_idx
             info = {"selftrain_rows": len(chosen.labels)}
+        # Real extra rows leave the unlabeled pool: no image is both a labeled row and an
+        # unlabeled one (with conflicting targets where the judge was wrong).
         metrics_path = run_arm(arm, dataset_for(config), split_for(run), unit_dir, scfg,
                                shard_dir=shard_dir, progress=config.progress,
-                               synthetic=extra_rows)
+                               synthetic=extra_rows, pool_exclude=pool_exclude)
         metrics = read_json(metrics_path) or {}
         return {**{k: v for k, v in metrics.items()
                    if isinstance(v, (int, float, str, type(None)))}, **info}
@@ -56,7 +60,8 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
 
 
 def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, device: str):
-    """The control arm's (images, labels) for this run, and what the judge did.
+    """The control arm's (images, labels), their training-set indices, and what the judge did
+    (``control_precision``: the share of judged labels that are right, for the report).
 
     As many real unlabeled images per class as the shards hold synthetic rows of that class,
     labeled by the filter's prototype judge in the run's encoder (``pipeline.evaluate.control``).
@@ -72,7 +77,7 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
     cached = Path(run_dir) / "ssl" / "control" / f"judged-{key}.npz"
     if cached.exists():  # every seed of the control arm reads the same rows: judge once
         with np.load(cached) as z:
-            return (z["images"], z["labels"]), json.loads(str(z["info"]))
+            return (z["images"], z["labels"]), z["train_idx"], json.loads(str(z["info"]))
     tok = load_tokens(run_dir)
     encoder = load_encoder(config.encoder, device=device)
     if encoder.encoder_id != tok["encoder_id"]:
@@ -95,7 +100,7 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
     cached.parent.mkdir(parents=True, exist_ok=True)
     save_npz(cached, images=rows.images, labels=rows.labels, train_idx=rows.train_idx,
               info=np.array(json.dumps(info)))
-    return (rows.images, rows.labels), info
+    return (rows.images, rows.labels), rows.train_idx, info
 
 
 def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:

@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.evaluate.paired import PairedDifference, learning_curve_settled, paired_difference
+from pipeline.evaluate.paired import (
+    DoublingCheck,
+    PairedDifference,
+    doubling_check,
+    paired_difference,
+)
 from pipeline.runs import read_json
 from pipeline.stage_graph import STAGE_ORDER
 
@@ -27,15 +32,17 @@ NOT_RUN = "not run"
 # encoder/prototype judge and added as labeled rows the way synthetic rows are.
 # Round 2 (loop.rounds=2): augmented-r2 trains on the round-2 shards; selftrain, its control,
 # on the pseudo-labeled real images the round-2 adapters were tuned on.
-ARM_ORDER = ("supervised", "baseline", "augmented", "control", "augmented-r2", "selftrain")
+ARM_ORDER = ("supervised", "baseline", "augmented", "replay", "control", "augmented-r2",
+             "selftrain", "baseline-2x", "augmented-2x")
 # (arm, against): the differences a reader asks about, most important first.
 # augmented - control: do generated images add anything beyond the encoder's pseudo-labels?
 # Round 2: augmented-r2 - selftrain says whether generation adds to self-training.
-COMPARISONS = (("augmented", "baseline"), ("augmented", "control"), ("baseline", "supervised"),
+COMPARISONS = (("augmented", "baseline"), ("augmented", "replay"), ("augmented", "control"),
+               ("replay", "baseline"), ("baseline", "supervised"),
+               ("augmented-2x", "baseline-2x"), ("baseline-2x", "baseline"),
                ("control", "baseline"), ("augmented", "supervised"),
                ("augmented-r2", "baseline"), ("augmented-r2", "selftrain"),
                ("augmented-r2", "augmented"), ("selftrain", "baseline"))
-SETTLED_TOLERANCE_PP = 0.5  # a learning curve whose last quarter moves less than this settled
 
 
 
@@ -136,19 +143,6 @@ class Comparison:
         return paired_difference(self.arm_errors, self.against_errors)
 
 
-@dataclass(frozen=True)
-class CurveCheck:
-    """Did an arm's learning curve (mean over seeds) settle in its last quarter?"""
-
-    arm: str
-    settled: bool
-    movement_pp: float
-    first_step: int
-    last_step: int
-    n_seeds: int
-    split: str
-
-
 @dataclass
 class RunData:
     run_dir: Path
@@ -200,26 +194,21 @@ class RunData:
         return next((c for c in self.comparisons() if (c.arm, c.against) == (arm, against)),
                     None)
 
-    def curve_check(self, arm: str = "baseline") -> CurveCheck | None:
-        """``learning_curve_settled`` on the arm's curve (error in %, mean over its seeds at
-        the steps every seed's curve has); None without at least two such steps."""
-        res = self.arms.get(arm)
-        curves = [s for s in (res.seeds if res else [])
-                  if s.curve is not None and {"step", "test_error"} <= set(s.curve.columns)
-                  and len(s.curve)]
-        if not curves:
+    def doubling(self) -> DoublingCheck | None:
+        """The doubling rule over this run's seeds: the baseline at K and 2K steps (the
+        ``baseline-2x`` arm) and, when ``augmented-2x`` ran, the gain at both; None unless
+        ``baseline`` and ``baseline-2x`` share seeds. Errors and differences of error in %
+        (arm minus baseline, as every comparison in the report)."""
+        twice = self.comparison("baseline-2x", "baseline")
+        if twice is None:
             return None
-        frames = [s.curve.groupby("step")["test_error"].mean() for s in curves]
-        mean = pd.concat(frames, axis=1, join="inner").mean(axis=1).sort_index()
-        if len(mean) < 2:
-            return None
-        steps = mean.index.to_numpy()
-        settled, movement = learning_curve_settled(steps, 100 * mean.to_numpy(),
-                                                   SETTLED_TOLERANCE_PP)
-        splits = {s.curve_split for s in curves}
-        return CurveCheck(arm, settled, movement, int(steps[steps >= steps.max() * 0.75].min()),
-                          int(steps.max()), len(curves),
-                          splits.pop() if len(splits) == 1 else "test/validation")
+        gains = []
+        for arm, against in (("augmented", "baseline"), ("augmented-2x", "baseline-2x")):
+            c = self.comparison(arm, against)
+            gains.append(None if c is None else paired_difference(
+                [100 * e for e in c.arm_errors], [100 * e for e in c.against_errors]))
+        return doubling_check([100 * e for e in twice.against_errors],
+                              [100 * e for e in twice.arm_errors], *gains)
 
     def sampling_images_per_s(self) -> float | None:
         return ((self.stages.get("sample") or {}).get("metrics") or {}).get("images_per_s")
@@ -254,6 +243,11 @@ def load_arms(run_dir: Path, problems: list[str] | None = None) -> dict[str, Arm
             if metrics is None or "top1_error" not in metrics:
                 continue  # running or not started: not a result yet
             seed = metrics.get("seed", _seed_of(seed_dir))
+            # What the stage learned beside the classifier (control: the judge's precision).
+            unit = (read_json(seed_dir / "unit.json") or {}).get("metrics") or {}
+            metrics = {**{k: v for k, v in unit.items() if k.startswith(("control_",
+                                                                          "selftrain_"))},
+                       **metrics}
             curve = None
             if (seed_dir / "learning_curve.parquet").exists():
                 try:

@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 from pipeline.report.data import ArmResult
 
 ARM_COLORS = {"supervised": "#7f7f7f", "baseline": "#1f77b4", "augmented": "#d62728",
-              "control": "#9467bd"}
+              "replay": "#2ca02c", "control": "#9467bd", "baseline-2x": "#aec7e8",
+              "augmented-2x": "#ff9896"}
 
 
 def data_uri(png: bytes) -> str:

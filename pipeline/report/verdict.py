@@ -1,17 +1,18 @@
 """The report's verdict: what a reader can act on, in sentences that say how sure they are.
 
 Did the synthetic data help (augmented vs baseline, paired over repetitions, with its 95%
-interval), did the generated images add anything beyond the control, had the budget let SSL
-beat supervised training, and had the baseline's learning curve settled. A direction is
-stated only when the interval excludes 0; below ``MIN_REPETITIONS`` pairs, none is.
+interval, the SD of the differences and the smallest difference the repetitions could
+detect), did the generated images add anything beyond extra rows (replay) and beyond the
+encoder's pseudo-labels (control), had the budget let SSL beat supervised training, and did
+doubling the budget change the answer (``pipeline.evaluate.paired.doubling_check``). A
+direction is stated only when the interval excludes 0; below ``MIN_REPETITIONS`` pairs, none
+is.
 """
 
 from __future__ import annotations
 
-import math
-
-from pipeline.evaluate.paired import MIN_REPETITIONS
-from pipeline.report.data import NOT_RUN, SETTLED_TOLERANCE_PP, RunData, budget_short
+from pipeline.evaluate.paired import MIN_REPETITIONS, POWER
+from pipeline.report.data import NOT_RUN, RunData, budget_short
 from pipeline.report.render import ci_pp, pct, pp, pval
 
 ALGORITHM_NAMES = {"fixmatch": "FixMatch", "flexmatch": "FlexMatch", "mixmatch": "MixMatch"}
@@ -27,6 +28,12 @@ QUESTIONS = {
         "encoder's pseudo-labels give"),
         ("the generated images raised the error compared with as many real images with the "
         "encoder's pseudo-labels")),
+    ("augmented", "replay"): (
+        "the generated images add anything beyond as many extra rows of the labeled images",
+        ("the generated images lowered the error beyond what the same extra rows drawn again "
+         "from the labeled images give"),
+        ("the generated images raised the error compared with the same extra rows drawn again "
+         "from the labeled images")),
 }
 SEED_CAVEAT = ("The repetitions are training seeds on one labeled split and one set of synthetic "
                "images (not independent splits), so an interval over them covers seed noise "
@@ -85,8 +92,11 @@ def paired_sentence(comp, short_budget: bool = False) -> tuple[str, str]:
                 f"to say whether {question} (a 95% interval needs at least "
                 f"{MIN_REPETITIONS})."), "neutral")
     p = pval(d.p_value)
+    power = (f"; SD of the differences {pp(d.std)[1:]}, so {_runs(d.n)} detect a true "
+             f"difference of {pp(d.detectable)[1:]} or more with {POWER:.0%} power"
+             if d.detectable is not None and d.std else "")
     stats = (f"{pp(d.mean)} (95% CI {ci_pp(d.ci_low, d.ci_high)}, paired t-test "
-             f"p {p if p.startswith('<') else '= ' + p})")
+             f"p {p if p.startswith('<') else '= ' + p}{power})")
     if d.direction == "negative":
         clause, cls = lower, "good"
     elif d.direction == "positive":
@@ -97,27 +107,41 @@ def paired_sentence(comp, short_budget: bool = False) -> tuple[str, str]:
             f"{stats}: {clause}."), cls
 
 
-def curve_sentence(run: RunData, arm: str = "baseline") -> str | None:
-    """Had the arm's learning curve settled (``learning_curve_settled``)? None without one."""
-    c = run.curve_check(arm)
-    if c is None:
+def convergence_sentence(run: RunData) -> str | None:
+    """Did doubling the budget change the answer? None when no SSL baseline ran."""
+    if "baseline" not in run.arms:
         return None
-    if math.isnan(c.movement_pp):
-        return (f"The {arm}'s learning curve has one point in its last quarter (step "
-                f"{c.last_step}), too few to tell whether it settled: set ssl.eval_every to a "
-                "quarter of ssl.steps or less. Gains before convergence are not gains at "
-                "convergence.")
-    steps = (f"steps {c.first_step}-{c.last_step}" if c.first_step < c.last_step
-             else f"step {c.last_step}")
-    where = (f"over its last quarter ({steps}; {c.split} error, mean "
-             f"over {c.n_seeds} seed{'s' if c.n_seeds != 1 else ''}) it moved "
-             f"{c.movement_pp:.2f} points")
-    if c.settled:
-        return (f"The {arm}'s learning curve had settled: {where}, under "
-                f"{SETTLED_TOLERANCE_PP}.")
-    return (f"The {arm}'s learning curve had not settled: {where}, not under "
-            f"{SETTLED_TOLERANCE_PP}. This run is not converged: gains before convergence are "
-            "not gains at convergence.")
+    d = run.doubling()
+    if d is None:
+        return ("Convergence was not checked: add baseline-2x (and augmented-2x) to ssl.arms "
+                "to train the same arms at twice the steps. Gains before convergence are not "
+                "gains at convergence.")
+    moved = (f"Doubling the budget moved the baseline's test error from {d.baseline_k:.2f}% "
+             f"to {d.baseline_2k:.2f}% ({d.baseline_moved:+.2f} points, "
+             f"{'under' if d.baseline_converged else 'not under'} {d.tolerance})")
+    if d.gain_stable is None:
+        gain = ("; the gain at twice the steps was not measured (add augmented-2x) or has no "
+                "interval at the budget")
+    else:
+        gain = (f"; augmented minus baseline at twice the steps, {d.gain_2k.mean:+.2f} points, "
+                f"is {'inside' if d.gain_stable else 'outside'} the 95% interval of the "
+                f"difference ({d.gain_k.ci_low:+.2f} to {d.gain_k.ci_high:+.2f})")
+    tail = ("The comparison is converged." if d.converged and d.gain_stable is not None else
+            "The baseline is converged; the gain's convergence is unchecked."
+            if d.converged else
+            "The comparison is not converged: gains before convergence are not gains at "
+            "convergence.")
+    return f"{moved}{gain}. {tail}"
+
+
+def _control_precision(run: RunData) -> str:
+    """' (the judge's labels were right for 71% of them)' from the control units' metrics."""
+    arm = run.arms.get("control")
+    vals = [s.metrics.get("control_precision") for s in (arm.seeds if arm else [])]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return ""
+    return f" (the judge's labels were right for {100 * sum(vals) / len(vals):.0f}% of them)"
 
 
 def verdict(run: RunData) -> dict:
@@ -125,7 +149,7 @@ def verdict(run: RunData) -> dict:
 
     ``text`` is the headline (augmented vs baseline); ``notes`` (id, text) say whether the
     budget allows an SSL comparison, what the repetitions are, what the control arm shows
-    and whether the baseline's learning curve settled.
+    what replay and the control arm show and whether doubling the budget changed the answer.
     """
     budget = ssl_budget(run)
     short = bool(budget and budget["short"])
@@ -139,14 +163,20 @@ def verdict(run: RunData) -> dict:
                      "missing")
     else:
         text, cls = paired_sentence(comp, short)
+    replay = run.comparison("augmented", "replay")
+    if replay is not None:
+        notes.append({"id": "replay-note", "text": paired_sentence(replay, short)[0] +
+                      " The replay arm adds as many extra rows per batch, drawn again from the "
+                      "real labeled images with the synthetic rows' weight."})
     control = run.comparison("augmented", "control")
     if control is not None:
         notes.append({"id": "control-note", "text": paired_sentence(control, short)[0] +
                       " The control arm adds as many real unlabeled images as synthetic rows, "
-                      "labeled by the encoder/prototype judge the synthetic filter uses."})
+                      "labeled by the encoder/prototype judge the synthetic filter uses, and "
+                      "takes them out of the unlabeled pool" + _control_precision(run) + "."})
     if comp is not None or control is not None:
         notes.append({"id": "seed-note", "text": SEED_CAVEAT})
-    curve = curve_sentence(run)
-    if curve:
-        notes.append({"id": "curve-note", "text": curve})
+    converged = convergence_sentence(run)
+    if converged:
+        notes.append({"id": "curve-note", "text": converged})
     return {"cls": cls, "text": text, "notes": notes, "budget": budget}

@@ -4,15 +4,23 @@
 ``baseline``    the SSL algorithm (FixMatch) on the real labeled + unlabeled images;
 ``augmented``   the same plus synthetic images read from Parquet shards, either as extra
                 labeled rows (loss weight ``synthetic_weight``) or as extra unlabeled rows;
+``replay``      the same as augmented, but the extra rows are the real labeled images drawn
+                again (same share and weight): what k extra rows per batch do by themselves.
 ``control``     the same as augmented, but the extra rows are real unlabeled images labeled
-                by the encoder's prototype judge (``pipeline.evaluate.control``): a gain of augmented
-                over control is the generated images' own, not the encoder's.
+                by the encoder's prototype judge (``pipeline.evaluate.control``), taken out
+                of the unlabeled pool: a gain of augmented over control is the generated
+                images' own, not the encoder's.
 ``augmented-r2`` the augmented arm on the second round's shards (``pipeline.generate.loop``);
-``selftrain``   its control: the round's pseudo-labeled real images as the extra rows.
+``selftrain``   its control: the round's pseudo-labeled real images as the extra rows (taken
+                out of the unlabeled pool, as control's).
+``baseline-2x``, ``augmented-2x``  the baseline and augmented arms at twice the steps (and
+                twice the evaluation and checkpoint spacing): the doubling rule's other half
+                (``pipeline.evaluate.paired.doubling_check``).
 
 All arms share the split, the network initialisation (drawn from ``config.seed`` alone),
-the schedule and the random stream of the real rows (``trainer.py``), so the difference
-between baseline and augmented is the synthetic data. With a validation split, the
+the schedule, the random stream of the real rows (``trainer.py``) and the clean images the
+EMA model's BN statistics are recomputed on, so the difference between baseline and
+augmented is the synthetic data. With a validation split, the
 learning curve is scored on the validation images and ``metrics.json`` holds both the
 validation error (for choosing settings) and the test error (for the final figures).
 Outputs in ``out_dir``: checkpoint.pt, learning_curve.parquet, metrics.json (written last;
@@ -44,8 +52,26 @@ from .trainer import TrainData, Trainer, resolve_device
 
 # Round 2 (pipeline.generate.loop): augmented-r2 reads the round-2 shards; selftrain, its control,
 # the pseudo-labeled real images the round-2 adapters were tuned on.
-ARMS = ("supervised", "baseline", "augmented", "control", "augmented-r2", "selftrain")
-EXTRA_ROW_ARMS = ("augmented", "control", "augmented-r2", "selftrain")  # read extra rows
+# An arm at twice the budget -> the arm it doubles.
+DOUBLED_ARMS = {"baseline-2x": "baseline", "augmented-2x": "augmented"}
+ARMS = ("supervised", "baseline", "augmented", "replay", "control", "augmented-r2", "selftrain",
+        *DOUBLED_ARMS)
+EXTRA_ROW_ARMS = ("augmented", "replay", "control", "augmented-r2", "selftrain",
+                  "augmented-2x")  # read extra rows
+
+
+def base_arm(arm: str) -> str:
+    """The arm whose data and algorithm ``arm`` uses ("augmented-2x" -> "augmented")."""
+    return DOUBLED_ARMS.get(arm, arm)
+
+
+def arm_config(arm: str, config: SSLConfig) -> SSLConfig:
+    """The trainer config ``arm`` runs: twice the steps and spacing for a doubled arm."""
+    if arm not in DOUBLED_ARMS:
+        return config
+    return config.model_copy(update={"steps": 2 * config.steps,
+                                     "eval_every": 2 * config.eval_every,
+                                     "checkpoint_every": 2 * config.checkpoint_every})
 METRICS = "metrics.json"
 CURVE = "learning_curve.parquet"
 CHECKPOINT = "checkpoint.pt"
@@ -84,8 +110,12 @@ def load_synthetic(shard_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConfig,
                      device: torch.device,
-                     synthetic: tuple[np.ndarray, np.ndarray] | None = None) -> TrainData:
-    """Move images to the device once, as uint8, and index the labeled/unlabeled pools."""
+                     synthetic: tuple[np.ndarray, np.ndarray] | None = None,
+                     pool_exclude: np.ndarray | None = None) -> TrainData:
+    """Move images to the device once, as uint8, and index the labeled/unlabeled pools.
+
+    ``pool_exclude``: training-set indices taken out of the unlabeled pool (the control
+    arm's judged rows, so that no image is both an extra labeled row and an unlabeled one)."""
     n = len(dataset.train_labels)
     images, labels = dataset.train_images, dataset.train_labels
     weights = np.ones(n, dtype=np.float32)
@@ -100,6 +130,11 @@ def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConf
     labeled_synth = synth_idx if config.synthetic_as == "labeled" else synth_idx[:0]
     # Never the validation images: they are held out of training altogether.
     real_unlabeled = split.train_idx if config.include_labeled_in_unlabeled else split.unlabeled_idx
+    if pool_exclude is not None and len(pool_exclude):
+        real_unlabeled = np.setdiff1d(real_unlabeled, pool_exclude)
+    # The same clean images for every arm of a seed (from the split, before any exclusion).
+    calib = np.random.default_rng(config.seed).permutation(
+        np.sort(split.train_idx))[:config.bn_calibration]
     unlabeled = real_unlabeled if config.synthetic_as == "labeled" else \
         np.concatenate([real_unlabeled, synth_idx])
     if config.eval_size is not None and config.eval_size < len(dataset.test_labels):
@@ -127,7 +162,7 @@ def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConf
         test_images=test_images, test_labels=test_labels,
         curve_images=curve_images, curve_labels=curve_labels,
         num_classes=dataset.num_classes, curve_split=curve_split,
-        val_images=val_images, val_labels=val_labels,
+        val_images=val_images, val_labels=val_labels, calib_idx=dev(calib.astype(np.int64)),
     )
 
 
@@ -157,7 +192,8 @@ def _check_inputs(arm: str, dataset: ImageDataset, split: LabeledSplit,
 
 
 def run_fingerprint(arm: str, dataset: ImageDataset, split: LabeledSplit, config: SSLConfig,
-                    synthetic: tuple[np.ndarray, np.ndarray] | None) -> str:
+                    synthetic: tuple[np.ndarray, np.ndarray] | None,
+                    pool_exclude: np.ndarray | None = None) -> str:
     """What decides a run's result: config, arm, dataset, labeled split and synthetic data."""
     extra = arm in EXTRA_ROW_ARMS
     parts = {
@@ -170,27 +206,36 @@ def run_fingerprint(arm: str, dataset: ImageDataset, split: LabeledSplit, config
     }
     if len(split.val_idx):  # absent without one: runs from before validation keep theirs
         parts["validation"] = _hash_arrays(split.val_idx)
+    if pool_exclude is not None and len(pool_exclude):
+        parts["pool_exclude"] = _hash_arrays(np.sort(pool_exclude))
     return digest(parts, spaced=True)[:16]
 
 
 def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str | Path,
             config: SSLConfig, shard_dir: str | Path | None = None, progress: bool = True, *,
             synthetic: tuple[np.ndarray, np.ndarray] | None = None,
+            pool_exclude: np.ndarray | None = None,
             on_step: Callable[[int], None] | None = None) -> Path:
     """Train and evaluate one arm; return ``out_dir/metrics.json``.
 
     ``shard_dir`` (or the in-memory ``synthetic=(images, labels)``) is read by the
-    augmented and control arms only (for control: its judged real rows). A finished run is
+    augmented and control arms only (for control: its judged real rows); ``replay`` draws
+    its extra rows from the split's labeled images. ``pool_exclude`` (training-set indices)
+    takes the extra rows' own images out of the unlabeled pool (control, selftrain). A finished run is
     not redone; an interrupted one resumes from ``checkpoint.pt``. ``on_step(step)`` is called after every training step (raising
     from it stops the run; the last checkpoint stays).
     """
     out_dir = Path(out_dir)
+    config = arm_config(arm, config)
+    if arm == "replay":
+        synthetic = (dataset.train_images[split.labeled_idx],
+                     dataset.train_labels[split.labeled_idx].astype(np.int64))
     if arm in EXTRA_ROW_ARMS and synthetic is None and shard_dir is not None:
         synthetic = load_synthetic(shard_dir)
     _check_inputs(arm, dataset, split, synthetic)
     if arm not in EXTRA_ROW_ARMS:
         synthetic = None
-    fingerprint = run_fingerprint(arm, dataset, split, config, synthetic)
+    fingerprint = run_fingerprint(arm, dataset, split, config, synthetic, pool_exclude)
     metrics_path = out_dir / METRICS
     if metrics_path.exists():
         done = json.loads(metrics_path.read_text())
@@ -202,24 +247,23 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
     out_dir.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(config.device)
-    data = build_train_data(dataset, split, config, device, synthetic)
+    data = build_train_data(dataset, split, config, device, synthetic, pool_exclude)
     mean, std = channel_stats(dataset.train_images)
     net_name = resolve_net_name(config.net, dataset.image_shape)
-    net = build_net(net_name, dataset.num_classes, dataset.image_shape, mean, std, config.seed)
-    algorithm_name = "supervised" if arm == "supervised" else config.algorithm
+    net = build_net(net_name, dataset.num_classes, dataset.image_shape, mean, std, config.seed,
+                    width=config.net_width)
+    algorithm_name = "supervised" if base_arm(arm) == "supervised" else config.algorithm
     algorithm = get_algorithm(algorithm_name)(config, dataset.num_classes)
     trainer = Trainer(net, algorithm, data, config, device, out_dir / CHECKPOINT, fingerprint,
                       progress=progress)
     resumed_from = trainer.step if trainer.load_checkpoint() else None
     trainer.fit(on_step=on_step)
     t0 = time.perf_counter()
-    result = trainer.evaluate_ema("test")
+    # The final figures: the mean over the last final_points evaluations (fit read the test
+    # split at each); per-class accuracy and confusion are the last point's.
+    result, test_error, curve_error = trainer.final_result()
     eval_s = time.perf_counter() - t0
-    # With a validation split, the last curve point is the final model on the validation
-    # images (fit records one at the last step): read it rather than evaluating again.
-    last = trainer.curve[-1] if trainer.curve else None
-    val_error = last["test_error"] if data.curve_split == "validation" and last and \
-        last["step"] == trainer.step else None
+    val_error = curve_error if data.curve_split == "validation" else None
 
     curve = pd.DataFrame(trainer.curve)
     _atomic_write_bytes(out_dir / CURVE, lambda tmp: curve.to_parquet(tmp, index=False))
@@ -228,8 +272,9 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
         "arm": arm, "algorithm": algorithm_name, "seed": config.seed, "steps": trainer.step,
         "dataset": dataset.name, "net": net_name,
         "num_params": sum(p.numel() for p in net.parameters()),
-        "top1_error": result.top1_error, "top1_accuracy": result.top1_accuracy,
-        "val_error": val_error,
+        "top1_error": test_error, "top1_accuracy": 1.0 - test_error,
+        "val_error": val_error, "final_points": len(trainer.final_evals),
+        "final_evals": trainer.final_evals, "last_top1_error": result.top1_error,
         "num_validation": len(split.val_idx), "curve_split": data.curve_split,
         # None for a class absent from the test split (strict JSON has no NaN).
         "per_class_accuracy": {name: (None if np.isnan(acc) else acc) for name, acc in
@@ -253,8 +298,9 @@ def predict_probs(arm_dir: str | Path, dataset: ImageDataset, images: np.ndarray
                   device: str = "cpu", batch_size: int = 1024) -> np.ndarray:
     """Softmax probabilities of a finished arm's EMA classifier on uint8 NHWC ``images``.
 
-    The net is rebuilt as ``run_arm`` built it (name, dataset channel statistics) and loaded
-    with the EMA weights of ``checkpoint.pt``, the weights its test error was measured on.
+    The net is rebuilt as ``run_arm`` built it (name, width, dataset channel statistics) and
+    loaded with the EMA weights of ``checkpoint.pt`` and the BN statistics recomputed for them
+    at the last step, the model its last test figure was measured on.
     """
     arm_dir = Path(arm_dir)
     metrics_path, ckpt = arm_dir / METRICS, arm_dir / CHECKPOINT
@@ -265,8 +311,11 @@ def predict_probs(arm_dir: str | Path, dataset: ImageDataset, images: np.ndarray
     dev = resolve_device(device)
     mean, std = channel_stats(dataset.train_images)
     net = build_net(metrics["net"], dataset.num_classes, dataset.image_shape, mean, std,
-                    int(metrics["seed"]))
+                    int(metrics["seed"]), width=metrics["config"].get("net_width"))
     state = torch.load(ckpt, map_location=dev, weights_only=True)
+    if state.get("ema_calibrated_step") != state["step"]:
+        raise ArmError(f"{ckpt} holds EMA weights without BN statistics recomputed for them "
+                       "(a checkpoint from before issue 28); rerun that arm (delete its folder)")
     net.load_state_dict(state["ema"])
     net.to(dev).eval()
     out = []

@@ -24,14 +24,30 @@ BUDGETS: dict[str, dict[str, int]] = {
     "steps-256": {"steps": 2**8, "eval_every": 64, "checkpoint_every": 128},
 }
 
+# name -> trainer fields. A recipe is a whole training setting, chosen on the validation
+# split (bench/RESULTS.md, issue 28); a field given explicitly beside it wins.
+RECIPES: dict[str, dict[str, Any]] = {
+    # USB's FixMatch as published: its cosine ends at 0.2 x lr (meant for 2^20 steps).
+    "usb": {"schedule": "fixmatch-cosine", "warmup": 0.0, "final_points": 1},
+    # Short CPU budgets (thousands of steps), where the last evaluation *is* the result: a
+    # linear warm-up, cosine to 0 so the last points are taken at a small step, the final
+    # figure the mean of the last 3 evaluations, and the cnn-small net at width 16 with bf16
+    # autocast (about 4x a width-32 fp32 step on an AVX512-BF16 CPU).
+    "cpu-short": {"schedule": "warmup-cosine", "warmup": 0.05, "final_points": 3,
+                  "net": "cnn-small", "net_width": 16, "batch_size": 16, "mu": 2,
+                  "lr": 0.03},
+}
+
 MAX_EXTRA_SHARE = 4.0  # at most 4 extra labeled rows per real one
 
 # The fields only an arm with extra labeled rows (augmented, control) reads.
 SYNTHETIC_FIELDS = ("synthetic_as", "synthetic_weight", "synthetic_batch_share",
                     "synthetic_class_balance")
 # Bumped when the meaning of a field changes, so that no checkpoint of the old meaning is
-# resumed or reused: 2 = extra rows on top of the real ones, drawn from their own stream.
-LAYOUT_VERSION = 2
+# resumed or reused: 2 = extra rows on top of the real ones, drawn from their own stream;
+# 3 = the EMA model is evaluated with BN statistics recomputed for its own weights (not the
+# raw model's copied buffers), and bf16 autocast on CPUs with native bf16.
+LAYOUT_VERSION = 3
 
 # Fields that change where or how fast a run executes but not what it computes (on
 # one device); they are left out of the fingerprint so a run may resume elsewhere.
@@ -39,7 +55,7 @@ _NOT_FINGERPRINTED = ("device", "compile", "progress_every")
 
 
 class SSLConfigError(ValueError):
-    """An unknown budget name. (A bad field value raises pydantic's ValidationError, a
+    """An unknown budget or recipe name. (A bad field value raises pydantic's ValidationError, a
     ValueError that names the field.)"""
 
 
@@ -51,6 +67,8 @@ class SSLConfig(BaseModel):
 
     algorithm: str = "fixmatch"
     net: str = "auto"  # "auto": wrn-28-2 for colour, cnn-small for grey; see nets.NETS
+    # Base width of the cnn nets (cnn-small: 32, cnn-tiny: 8 when None); WRN has its own.
+    net_width: int | None = Field(None, ge=1)
     steps: int = Field(2**20, ge=1)
     batch_size: int = Field(64, ge=1)
     mu: int = Field(7, ge=1)  # unlabeled batch = mu * batch_size
@@ -69,6 +87,16 @@ class SSLConfig(BaseModel):
     # on it is exactly USB's fixed 0.999.
     ema_warmup: bool = True
     include_labeled_in_unlabeled: bool = True  # USB puts the labeled images in the pool too
+    # "fixmatch-cosine": lr * cos(7 pi k / 16 K), USB's, ending at 0.2 lr; "warmup-cosine":
+    # linear warm-up over the first ``warmup`` share of the steps, then cosine to 0.
+    schedule: Literal["fixmatch-cosine", "warmup-cosine"] = "fixmatch-cosine"
+    warmup: float = Field(0.0, ge=0, lt=1)
+    # The final validation and test figures: the mean over the last ``final_points``
+    # evaluation points (each with recalibrated BN), not the last point alone.
+    final_points: int = Field(1, ge=1)
+    # Clean training images (labeled + unlabeled, never validation; no labels read) on which
+    # the EMA model's BatchNorm statistics are recomputed before every evaluation.
+    bn_calibration: int = Field(1024, ge=1)
     eval_every: int = Field(5000, ge=1)
     eval_size: int | None = Field(None, ge=1)  # test images per curve point (None: all)
     checkpoint_every: int = Field(5000, ge=1)
@@ -84,8 +112,10 @@ class SSLConfig(BaseModel):
     # Draw the extra rows class-balanced (each class equally often) rather than
     # row-uniform: a filter keeps very different shares of each class (bench/RESULTS.md).
     synthetic_class_balance: bool = False
-    amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # CUDA only
+    # bf16 autocast on CUDA, and on CPUs with native bf16 (anl_core.precision); channels_last
+    # wherever autocast is on (on the CPU it only pays with bf16).
+    amp: bool = True
+    channels_last: bool = True
     compile: bool = False  # torch.compile of the training forward, CUDA only
     progress_every: int = Field(50, ge=1)  # steps between progress-bar updates (host syncs)
     extra: dict[str, Any] = Field(default_factory=dict)  # algorithm-specific knobs
@@ -96,6 +126,13 @@ class SSLConfig(BaseModel):
         if budget not in BUDGETS:
             raise SSLConfigError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
         return cls(**{**BUDGETS[budget], **overrides})
+
+    @classmethod
+    def recipe_fields(cls, recipe: str) -> dict[str, Any]:
+        """The fields a named recipe sets (``RECIPES``)."""
+        if recipe not in RECIPES:
+            raise SSLConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        return dict(RECIPES[recipe])
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

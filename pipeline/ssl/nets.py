@@ -129,9 +129,10 @@ class SmallCNN(nn.Module):
 NETS: dict[str, Callable[..., nn.Module]] = {
     "wrn-28-2": lambda **kw: WideResNet(depth=28, widen=2, **kw),
     "wrn-28-8": lambda **kw: WideResNet(depth=28, widen=8, **kw),
-    "cnn-small": lambda **kw: SmallCNN(width=32, **kw),
-    "cnn-tiny": lambda **kw: SmallCNN(width=8, **kw),  # tests and CPU smoke runs
+    "cnn-small": lambda width=None, **kw: SmallCNN(width=width or 32, **kw),
+    "cnn-tiny": lambda width=None, **kw: SmallCNN(width=width or 8, **kw),  # tests, smoke runs
 }
+WIDTH_NETS = ("cnn-small", "cnn-tiny")  # the nets whose width ``net_width`` sets
 
 
 def resolve_net_name(name: str, image_shape: tuple[int, int, int]) -> str:
@@ -144,10 +145,19 @@ def resolve_net_name(name: str, image_shape: tuple[int, int, int]) -> str:
 
 
 def build_net(name: str, num_classes: int, image_shape: tuple[int, int, int],
-              mean: Sequence[float], std: Sequence[float], seed: int) -> nn.Module:
-    """Build a net with weights drawn from ``seed`` alone, so every arm starts identical."""
+              mean: Sequence[float], std: Sequence[float], seed: int,
+              width: int | None = None) -> nn.Module:
+    """Build a net with weights drawn from ``seed`` alone, so every arm starts identical.
+
+    ``width`` (``SSLConfig.net_width``) sets the base width of the cnn nets."""
     name = resolve_net_name(name, image_shape)
+    kw = {}
+    if width is not None:
+        if name not in WIDTH_NETS:
+            raise ValueError(f"net_width={width} applies to {', '.join(WIDTH_NETS)} only, not "
+                             f"{name!r}; leave ssl.net_width unset (null) for it")
+        kw["width"] = width
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return NETS[name](num_classes=num_classes, in_channels=image_shape[-1],
-                          mean=list(mean), std=list(std))
+                          mean=list(mean), std=list(std), **kw)

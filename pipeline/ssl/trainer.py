@@ -15,6 +15,12 @@ augmentation's host syncs and kernels overlap the step; on the CPU the same orde
 The generators are only ever used for batches, so producing ahead changes no draw; a
 checkpoint saves their state from *before* the produced-but-unused batch, which a resumed
 run therefore draws again.
+
+Evaluation (``evaluate_ema``): the EMA model's weights are averaged, its BatchNorm statistics
+are not; before each evaluation they are recomputed for the EMA weights on a fixed set of
+clean training images (``TrainData.calib_idx``; ``evaluate.recalibrate_bn``). The final
+figures are the mean over the last ``final_points`` evaluation points, each of which also
+reads the test split (``final_evals``); earlier points read the curve set only.
 """
 
 from __future__ import annotations
@@ -31,13 +37,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from anl_core.precision import autocast_for
+from anl_core.precision import autocast_for, uses_bf16
 from pipeline.atomic import atomic_torch_save
 
 from .algorithms import Batch, SSLAlgorithm
 from .augment import strong_augment, weak_from_store
 from .config import SSLConfig
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, evaluate, recalibrate_bn
 
 EXTRA_STREAM = 0x5EED  # offset of the extra-rows generator's seed from the run's seed
 
@@ -65,6 +71,9 @@ class TrainData:
     curve_split: str = "test"    # which split curve_images come from
     val_images: torch.Tensor | None = None  # the whole validation split (None: no split)
     val_labels: torch.Tensor | None = None
+    # Store indices of the clean training images the EMA model's BN statistics are
+    # recomputed on (real labeled + unlabeled, no validation; empty: the unlabeled pool).
+    calib_idx: torch.Tensor | None = None
 
 
 def class_balanced_probs(labels: torch.Tensor) -> torch.Tensor:
@@ -89,6 +98,31 @@ def fixmatch_cosine(total_steps: int) -> Callable[[int], float]:
     return lambda k: math.cos(7.0 * math.pi * k / (16.0 * total_steps))
 
 
+def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup x K`` steps, then cosine from lr to 0 at step K: a short
+    run's last evaluations are taken at a small step, not USB's 0.2 lr."""
+    w = round(warmup * total_steps)
+
+    def factor(k: int) -> float:
+        if k < w:
+            return (k + 1) / w
+        return 0.5 * (1.0 + math.cos(math.pi * (k - w) / max(1, total_steps - w)))
+    return factor
+
+
+def lr_schedule(config: SSLConfig) -> Callable[[int], float]:
+    """The LR factor per step for ``config.schedule``."""
+    if config.schedule == "warmup-cosine":
+        return warmup_cosine(config.steps, config.warmup)
+    return fixmatch_cosine(config.steps)
+
+
+def eval_steps(config: SSLConfig) -> list[int]:
+    """The steps with an evaluation point: every ``eval_every`` and the last."""
+    return sorted(set(range(config.eval_every, config.steps + 1, config.eval_every))
+                  | {config.steps})
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # As USB: no weight decay on biases and BatchNorm parameters (the 1-d tensors).
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -106,8 +140,9 @@ class Trainer:
         self.config, self.device, self.data, self.algorithm = config, device, data, algorithm
         self.checkpoint_path, self.fingerprint, self.progress = checkpoint_path, fingerprint, progress
         cuda = device.type == "cuda"
-        self.amp = config.amp and cuda
-        self.channels_last = config.channels_last and cuda  # CPU backward + NHWC can crash
+        # bf16 autocast on CUDA and on CPUs with native bf16; on the CPU NHWC only pays with it.
+        self.amp = uses_bf16(device, config.amp, cpu=True)
+        self.channels_last = config.channels_last and (cuda or self.amp)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=fmt).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -115,8 +150,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(_param_groups(self.model, config.weight_decay),
                                          lr=config.lr, momentum=config.momentum,
                                          nesterov=config.nesterov)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           fixmatch_cosine(config.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
         # Extra labeled rows are drawn and augmented from their own stream (see module doc).
@@ -134,8 +168,10 @@ class Trainer:
         self._count = 0
         self._ema_params = list(self.ema.parameters())
         self._params = list(self.model.parameters())
-        self._ema_buffers = list(self.ema.buffers())
-        self._buffers = list(self.model.buffers())
+        # The evaluation points whose test figures make the final result (the last k).
+        self._final_steps = set(eval_steps(config)[-config.final_points:])
+        self.final_evals: list[dict] = []
+        self._calibrated_at: int | None = None  # step the EMA's BN statistics are for
         self._synth_probs = class_balanced_probs(self.data.labels[self.data.labeled_synth]) \
             if config.synthetic_class_balance and len(self.data.labeled_synth) else None
         # Batches are produced on this stream (CUDA) one step ahead; see the module doc.
@@ -208,7 +244,7 @@ class Trainer:
     # ------------------------------------------------------------------- one step
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
-        with autocast_for(self.device, self.amp):
+        with autocast_for(self.device, self.amp, cpu=True):
             out = self.algorithm.train_step(self.forward_model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -219,25 +255,51 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        # As USB: weights are an exponential moving average, BN statistics are copied.
+        # Weights only. USB copies the raw model's BN buffers here too, which describe the
+        # raw weights' last batches, not the EMA weights: evaluate_ema recomputes them instead.
         decay = self.config.ema
         if self.config.ema_warmup:
             decay = min(decay, (1.0 + self.step) / (10.0 + self.step))
         torch._foreach_lerp_(self._ema_params, self._params, 1.0 - decay)
-        torch._foreach_copy_(self._ema_buffers, self._buffers)
+        self._calibrated_at = None
 
     # ------------------------------------------------------------------- evaluation
 
+    def calibration_images(self) -> torch.Tensor:
+        """The fixed clean training images the EMA's BN statistics are recomputed on."""
+        d = self.data
+        pool = d.calib_idx if d.calib_idx is not None and len(d.calib_idx) else d.unlabeled
+        return d.store[pool[:self.config.bn_calibration]]
+
+    def recalibrate_ema(self) -> None:
+        """Recompute the EMA model's BN statistics for its current weights (once per step)."""
+        if self._calibrated_at != self.step:
+            recalibrate_bn(self.ema, self.calibration_images(), amp=self.amp,
+                           channels_last=self.channels_last)
+            self._calibrated_at = self.step
+
     def evaluate_ema(self, split: str = "test") -> EvalResult:
-        """The EMA model on the whole ``test`` or ``validation`` split, or the ``curve`` set."""
+        """The EMA model (BN recalibrated) on the ``test`` or ``validation`` split, or the
+        ``curve`` set."""
         d = self.data
         images, labels = {"test": (d.test_images, d.test_labels),
                           "validation": (d.val_images, d.val_labels),
                           "curve": (d.curve_images, d.curve_labels)}[split]
         if images is None:
             raise ValueError(f"this run has no {split} split")
+        self.recalibrate_ema()
         return evaluate(self.ema, images, labels, d.num_classes, amp=self.amp,
                         channels_last=self.channels_last)
+
+    def final_result(self) -> tuple[EvalResult, float, float | None]:
+        """(last point's test result, mean test error, mean curve error) over the final
+        window's evaluation points (``final_points``)."""
+        if not self.final_evals:
+            raise RuntimeError("the run has not reached its final evaluation points")
+        last = self.evaluate_ema("test")
+        test = sum(e["test_error"] for e in self.final_evals) / len(self.final_evals)
+        curve = sum(e["curve_error"] for e in self.final_evals) / len(self.final_evals)
+        return last, test, curve
 
     # ------------------------------------------------------------------- checkpoints
 
@@ -254,6 +316,9 @@ class Trainer:
             "curve": list(self.curve), "train_time_s": self.train_time_s,
             "wall_time_s": self.wall_time_s, "config": self.config.to_dict(),
             "sums": dict(self._sums), "count": self._count,
+            "final_evals": list(self.final_evals),
+            # the step whose EMA weights the saved BN statistics were recomputed for
+            "ema_calibrated_step": self._calibrated_at,
         }
 
     def save_checkpoint(self) -> None:
@@ -279,6 +344,9 @@ class Trainer:
         self.step, self.curve = state["step"], list(state["curve"])
         self.train_time_s, self.wall_time_s = state["train_time_s"], state["wall_time_s"]
         self._sums, self._count = dict(state["sums"]), state["count"]
+        self.final_evals = list(state.get("final_evals", []))
+        calibrated = state.get("ema_calibrated_step")
+        self._calibrated_at = calibrated if calibrated == self.step else None
         return True
 
     # ------------------------------------------------------------------- the loop
@@ -340,3 +408,7 @@ class Trainer:
         row.update(test_error=result.top1_error, eval_images=len(self.data.curve_labels),
                    curve_split=self.data.curve_split, train_time_s=self.train_time_s)
         self.curve.append(row)
+        if self.step in self._final_steps:  # a point of the final figure: read test too
+            test = self.evaluate_ema("test")
+            self.final_evals.append({"step": self.step, "curve_error": result.top1_error,
+                                     "test_error": test.top1_error})

@@ -7,6 +7,7 @@ that ``bench.common`` imports.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -14,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_write
+
+
+def upward_moves(curve: Sequence[float]) -> tuple[float, float]:
+    """(largest rise between consecutive points, sum of rises) of an error curve."""
+    rises = [max(0.0, b - a) for a, b in itertools.pairwise(curve)]
+    return (max(rises) if rises else 0.0), float(sum(rises))
 
 
 def csv_list(kind: Callable[[str], Any]) -> Callable[[str], list]:

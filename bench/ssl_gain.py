@@ -38,7 +38,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.common import add_preset_args, csv_list, fmt, load_bench_config, markdown_table
+from bench.common import (
+    add_preset_args,
+    csv_list,
+    fmt,
+    load_bench_config,
+    markdown_table,
+    upward_moves,
+)
 
 ROUND_ONE = ("supervised", "baseline", "augmented", "replay", "control", "baseline-2x",
              "augmented-2x")
@@ -109,7 +116,8 @@ def run_repetition(config, r: int, arms: list[str], offset: int,
         unit = Path(run_dir) / stages.ssl_rel(arm, offset + r)
         m = json.loads((unit / "metrics.json").read_text())
         curve = pd.read_parquet(unit / "learning_curve.parquet")
-        m["_curve"] = curve[["step", "test_error"]].to_dict("list")
+        m["_curve"] = curve[[c for c in ("step", "test_error", "eval_images")
+                             if c in curve]].to_dict("list")
         m["_unit"] = {k: v for k, v in rec.get("metrics", {}).items()
                       if k.startswith("control_")}
         m["_run_dir"] = str(run_dir)
@@ -128,10 +136,18 @@ def summarise(results: dict[int, dict[str, dict]], arms: list[str]) -> dict:
         summary["arms"][arm] = {
             "val_error": [results[r][arm]["val_error"] for r in reps],
             "test_error": [results[r][arm]["top1_error"] for r in reps]}
-        summary["curves"][arm] = [
-            {"rep": r, "steps": list(results[r][arm]["_curve"]["step"]),
-             "curve": [round(100 * e, 2) for e in results[r][arm]["_curve"]["test_error"]]}
-            for r in reps]
+        summary["curves"][arm] = []
+        for r in reps:
+            curve = [100 * e for e in results[r][arm]["_curve"]["test_error"]]
+            n = results[r][arm]["_curve"].get("eval_images", [0])[-1] or 0
+            p = curve[-1] / 100
+            summary["curves"][arm].append({
+                "rep": r, "steps": list(results[r][arm]["_curve"]["step"]),
+                "curve": [round(e, 2) for e in curve],
+                # the largest rise between consecutive points, against the evaluation's own
+                # binomial standard error at the last point (issue 28's aim: none larger)
+                "largest_rise": round(upward_moves(curve)[0], 2),
+                "eval_se": round(100 * (p * (1 - p) / n) ** 0.5, 2) if n else None})
     for a, b in PAIRS:
         if a in arms and b in arms:
             summary["pairs"][f"{a} - {b}"] = {
@@ -190,10 +206,12 @@ def print_summary(summary: dict, results: dict, config) -> None:
                                 ("p", "p (paired t)", ".3f"), ("sd", "SD of diffs", ".2f"),
                                 ("mde", "detectable at 80% power", ".2f"),
                                 ("dir", "direction", "")]))
-    print("\nvalidation learning curves (error %; EMA model, BN recomputed at each point):")
+    print("\nvalidation learning curves (error %; EMA model, BN recomputed at each point), "
+          "the largest rise between points and the evaluation's standard error:")
     for arm, curves in summary["curves"].items():
         for cv in curves:
-            print(f"  {arm} rep {cv['rep']}: steps {cv['steps']} -> {cv['curve']}")
+            print(f"  {arm} rep {cv['rep']}: steps {cv['steps']} -> {cv['curve']}; largest "
+                  f"rise {cv['largest_rise']:.2f} (SE {fmt(cv['eval_se'], '.2f')})")
     if "control" in arms:
         for r in reps:
             u = results[r]["control"]["_unit"]

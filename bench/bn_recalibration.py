@@ -34,9 +34,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from pipeline.ssl.algorithms import get_algorithm
-    from pipeline.ssl.arms import build_train_data, channel_stats
+    from pipeline.ssl.arms import build_train_data, net_for
     from pipeline.ssl.evaluate import evaluate
-    from pipeline.ssl.nets import build_net
     from pipeline.ssl.trainer import Trainer, resolve_device
     from pipeline.stage_inputs import dataset_for
 
@@ -55,9 +54,7 @@ def main() -> None:
     scfg = config.ssl.trainer_config(args.seed, config.device)
     device = resolve_device(scfg.device)
     data = build_train_data(ds, split, scfg, device)
-    mean, std = channel_stats(ds.train_images)
-    net = build_net(scfg.net, ds.num_classes, ds.image_shape, mean, std, scfg.seed,
-                    width=scfg.net_width)
+    net = net_for(scfg, ds)
     import tempfile
     from pathlib import Path
 

@@ -100,6 +100,14 @@ def channel_stats(images: np.ndarray, max_images: int = 10_000) -> tuple[list[fl
     return x.mean(axis=0).tolist(), np.maximum(x.std(axis=0), 1e-3).tolist()
 
 
+def net_for(config: SSLConfig, dataset: ImageDataset) -> torch.nn.Module:
+    """The arm's net as every caller builds it: its name for the data (``net: auto``), its
+    width, the training images' channel statistics, weights drawn from ``config.seed``."""
+    mean, std = channel_stats(dataset.train_images)
+    return build_net(resolve_net_name(config.net, dataset.image_shape), dataset.num_classes,
+                     dataset.image_shape, mean, std, config.seed, width=config.net_width)
+
+
 def load_synthetic(shard_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic (images uint8 NHWC, labels int64) from a finished, verified shard set."""
     from pipeline.data.shards import read_shards
@@ -248,10 +256,8 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
 
     device = resolve_device(config.device)
     data = build_train_data(dataset, split, config, device, synthetic, pool_exclude)
-    mean, std = channel_stats(dataset.train_images)
     net_name = resolve_net_name(config.net, dataset.image_shape)
-    net = build_net(net_name, dataset.num_classes, dataset.image_shape, mean, std, config.seed,
-                    width=config.net_width)
+    net = net_for(config, dataset)
     algorithm_name = "supervised" if base_arm(arm) == "supervised" else config.algorithm
     algorithm = get_algorithm(algorithm_name)(config, dataset.num_classes)
     trainer = Trainer(net, algorithm, data, config, device, out_dir / CHECKPOINT, fingerprint,
@@ -309,9 +315,7 @@ def predict_probs(arm_dir: str | Path, dataset: ImageDataset, images: np.ndarray
                        "run that arm first")
     metrics = json.loads(metrics_path.read_text())
     dev = resolve_device(device)
-    mean, std = channel_stats(dataset.train_images)
-    net = build_net(metrics["net"], dataset.num_classes, dataset.image_shape, mean, std,
-                    int(metrics["seed"]), width=metrics["config"].get("net_width"))
+    net = net_for(SSLConfig(**metrics["config"]), dataset)
     state = torch.load(ckpt, map_location=dev, weights_only=True)
     if state.get("ema_calibrated_step") != state["step"]:
         raise ArmError(f"{ckpt} holds EMA weights without BN statistics recomputed for them "

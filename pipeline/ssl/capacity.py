@@ -57,8 +57,7 @@ def measure_arm_peak_bytes(arm: str, dataset, split, config,
     steps at the config's batch sizes, on the current CUDA device. Nothing is written.
     (Evaluation runs in batches no larger than training's, so training sets the peak.)"""
     from pipeline.ssl.algorithms import get_algorithm
-    from pipeline.ssl.arms import EXTRA_ROW_ARMS, build_train_data, channel_stats
-    from pipeline.ssl.nets import build_net, resolve_net_name
+    from pipeline.ssl.arms import EXTRA_ROW_ARMS, build_train_data, net_for
     from pipeline.ssl.trainer import Trainer
 
     device = torch.device("cuda")
@@ -67,9 +66,7 @@ def measure_arm_peak_bytes(arm: str, dataset, split, config,
     base = torch.cuda.memory_allocated(device)
     data = build_train_data(dataset, split, config, device,
                             synthetic if arm in EXTRA_ROW_ARMS else None)
-    mean, std = channel_stats(dataset.train_images)
-    net = build_net(resolve_net_name(config.net, dataset.image_shape), dataset.num_classes,
-                    dataset.image_shape, mean, std, config.seed)
+    net = net_for(config, dataset)
     algorithm = get_algorithm("supervised" if arm == "supervised" else config.algorithm)(
         config, dataset.num_classes)
     with tempfile.TemporaryDirectory() as tmp:

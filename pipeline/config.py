@@ -266,6 +266,11 @@ class AugmentConfig(_Section):
         if self.loop.rounds == 2 and "baseline" not in self.ssl.arms:
             raise ValueError("loop.rounds=2 pseudo-labels with the baseline arm's classifier: "
                              "add 'baseline' to ssl.arms or set loop.rounds=1")
+        net = self.ssl.net if self.ssl.net != "auto" else \
+            ("wrn-28-2" if self.dataset == "cifar10" else None)  # image folders: found later
+        if self.ssl.net_width is not None and net is not None and net.startswith("wrn"):
+            raise ValueError(f"ssl.net_width applies to the cnn nets, not {net}; leave it null "
+                             "or set ssl.net=cnn-small")
         return self
 
     # -- helpers that read like the config file -------------------------------------------
@@ -366,8 +371,18 @@ def with_overrides(config: AugmentConfig, overrides: list[str] | dict[str, Any] 
                    ) -> AugmentConfig:
     if not overrides:
         return config
+    parsed = parse_overrides(overrides)
     data = config.model_dump(mode="json")
-    return validate_config(apply_overrides(data, parse_overrides(overrides)))
+    # A budget or recipe named here fills its fields afresh: the dump holds every field's
+    # current value as if it were given explicitly, which would otherwise beat the name.
+    ssl = {k.split(".", 1)[1]: v for k, v in parsed.items() if k.startswith("ssl.")}
+    if isinstance(parsed.get("ssl"), dict):
+        ssl.update(parsed["ssl"])
+    for name, table in (("budget", BUDGETS), ("recipe", RECIPES)):
+        for field in table.get(ssl.get(name), {}):
+            if field not in ssl:
+                data["ssl"].pop(field, None)
+    return validate_config(apply_overrides(data, parsed))
 
 
 # --------------------------------------------------------------------------- hashes

@@ -67,7 +67,8 @@ def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
     """Key of one arm and seed: only what that arm reads.
 
     Only the augmented and control arms read the shards (control: their per-class counts;
-    replay reads the extra-row settings but draws its rows from the split)
+    replay reads the extra-row settings but draws its rows from the split; a "-2x" arm is
+    keyed as the arm it doubles, under its own name)
     and the extra-row settings (round 2: augmented-r2 the round-2 shards, selftrain the
     pseudo-labels); the other arms survive a sampling change, a change of the
     extra-row settings and a change of the arm or seed lists.

@@ -44,7 +44,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("quality", ("quality", "encoder", "image_size"), ("shards", "split"),
           {"quality": "quality/"}, doc="KID, diversity, near-copies and class grids"),
     Stage("ssl", ("ssl",), ("split", "shards"), {"ssl": "ssl/"},
-          doc="the classifier arms x seeds (supervised, baseline, augmented, control)"),
+          doc="the classifier arms x seeds (supervised, baseline, augmented, replay, control, "
+              "baseline-2x, augmented-2x)"),
     Stage("loop", ("loop",), ("ssl", "tune"),
           {"pseudo": "round-2/pseudo.parquet", "round": "round-2/", "ssl": "ssl/",
            "grids": "round-2/grids/"},

@@ -81,7 +81,8 @@ def test_doubling_rule():
     assert not moved.baseline_converged and not moved.converged
     left = doubling_check([30.0, 31.0], [29.8, 30.9], gain_k, outside)
     assert left.gain_stable is False and not left.converged
-    alone = doubling_check([30.0], [30.2])  # no gain measured: the baseline decides
-    assert alone.gain_stable is None and alone.converged
+    alone = doubling_check([30.0], [30.2])  # no gain measured: cannot say more than that
+    assert alone.gain_stable is None and alone.baseline_converged and alone.converged is None
+    assert doubling_check([30.0], [31.0]).converged is False
     with pytest.raises(ValueError, match="same"):
         doubling_check([30.0, 31.0], [30.0])

@@ -104,7 +104,7 @@ def test_finished_arm_loads_with_its_recalibrated_statistics(ssl_fm_subset, tmp_
     measured with: the saved EMA has BN statistics recomputed at the last step."""
     ds = ssl_fm_subset
     split = make_split(ds.train_labels, 4, seed=0)
-    cfg = tiny(steps=20, amp=False)
+    cfg = tiny(steps=20)  # bf16 where the CPU has it: predict_probs must follow the trainer
     m = json.loads(run_arm("baseline", ds, split, tmp_path / "arm", cfg,
                            progress=False).read_text())
     probs = predict_probs(tmp_path / "arm", ds, ds.test_images)
@@ -247,3 +247,45 @@ def test_doubled_arm_runs_twice_the_steps(ssl_fm_subset, tmp_path):
                            progress=False).read_text())
     assert m["steps"] == 16 and m["algorithm"] == "fixmatch"
     assert m["config"]["eval_every"] == 8 and (tmp_path / "b2" / METRICS).exists()
+
+
+def test_recipe_and_budget_named_in_an_override_fill_their_fields():
+    """with_overrides (the flows' --set path) dumps every field; a recipe or budget named there
+    must still set its fields, and a field given beside it still wins."""
+    from pipeline.config import load_config, with_overrides
+
+    demo = load_config("demo")
+    c = with_overrides(demo, {"ssl.recipe": "cpu-short"}).ssl
+    assert (c.schedule, c.lr, c.net_width, c.final_points) == ("warmup-cosine", 0.1, 16, 3)
+    assert with_overrides(demo, ["ssl.recipe=cpu-short", "ssl.lr=0.01"]).ssl.lr == 0.01
+    assert with_overrides(demo, {"ssl.budget": "steps-256"}).ssl.steps == 256
+    with pytest.raises(ValidationError, match="warmup"):
+        SSLConfig(warmup=0.1)  # no effect under USB's schedule: refused, not hashed
+    from pipeline.config import ConfigError
+
+    with pytest.raises((ValueError, ConfigError), match="net_width"):
+        with_overrides(demo, {"dataset": "cifar10", "ssl.net_width": 16})
+
+
+def test_resume_inside_the_final_window_gives_the_same_figures(ssl_fm_subset, tmp_path):
+    ds = ssl_fm_subset
+    split = make_split(ds.train_labels, 4, seed=0, val_per_class=20)
+    cfg = tiny(steps=30, eval_every=5, checkpoint_every=5, final_points=3)
+    straight = json.loads(run_arm("baseline", ds, split, tmp_path / "a", cfg,
+                                  progress=False).read_text())
+
+    class Crash(Exception):
+        pass
+
+    def crash(step):
+        if step == 27:  # after the checkpoint at 25, inside the final window (20, 25, 30)
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_arm("baseline", ds, split, tmp_path / "b", cfg, progress=False, on_step=crash)
+    resumed = json.loads(run_arm("baseline", ds, split, tmp_path / "b", cfg,
+                                 progress=False).read_text())
+    assert resumed["resumed_from_step"] == 25
+    assert resumed["final_evals"] == straight["final_evals"]
+    assert resumed["top1_error"] == straight["top1_error"]
+    assert resumed["val_error"] == straight["val_error"]

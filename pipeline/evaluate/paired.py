@@ -156,8 +156,12 @@ class DoublingCheck:
         return self.gain_k.ci_low <= self.gain_2k.mean <= self.gain_k.ci_high
 
     @property
-    def converged(self) -> bool:
-        return self.baseline_converged and self.gain_stable is not False
+    def converged(self) -> bool | None:
+        """True when the baseline held and the gain stayed in its interval; False when either
+        failed; None when the baseline held but the gain could not be checked."""
+        if not self.baseline_converged or self.gain_stable is False:
+            return False
+        return True if self.gain_stable else None
 
     def to_dict(self) -> dict:
         return {"baseline_k": self.baseline_k, "baseline_2k": self.baseline_2k,

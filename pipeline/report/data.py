@@ -196,19 +196,26 @@ class RunData:
 
     def doubling(self) -> DoublingCheck | None:
         """The doubling rule over this run's seeds: the baseline at K and 2K steps (the
-        ``baseline-2x`` arm) and, when ``augmented-2x`` ran, the gain at both; None unless
-        ``baseline`` and ``baseline-2x`` share seeds. Errors and differences of error in %
-        (arm minus baseline, as every comparison in the report)."""
-        twice = self.comparison("baseline-2x", "baseline")
-        if twice is None:
+        ``baseline-2x`` arm) and, when ``augmented`` and ``augmented-2x`` ran, the gain at
+        both, all on the seeds every one of those arms finished (so the figures pair up);
+        None without ``baseline`` and ``baseline-2x`` on a common seed. Errors and
+        differences of error in % (arm minus baseline, as every comparison in the report)."""
+        names = ["baseline", "baseline-2x"]
+        if "augmented" in self.arms and "augmented-2x" in self.arms:
+            names += ["augmented", "augmented-2x"]
+        if not all(n in self.arms for n in names[:2]):
             return None
-        gains = []
-        for arm, against in (("augmented", "baseline"), ("augmented-2x", "baseline-2x")):
-            c = self.comparison(arm, against)
-            gains.append(None if c is None else paired_difference(
-                [100 * e for e in c.arm_errors], [100 * e for e in c.against_errors]))
-        return doubling_check([100 * e for e in twice.against_errors],
-                              [100 * e for e in twice.arm_errors], *gains)
+        err = {n: {s.seed: 100 * s.top1_error for s in self.arms[n].seeds} for n in names}
+        seeds = sorted(set.intersection(*(set(e) for e in err.values())))
+        if not seeds:
+            return None
+
+        def col(name: str) -> list[float]:
+            return [err[name][s] for s in seeds]
+
+        gains = [paired_difference(col(a), col(b)) if a in err else None
+                 for a, b in (("augmented", "baseline"), ("augmented-2x", "baseline-2x"))]
+        return doubling_check(col("baseline"), col("baseline-2x"), *gains)
 
     def sampling_images_per_s(self) -> float | None:
         return ((self.stages.get("sample") or {}).get("metrics") or {}).get("images_per_s")

@@ -126,9 +126,9 @@ def convergence_sentence(run: RunData) -> str | None:
         gain = (f"; augmented minus baseline at twice the steps, {d.gain_2k.mean:+.2f} points, "
                 f"is {'inside' if d.gain_stable else 'outside'} the 95% interval of the "
                 f"difference ({d.gain_k.ci_low:+.2f} to {d.gain_k.ci_high:+.2f})")
-    tail = ("The comparison is converged." if d.converged and d.gain_stable is not None else
+    tail = ("The comparison is converged." if d.converged else
             "The baseline is converged; the gain's convergence is unchecked."
-            if d.converged else
+            if d.converged is None else
             "The comparison is not converged: gains before convergence are not gains at "
             "convergence.")
     return f"{moved}{gain}. {tail}"

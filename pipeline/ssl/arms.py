@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from anl_core.precision import autocast_for, uses_bf16
 from pipeline.atomic import atomic_write as _atomic_write_bytes
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.splits import LabeledSplit
@@ -291,7 +292,8 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
         "num_synthetic": n_synth, "synthetic_as": config.synthetic_as if n_synth else None,
         "train_time_s": trainer.train_time_s, "wall_time_s": trainer.wall_time_s + eval_s,
         "steps_per_s": trainer.step / trainer.train_time_s if trainer.train_time_s else None,
-        "device": str(device), "resumed_from_step": resumed_from,
+        "device": str(device), "bf16": trainer.amp, "channels_last": trainer.channels_last,
+        "resumed_from_step": resumed_from,
         "fingerprint": fingerprint, "config": config.to_dict(),
     }
     _atomic_write_bytes(metrics_path, lambda tmp: Path(tmp).write_text(
@@ -315,15 +317,19 @@ def predict_probs(arm_dir: str | Path, dataset: ImageDataset, images: np.ndarray
                        "run that arm first")
     metrics = json.loads(metrics_path.read_text())
     dev = resolve_device(device)
-    net = net_for(SSLConfig(**metrics["config"]), dataset)
+    config = SSLConfig(**metrics["config"])
+    net = net_for(config, dataset)
     state = torch.load(ckpt, map_location=dev, weights_only=True)
     if state.get("ema_calibrated_step") != state["step"]:
         raise ArmError(f"{ckpt} holds EMA weights without BN statistics recomputed for them "
                        "(a checkpoint from before issue 28); rerun that arm (delete its folder)")
     net.load_state_dict(state["ema"])
     net.to(dev).eval()
+    amp = uses_bf16(dev, config.amp, cpu=True)  # the trainer's rule: as the arm was scored
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev)
-        out.append(torch.softmax(net(to_unit(x)).float(), dim=-1).cpu().double().numpy())
+        with autocast_for(dev, amp, cpu=True):
+            logits = net(to_unit(x))
+        out.append(torch.softmax(logits.float(), dim=-1).cpu().double().numpy())
     return np.concatenate(out) if out else np.zeros((0, dataset.num_classes))

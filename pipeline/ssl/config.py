@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.digest import digest
 
@@ -59,7 +59,7 @@ _NOT_FINGERPRINTED = ("device", "compile", "progress_every")
 
 
 class SSLConfigError(ValueError):
-    """An unknown budget or recipe name. (A bad field value raises pydantic's ValidationError, a
+    """An unknown budget name. (A bad field value raises pydantic's ValidationError, a
     ValueError that names the field.)"""
 
 
@@ -96,7 +96,9 @@ class SSLConfig(BaseModel):
     schedule: Literal["fixmatch-cosine", "warmup-cosine"] = "fixmatch-cosine"
     warmup: float = Field(0.0, ge=0, lt=1)
     # The final validation and test figures: the mean over the last ``final_points``
-    # evaluation points (each with recalibrated BN), not the last point alone.
+    # evaluation points (each with recalibrated BN), not the last point alone. The window
+    # they span follows eval_every: (final_points - 1) x eval_every steps before the end
+    # (metrics.json lists their steps as final_evals).
     final_points: int = Field(1, ge=1)
     # Clean training images (labeled + unlabeled, never validation; no labels read) on which
     # the EMA model's BatchNorm statistics are recomputed before every evaluation.
@@ -131,12 +133,12 @@ class SSLConfig(BaseModel):
             raise SSLConfigError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
         return cls(**{**BUDGETS[budget], **overrides})
 
-    @classmethod
-    def recipe_fields(cls, recipe: str) -> dict[str, Any]:
-        """The fields a named recipe sets (``RECIPES``)."""
-        if recipe not in RECIPES:
-            raise SSLConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        return dict(RECIPES[recipe])
+    @model_validator(mode="after")
+    def _warmup_needs_its_schedule(self) -> SSLConfig:
+        if self.warmup and self.schedule != "warmup-cosine":
+            raise ValueError(f"warmup={self.warmup} does nothing under schedule="
+                             f"{self.schedule!r}; set schedule=warmup-cosine or warmup=0")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

@@ -172,6 +172,7 @@ class Trainer:
         self._final_steps = set(eval_steps(config)[-config.final_points:])
         self.final_evals: list[dict] = []
         self._calibrated_at: int | None = None  # step the EMA's BN statistics are for
+        self._last_test: tuple[int, EvalResult] | None = None  # the final window's last read
         self._synth_probs = class_balanced_probs(self.data.labels[self.data.labeled_synth]) \
             if config.synthetic_class_balance and len(self.data.labeled_synth) else None
         # Batches are produced on this stream (CUDA) one step ahead; see the module doc.
@@ -296,7 +297,10 @@ class Trainer:
         window's evaluation points (``final_points``)."""
         if not self.final_evals:
             raise RuntimeError("the run has not reached its final evaluation points")
-        last = self.evaluate_ema("test")
+        if self._last_test is not None and self._last_test[0] == self.step:
+            last = self._last_test[1]
+        else:  # resumed from the final checkpoint: score the saved EMA again
+            last = self.evaluate_ema("test")
         test = sum(e["test_error"] for e in self.final_evals) / len(self.final_evals)
         curve = sum(e["curve_error"] for e in self.final_evals) / len(self.final_evals)
         return last, test, curve
@@ -410,5 +414,6 @@ class Trainer:
         self.curve.append(row)
         if self.step in self._final_steps:  # a point of the final figure: read test too
             test = self.evaluate_ema("test")
+            self._last_test = (self.step, test)
             self.final_evals.append({"step": self.step, "curve_error": result.top1_error,
                                      "test_error": test.top1_error})

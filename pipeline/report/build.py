@@ -301,8 +301,10 @@ def markdown_summary(run: RunData | str | Path) -> str:
                             "val error %": r["val_error_pct"],
                             "std %": r["std_pct"], "seeds": r["n_seeds"]} for r in rows], cols))
     if has_val:
-        lines += [("Test error of the final model on the test set; validation error on the "
-                  "held-out validation images carved from the training set."), ""]
+        lines += [("Test error of the EMA model (BN statistics recomputed for its weights; the "
+                  "mean of the last ssl.final_points evaluations) on the test set; validation "
+                  "error the same on the held-out validation images carved from the training "
+                  "set."), ""]
     comps = comparison_rows(run)
     if comps:
         lines += [("Differences (paired by seed; negative = fewer errors; 95% CI and p only with "

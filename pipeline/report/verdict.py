@@ -119,9 +119,12 @@ def convergence_sentence(run: RunData) -> str | None:
     moved = (f"Doubling the budget moved the baseline's test error from {d.baseline_k:.2f}% "
              f"to {d.baseline_2k:.2f}% ({d.baseline_moved:+.2f} points, "
              f"{'under' if d.baseline_converged else 'not under'} {d.tolerance})")
-    if d.gain_stable is None:
-        gain = ("; the gain at twice the steps was not measured (add augmented-2x) or has no "
-                "interval at the budget")
+    if d.gain_2k is None:
+        gain = "; the gain at twice the steps was not measured (add augmented-2x to ssl.arms)"
+    elif d.gain_stable is None:
+        gain = (f"; augmented minus baseline at twice the steps was {d.gain_2k.mean:+.2f} "
+                f"points, but with {_runs(d.gain_k.n)} the gain has no 95% interval to hold it "
+                "against")
     else:
         gain = (f"; augmented minus baseline at twice the steps, {d.gain_2k.mean:+.2f} points, "
                 f"is {'inside' if d.gain_stable else 'outside'} the 95% interval of the "

@@ -166,18 +166,16 @@ class SSLSection(SSLConfig):
             for name, use in (("seed", "ssl.seeds"), ("device", "the top-level device")):
                 if name in data:
                     raise ValueError(f"ssl.{name} is set per classifier unit; use {use}")
-            if data.get("budget") is not None:
-                budget = data["budget"]
-                if budget not in BUDGETS:
-                    raise ValueError(f"ssl.budget={budget!r} is not a known budget; choose one "
-                                     f"of {', '.join(BUDGETS)} or leave it null and set ssl.steps")
-                data = {**BUDGETS[budget], **data}
-            if data.get("recipe") is not None:
-                recipe = data["recipe"]
-                if recipe not in RECIPES:
-                    raise ValueError(f"ssl.recipe={recipe!r} is not a known recipe; choose one "
-                                     f"of {', '.join(RECIPES)} or leave it null")
-                data = {**RECIPES[recipe], **data}
+            # A named budget, then a recipe, fills the fields not given explicitly.
+            for name, table, hint in (("budget", BUDGETS, " and set ssl.steps"),
+                                      ("recipe", RECIPES, "")):
+                chosen = data.get(name)
+                if chosen is None:
+                    continue
+                if chosen not in table:
+                    raise ValueError(f"ssl.{name}={chosen!r} is not a known {name}; choose one "
+                                     f"of {', '.join(table)} or leave it null{hint}")
+                data = {**table[chosen], **data}
         return data
 
     def trainer_config(self, seed: int, device: str = "auto") -> SSLConfig:

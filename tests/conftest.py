@@ -36,6 +36,18 @@ def data_fashion_mnist():
     return load_dataset("fashion-mnist")
 
 
+@_data_pytest.fixture(scope="module")
+def ssl_one_thread():
+    """One torch thread for a module of tiny-net SSL tests: on a shared CPU, OpenMP
+    spin-waiting with 2 threads is 5-10x slower than 1 thread for these nets."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @_data_pytest.fixture(scope="session")
 def ssl_fm_subset(data_fashion_mnist):
     """3000 real Fashion-MNIST training images and 500 test images (seeded)."""

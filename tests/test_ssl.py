@@ -16,15 +16,7 @@ from pipeline.ssl import augment as aug
 from pipeline.ssl.arms import CHECKPOINT, CURVE, METRICS
 from pipeline.ssl.evaluate import evaluate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def ssl_one_thread():
-    # The CPU is shared with other jobs: OpenMP spin-waiting with 2 threads is 5-10x slower
-    # than 1 thread for these tiny nets.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("ssl_one_thread")
 
 
 def tiny_config(**kw) -> SSLConfig:

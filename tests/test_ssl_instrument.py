@@ -20,13 +20,7 @@ from pipeline.ssl.augment import to_unit
 from pipeline.ssl.evaluate import recalibrate_bn
 from pipeline.ssl.trainer import Trainer, eval_steps, lr_schedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def ssl_one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("ssl_one_thread")
 
 
 def tiny(**kw) -> SSLConfig:

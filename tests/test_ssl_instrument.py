@@ -199,10 +199,8 @@ def test_replay_arm_draws_its_extra_rows_from_the_labeled_images(ssl_fm_subset, 
                            progress=False).read_text())
     assert m["num_synthetic"] == len(split.labeled_idx) == 40
     replayed = (ds.train_images[split.labeled_idx], ds.train_labels[split.labeled_idx])
-    data = build_train_data(ds, split, cfg, torch.device("cpu"), replayed)
-    t = Trainer(build_net("cnn-tiny", 10, ds.image_shape, [0.3], [0.3], 0),
-                get_algorithm("fixmatch")(cfg, 10), data, cfg, torch.device("cpu"),
-                tmp_path / "x.pt", "x", False)
+    t = trainer_for(ds, split, cfg, tmp_path, replayed)
+    data = t.data
     batch = t.sample_batch()
     assert len(batch.y_lb) == 16 + 8
     assert torch.allclose(batch.w_lb[16:], torch.full((8,), 2.0 * 24 / 16))

@@ -9,6 +9,7 @@
     augment report RUN_DIR... [--history]  (re)write reports, or a history table over runs
     augment pretrain --out DIR ...         pretrain a base model on the unlabeled pool
     augment transfer --target T [...]      few-shot generative transfer to a new image domain
+    augment sweep SPEC.yaml [--dry-run]    a grid of configs x repetitions, one gain map
 """
 
 from __future__ import annotations
@@ -143,6 +144,45 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.config import resolve_path
+    from pipeline.preflight import preflight
+    from pipeline.sweep.run import sweep_dir
+    from pipeline.sweep.spec import check_spec, load_spec
+
+    spec = load_spec(args.spec)
+    runs_root = resolve_path(args.runs_dir or "runs")
+    folder = sweep_dir(spec, runs_root)
+    extra = {"runs_dir": str(folder / "runs"), "progress": False}
+    configs = check_spec(spec)  # every cell's config valid, before any work
+    seen = set()
+    for cell, config in zip(spec.cells(), configs, strict=True):
+        key = (config.dataset, config.base_model, config.encoder, config.task_images)
+        if key not in seen:  # inputs, not sizes: once per distinct set of them
+            seen.add(key)
+            preflight(config)
+        print(f"cell {cell.label}: arms {', '.join(config.ssl.arms)}")
+    n = len(configs) * len(spec.repetitions)
+    print(f"sweep {spec.name}: {len(configs)} cells x {len(spec.repetitions)} repetitions = "
+          f"{n} runs in {folder}", flush=True)
+    if args.dry_run:
+        return 0
+    import torch
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.sweep import sweep
+
+    torch.set_num_threads(spec.threads)
+    runner = ThreadPoolTaskRunner(max_workers=spec.parallel)
+    if args.report_only:
+        from pipeline.report.sweep import build_sweep_report
+
+        print(f"report: {build_sweep_report(spec, folder)['html']}")
+        return 0
+    sweep.with_options(task_runner=runner)(spec, str(folder), extra)
+    return 0
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     import shlex
 
@@ -222,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "directory (default runs/ablation)")
     rep.set_defaults(fn=_cmd_report)
 
+    sw = sub.add_parser("sweep", help="run a grid of configs over independent repetitions and "
+                        "write one report with a gain heatmap")
+    sw.add_argument("spec", help="sweep spec (YAML: name, preset, set, grid, rules, "
+                    "repetitions, pairs; see pipeline/sweep/spec.py)")
+    sw.add_argument("--runs-dir", default=None,
+                    help="default runs; the sweep lives in RUNS_DIR/sweeps/<name>")
+    sw.add_argument("--dry-run", action="store_true",
+                    help="validate every cell and run the pre-flight checks only")
+    sw.add_argument("--report-only", action="store_true",
+                    help="rewrite the report from the finished repetitions, run nothing")
+    sw.set_defaults(fn=_cmd_sweep)
+
     from pipeline.generate.pretrain import build_arg_parser
 
     pre = sub.add_parser("pretrain", help="pretrain a base U-Net on the unlabeled pool")
@@ -264,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.generate.pretrain import PretrainError
     from pipeline.preflight import PreflightError
+    from pipeline.sweep.spec import SweepError
     from pipeline.transfer import TransferError
 
     try:
         return args.fn(args) or 0
-    except (ConfigError, PreflightError, PretrainError, TransferError) as e:
+    except (ConfigError, PreflightError, PretrainError, SweepError, TransferError) as e:
         print(f"augment: error: {e}", file=sys.stderr)
         return 2
 

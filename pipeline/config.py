@@ -30,6 +30,7 @@ from anl_core.configs import AdapterShape, TuneConfig
 from pipeline.digest import digest
 from pipeline.evaluate.quality_config import QualityConfig
 from pipeline.generate.pretrain_config import PretrainConfig
+from pipeline.ssl.arm_names import SUPERVISED_ARMS, base_arm
 from pipeline.ssl.config import BUDGETS, RECIPES, SSLConfig
 from pipeline.stage_graph import STAGE_PARTS
 from pipeline.validation import explain
@@ -148,8 +149,11 @@ class SSLSection(SSLConfig):
     """
 
     # "-2x": the same arm at twice the steps (the doubling rule, pipeline.evaluate.paired).
-    arms: list[Literal["supervised", "baseline", "augmented", "replay", "control",
-                       "baseline-2x", "augmented-2x"]] = Field(
+    # "pool-oracle" is an evaluation arm (it reads the base's pretraining half, which a
+    # user's task does not have): for sweeps and benches, never for a user preset.
+    arms: list[Literal["supervised", "supervised+synthetic", "baseline", "augmented", "replay",
+                       "control", "pool-oracle", "baseline-2x", "augmented-2x",
+                       "supervised-2x", "supervised+synthetic-2x"]] = Field(
         default_factory=lambda: ["supervised", "baseline", "augmented", "control"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: str | None = None
@@ -177,6 +181,16 @@ class SSLSection(SSLConfig):
                                      f"of {', '.join(table)} or leave it null{hint}")
                 data = {**table[chosen], **data}
         return data
+
+    @model_validator(mode="after")
+    def _pool_for_ssl_arms(self) -> SSLSection:
+        needs_pool = [a for a in self.arms
+                      if base_arm(a) not in (*SUPERVISED_ARMS, "pool-oracle")]
+        if self.unlabeled_pool == 0 and needs_pool:
+            raise ValueError(f"ssl.unlabeled_pool=0 leaves no unlabeled images for "
+                             f"{', '.join(needs_pool)}; keep supervised and "
+                             "supervised+synthetic only, or allow a pool")
+        return self
 
     def trainer_config(self, seed: int, device: str = "auto") -> SSLConfig:
         """The trainer's config for one unit: this section's trainer fields, one seed."""
@@ -231,6 +245,11 @@ class AugmentConfig(_Section):
     # trained on, removed from the unlabeled pool); 0: none, the curve points use test images.
     validation_per_class: int = Field(0, ge=0)
     split_seed: int = 0
+    # "task-half": labels, pool and validation come from the task half of the training set,
+    # cut once by half_seed (pipeline.data.splits.halves); the other half is the base
+    # model's (`augment pretrain --half base`), so the base never saw a task image.
+    task_images: Literal["all", "task-half"] = "all"
+    half_seed: int = 0
     image_size: int = Field(32, ge=8)
     base_model: str = "data/models/fashion-mnist-ddpm-32"
     pretrain: PretrainSection | None = None
@@ -394,6 +413,10 @@ def result_fields(config: AugmentConfig) -> dict[str, Any]:
         fields.pop("filter")  # the same, for the synthetic-row filter
     if not config.validation_per_class:
         fields.pop("validation_per_class")  # and for the validation split
+    if config.task_images == "all":
+        fields.pop("task_images"), fields.pop("half_seed")  # and for the task half
+    if config.ssl.unlabeled_pool is None:
+        fields["ssl"].pop("unlabeled_pool")  # and for the pool cap
     if config.loop.rounds == 1:
         fields.pop("loop")  # and for the second round
     return fields

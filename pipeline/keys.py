@@ -73,11 +73,13 @@ def ssl_unit_key(config: AugmentConfig, keys: dict, arm: str, seed: int) -> str:
     pseudo-labels); the other arms survive a sampling change, a change of the
     extra-row settings and a change of the arm or seed lists.
     """
-    from pipeline.ssl.arms import EXTRA_ROW_ARMS, base_arm
+    from pipeline.ssl.arm_names import EXTRA_ROW_ARMS, base_arm
     from pipeline.ssl.config import SYNTHETIC_FIELDS
 
     up = {"split": keys["split"], "arm": arm, "seed": str(seed)}  # "-2x": twice the steps
     ssl = config.ssl.model_dump(exclude={"arms", "seeds"})
+    if ssl["unlabeled_pool"] is None:
+        ssl.pop("unlabeled_pool")  # uncapped: keys from before the cap stay
     arm = base_arm(arm)
     if arm == "augmented-r2":
         up["shards"] = keys["shards-r2"]

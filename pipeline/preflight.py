@@ -104,6 +104,37 @@ def check_disk(config: AugmentConfig, need: int) -> int:
     return free
 
 
+def check_disjoint(config: AugmentConfig, base_dir: Path) -> str | None:
+    """Refuse a task whose images overlap the base model's pretraining images, when the
+    base's ``training.json`` says which they were and either side declares a half. Returns
+    what is known: "disjoint", "overlap" (the whole-set regime: the base saw the pool), or
+    None (a base made elsewhere)."""
+    import json
+
+    record = Path(base_dir) / "training.json"
+    pool = json.loads(record.read_text()).get("pool") if record.is_file() else None
+    if not isinstance(pool, dict) or pool.get("dataset") != config.dataset:
+        return None
+    half = config.task_images == "task-half"
+    if pool.get("half") == "base":
+        if half and int(pool.get("half_seed", -1)) == config.half_seed:
+            return "disjoint"
+        raise PreflightError(
+            f"base_model={config.base_model!r} was pretrained on the base half of "
+            f"{config.dataset}'s training images (half_seed {pool.get('half_seed')}), and this "
+            f"run's task images ({'the task half of half_seed ' + str(config.half_seed) if half else 'all of them'}) "
+            f"overlap them; set task_images=task-half and half_seed={pool.get('half_seed')}, "
+            "or use a base pretrained on other images")
+    if half:
+        raise PreflightError(
+            f"task_images=task-half promises a base that never saw a task image, but "
+            f"base_model={config.base_model!r} was pretrained on {config.dataset}'s training "
+            "images minus a labeled split (the task half included); use a base made with "
+            "`augment pretrain --half base` (data/models/fashion-mnist-ddpm-32-disjoint for "
+            "Fashion-MNIST), or set task_images=all")
+    return "overlap"
+
+
 def preflight(config: AugmentConfig) -> dict[str, Any]:
     """Every check, cheapest first. Returns what was resolved (for the run record)."""
     from pipeline.data.datasets import DatasetError, load_dataset_cached
@@ -113,7 +144,12 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
         ds = load_dataset_cached(config.dataset, config.dataset_root, config.download)
     except DatasetError as e:
         raise PreflightError(f"dataset={config.dataset!r}: {e}") from None
-    min_count = int(min((ds.train_labels == c).sum() for c in range(ds.num_classes)))
+    labels = ds.train_labels
+    if config.task_images == "task-half":
+        from pipeline.data.splits import halves
+
+        labels = labels[halves(labels, config.half_seed)["task"]]
+    min_count = int(min((labels == c).sum() for c in range(ds.num_classes)))
     if config.labels_per_class > min_count:
         raise PreflightError(f"labels_per_class={config.labels_per_class}: the smallest class of "
                              f"{config.dataset} has {min_count} training images")
@@ -125,9 +161,11 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
             f"has {min_count} training images; lower validation_per_class (--set "
             f"validation_per_class=N) to at most {min_count - config.labels_per_class}")
     base = None if config.pretrains_base else str(resolve_base_model(config.base_model))
+    base_images = None if base is None else check_disjoint(config, Path(base))
     encoder = check_encoder(config.encoder)
     need = estimated_output_bytes(config, ds.num_classes, ds.image_shape)
     free = check_disk(config, need)
     return {"device": device, "dataset": ds.name, "image_shape": list(ds.image_shape),
-            "num_classes": ds.num_classes, "base_model": base, "encoder": encoder,
+            "num_classes": ds.num_classes, "base_model": base, "base_images": base_images,
+            "encoder": encoder,
             "planned_bytes": need, "free_bytes": free}

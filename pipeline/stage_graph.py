@@ -26,7 +26,8 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("split", ("dataset", "labels_per_class", "split_seed", "validation_per_class"), (),
+    Stage("split", ("dataset", "labels_per_class", "split_seed", "validation_per_class",
+                    "task_images", "half_seed"), (),
           {"split": "split.parquet"},
           doc="labeled / unlabeled / validation indices, stratified, seeded"),
     Stage("pretrain", ("dataset", "image_size", "pretrain"), ("split",), {"base": "base/"},
@@ -44,8 +45,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("quality", ("quality", "encoder", "image_size"), ("shards", "split"),
           {"quality": "quality/"}, doc="KID, diversity, near-copies and class grids"),
     Stage("ssl", ("ssl",), ("split", "shards"), {"ssl": "ssl/"},
-          doc="the classifier arms x seeds (supervised, baseline, augmented, replay, control, "
-              "baseline-2x, augmented-2x)"),
+          doc="the classifier arms x seeds (supervised, supervised+synthetic, baseline, "
+              "augmented, replay, control, pool-oracle, baseline-2x, augmented-2x)"),
     Stage("loop", ("loop",), ("ssl", "tune"),
           {"pseudo": "round-2/pseudo.parquet", "round": "round-2/", "ssl": "ssl/",
            "grids": "round-2/grids/"},

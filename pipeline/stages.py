@@ -53,11 +53,14 @@ def run_split(run_dir: Path, config: AugmentConfig) -> dict:
     def body(device: str) -> tuple[dict, dict]:
         ds = dataset_for(config)
         split = make_split(ds.train_labels, config.labels_per_class, config.split_seed,
-                           ds.num_classes, val_per_class=config.validation_per_class)
+                           ds.num_classes, val_per_class=config.validation_per_class,
+                           half_seed=config.half_seed if config.task_images == "task-half"
+                           else None)
         save_split(split, Path(run_dir) / "split.parquet")
         return ({"split": "split.parquet"},
                 {"labeled": len(split.labeled_idx), "unlabeled": len(split.unlabeled_idx),
-                 "validation": len(split.val_idx), "num_classes": ds.num_classes})
+                 "validation": len(split.val_idx), "base_half": len(split.base_idx),
+                 "num_classes": ds.num_classes})
 
     return run_stage(run_dir, config, "split", stage_key(config, "split"), body)
 
@@ -66,7 +69,8 @@ def run_split(run_dir: Path, config: AugmentConfig) -> dict:
 
 
 def run_pretrain(run_dir: Path, config: AugmentConfig) -> dict | None:
-    """Pretrain the base model on the unlabeled pool, when the config asks for it."""
+    """Pretrain the base model, when the config asks for it: on the unlabeled pool, or with
+    ``task_images: task-half`` on the base half (never a task image)."""
     if not config.pretrains_base:
         return None
     keys = stage_keys(config)
@@ -76,8 +80,14 @@ def run_pretrain(run_dir: Path, config: AugmentConfig) -> dict | None:
 
         ds, split = dataset_for(config), split_for(Path(run_dir))
         pcfg = config.pretrain.for_run(config.image_size, device)
-        out = pretrain(ds.train_images[split.unlabeled_idx], Path(run_dir) / "base", pcfg,
-                       progress=config.progress)
+        disjoint = config.task_images == "task-half"
+        seen = split.base_idx if disjoint else split.unlabeled_idx
+        source = {"dataset": config.dataset, "root": config.dataset_root,
+                  **({"half": "base", "half_seed": config.half_seed} if disjoint else
+                     {"labels_per_class": config.labels_per_class,
+                      "split_seed": config.split_seed})}
+        out = pretrain(ds.train_images[seen], Path(run_dir) / "base", pcfg,
+                       progress=config.progress, source=source)
         info = read_json(out / "training.json") or {}
         return ({"base": "base"},
                 {k: info.get(k) for k in ("steps", "steps_per_s", "final_loss", "params")})

@@ -20,7 +20,10 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_write
 
-ROLES = ("labeled", "unlabeled", "validation")
+# "base": the base model's pretraining half (never the task's; read only by the pool-oracle
+# evaluation arm).
+ROLES = ("labeled", "unlabeled", "validation", "base")
+HALVES = ("base", "task")
 
 
 class SplitError(ValueError):
@@ -36,6 +39,7 @@ class LabeledSplit:
     seed: int
     val_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # held out
     val_per_class: int = 0
+    base_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def labeled_labels(self) -> np.ndarray:
@@ -55,14 +59,43 @@ class LabeledSplit:
         return {int(c): self.labeled_idx[self.labeled_labels == c] for c in np.unique(self.labeled_labels)}
 
 
+def halves(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """The training set cut once into two class-stratified halves, by ``seed``: ``base`` (a base
+    model pretrains on it) and ``task`` (labels, pool and validation come from it), so the base
+    has never seen a task image. Ascending indices; the same cut on every machine."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels, dtype=np.int64)
+    base, task = train_test_split(np.arange(len(labels)), test_size=0.5, stratify=labels,
+                                  random_state=seed)
+    return {"base": np.sort(base).astype(np.int64), "task": np.sort(task).astype(np.int64)}
+
+
+def pretraining_indices(labels: np.ndarray, pool: dict, num_classes: int | None = None
+                        ) -> np.ndarray:
+    """The training images a base model was pretrained on, from the ``pool`` record that
+    ``augment pretrain`` writes: a half (``half``, ``half_seed``), or the unlabeled pool of a
+    labeled split (``labels_per_class``, ``split_seed``)."""
+    if pool.get("half"):
+        return halves(labels, int(pool["half_seed"]))[pool["half"]]
+    return make_split(labels, int(pool["labels_per_class"]), int(pool["split_seed"]),
+                      num_classes).unlabeled_idx
+
+
 def make_split(labels: np.ndarray, n_per_class: int, seed: int,
-               num_classes: int | None = None, val_per_class: int = 0) -> LabeledSplit:
+               num_classes: int | None = None, val_per_class: int = 0,
+               half_seed: int | None = None) -> LabeledSplit:
     """n labeled (and ``val_per_class`` validation) images per class, drawn with ``seed``.
 
     The labeled images are the first n of each class's seeded permutation and the validation
     images the next ``val_per_class``, so adding a validation set keeps the labeled images.
+    With ``half_seed`` every role is drawn from the task half of ``halves(labels, half_seed)``
+    and the other half gets the role ``base``.
     """
     labels = np.asarray(labels, dtype=np.int64)
+    base = halves(labels, half_seed)["base"] if half_seed is not None else np.zeros(0, np.int64)
+    in_task = np.ones(len(labels), dtype=bool)
+    in_task[base] = False
     if n_per_class < 1:
         raise SplitError(f"n_per_class must be >= 1, got {n_per_class}")
     if val_per_class < 0:
@@ -71,10 +104,10 @@ def make_split(labels: np.ndarray, n_per_class: int, seed: int,
     rng = np.random.default_rng(seed)
     chosen, held = [], []
     for c in range(num_classes):
-        idx = np.flatnonzero(labels == c)
+        idx = np.flatnonzero((labels == c) & in_task)
         if len(idx) < n_per_class + val_per_class:
             raise SplitError(
-                f"class {c} has only {len(idx)} training images but n_per_class={n_per_class} "
+                f"class {c} has only {len(idx)} task images but n_per_class={n_per_class} "
                 f"and val_per_class={val_per_class}; lower them so their sum is at most "
                 f"{len(idx)}"
             )
@@ -83,20 +116,33 @@ def make_split(labels: np.ndarray, n_per_class: int, seed: int,
         held.append(order[n_per_class:n_per_class + val_per_class])
     labeled = np.concatenate(chosen)
     val = np.sort(np.concatenate(held)).astype(np.int64)
-    mask = np.ones(len(labels), dtype=bool)
+    mask = in_task.copy()
     mask[labeled] = False
     mask[val] = False
     return LabeledSplit(labeled, np.flatnonzero(mask), labels, n_per_class, seed, val,
-                        val_per_class)
+                        val_per_class, base)
+
+
+def capped_pool(split: LabeledSplit, cap: int | None) -> np.ndarray:
+    """The unlabeled images a classifier trains on: ``cap`` of the split's unlabeled pool,
+    drawn class-blind (no label is read) with the split's seed on a stream of its own, so
+    every arm and seed of a run shares one pool and the labeled draw is untouched; the whole
+    pool when ``cap`` is None. A smaller cap keeps a subset of a larger one's pool."""
+    pool = split.unlabeled_idx
+    if cap is None or cap >= len(pool):
+        return pool
+    keep = np.random.default_rng([split.seed, 1]).permutation(len(pool))[:cap]
+    return np.sort(pool[keep])
 
 
 def save_split(split: LabeledSplit, path: str | Path) -> Path:
     """Write the split as Parquet (index, label, role), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    index = np.concatenate([split.labeled_idx, split.unlabeled_idx, split.val_idx])
-    role = (["labeled"] * len(split.labeled_idx) + ["unlabeled"] * len(split.unlabeled_idx)
-            + ["validation"] * len(split.val_idx))
+    parts = {"labeled": split.labeled_idx, "unlabeled": split.unlabeled_idx,
+             "validation": split.val_idx, "base": split.base_idx}
+    index = np.concatenate(list(parts.values()))
+    role = [name for name, idx in parts.items() for _ in range(len(idx))]
     table = pa.table({
         "index": pa.array(index, pa.int64()),
         "label": pa.array(split.labels[index], pa.int64()),
@@ -128,4 +174,5 @@ def load_split(path: str | Path) -> LabeledSplit:
     return LabeledSplit(index[role == "labeled"], np.sort(index[role == "unlabeled"]), labels,
                         int(meta.get(b"n_per_class", b"0")), int(meta.get(b"seed", b"0")),
                         np.sort(index[role == "validation"]).astype(np.int64),
-                        int(meta.get(b"val_per_class", b"0")))
+                        int(meta.get(b"val_per_class", b"0")),
+                        np.sort(index[role == "base"]).astype(np.int64))

@@ -30,11 +30,12 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
 
     def body(unit_dir: Path, device: str) -> dict:
         from pipeline.ssl import run_arm
-        from pipeline.ssl.arms import base_arm
+        from pipeline.ssl.arm_names import base_arm
 
         run = Path(run_dir)
         scfg = config.ssl.trainer_config(seed, device)
         shard_dir = {"augmented": run / "shards", "control": run / "shards",
+                     "supervised+synthetic": run / "shards",
                      "augmented-r2": round_root(run, 2) / "shards"}.get(base_arm(arm))
         if shard_dir is not None and not (shard_dir / "manifest.json").exists():
             raise StageError(f"{shard_dir} has no manifest; run the shards stage first")
@@ -68,12 +69,15 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
     """
     from anl_core.encoders import load_encoder
     from pipeline.data.shards import read_shards
+    from pipeline.data.splits import capped_pool
     from pipeline.evaluate.control import control_rows, judge_pool
 
     keys = stage_keys(config)
     key = digest({"shards": keys["shards"], "encode": keys["encode"],
                    "margin": config.filter.margin, "seed": config.sampling.seed,
-                   "pool": config.ssl.control_pool})[:16]
+                   "pool": config.ssl.control_pool,
+                   **({"cap": config.ssl.unlabeled_pool}
+                      if config.ssl.unlabeled_pool is not None else {})})[:16]
     cached = Path(run_dir) / "ssl" / "control" / f"judged-{key}.npz"
     if cached.exists():  # every seed of the control arm reads the same rows: judge once
         with np.load(cached) as z:
@@ -90,7 +94,8 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
     def judge(images):
         return judge_pool(encoder, tok["tokens"], split.labeled_labels, images, device)
 
-    rows = control_rows(ds.train_images, ds.train_labels, split.unlabeled_idx, counts, judge,
+    pool = capped_pool(split, config.ssl.unlabeled_pool)  # the pool the arm trains on
+    rows = control_rows(ds.train_images, ds.train_labels, pool, counts, judge,
                         config.ssl.control_pool, config.sampling.seed, config.filter.margin)
     if not len(rows.labels):
         raise StageError(f"the judge kept none of the {config.ssl.control_pool} unlabeled images "

@@ -153,10 +153,12 @@ def measure_samples(samples: np.ndarray, dataset, features, reference,
 
 
 def training_pool(training: dict) -> dict:
-    """Where the model's training images came from (dataset, root, labels_per_class,
-    split_seed), as ``augment pretrain`` records it in training.json."""
+    """Where the model's training images came from (dataset, root, and a half and its seed or
+    the labeled split's labels_per_class and split_seed), as ``augment pretrain`` records it
+    in training.json."""
     pool = training.get("pool")
-    if not isinstance(pool, dict) or not {"dataset", "labels_per_class", "split_seed"} <= set(pool):
+    if not isinstance(pool, dict) or "dataset" not in pool or not (
+            {"half", "half_seed"} <= set(pool) or {"labels_per_class", "split_seed"} <= set(pool)):
         raise ModelCardError("training.json has no `pool` record (dataset and split of the "
                              "training images); retrain with `augment pretrain`, which writes it")
     return pool
@@ -189,11 +191,10 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
         from pipeline.data.datasets import load_dataset
 
         dataset = load_dataset(pool["dataset"], pool.get("root"))
-    from pipeline.data.splits import make_split
+    from pipeline.data.splits import pretraining_indices
 
-    split = make_split(dataset.train_labels, pool["labels_per_class"], pool["split_seed"],
-                       dataset.num_classes)
-    recomputed_hash = data_hash(dataset.train_images[split.unlabeled_idx])
+    seen = pretraining_indices(dataset.train_labels, pool, dataset.num_classes)
+    recomputed_hash = data_hash(dataset.train_images[seen])
     if reference is None:
         from pipeline.config import resolve_path
 
@@ -230,7 +231,7 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
         or git_commit(REPO_ROOT, PRETRAIN_CODE) or "uncommitted",
         "git_commit_source": "training" if training.get("git_commit") else "card",
         "dataset": dataset.name, "class_names": list(dataset.class_names),
-        "labels_per_class": pool["labels_per_class"], "split_seed": pool["split_seed"],
+        "pool": {k: v for k, v in pool.items() if k not in ("dataset", "root")},
         "num_images": training.get("num_images"), "data_sha256": training.get("data_sha256"),
         "data_sha256_verified": recomputed_hash == training.get("data_sha256"),
         "steps": training.get("steps"), "wall_s": training.get("wall_s"),
@@ -241,6 +242,19 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
         "training_weights_sha256": training.get("weights_sha256"),
         "quality": quality,
     }
+
+
+def _pool_sentence(card: dict) -> str:
+    """Which training images the model saw, from the card's pool record (cards written
+    before halves existed carry labels_per_class and split_seed at the top)."""
+    pool = card.get("pool") or {k: card[k] for k in ("labels_per_class", "split_seed")}
+    if pool.get("half"):
+        return (f"the {pool['half']} half of {card['dataset']}'s training images (class-"
+                f"stratified, half_seed {pool['half_seed']}); presets with `task_images: "
+                f"task-half` and that half_seed draw labels, pool and validation from the "
+                "other half only")
+    return (f"{card['dataset']} training images minus the {pool['labels_per_class']}-per-class "
+            f"labeled split (seed {pool['split_seed']})")
 
 
 def _repo_relative(path: Path) -> str:
@@ -314,9 +328,8 @@ def render_readme(card: dict) -> str:
     made = _table(("", ""), [
         ("command", f"`{card['command']}`"),
         ("code", f"git commit `{card['git_commit']}` ({commit_when})"),
-        ("data", (f"{card['dataset']} training images minus the {card['labels_per_class']}"
-                  f"-per-class labeled split (seed {card['split_seed']}): "
-                  f"{card['num_images']:,} images, no labels, no test images")),
+        ("data", (f"{_pool_sentence(card)}: {card['num_images']:,} images, no labels, no "
+                  "test images")),
         ("data sha256", f"`{card['data_sha256']}` ({verified})"),
         ("training", (f"{card['steps']:,} steps, batch {pc['batch_size']}, AdamW lr {pc['lr']}, "
                       f"{pc['beta_schedule']} betas, {pc['num_train_timesteps']} timesteps, "
@@ -343,6 +356,8 @@ def render_readme(card: dict) -> str:
     return render("model_card.md.j2", card=card, q=q, cfg=cfg, ucfg=ucfg, made=made,
                   retrain=retrain, figures=figures, per_class=per_class, unet_json=unet_json,
                   budget=budget, used_by=_used_by(card["location"]),
+                  trained_on=("on the base half of " if (card.get("pool") or {}).get("half")
+                              else "on the unlabeled pool of ") + card["dataset"],
                   reference_accuracy=_pct(q["reference_test_accuracy"])) + "\n"
 
 

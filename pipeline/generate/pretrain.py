@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from anl_core.precision import autocast_for
+from anl_core.precision import autocast_for, uses_bf16
 from pipeline.atomic import atomic_torch_save as _atomic_torch_save
 from pipeline.atomic import atomic_write_bytes as _atomic_bytes
 from pipeline.atomic import atomic_write_json as _write_json
@@ -148,7 +148,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
         t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=gen)
         t = t.to(device)
         xt = scheduler.add_noise(x0, noise, t)
-        with autocast_for(device):
+        with autocast_for(device, cpu=True):  # bf16 on CUDA and on CPUs with native bf16
             pred = unet(xt, t).sample
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
@@ -191,6 +191,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
         "config": config.to_dict(), "steps": step, "wall_s": round(wall, 1),
         "stopped_by_time_limit": stopped_early,
         "steps_per_s": round(step / max(wall, 1e-9), 3), "device": device_label(device),
+        "precision": "bf16" if uses_bf16(device, True, cpu=True) else "fp32",
         "num_images": len(images), "data_sha256": data_hash(images),
         "params": sum(p.numel() for p in unet.parameters()),
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
@@ -202,18 +203,19 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
     return out_dir
 
 
-def pretrain_on_unlabeled_pool(dataset_name: str, out_dir: str | Path, labels_per_class: int,
-                               split_seed: int, config: PretrainConfig, root: str | None = None,
-                               progress: bool = True, command: str | None = None) -> Path:
-    """Pretrain on the unlabeled pool of the standard split: never test images, never labels."""
+def pretrain_on_dataset(dataset_name: str, out_dir: str | Path, pool: dict,
+                        config: PretrainConfig, root: str | None = None, progress: bool = True,
+                        command: str | None = None) -> Path:
+    """Pretrain on the training images ``pool`` names (never test images, never labels): the
+    base half of a disjoint halving (``{"half": "base", "half_seed": s}``), or the unlabeled
+    pool of a labeled split (``{"labels_per_class": n, "split_seed": s}``)."""
     from pipeline.data.datasets import load_dataset
-    from pipeline.data.splits import make_split
+    from pipeline.data.splits import pretraining_indices
 
     ds = load_dataset(dataset_name, root)
-    split = make_split(ds.train_labels, labels_per_class, split_seed, ds.num_classes)
-    source = {"dataset": dataset_name, "root": root, "labels_per_class": labels_per_class,
-              "split_seed": split_seed}
-    return pretrain(ds.train_images[split.unlabeled_idx], out_dir, config, progress=progress,
+    idx = pretraining_indices(ds.train_labels, pool, ds.num_classes)
+    source = {"dataset": dataset_name, "root": root, **pool}
+    return pretrain(ds.train_images[idx], out_dir, config, progress=progress,
                     command=command, source=source)
 
 
@@ -226,6 +228,11 @@ def build_arg_parser(parser=None):
     p.add_argument("--labels-per-class", type=int, default=4,
                    help="split whose labeled images are held out of the pool")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--half", choices=["base"], default=None,
+                   help="train on the base half of the training set instead (cut once by "
+                        "--half-seed, class-stratified); presets with `task_images: task-half` "
+                        "and the same half_seed then never show it a task image")
+    p.add_argument("--half-seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (diffusers DDPMPipeline layout)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="PretrainConfig field, e.g. --set steps=4000 --set block_out_channels=[32,64,64]")
@@ -266,9 +273,10 @@ def run_from_args(args, command: str | None = None) -> Path:
                                   PretrainConfig.model_fields)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    return pretrain_on_unlabeled_pool(args.dataset, args.out, args.labels_per_class, args.split_seed,
-                                      config, root=args.root, progress=not args.no_progress,
-                                      command=command)
+    pool = ({"half": args.half, "half_seed": args.half_seed} if args.half else
+            {"labels_per_class": args.labels_per_class, "split_seed": args.split_seed})
+    return pretrain_on_dataset(args.dataset, args.out, pool, config, root=args.root,
+                               progress=not args.no_progress, command=command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,8 +32,10 @@ NOT_RUN = "not run"
 # encoder/prototype judge and added as labeled rows the way synthetic rows are.
 # Round 2 (loop.rounds=2): augmented-r2 trains on the round-2 shards; selftrain, its control,
 # on the pseudo-labeled real images the round-2 adapters were tuned on.
-ARM_ORDER = ("supervised", "baseline", "augmented", "replay", "control", "augmented-r2",
-             "selftrain", "baseline-2x", "augmented-2x")
+# pool-oracle is an evaluation arm (the base's pretraining images as extra unlabeled data).
+ARM_ORDER = ("supervised", "supervised+synthetic", "baseline", "augmented", "replay", "control",
+             "pool-oracle", "augmented-r2", "selftrain", "baseline-2x", "augmented-2x",
+             "supervised-2x", "supervised+synthetic-2x")
 # (arm, against): the differences a reader asks about, most important first.
 # augmented - control: do generated images add anything beyond the encoder's pseudo-labels?
 # Round 2: augmented-r2 - selftrain says whether generation adds to self-training.
@@ -41,6 +43,8 @@ COMPARISONS = (("augmented", "baseline"), ("augmented", "replay"), ("augmented",
                ("replay", "baseline"), ("baseline", "supervised"),
                ("augmented-2x", "baseline-2x"), ("baseline-2x", "baseline"),
                ("control", "baseline"), ("augmented", "supervised"),
+               ("supervised+synthetic", "supervised"), ("pool-oracle", "baseline"),
+               ("augmented", "pool-oracle"),
                ("augmented-r2", "baseline"), ("augmented-r2", "selftrain"),
                ("augmented-r2", "augmented"), ("selftrain", "baseline"))
 

@@ -17,7 +17,8 @@ from pipeline.report.data import ArmResult
 
 ARM_COLORS = {"supervised": "#7f7f7f", "baseline": "#1f77b4", "augmented": "#d62728",
               "replay": "#2ca02c", "control": "#9467bd", "baseline-2x": "#aec7e8",
-              "augmented-2x": "#ff9896"}
+              "augmented-2x": "#ff9896", "supervised+synthetic": "#8c564b",
+              "pool-oracle": "#17becf"}
 
 
 def data_uri(png: bytes) -> str:

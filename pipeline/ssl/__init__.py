@@ -12,7 +12,8 @@ import importlib
 
 _HOMES = {
     "algorithms": ("ALGORITHMS", "Batch", "FixMatch", "SSLAlgorithm", "StepOutput", "Supervised"),
-    "arms": ("ARMS", "ArmError", "build_train_data", "load_synthetic", "run_arm"),
+    "arm_names": ("ARMS",),
+    "arms": ("ArmError", "build_train_data", "load_synthetic", "run_arm"),
     "config": ("BUDGETS", "SSLConfig", "SSLConfigError"),
     "evaluate": ("EvalResult",),  # evaluate() itself: pipeline.ssl.evaluate.evaluate
     "nets": ("NETS", "build_net"),

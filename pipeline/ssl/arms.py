@@ -1,6 +1,8 @@
 """The arms of the comparison, from one config and seed, written to one directory.
 
 ``supervised``  labeled images only (cross-entropy), same net, schedule and seed;
+``supervised+synthetic``  the labeled images plus the synthetic rows (as augmented adds
+                them), no unlabeled pool: the few-shot augmentation setting (DA-Fusion);
 ``baseline``    the SSL algorithm (FixMatch) on the real labeled + unlabeled images;
 ``augmented``   the same plus synthetic images read from Parquet shards, either as extra
                 labeled rows (loss weight ``synthetic_weight``) or as extra unlabeled rows;
@@ -13,7 +15,11 @@
 ``augmented-r2`` the augmented arm on the second round's shards (``pipeline.generate.loop``);
 ``selftrain``   its control: the round's pseudo-labeled real images as the extra rows (taken
                 out of the unlabeled pool, as control's).
-``baseline-2x``, ``augmented-2x``  the baseline and augmented arms at twice the steps (and
+``pool-oracle`` an evaluation arm: the baseline given the base model's pretraining images
+                (``split.base_idx``) as extra unlabeled images, what the generator's knowledge
+                would be worth as real data. It reads images the task does not have.
+``baseline-2x``, ``augmented-2x`` (and ``supervised-2x``, ``supervised+synthetic-2x``)
+                the baseline and augmented (supervised) arms at twice the steps (and
                 twice the evaluation and checkpoint spacing): the doubling rule's other half
                 (``pipeline.evaluate.paired.doubling_check``).
 
@@ -42,28 +48,15 @@ import torch
 from anl_core.precision import autocast_for, uses_bf16
 from pipeline.atomic import atomic_write as _atomic_write_bytes
 from pipeline.data.datasets import ImageDataset
-from pipeline.data.splits import LabeledSplit
+from pipeline.data.splits import LabeledSplit, capped_pool
 from pipeline.digest import digest
 
 from .algorithms import get_algorithm
+from .arm_names import ARMS, DOUBLED_ARMS, EXTRA_ROW_ARMS, SUPERVISED_ARMS, base_arm
 from .augment import to_unit
 from .config import SSLConfig
 from .nets import build_net, resolve_net_name
 from .trainer import TrainData, Trainer, resolve_device
-
-# Round 2 (pipeline.generate.loop): augmented-r2 reads the round-2 shards; selftrain, its control,
-# the pseudo-labeled real images the round-2 adapters were tuned on.
-# An arm at twice the budget -> the arm it doubles.
-DOUBLED_ARMS = {"baseline-2x": "baseline", "augmented-2x": "augmented"}
-ARMS = ("supervised", "baseline", "augmented", "replay", "control", "augmented-r2", "selftrain",
-        *DOUBLED_ARMS)
-EXTRA_ROW_ARMS = ("augmented", "replay", "control", "augmented-r2", "selftrain",
-                  "augmented-2x")  # read extra rows
-
-
-def base_arm(arm: str) -> str:
-    """The arm whose data and algorithm ``arm`` uses ("augmented-2x" -> "augmented")."""
-    return DOUBLED_ARMS.get(arm, arm)
 
 
 def arm_config(arm: str, config: SSLConfig) -> SSLConfig:
@@ -120,11 +113,14 @@ def load_synthetic(shard_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConfig,
                      device: torch.device,
                      synthetic: tuple[np.ndarray, np.ndarray] | None = None,
-                     pool_exclude: np.ndarray | None = None) -> TrainData:
+                     pool_exclude: np.ndarray | None = None,
+                     pool_extra: np.ndarray | None = None) -> TrainData:
     """Move images to the device once, as uint8, and index the labeled/unlabeled pools.
 
-    ``pool_exclude``: training-set indices taken out of the unlabeled pool (the control
-    arm's judged rows, so that no image is both an extra labeled row and an unlabeled one)."""
+    The unlabeled pool is the split's, capped to ``config.unlabeled_pool``. ``pool_exclude``:
+    training-set indices taken out of it (the control arm's judged rows, so that no image is
+    both an extra labeled row and an unlabeled one); ``pool_extra``: indices added to it (the
+    pool-oracle's base-half images)."""
     n = len(dataset.train_labels)
     images, labels = dataset.train_images, dataset.train_labels
     weights = np.ones(n, dtype=np.float32)
@@ -138,12 +134,16 @@ def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConf
         synth_idx = np.arange(n, n + len(s_labels), dtype=np.int64)
     labeled_synth = synth_idx if config.synthetic_as == "labeled" else synth_idx[:0]
     # Never the validation images: they are held out of training altogether.
-    real_unlabeled = split.train_idx if config.include_labeled_in_unlabeled else split.unlabeled_idx
+    pool = capped_pool(split, config.unlabeled_pool)
+    task_train = np.union1d(split.labeled_idx, pool)  # every task image a classifier may see
+    real_unlabeled = task_train if config.include_labeled_in_unlabeled else pool
     if pool_exclude is not None and len(pool_exclude):
         real_unlabeled = np.setdiff1d(real_unlabeled, pool_exclude)
-    # The same clean images for every arm of a seed (from the split, before any exclusion).
-    calib = np.random.default_rng(config.seed).permutation(
-        np.sort(split.train_idx))[:config.bn_calibration]
+    if pool_extra is not None and len(pool_extra):
+        real_unlabeled = np.union1d(real_unlabeled, pool_extra)
+    # The same clean images for every arm of a seed (the task's, before any exclusion or
+    # addition: the oracle's extra images never set its BN statistics).
+    calib = np.random.default_rng(config.seed).permutation(task_train)[:config.bn_calibration]
     unlabeled = real_unlabeled if config.synthetic_as == "labeled" else \
         np.concatenate([real_unlabeled, synth_idx])
     if config.eval_size is not None and config.eval_size < len(dataset.test_labels):
@@ -176,9 +176,17 @@ def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConf
 
 
 def _check_inputs(arm: str, dataset: ImageDataset, split: LabeledSplit,
-                  synthetic: tuple[np.ndarray, np.ndarray] | None) -> None:
+                  synthetic: tuple[np.ndarray, np.ndarray] | None, config: SSLConfig) -> None:
     if arm not in ARMS:
         raise ArmError(f"unknown arm {arm!r}; choose one of {', '.join(ARMS)}")
+    if arm == "pool-oracle" and not len(split.base_idx):
+        raise ArmError("the pool-oracle arm adds the base model's pretraining half to the "
+                       "pool, but this split has none; use task_images: task-half")
+    if base_arm(arm) not in SUPERVISED_ARMS and arm != "pool-oracle" and \
+            not len(capped_pool(split, config.unlabeled_pool)):
+        raise ArmError(f"the {arm} arm trains on unlabeled images but the pool is empty "
+                       f"(ssl.unlabeled_pool={config.unlabeled_pool}); run the supervised arms "
+                       "only, or allow a pool")
     if len(split.labels) != len(dataset.train_labels) or \
             not np.array_equal(split.labels, dataset.train_labels):
         raise ArmError("the split does not index this dataset's training set (labels differ); "
@@ -202,7 +210,8 @@ def _check_inputs(arm: str, dataset: ImageDataset, split: LabeledSplit,
 
 def run_fingerprint(arm: str, dataset: ImageDataset, split: LabeledSplit, config: SSLConfig,
                     synthetic: tuple[np.ndarray, np.ndarray] | None,
-                    pool_exclude: np.ndarray | None = None) -> str:
+                    pool_exclude: np.ndarray | None = None,
+                    pool_extra: np.ndarray | None = None) -> str:
     """What decides a run's result: config, arm, dataset, labeled split and synthetic data."""
     extra = arm in EXTRA_ROW_ARMS
     parts = {
@@ -217,6 +226,10 @@ def run_fingerprint(arm: str, dataset: ImageDataset, split: LabeledSplit, config
         parts["validation"] = _hash_arrays(split.val_idx)
     if pool_exclude is not None and len(pool_exclude):
         parts["pool_exclude"] = _hash_arrays(np.sort(pool_exclude))
+    if pool_extra is not None and len(pool_extra):
+        parts["pool_extra"] = _hash_arrays(np.sort(pool_extra))
+    if config.unlabeled_pool is not None:  # the capped pool, as drawn
+        parts["pool"] = _hash_arrays(capped_pool(split, config.unlabeled_pool))
     return digest(parts, spaced=True)[:16]
 
 
@@ -241,10 +254,12 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
                      dataset.train_labels[split.labeled_idx].astype(np.int64))
     if arm in EXTRA_ROW_ARMS and synthetic is None and shard_dir is not None:
         synthetic = load_synthetic(shard_dir)
-    _check_inputs(arm, dataset, split, synthetic)
+    _check_inputs(arm, dataset, split, synthetic, config)
     if arm not in EXTRA_ROW_ARMS:
         synthetic = None
-    fingerprint = run_fingerprint(arm, dataset, split, config, synthetic, pool_exclude)
+    pool_extra = split.base_idx if arm == "pool-oracle" else None
+    fingerprint = run_fingerprint(arm, dataset, split, config, synthetic, pool_exclude,
+                                  pool_extra)
     metrics_path = out_dir / METRICS
     if metrics_path.exists():
         done = json.loads(metrics_path.read_text())
@@ -256,10 +271,10 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
     out_dir.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(config.device)
-    data = build_train_data(dataset, split, config, device, synthetic, pool_exclude)
+    data = build_train_data(dataset, split, config, device, synthetic, pool_exclude, pool_extra)
     net_name = resolve_net_name(config.net, dataset.image_shape)
     net = net_for(config, dataset)
-    algorithm_name = "supervised" if base_arm(arm) == "supervised" else config.algorithm
+    algorithm_name = "supervised" if base_arm(arm) in SUPERVISED_ARMS else config.algorithm
     algorithm = get_algorithm(algorithm_name)(config, dataset.num_classes)
     trainer = Trainer(net, algorithm, data, config, device, out_dir / CHECKPOINT, fingerprint,
                       progress=progress)

@@ -57,7 +57,8 @@ def measure_arm_peak_bytes(arm: str, dataset, split, config,
     steps at the config's batch sizes, on the current CUDA device. Nothing is written.
     (Evaluation runs in batches no larger than training's, so training sets the peak.)"""
     from pipeline.ssl.algorithms import get_algorithm
-    from pipeline.ssl.arms import EXTRA_ROW_ARMS, build_train_data, net_for
+    from pipeline.ssl.arm_names import EXTRA_ROW_ARMS
+    from pipeline.ssl.arms import build_train_data, net_for
     from pipeline.ssl.trainer import Trainer
 
     device = torch.device("cuda")

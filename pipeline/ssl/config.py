@@ -91,6 +91,10 @@ class SSLConfig(BaseModel):
     # on it is exactly USB's fixed 0.999.
     ema_warmup: bool = True
     include_labeled_in_unlabeled: bool = True  # USB puts the labeled images in the pool too
+    # Cap on the real unlabeled pool (None: all of it): this many of the split's unlabeled
+    # images, drawn class-blind with the split's seed (pipeline.data.splits.capped_pool);
+    # 0 leaves none, for the supervised arms. BN calibration reads only labeled + this pool.
+    unlabeled_pool: int | None = Field(None, ge=0)
     # "fixmatch-cosine": lr * cos(7 pi k / 16 K), USB's, ending at 0.2 lr; "warmup-cosine":
     # linear warm-up over the first ``warmup`` share of the steps, then cosine to 0.
     schedule: Literal["fixmatch-cosine", "warmup-cosine"] = "fixmatch-cosine"
@@ -150,6 +154,8 @@ class SSLConfig(BaseModel):
         extra labeled rows, which those arms never read, so a change to them reuses the arms.
         """
         d = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        if d["unlabeled_pool"] is None:
+            del d["unlabeled_pool"]  # uncapped: runs from before the cap keep their prints
         if not reads_extra_rows:
             for k in SYNTHETIC_FIELDS:
                 del d[k]

@@ -1,0 +1,55 @@
+"""The ``sweep`` flow: a grid of run configs, each cell over independent repetitions, then
+one report with a heatmap of each pair's gain per cell.
+
+Thin: every repetition is one task (``pipeline.sweep.run.run_cell_repetition``) that skips
+itself when its record exists for the same config; the repetitions fan out on the flow's
+task runner (threads: ``parallel`` at once; Dask via ``--dask``). Failures are collected, the
+report is written from what finished, and the flow fails after it when any repetition did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.sweep.spec import Cell, SweepSpec
+
+_opts = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+@task(name="sweep-repetition", task_run_name="{cell.label} rep {r}", **_opts)
+def repetition(spec: SweepSpec, cell: Cell, r: int, folder: str, extra: dict) -> dict:
+    from pipeline.sweep.run import run_cell_repetition
+
+    return run_cell_repetition(spec, cell, r, Path(folder), extra)
+
+
+@task(name="sweep-report", **_opts)
+def report(spec: SweepSpec, folder: str) -> str:
+    from pipeline.report.sweep import build_sweep_report
+
+    return str(build_sweep_report(spec, Path(folder))["html"])
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(spec: SweepSpec, folder: str, extra: dict | None = None) -> str:
+    """Run (or resume) every repetition of every cell; returns the report's path. Repetition
+    r of every cell comes before repetition r + 1 of any, so the map fills evenly."""
+    extra = extra or {}
+    cells = spec.cells()
+    futures = [repetition.submit(spec, cell, r, folder, extra)
+               for r in spec.repetitions for cell in cells]
+    failed = []
+    for f in futures:
+        try:
+            f.result()
+        except Exception as e:  # noqa: BLE001 - every failure is reported after the report
+            failed.append(str(e).splitlines()[0][:300])
+    html = report(spec, folder)
+    print(f"report: {html}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(futures)} repetitions failed; the report "
+                           f"shows the rest. First: {failed[0]}")
+    return html

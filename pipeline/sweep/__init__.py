@@ -1,0 +1,1 @@
+"""Sweeps: a grid of run configs over independent repetitions (spec, run, stats)."""

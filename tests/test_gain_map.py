@@ -330,3 +330,42 @@ def test_augment_sweep_command_runs_the_prefect_flow(flow_prefect, tmp_path, flo
     path.write_text(yaml.safe_dump(bad))
     assert main(["sweep", str(path), "--runs-dir", str(runs), "--dry-run"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the run report
+
+
+def test_run_without_a_pool_leads_with_supervised_synthetic_and_names_its_map_cell(
+        tmp_path, monkeypatch):
+    """A run with the supervised arms only: the verdict compares supervised+synthetic with
+    supervised, the doubling rule reads supervised-2x, and the shipped gain map places it."""
+    from report_fixtures import fabricated_run
+
+    from pipeline.report import verdict as verdict_mod
+    from pipeline.report.build import build_run_report
+
+    errors = {"supervised": [0.40, 0.41, 0.42], "supervised+synthetic": [0.35, 0.355, 0.37],
+              "supervised-2x": [0.401, 0.409, 0.421],
+              "supervised+synthetic-2x": [0.352, 0.356, 0.368]}
+    run = fabricated_run(tmp_path, errors, config_extra={
+        "task_images": "task-half", "ssl": {"arms": list(errors), "seeds": [0, 1, 2],
+                                            "unlabeled_pool": 0, "steps": 100}})
+    cell = {"point": {"labels_per_class": 4, "ssl.unlabeled_pool": 0},
+            "label": "labels_per_class=4, ssl.unlabeled_pool=0",
+            "pairs": {"supervised+synthetic - supervised": {"test": {
+                "diff": {"mean": 5.1, "ci_low": 3.0, "ci_high": 7.2, "n": 5},
+                "doubling": {"converged": True}}}}}
+    other = {**cell, "point": {"labels_per_class": 1, "ssl.unlabeled_pool": 0},
+             "label": "labels_per_class=1, ssl.unlabeled_pool=0"}
+    gain_map = tmp_path / "map.json"
+    gain_map.write_text(json.dumps({"spec": {"set": {"task_images": "task-half"}},
+                                    "cells": {"a": cell, "b": other}}))
+    monkeypatch.setattr(verdict_mod, "GAIN_MAP", gain_map)
+    md = build_run_report(run)[1].read_text()
+    assert "Supervised+synthetic vs supervised" in md
+    assert "moved the supervised's test error" in md
+    assert "sits in the gain map's cell labels_per_class=4, ssl.unlabeled_pool=0" in md
+    assert "labels_per_class=1, ssl.unlabeled_pool=0: supervised+synthetic - supervised " \
+           "+5.10 points (95% CI +3.00 to +7.20) over 5 repetitions, converged" in md
+    gain_map.unlink()
+    assert "gain map" not in build_run_report(run)[1].read_text()

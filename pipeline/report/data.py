@@ -198,15 +198,24 @@ class RunData:
         return next((c for c in self.comparisons() if (c.arm, c.against) == (arm, against)),
                     None)
 
-    def doubling(self) -> DoublingCheck | None:
-        """The doubling rule over this run's seeds: the baseline at K and 2K steps (the
-        ``baseline-2x`` arm) and, when ``augmented`` and ``augmented-2x`` ran, the gain at
-        both, all on the seeds every one of those arms finished (so the figures pair up);
-        None without ``baseline`` and ``baseline-2x`` on a common seed. Errors and
-        differences of error in % (arm minus baseline, as every comparison in the report)."""
-        names = ["baseline", "baseline-2x"]
-        if "augmented" in self.arms and "augmented-2x" in self.arms:
-            names += ["augmented", "augmented-2x"]
+    def headline_pair(self) -> tuple[str, str]:
+        """The comparison the verdict leads with: augmented vs baseline where the SSL arms
+        ran, else supervised+synthetic vs supervised (a run without an unlabeled pool)."""
+        if "baseline" not in self.arms and \
+                {"supervised", "supervised+synthetic"} <= set(self.arms):
+            return "supervised+synthetic", "supervised"
+        return "augmented", "baseline"
+
+    def doubling(self, arm: str = "augmented", against: str = "baseline"
+                 ) -> DoublingCheck | None:
+        """The doubling rule over this run's seeds: ``against`` at K and 2K steps (its
+        ``-2x`` arm) and, when ``arm`` and its ``-2x`` arm ran, the gain at both, all on the
+        seeds every one of those arms finished (so the figures pair up); None without
+        ``against`` and its ``-2x`` arm on a common seed. Errors and differences of error in
+        % (arm minus against, as every comparison in the report)."""
+        names = [against, f"{against}-2x"]
+        if arm in self.arms and f"{arm}-2x" in self.arms:
+            names += [arm, f"{arm}-2x"]
         if not all(n in self.arms for n in names[:2]):
             return None
         err = {n: {s.seed: 100 * s.top1_error for s in self.arms[n].seeds} for n in names}
@@ -218,8 +227,8 @@ class RunData:
             return [err[name][s] for s in seeds]
 
         gains = [paired_difference(col(a), col(b)) if a in err else None
-                 for a, b in (("augmented", "baseline"), ("augmented-2x", "baseline-2x"))]
-        return doubling_check(col("baseline"), col("baseline-2x"), *gains)
+                 for a, b in ((arm, against), (f"{arm}-2x", f"{against}-2x"))]
+        return doubling_check(col(against), col(f"{against}-2x"), *gains)
 
     def sampling_images_per_s(self) -> float | None:
         return ((self.stages.get("sample") or {}).get("metrics") or {}).get("images_per_s")

@@ -113,7 +113,10 @@ def build_sweep_report(spec: SweepSpec, folder: Path) -> dict[str, Path]:
     folder = Path(folder)
     records = load_records(folder, spec)
     pairs = [tuple(p) for p in spec.pairs]
-    by_cell = {slug: cell_summary(recs, pairs) for slug, recs in records.items() if recs}
+    points = {c.slug: c for c in spec.cells()}
+    by_cell = {slug: {"point": points[slug].point, "label": points[slug].label,
+                      **cell_summary(recs, pairs)}
+               for slug, recs in records.items() if recs}
     pair_names = [f"{a} - {b}" for a, b in pairs
                   if any(f"{a} - {b}" in s["pairs"] for s in by_cell.values())]
     maps = []

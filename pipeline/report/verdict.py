@@ -11,6 +11,9 @@ is.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from pipeline.evaluate.paired import MIN_REPETITIONS, POWER
 from pipeline.report.data import NOT_RUN, RunData, budget_short
 from pipeline.report.render import ci_pp, pct, pp, pval
@@ -28,6 +31,10 @@ QUESTIONS = {
         "encoder's pseudo-labels give"),
         ("the generated images raised the error compared with as many real images with the "
         "encoder's pseudo-labels")),
+    ("supervised+synthetic", "supervised"): (
+        "the synthetic rows helped the labeled images alone",
+        "the synthetic rows lowered the test error of training on the labeled images alone",
+        "the synthetic rows raised the test error of training on the labeled images alone"),
     ("augmented", "replay"): (
         "the generated images add anything beyond as many extra rows of the labeled images",
         ("the generated images lowered the error beyond what the same extra rows drawn again "
@@ -108,29 +115,31 @@ def paired_sentence(comp, short_budget: bool = False) -> tuple[str, str]:
 
 
 def convergence_sentence(run: RunData) -> str | None:
-    """Did doubling the budget change the answer? None when no SSL baseline ran."""
-    if "baseline" not in run.arms:
+    """Did doubling the budget change the headline answer? None when its reference arm (the
+    baseline, or supervised in a run without a pool) did not run."""
+    arm, against = run.headline_pair()
+    if against not in run.arms:
         return None
-    d = run.doubling()
+    d = run.doubling(arm, against)
     if d is None:
-        return ("Convergence was not checked: add baseline-2x (and augmented-2x) to ssl.arms "
+        return (f"Convergence was not checked: add {against}-2x (and {arm}-2x) to ssl.arms "
                 "to train the same arms at twice the steps. Gains before convergence are not "
                 "gains at convergence.")
-    moved = (f"Doubling the budget moved the baseline's test error from {d.baseline_k:.2f}% "
+    moved = (f"Doubling the budget moved the {against}'s test error from {d.baseline_k:.2f}% "
              f"to {d.baseline_2k:.2f}% ({d.baseline_moved:+.2f} points, "
              f"{'under' if d.baseline_converged else 'not under'} {d.tolerance})")
     if d.gain_2k is None:
-        gain = "; the gain at twice the steps was not measured (add augmented-2x to ssl.arms)"
+        gain = f"; the gain at twice the steps was not measured (add {arm}-2x to ssl.arms)"
     elif d.gain_stable is None:
-        gain = (f"; augmented minus baseline at twice the steps was {d.gain_2k.mean:+.2f} "
+        gain = (f"; {arm} minus {against} at twice the steps was {d.gain_2k.mean:+.2f} "
                 f"points, but with {_runs(d.gain_k.n)} the gain has no 95% interval to hold it "
                 "against")
     else:
-        gain = (f"; augmented minus baseline at twice the steps, {d.gain_2k.mean:+.2f} points, "
+        gain = (f"; {arm} minus {against} at twice the steps, {d.gain_2k.mean:+.2f} points, "
                 f"is {'inside' if d.gain_stable else 'outside'} the 95% interval of the "
                 f"difference ({d.gain_k.ci_low:+.2f} to {d.gain_k.ci_high:+.2f})")
     tail = ("The comparison is converged." if d.converged else
-            "The baseline is converged; the gain's convergence is unchecked."
+            f"The {against} is converged; the gain's convergence is unchecked."
             if d.converged is None else
             "The comparison is not converged: gains before convergence are not gains at "
             "convergence.")
@@ -159,11 +168,12 @@ def verdict(run: RunData) -> dict:
     notes: list[dict] = []
     if budget and short:
         notes.append({"id": "budget-note", "text": budget["text"]})
-    comp = run.comparison("augmented", "baseline")
+    arm, against = run.headline_pair()
+    comp = run.comparison(arm, against)
     if comp is None:
         have = ", ".join(run.arms) or "no arm"
-        text, cls = (f"Augmented vs baseline: {NOT_RUN} (finished SSL arms: {have}).",
-                     "missing")
+        text = f"{arm.capitalize()} vs {against}: {NOT_RUN} (finished SSL arms: {have})."
+        cls = "missing"
     else:
         text, cls = paired_sentence(comp, short)
     replay = run.comparison("augmented", "replay")
@@ -182,4 +192,56 @@ def verdict(run: RunData) -> dict:
     converged = convergence_sentence(run)
     if converged:
         notes.append({"id": "curve-note", "text": converged})
+    regime = map_note(run)
+    if regime:
+        notes.append({"id": "map-note", "text": regime})
     return {"cls": cls, "text": text, "notes": notes, "budget": budget}
+
+
+# The gain map shipped with the repository (`augment sweep data/sweeps/gain-map.yaml`, its
+# summary.json copied here): where a run sits on it, and what it says about the other cells.
+GAIN_MAP = Path(__file__).resolve().parents[2] / "data" / "sweeps" / "gain-map.summary.json"
+MAP_PAIRS = ("augmented - baseline", "supervised+synthetic - supervised")
+
+
+def _cell_sentence(cell: dict) -> str | None:
+    parts = []
+    for name in MAP_PAIRS:
+        e = (cell.get("pairs", {}).get(name) or {}).get("test")
+        if not e:
+            continue
+        d = e["diff"]
+        ci = (f" (95% CI {d['ci_low']:+.2f} to {d['ci_high']:+.2f})"
+              if d.get("ci_low") is not None else "")
+        conv = (e.get("doubling") or {}).get("converged")
+        conv = {True: "converged", False: "not converged"}.get(conv, "convergence unchecked")
+        parts.append(f"{name} {d['mean']:+.2f} points{ci} over {d['n']} repetitions, {conv}")
+    return f"{cell['label']}: " + "; ".join(parts) if parts else None
+
+
+def map_note(run: RunData, path: Path = GAIN_MAP) -> str | None:
+    """Which regime the run is in and what the shipped gain map says there and elsewhere;
+    None when no map ships."""
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    cells = list(summary.get("cells", {}).values())
+    config = run.config or {}
+    mine = {"labels_per_class": config.get("labels_per_class"),
+            "ssl.unlabeled_pool": (config.get("ssl") or {}).get("unlabeled_pool")}
+    spec_set = (summary.get("spec") or {}).get("set") or {}
+    same_regime = config.get("task_images") == spec_set.get("task_images") and \
+        config.get("dataset") == "fashion-mnist"
+    here = next((c for c in cells if same_regime and all(
+        c["point"].get(k, mine[k]) == mine[k] for k in mine)), None)
+    lines = [s for c in cells if (s := _cell_sentence(c))]
+    if not lines:
+        return None
+    where = (f"This run sits in the gain map's cell {here['label']} (data/sweeps/gain-map.yaml: "
+             "a base pretrained on the other half of the training set)." if here else
+             "This run is in none of the gain map's cells (data/sweeps/gain-map.yaml: "
+             "task images drawn from one half of Fashion-MNIST's training set, the base "
+             "pretrained on the other" + ("" if same_regime else
+                                          "; this run's base saw its own task images") + ").")
+    return (f"{where} Test error differences in accuracy points, positive where the "
+            "synthetic rows helped: " + " | ".join(lines) + ".")

@@ -63,8 +63,10 @@ def run_pseudo(run_dir: Path, config: AugmentConfig) -> dict:
         if not marker or marker.get("key") != ssl_unit_key(config, keys, "baseline", seed):
             raise StageError(f"the baseline arm {arm_dir} is not finished for this config; "
                              "run the ssl stage first")
+        from pipeline.data.splits import capped_pool
+
         ds, split = dataset_for(config), split_for(run)
-        pool = split.unlabeled_idx
+        pool = capped_pool(split, config.ssl.unlabeled_pool)  # the pool the baseline saw
         t0 = time.perf_counter()
         probs = predict_probs(arm_dir, ds, ds.train_images[pool], device)
         seconds = time.perf_counter() - t0

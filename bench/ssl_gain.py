@@ -10,7 +10,8 @@ It prints every arm's validation and test error per repetition, and for each pai
 per-repetition differences in accuracy points (positive: the first arm is better), their
 mean, 95% CI, paired t-test, SD and the smallest gain detectable at 80% power, the doubling
 check, and each arm's validation learning curve with its largest rise. Settings are to be
-chosen on the validation figures; the test figures are for frozen settings.
+chosen on the validation figures; the test figures are for frozen settings. (Runs live in
+``<runs-dir>/runs``; runs of the earlier bench, directly in ``<runs-dir>``, are not reused.)
 
     # the issue-28 protocol (five repetitions, K = 4096 and 2K)
     .venv/bin/python -m bench.ssl_gain --preset demo --steps 4096 --recipe cpu-short \\
@@ -121,13 +122,11 @@ def main() -> None:
                    help="learning-curve points per run (validation split)")
     p.add_argument("--recipe", default=None,
                    help="SSL recipe (pipeline.ssl.config.RECIPES, e.g. cpu-short)")
-    p.add_argument("--parallel", type=int, default=1, help="repetitions at once (threads)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="repetitions at once (worker processes)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/_bench/ssl_gain"))
     p.add_argument("--json", type=Path, default=None, help="write the summary here")
     args = p.parse_args()
-
-    import torch
-    from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.sweep import sweep
     from pipeline.sweep.run import load_records
@@ -140,9 +139,8 @@ def main() -> None:
         print(f"WARNING: {config.validation_per_class} validation images per class: a "
               f"0.5-point move (the doubling rule) is below the evaluation's own noise; pass "
               f"--set validation_per_class={MIN_VALIDATION_PER_CLASS} or more")
-    torch.set_num_threads(args.threads)
     folder = Path(spec.runs_dir)
-    sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=spec.parallel))(
+    sweep.with_options(task_runner=spec.task_runner())(
         spec, str(folder), {"runs_dir": str(folder / "runs"), "progress": not args.quiet})
     (records,) = load_records(folder, spec).values()
     summary = cell_summary(records, [tuple(p) for p in spec.pairs])

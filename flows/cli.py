@@ -154,10 +154,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     runs_root = resolve_path(args.runs_dir or "runs")
     folder = sweep_dir(spec, runs_root)
     extra = {"runs_dir": str(folder / "runs"), "progress": False}
+    if args.report_only:  # from the records alone: no pre-flight, no Prefect
+        from pipeline.report.sweep import build_sweep_report
+
+        print(f"report: {build_sweep_report(spec, folder)['html']}")
+        return 0
     configs = check_spec(spec)  # every cell's config valid, before any work
     seen = set()
     for cell, config in zip(spec.cells(), configs, strict=True):
-        key = (config.dataset, config.base_model, config.encoder, config.task_images)
+        key = (config.dataset, config.dataset_root, config.base_model, config.encoder,
+               config.task_images, config.half_seed)
         if key not in seen:  # inputs, not sizes: once per distinct set of them
             seen.add(key)
             preflight(config)
@@ -167,19 +173,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
           f"{n} runs in {folder}", flush=True)
     if args.dry_run:
         return 0
-    import torch
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows.sweep import sweep
 
-    torch.set_num_threads(spec.threads)
-    runner = ThreadPoolTaskRunner(max_workers=spec.parallel)
-    if args.report_only:
-        from pipeline.report.sweep import build_sweep_report
-
-        print(f"report: {build_sweep_report(spec, folder)['html']}")
-        return 0
-    sweep.with_options(task_runner=runner)(spec, str(folder), extra)
+    sweep.with_options(task_runner=spec.task_runner())(spec, str(folder), extra)
     return 0
 
 
@@ -276,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipeline.generate.pretrain import build_arg_parser
 
-    pre = sub.add_parser("pretrain", help="pretrain a base U-Net on the unlabeled pool")
+    pre = sub.add_parser("pretrain", help="pretrain a base U-Net on the unlabeled pool (or on "
+                         "the base half of the training set: --half base)")
     build_arg_parser(pre)
     pre.set_defaults(fn=_cmd_pretrain)
 

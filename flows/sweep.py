@@ -2,9 +2,10 @@
 one report with a heatmap of each pair's gain per cell.
 
 Thin: every repetition is one task (``pipeline.sweep.run.run_cell_repetition``) that skips
-itself when its record exists for the same config; the repetitions fan out on the flow's
-task runner (threads: ``parallel`` at once; Dask via ``--dask``). Failures are collected, the
-report is written from what finished, and the flow fails after it when any repetition did.
+itself when its record exists for the same inputs; the repetitions fan out on the flow's task
+runner (``SweepSpec.task_runner``: one at a time on a thread, or ``parallel`` worker processes
+of a local Dask cluster). Failures are collected, the report is written from what finished,
+and the flow fails after it when any repetition did.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 
 @task(name="sweep-repetition", task_run_name="{cell.label} rep {r}", **_opts)
 def repetition(spec: SweepSpec, cell: Cell, r: int, folder: str, extra: dict) -> dict:
+    import torch
+
     from pipeline.sweep.run import run_cell_repetition
+
+    torch.set_num_threads(spec.threads)  # in this worker
 
     return run_cell_repetition(spec, cell, r, Path(folder), extra)
 

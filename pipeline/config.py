@@ -190,6 +190,11 @@ class SSLSection(SSLConfig):
             raise ValueError(f"ssl.unlabeled_pool=0 leaves no unlabeled images for "
                              f"{', '.join(needs_pool)}; keep supervised and "
                              "supervised+synthetic only, or allow a pool")
+        if self.synthetic_as == "unlabeled" and any(
+                base_arm(a) == "supervised+synthetic" for a in self.arms):
+            raise ValueError("supervised+synthetic reads the synthetic rows as labeled rows, "
+                             "but ssl.synthetic_as=unlabeled puts them in the unlabeled pool, "
+                             "which a supervised arm never reads; set synthetic_as=labeled")
         return self
 
     def trainer_config(self, seed: int, device: str = "auto") -> SSLConfig:
@@ -280,6 +285,10 @@ class AugmentConfig(_Section):
             raise ValueError("dataset_root is required when dataset='image-folder'")
         if self.image_size & (self.image_size - 1):
             raise ValueError(f"image_size={self.image_size} must be a power of two (U-Net strides)")
+        if "pool-oracle" in self.ssl.arms and self.task_images != "task-half":
+            raise ValueError("the pool-oracle arm adds the base model's pretraining half to "
+                             "the pool; it needs task_images=task-half (and a base pretrained "
+                             "on the base half)")
         if self.loop.rounds == 2 and "baseline" not in self.ssl.arms:
             raise ValueError("loop.rounds=2 pseudo-labels with the baseline arm's classifier: "
                              "add 'baseline' to ssl.arms or set loop.rounds=1")

@@ -21,6 +21,9 @@ def stage_keys(config: AugmentConfig, run_dir: Path | None = None) -> dict[str, 
         "tune": {"base": base},
         # Several mask ratios: each draws its own noise (ratio_seed); one keeps its old key.
         "sample": {"ratio_seeds": True} if len(config.sampling.mask_ratios) > 1 else None,
+        # bf16 pretraining (CUDA, CPUs with native bf16) computes another model than fp32.
+        "pretrain": {"precision": "bf16"} if config.pretrains_base and _pretrains_bf16(config)
+        else None,
     }
     # pipeline.stage_graph is the graph; pretrain has a key only when the config pretrains.
     k: dict[str, str | None] = {}
@@ -33,6 +36,12 @@ def stage_keys(config: AugmentConfig, run_dir: Path | None = None) -> dict[str, 
     k["loop"] = _round_two_keys(config, k, base) if config.loop.rounds == 2 else None
     k["report"] = stage_key(config, "report", {u: k[u] for u in STAGE_UPSTREAM["report"]})
     return k
+
+
+def _pretrains_bf16(config: AugmentConfig) -> bool:
+    from anl_core.precision import uses_bf16
+
+    return uses_bf16(config.resolved_device(), True, cpu=True)
 
 
 def _round_two_keys(config: AugmentConfig, k: dict, base: str | None) -> str:

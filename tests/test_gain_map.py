@@ -309,10 +309,11 @@ def test_sweep_runs_reuses_and_reports(tmp_path, flow_tiny_base, flow_image_fold
 def test_augment_sweep_command_runs_the_prefect_flow(flow_prefect, tmp_path, flow_tiny_base,
                                                      flow_image_folder, capsys):
     """`augment sweep SPEC.yaml`: the dry run validates every cell, the flow runs every
-    repetition as a Prefect task and writes the report; a rerun runs nothing again."""
+    repetition as a Prefect task (two worker processes) and writes the report; a rerun runs
+    nothing again."""
     from flows.cli import main
 
-    spec = _tiny_sweep(tmp_path, flow_tiny_base, flow_image_folder)
+    spec = {**_tiny_sweep(tmp_path, flow_tiny_base, flow_image_folder), "parallel": 2}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     runs = tmp_path / "runs"
@@ -362,7 +363,7 @@ def test_run_without_a_pool_leads_with_supervised_synthetic_and_names_its_map_ce
                                     "cells": {"a": cell, "b": other}}))
     monkeypatch.setattr(verdict_mod, "GAIN_MAP", gain_map)
     md = build_run_report(run)[1].read_text()
-    assert "Supervised+synthetic vs supervised" in md
+    assert "Supervised+synthetic minus supervised error over 3 paired runs" in md
     assert "moved the supervised's test error" in md
     assert "sits in the gain map's cell labels_per_class=4, ssl.unlabeled_pool=0" in md
     assert "labels_per_class=1, ssl.unlabeled_pool=0: supervised+synthetic - supervised " \

@@ -54,13 +54,14 @@ def heatmap(spec: SweepSpec, by_cell: dict[str, dict], pair: str, split: str) ->
     its 95% CI; '*' where the CI excludes 0, '†' where the doubling rule failed, '?' where
     convergence was not checked. None when no cell ran the pair."""
     row_keys, rows, cols, col_key = _axes(spec)
-    cells = {tuple(c.point.get(k) for k in (*row_keys, col_key) if k is not None): c
+    # Keyed by repr: grid values may be lists (e.g. sampling.mask_ratios), which do not hash.
+    cells = {repr(tuple(c.point.get(k) for k in (*row_keys, col_key) if k is not None)): c
              for c in spec.cells()}
     grid = np.full((len(rows), len(cols)), np.nan)
     notes = [["not run"] * len(cols) for _ in rows]
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
-            cell = cells.get((*row, col) if col_key else row)
+            cell = cells.get(repr((*row, col) if col_key else row))
             entry = by_cell.get(cell.slug, {}).get("pairs", {}).get(pair, {}).get(split) \
                 if cell else None
             if not entry:

@@ -219,9 +219,10 @@ def _cell_sentence(cell: dict) -> str | None:
     return f"{cell['label']}: " + "; ".join(parts) if parts else None
 
 
-def map_note(run: RunData, path: Path = GAIN_MAP) -> str | None:
+def map_note(run: RunData, path: Path | None = None) -> str | None:
     """Which regime the run is in and what the shipped gain map says there and elsewhere;
     None when no map ships."""
+    path = path or GAIN_MAP
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
@@ -230,18 +231,23 @@ def map_note(run: RunData, path: Path = GAIN_MAP) -> str | None:
     mine = {"labels_per_class": config.get("labels_per_class"),
             "ssl.unlabeled_pool": (config.get("ssl") or {}).get("unlabeled_pool")}
     spec_set = (summary.get("spec") or {}).get("set") or {}
-    same_regime = config.get("task_images") == spec_set.get("task_images") and \
-        config.get("dataset") == "fashion-mnist"
+    regime = {"dataset": spec_set.get("dataset", "fashion-mnist"),
+              "task_images": spec_set.get("task_images", "all"),
+              "half_seed": spec_set.get("half_seed", 0)}
+    ours = {"dataset": config.get("dataset"), "task_images": config.get("task_images", "all"),
+            "half_seed": config.get("half_seed", 0)}
+    same_regime = ours == regime
     here = next((c for c in cells if same_regime and all(
         c["point"].get(k, mine[k]) == mine[k] for k in mine)), None)
     lines = [s for c in cells if (s := _cell_sentence(c))]
     if not lines:
         return None
-    where = (f"This run sits in the gain map's cell {here['label']} (data/sweeps/gain-map.yaml: "
-             "a base pretrained on the other half of the training set)." if here else
-             "This run is in none of the gain map's cells (data/sweeps/gain-map.yaml: "
-             "task images drawn from one half of Fashion-MNIST's training set, the base "
-             "pretrained on the other" + ("" if same_regime else
-                                          "; this run's base saw its own task images") + ").")
+    differs = ", ".join(f"{k} {ours[k]!r} (the map's: {regime[k]!r})" for k in regime
+                        if ours[k] != regime[k])
+    where = (f"This run sits in the gain map's cell {here['label']} (data/sweeps/gain-map.yaml, "
+             "measured over independent repetitions)." if here else
+             "This run is in none of the gain map's cells (data/sweeps/gain-map.yaml)" +
+             (f": its {differs}." if differs else
+              ": its labels per class or unlabeled pool is not on the map's grid."))
     return (f"{where} Test error differences in accuracy points, positive where the "
             "synthetic rows helped: " + " | ".join(lines) + ".")

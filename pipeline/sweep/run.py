@@ -12,7 +12,6 @@ alone.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,27 @@ KEPT = ("top1_error", "val_error", "steps", "train_time_s", "steps_per_s", "num_
 CURVE_COLUMNS = ("step", "test_error", "eval_images")
 
 
-# Cells that differ only in the classifier's settings share their synthesis (same stage keys):
-# one thread makes it while the others wait, then adopt it (pipeline.runs.adopt_stage).
-_SYNTHESIS_LOCKS: dict[str, threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
+def _synthesis_lock(runs_root: Path, key: str):
+    """Cells that differ only in the classifier's settings share their synthesis (the same
+    stage keys): one worker (thread or process) makes it while the others wait on this file
+    lock, then adopt it (pipeline.runs.adopt_stage)."""
+    from filelock import FileLock
+
+    locks = Path(runs_root) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(locks / f"synthesis-{key}.lock"))
 
 
-def _synthesis_lock(key: str) -> threading.Lock:
-    with _LOCKS_GUARD:
-        return _SYNTHESIS_LOCKS.setdefault(key, threading.Lock())
+def unit_keys(config: AugmentConfig) -> dict[str, str]:
+    """Each arm's unit key: what its result depends on (split, shards, base model content,
+    the ssl settings), so a record is reused only for the same inputs."""
+    from pipeline.generate.pseudo import ROUND_TWO_ARMS
+    from pipeline.keys import ssl_unit_key, stage_keys
+
+    keys = stage_keys(config)
+    (seed,) = config.ssl.seeds
+    arms = list(config.ssl.arms) + (list(ROUND_TWO_ARMS) if config.loop.rounds == 2 else [])
+    return {arm: ssl_unit_key(config, keys, arm, seed) for arm in arms}
 
 
 def sweep_dir(spec: SweepSpec, runs_root: Path) -> Path:
@@ -52,10 +63,12 @@ def rep_record_path(folder: Path, cell: Cell, r: int) -> Path:
     return Path(folder) / "cells" / cell.slug / f"rep-{r}.json"
 
 
-def needs_shards(arms: list[str]) -> bool:
+def needs_shards(config: AugmentConfig) -> bool:
     from pipeline.ssl.arm_names import EXTRA_ROW_ARMS
 
-    return any(a in EXTRA_ROW_ARMS and a != "replay" for a in arms)
+    # Round 2 tunes from the round-1 adapters and samples like round 1.
+    return config.loop.rounds == 2 or \
+        any(a in EXTRA_ROW_ARMS and a != "replay" for a in config.ssl.arms)
 
 
 def run_repetition(config: AugmentConfig, log: Callable[[str], None] = print
@@ -76,8 +89,8 @@ def run_repetition(config: AugmentConfig, log: Callable[[str], None] = print
     run_dir = init_run_dir(config)
     arms = list(config.ssl.arms)
     stage_log = {}
-    todo = SYNTHESIS_STAGES if needs_shards(arms) else ("split",)
-    with _synthesis_lock(stage_keys(config)[todo[-1]]):
+    todo = SYNTHESIS_STAGES if needs_shards(config) else ("split",)
+    with _synthesis_lock(config.runs_root(), stage_keys(config)[todo[-1]]):
         for stage in todo:
             rec = stages.STAGE_FUNCTIONS[stage](run_dir, config)
             stage_log[stage] = ("skipped" if rec.get("skipped") else
@@ -116,24 +129,32 @@ def run_cell_repetition(spec: SweepSpec, cell: Cell, r: int, folder: Path,
 
     config = repetition_config(spec, cell, r, extra)
     path = rep_record_path(folder, cell, r)
+    keys = unit_keys(config)
     done = read_json(path)
-    if done and done.get("config_hash") == config_hash(config) and \
-            set(config.ssl.arms) <= set(done.get("arms", {})):
+    if done and done.get("unit_keys") == keys:
         return done
     record = {"cell": cell.point, "rep": r, "config_hash": config_hash(config),
-              **run_repetition(config, log)}
+              "unit_keys": keys, **run_repetition(config, log)}
     atomic_write_json(path, record)
     return record
 
 
-def load_records(folder: Path, spec: SweepSpec) -> dict[str, dict[int, dict]]:
-    """Every finished repetition record of the spec's cells: {cell slug: {r: record}}."""
+def load_records(folder: Path, spec: SweepSpec, extra: dict[str, Any] | None = None
+                 ) -> dict[str, dict[int, dict]]:
+    """Every finished repetition record of the spec's cells, {cell slug: {r: record}}: only
+    records made for the inputs the spec names now (the same unit keys), so a stale record
+    (an older base model, a failed rerun) never enters the statistics."""
+    from pipeline.sweep.spec import repetition_config
+
     out: dict[str, dict[int, dict]] = {}
     for cell in spec.cells():
         recs = {}
         for r in spec.repetitions:
             path = rep_record_path(folder, cell, r)
-            if path.is_file():
-                recs[r] = json.loads(path.read_text())
+            if not path.is_file():
+                continue
+            record = json.loads(path.read_text())
+            if record.get("unit_keys") == unit_keys(repetition_config(spec, cell, r, extra)):
+                recs[r] = record
         out[cell.slug] = recs
     return out

@@ -71,8 +71,8 @@ class SweepSpec(BaseModel):
     repetitions: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     rep_offset: int = 0
     pairs: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_PAIRS))
-    # Cells (x repetitions) run at once on the flow's thread pool; each trains with
-    # ``threads`` torch threads. On 2 CPU cores: 2 units of 1 thread.
+    # Repetitions run at once (worker processes when > 1, see task_runner), each with
+    # ``threads`` torch threads. On 2 CPU cores: 2 of 1 thread.
     parallel: int = Field(1, ge=1)
     threads: int = Field(1, ge=1)
     runs_dir: str | None = None  # default: <runs_dir>/sweeps/<name>
@@ -103,14 +103,30 @@ class SweepSpec(BaseModel):
             for rule in self.rules:
                 if all(_same(point.get(k, self.set.get(k)), v) for k, v in rule.when.items()):
                     overrides.update(rule.set)
-            out.append(Cell(point, overrides))
+            out.append(Cell(point, overrides, {"preset": self.preset,
+                                               "rep_offset": self.rep_offset}))
         return out
+
+    def task_runner(self):
+        """Threads for one repetition at a time; worker processes (a local Dask cluster, one
+        torch thread pool each) for several: torch seeds its initialisations through one
+        process-wide generator, so parallel repetitions must not share a process."""
+        if self.parallel == 1:
+            from prefect.task_runners import ThreadPoolTaskRunner
+
+            return ThreadPoolTaskRunner(max_workers=1)
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(cluster_kwargs={"n_workers": self.parallel,
+                                              "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": ":0"})
 
 
 @dataclass(frozen=True)
 class Cell:
     point: dict[str, Any]       # the grid's values for this cell
     overrides: dict[str, Any]   # everything set on the preset for this cell
+    base: dict[str, Any]        # the preset and seed offset the overrides apply to
 
     @property
     def label(self) -> str:
@@ -122,7 +138,7 @@ class Cell:
         gets a new file, so it reruns alone)."""
         text = "_".join(f"{k.split('.')[-1]}-{_show(v)}" for k, v in self.point.items())
         text = re.sub(r"[^A-Za-z0-9_.-]+", "", text) or "cell"
-        return f"{text}-{digest(self.overrides)[:8]}"
+        return f"{text}-{digest([self.base, self.overrides])[:8]}"
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -145,19 +145,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline.config import resolve_path
+    from pipeline.config import parse_overrides, resolve_path
     from pipeline.preflight import preflight
     from pipeline.sweep.run import sweep_dir
     from pipeline.sweep.spec import check_spec, load_spec
 
-    spec = load_spec(args.spec)
+    spec = whole = load_spec(args.spec)
+    if args.only:
+        spec = spec.only(parse_overrides(args.only))
     runs_root = resolve_path(args.runs_dir or "runs")
     folder = sweep_dir(spec, runs_root)
     extra = {"runs_dir": str(folder / "runs"), "progress": False}
     if args.report_only:  # from the records alone: no pre-flight, no Prefect
         from pipeline.report.sweep import build_sweep_report
 
-        print(f"report: {build_sweep_report(spec, folder)['html']}")
+        print(f"report: {build_sweep_report(whole, folder)['html']}")
         return 0
     configs = check_spec(spec)  # every cell's config valid, before any work
     seen = set()
@@ -175,7 +177,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     from flows.sweep import sweep
 
-    sweep.with_options(task_runner=spec.task_runner())(spec, str(folder), extra)
+    sweep.with_options(task_runner=spec.task_runner())(spec, str(folder), extra, whole)
     return 0
 
 
@@ -266,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default runs; the sweep lives in RUNS_DIR/sweeps/<name>")
     sw.add_argument("--dry-run", action="store_true",
                     help="validate every cell and run the pre-flight checks only")
+    sw.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                    help="run only the cells with this grid value (repeatable), e.g. --only "
+                         "ssl.unlabeled_pool=0; the report still covers the whole grid")
     sw.add_argument("--report-only", action="store_true",
                     help="rewrite the report from the finished repetitions, run nothing")
     sw.set_defaults(fn=_cmd_sweep)

@@ -39,9 +39,11 @@ def report(spec: SweepSpec, folder: str) -> str:
 
 
 @flow(name="sweep", log_prints=True)
-def sweep(spec: SweepSpec, folder: str, extra: dict | None = None) -> str:
+def sweep(spec: SweepSpec, folder: str, extra: dict | None = None,
+          report_spec: SweepSpec | None = None) -> str:
     """Run (or resume) every repetition of every cell; returns the report's path. Repetition
-    r of every cell comes before repetition r + 1 of any, so the map fills evenly."""
+    r of every cell comes before repetition r + 1 of any, so the map fills evenly.
+    ``report_spec``: the whole grid, when ``spec`` runs part of it (``--only``)."""
     extra = extra or {}
     cells = spec.cells()
     futures = [repetition.submit(spec, cell, r, folder, extra)
@@ -52,7 +54,7 @@ def sweep(spec: SweepSpec, folder: str, extra: dict | None = None) -> str:
             f.result()
         except Exception as e:  # noqa: BLE001 - every failure is reported after the report
             failed.append(str(e).splitlines()[0][:300])
-    html = report(spec, folder)
+    html = report(report_spec or spec, folder)
     print(f"report: {html}")
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(futures)} repetitions failed; the report "

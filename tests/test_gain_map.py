@@ -370,3 +370,16 @@ def test_run_without_a_pool_leads_with_supervised_synthetic_and_names_its_map_ce
            "+5.10 points (95% CI +3.00 to +7.20) over 5 repetitions, converged" in md
     gain_map.unlink()
     assert "gain map" not in build_run_report(run)[1].read_text()
+
+
+def test_only_cuts_the_grid_to_the_same_cells(tmp_path):
+    from pipeline.sweep.spec import SweepError
+
+    spec = _spec(tmp_path)
+    cut = spec.only({"ssl.unlabeled_pool": 0})
+    assert [c.slug for c in cut.cells()] == [c.slug for c in spec.cells()
+                                             if c.point["ssl.unlabeled_pool"] == 0]
+    with pytest.raises(SweepError, match="not one of its values"):
+        spec.only({"ssl.unlabeled_pool": 7})
+    with pytest.raises(SweepError, match="not a grid key"):
+        spec.only({"seed": 0})

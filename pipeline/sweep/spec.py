@@ -107,6 +107,20 @@ class SweepSpec(BaseModel):
                                                "rep_offset": self.rep_offset}))
         return out
 
+    def only(self, values: dict[str, Any]) -> SweepSpec:
+        """This spec with the grid cut to ``values`` (grid key -> one of its values): the
+        same cells, the same folders, fewer of them; the report covers what has finished."""
+        grid = dict(self.grid)
+        for key, value in values.items():
+            if key not in grid:
+                raise SweepError(f"--only {key}: not a grid key; the grid has "
+                                 f"{', '.join(grid) or 'no keys'}")
+            if not any(_same(value, v) for v in grid[key]):
+                raise SweepError(f"--only {key}={value!r}: not one of its values "
+                                 f"{grid[key]}")
+            grid[key] = [value]
+        return self.model_copy(update={"grid": grid})
+
     def task_runner(self):
         """Threads for one repetition at a time; worker processes (a local Dask cluster, one
         torch thread pool each) for several: torch seeds its initialisations through one

@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list presets").set_defaults(fn=_cmd_presets)
 
     r = sub.add_parser("run", help="run the augment flow in-process")
-    r.add_argument("preset", help="preset name (data/presets/NAME.yaml) or a YAML file")
+    r.add_argument("preset", help="preset name (data/presets/NAME.yaml), a YAML file, or a run's "
+                   "config.json (or its run directory): reruns that run")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set sampling.mask_ratios=[0.2,0.5]")
     r.add_argument("--runs-dir", default=None, help="where run directories go (default ./runs)")

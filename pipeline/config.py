@@ -339,14 +339,22 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+# Keys a run's config.json adds beside the fields (pipeline.runs.init_run_dir); loading
+# ignores them, so a run's own config.json is a preset that reruns that run.
+RECORD_KEYS = ("config_hash", "versions")
+
+
 def preset_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
+    if p.is_dir() and (p / "config.json").is_file():  # a run directory
+        return p / "config.json"
+    if p.suffix in (".yaml", ".yml", ".json") and p.exists():
         return p
     cand = PRESETS_DIR / f"{name_or_path}.yaml"
     if cand.exists():
         return cand
-    raise ConfigError(f"unknown preset {str(name_or_path)!r}: give a YAML file path or one of "
+    raise ConfigError(f"unknown preset {str(name_or_path)!r}: give a YAML file path, a run's "
+                      f"config.json (or its run directory) or one of "
                       f"{', '.join(available_presets())} (files in {PRESETS_DIR})")
 
 
@@ -386,9 +394,11 @@ def load_config(preset: str | Path, overrides: list[str] | dict[str, Any] | None
     """Read a preset (name or YAML path), apply ``key=value`` overrides, validate."""
     path = preset_path(preset)
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = (json.load(f) if path.suffix == ".json" else yaml.safe_load(f)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path} must be a YAML mapping of parameters")
+    for key in RECORD_KEYS:
+        data.pop(key, None)
     data.setdefault("preset", path.stem)
     return validate_config(apply_overrides(data, parse_overrides(overrides)))
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Self
 
 from pipeline.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
-from pipeline.config import REPO_ROOT, AugmentConfig, config_hash
+from pipeline.config import REPO_ROOT, AugmentConfig, config_hash, load_config
 from pipeline.stage_graph import STAGE_ORDER
 
 LOCK_NAME = "running.json"
@@ -92,12 +92,9 @@ def init_run_dir(config: AugmentConfig) -> Path:
 
 
 def load_run_config(run_dir: str | Path) -> AugmentConfig:
-    data = read_json(Path(run_dir) / "config.json")
-    if data is None:
+    if not (Path(run_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json; is it a run directory?")
-    for k in ("config_hash", "versions"):
-        data.pop(k, None)
-    return AugmentConfig.model_validate(data)
+    return load_config(Path(run_dir))
 
 
 # --------------------------------------------------------------------------- liveness

@@ -178,3 +178,20 @@ def test_ssl_section_extends_the_trainer_config_and_fills_seed_and_device():
                        ({"budget": "short"}, "not a known budget")):
         with pytest.raises(ValueError, match=named):
             SSLSection(**bad)
+
+
+def test_a_runs_own_config_json_reruns_that_run(tmp_path):
+    """A run's config.json (or its directory) is a preset: the same config hash, the same
+    run directory, overrides still apply."""
+    from pipeline.config import config_hash, load_config
+    from pipeline.runs import init_run_dir, load_run_config
+
+    config = load_config("demo", {"runs_dir": str(tmp_path), "sampling.guidance": 2.0,
+                                  "task_images": "task-half"})
+    run_dir = init_run_dir(config)
+    for source in (run_dir / "config.json", run_dir):
+        again = load_config(source)
+        assert config_hash(again) == config_hash(config) and again.preset == "demo"
+    assert config_hash(load_run_config(run_dir)) == config_hash(config)
+    changed = load_config(run_dir, {"sampling.guidance": 3.0})
+    assert changed.sampling.guidance == 3.0 and config_hash(changed) != config_hash(config)

@@ -383,3 +383,4 @@ def test_only_cuts_the_grid_to_the_same_cells(tmp_path):
         spec.only({"ssl.unlabeled_pool": 7})
     with pytest.raises(SweepError, match="not a grid key"):
         spec.only({"seed": 0})
+

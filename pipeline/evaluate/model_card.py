@@ -37,6 +37,8 @@ import torch
 from pipeline.atomic import atomic_write_json, finite
 from pipeline.atomic import atomic_write_text as _write_text
 from pipeline.config import REPO_ROOT
+
+SWEEPS_DIR = REPO_ROOT / "data" / "sweeps"
 from pipeline.generate.pretrain import data_hash, resolve_device
 from pipeline.models import file_sha256, sample_base
 from pipeline.report.render import render
@@ -362,22 +364,35 @@ def render_readme(card: dict) -> str:
 
 
 def _used_by(location: str) -> str:
-    """A sentence naming the presets whose base_model is this folder."""
+    """A sentence naming the presets and sweep specs whose base_model is this folder."""
     from pipeline.config import ConfigError, available_presets, load_config, resolve_path
 
+    here = resolve_path(location).resolve()
     names = []
     for name in available_presets():
         try:
             config = load_config(name)
         except ConfigError:
             continue
-        if not config.pretrains_base and \
-                resolve_path(config.base_model).resolve() == resolve_path(location).resolve():
+        if not config.pretrains_base and resolve_path(config.base_model).resolve() == here:
             names.append(f"`{name}`")
-    if not names:
-        return "No shipped preset uses it as its base model."
-    presets = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"It is the base model of the {presets} preset{'s' if len(names) > 1 else ''}."
+    sweeps = sorted(f"`data/sweeps/{p.name}`" for p in SWEEPS_DIR.glob("*.yaml")
+                    if _sweep_base(p) is not None and resolve_path(_sweep_base(p)).resolve()
+                    == here)
+    said = []
+    if names:
+        presets = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        said.append(f"It is the base model of the {presets} preset{'s' if len(names) > 1 else ''}.")
+    if sweeps:
+        said.append(f"The sweep {' and '.join(sweeps)} uses it.")
+    return " ".join(said) or "No shipped preset uses it as its base model."
+
+
+def _sweep_base(path: Path) -> str | None:
+    import yaml
+
+    spec = yaml.safe_load(path.read_text()) or {}
+    return (spec.get("set") or {}).get("base_model")
 
 
 def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,
@@ -404,7 +419,6 @@ def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,
     _write_text(model_dir / README_FILE, render_readme(card))
     atomic_write_json(path, finite(card))
     return path
-
 
 
 

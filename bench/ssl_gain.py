@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write the summary here")
     args = p.parse_args()
 
-    from flows.sweep import sweep
+    from flows.sweep import sweep, task_runner
     from pipeline.sweep.run import load_records
     from pipeline.sweep.spec import SweepSpec, check_spec
     from pipeline.sweep.stats import cell_summary
@@ -140,7 +140,7 @@ def main() -> None:
               f"0.5-point move (the doubling rule) is below the evaluation's own noise; pass "
               f"--set validation_per_class={MIN_VALIDATION_PER_CLASS} or more")
     folder = Path(spec.runs_dir)
-    sweep.with_options(task_runner=spec.task_runner())(
+    sweep.with_options(task_runner=task_runner(spec))(
         spec, str(folder), {"runs_dir": str(folder / "runs"), "progress": not args.quiet})
     (records,) = load_records(folder, spec).values()
     summary = cell_summary(records, [tuple(p) for p in spec.pairs])

@@ -175,9 +175,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
           f"{n} runs in {folder}", flush=True)
     if args.dry_run:
         return 0
-    from flows.sweep import sweep
+    from flows.sweep import sweep, task_runner
 
-    sweep.with_options(task_runner=spec.task_runner())(spec, str(folder), extra, whole)
+    sweep.with_options(task_runner=task_runner(spec))(spec, str(folder), extra, whole)
     return 0
 
 

@@ -3,8 +3,8 @@ one report with a heatmap of each pair's gain per cell.
 
 Thin: every repetition is one task (``pipeline.sweep.run.run_cell_repetition``) that skips
 itself when its record exists for the same inputs; the repetitions fan out on the flow's task
-runner (``SweepSpec.task_runner``: one at a time on a thread, or ``parallel`` worker processes
-of a local Dask cluster). Failures are collected, the report is written from what finished,
+runner (``task_runner``: one at a time on a thread, or ``parallel`` worker processes of a
+local Dask cluster). Failures are collected, the report is written from what finished,
 and the flow fails after it when any repetition did.
 """
 
@@ -18,6 +18,20 @@ from prefect.cache_policies import NO_CACHE
 from pipeline.sweep.spec import Cell, SweepSpec
 
 _opts = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def task_runner(spec: SweepSpec):
+    """Threads for one repetition at a time; worker processes (a local Dask cluster, one
+    torch thread pool each) for several: torch seeds its initialisations through one
+    process-wide generator, so parallel repetitions must not share a process."""
+    if spec.parallel == 1:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(cluster_kwargs={"n_workers": spec.parallel, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": ":0"})
 
 
 @task(name="sweep-repetition", task_run_name="{cell.label} rep {r}", **_opts)

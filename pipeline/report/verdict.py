@@ -215,7 +215,8 @@ def _cell_sentence(cell: dict) -> str | None:
               if d.get("ci_low") is not None else "")
         conv = (e.get("doubling") or {}).get("converged")
         conv = {True: "converged", False: "not converged"}.get(conv, "convergence unchecked")
-        parts.append(f"{name} {d['mean']:+.2f} points{ci} over {d['n']} repetitions, {conv}")
+        reps = f"{d['n']} repetition{'s' if d['n'] != 1 else ''}"
+        parts.append(f"{name} {d['mean']:+.2f} points{ci} over {reps}, {conv}")
     return f"{cell['label']}: " + "; ".join(parts) if parts else None
 
 

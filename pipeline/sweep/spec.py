@@ -71,7 +71,7 @@ class SweepSpec(BaseModel):
     repetitions: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     rep_offset: int = 0
     pairs: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_PAIRS))
-    # Repetitions run at once (worker processes when > 1, see task_runner), each with
+    # Repetitions run at once (worker processes when > 1: flows.sweep.task_runner), each with
     # ``threads`` torch threads. On 2 CPU cores: 2 of 1 thread.
     parallel: int = Field(1, ge=1)
     threads: int = Field(1, ge=1)
@@ -120,20 +120,6 @@ class SweepSpec(BaseModel):
                                  f"{grid[key]}")
             grid[key] = [value]
         return self.model_copy(update={"grid": grid})
-
-    def task_runner(self):
-        """Threads for one repetition at a time; worker processes (a local Dask cluster, one
-        torch thread pool each) for several: torch seeds its initialisations through one
-        process-wide generator, so parallel repetitions must not share a process."""
-        if self.parallel == 1:
-            from prefect.task_runners import ThreadPoolTaskRunner
-
-            return ThreadPoolTaskRunner(max_workers=1)
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(cluster_kwargs={"n_workers": self.parallel,
-                                              "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": ":0"})
 
 
 @dataclass(frozen=True)

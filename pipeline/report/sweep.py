@@ -69,7 +69,7 @@ def heatmap(spec: SweepSpec, by_cell: dict[str, dict], pair: str, split: str) ->
             d = entry["diff"]
             grid[i, j] = d["mean"]
             ci = f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]" if d["ci_low"] is not None \
-                else f"n={d['n']}"
+                else "no CI"
             mark = "*" if d["direction"] in ("positive", "negative") else ""
             conv = (entry.get("doubling") or {}).get("converged")
             mark += "" if conv else "†" if conv is False else "?"

@@ -37,7 +37,7 @@ def main() -> None:
     from pipeline.ssl.arms import build_train_data, net_for
     from pipeline.ssl.evaluate import evaluate
     from pipeline.ssl.trainer import Trainer, resolve_device
-    from pipeline.stage_inputs import dataset_for
+    from pipeline.stages.inputs import dataset_for
 
     every = max(1, args.steps // args.curve_points)
     config = load_bench_config(args, {"split_seed": args.seed, "ssl.recipe": args.recipe,
@@ -51,7 +51,7 @@ def main() -> None:
     ds = dataset_for(config)
     split = make_split(ds.train_labels, config.labels_per_class, seed=args.seed,
                        val_per_class=config.validation_per_class)
-    scfg = config.ssl.trainer_config(args.seed, config.device)
+    scfg = config.ssl.component(seed=args.seed, device=config.device)
     device = resolve_device(scfg.device)
     data = build_train_data(ds, split, scfg, device)
     net = net_for(scfg, ds)

@@ -1,6 +1,6 @@
 """Faithfulness sweep (issue 9): are synthetic images of their condition's class, and diverse?
 
-For one preset, adapters are tuned and sampled exactly as ``pipeline/stages.py`` does it
+For one preset, adapters are tuned and sampled exactly as the stages in ``pipeline/stages/`` do it
 (same ANLConfig fields, TuneConfig, per-class seeds, sampling seeds and condition ids), over
 
     tuning steps x adapter scope x token set     (each combination tunes its adapters once)
@@ -66,10 +66,10 @@ from bench.common import (
     markdown_table,
 )
 from pipeline.atomic import atomic_write_json
-from pipeline.generate.encode import unlabeled_neighbors
 from pipeline.generate.tune import tune_class_adapter
 from pipeline.runs import read_json
-from pipeline.stage_inputs import load_base
+from pipeline.stages.encode import unlabeled_neighbors
+from pipeline.stages.inputs import load_base
 
 TOKEN_SETS = ("patch", "pooled", "both")
 SCOPES = ("per-class", "shared")
@@ -103,12 +103,12 @@ class Sweep:
 
     def __init__(self, config, args: argparse.Namespace):
         from anl_core.encoders import load_encoder
-        from pipeline.data.images import to_model_space
+        from pipeline.data.images import nearest_rmse, to_model_space
         from pipeline.data.splits import make_split
-        from pipeline.evaluate.quality import encoder_features, mean_pairwise_distance, nearest_rmse
+        from pipeline.evaluate.quality import encoder_features, mean_pairwise_distance
         from pipeline.evaluate.reference import ReferenceConfig, load_or_train_reference
         from pipeline.generate.synthetic_filter import build_filter
-        from pipeline.stage_inputs import dataset_for
+        from pipeline.stages.inputs import dataset_for
         self.config, self.args = config, args
         self.device = config.resolved_device()
         self.progress = config.progress
@@ -179,7 +179,8 @@ class Sweep:
             tokens = token_set(self.tokens[token_rows], kind)
             encoder_id = self.encoder.encoder_id + ("" if kind == "patch" else f"+{kind}")
             model, result = tune_class_adapter(copy.deepcopy(unet), scheduler, images, tokens,
-                                               cfg, unit, encoder_id, weights=weights,
+                                               cfg.adapter.component(), cfg.tuning, unit, encoder_id,
+                                               weights=weights,
                                                steps=steps, progress=self.progress)
             seconds += result.seconds
             models[unit] = model
@@ -189,7 +190,8 @@ class Sweep:
     # ----------------------------------------------------------------- sampling + measuring
 
     def run_cell(self, tuned: dict, scheduler, kind: str, guidance: float, mask: float) -> dict:
-        from pipeline.evaluate.quality import nearest_rmse, within_group_diversity
+        from pipeline.data.images import nearest_rmse
+        from pipeline.evaluate.quality import within_group_diversity
         from pipeline.generate.sample import sample_images
 
         s, a = self.config.sampling, self.args

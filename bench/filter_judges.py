@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from bench.common import markdown_table
-from pipeline.generate.sample import sample_parts
-from pipeline.stage_inputs import load_tokens
+from pipeline.stages.inputs import load_tokens
+from pipeline.stages.sample import sample_parts
 
 
 def unit_encoder_features(encoder):
@@ -62,7 +62,7 @@ def judge_run(run: Path, args: argparse.Namespace) -> list[dict]:
     from pipeline.generate.neighbors import class_similarity, neighbor_pool
     from pipeline.generate.synthetic_filter import build_filter, keep_mask, prototype_margin
     from pipeline.runs import load_run_config
-    from pipeline.stage_inputs import dataset_for, split_for
+    from pipeline.stages.inputs import dataset_for, split_for
     config = load_run_config(run)
     ds, split, tok = dataset_for(config), split_for(run), load_tokens(run)
     parts = [np.load(p) for _, p in sample_parts(run, config)]

@@ -124,10 +124,10 @@ finished() { tail -n 1 "$W/logs/$1.log"; }
 if [ "${ONLY_SPEED:-0}" != 1 ]; then
 # --- phase A ---
 say "phase A: pretrain x2, reference classifier"
-bg pretrain_large "$PY" -m pipeline.generate.pretrain --out "$W/base_large" --no-progress "${LARGE[@]}"
+bg pretrain_large "$PY" -m flows.cli pretrain --out "$W/base_large" --no-progress "${LARGE[@]}"
 P_LARGE=$LAST
 if [ "${SKIP_SMALL:-0}" = 1 ]; then mkdir -p "$W/base_small"; true & else
-  bg pretrain_small "$PY" -m pipeline.generate.pretrain --out "$W/base_small" --no-progress "${SMALL[@]}"; fi
+  bg pretrain_small "$PY" -m flows.cli pretrain --out "$W/base_small" --no-progress "${SMALL[@]}"; fi
 P_SMALL=$!
 cat > "$W/reference.py" <<'EOF'
 import sys

@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
-    from pipeline.config import resolve_path
+    from pipeline.paths import resolve_path
     from pipeline.transfer import TransferError, run_transfer, transfer_config
 
     a = parse_args(argv)

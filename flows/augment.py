@@ -1,7 +1,7 @@
 """The ``augment`` flow: dataset -> split -> tokens -> adapters -> samples -> shards ->
 classifiers -> [second round] -> report, all in one run directory named by preset and
 config hash. With ``loop.rounds: 2`` the baseline's pseudo-labels expand each class's
-subset and the generation steps run again in ``round-2/`` (``pipeline.generate.loop``).
+subset and the generation steps run again in ``round-2/`` (``pipeline.generate.pseudo_labels``).
 
 Per-class tuning and sampling run in a subflow whose task runner the config chooses:
 threads on this machine (``task_runner: default``), or Prefect's Dask task runner
@@ -25,10 +25,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tasks
 from pipeline.config import AugmentConfig, with_overrides
-from pipeline.evaluate.classifiers import arms_at_once
-from pipeline.generate.pseudo import ROUND_TWO_ARMS
-from pipeline.generate.tune import adapter_units
 from pipeline.runs import clear_running
+from pipeline.stages.pseudo import ROUND_TWO_ARMS
+from pipeline.stages.ssl import arms_at_once
+from pipeline.stages.tune import adapter_units
 
 
 def make_task_runner(config: AugmentConfig):

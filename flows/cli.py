@@ -98,7 +98,7 @@ def _cmd_deployments(args: argparse.Namespace) -> int:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
-    from pipeline.config import resolve_path
+    from pipeline.paths import resolve_path
     from pipeline.runs import list_runs
 
     root = resolve_path(args.runs_dir or "runs")
@@ -126,7 +126,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
               "under runs/ (see `augment runs`)", file=sys.stderr)
         return 2
     if args.history:
-        from pipeline.config import resolve_path
+        from pipeline.paths import resolve_path
 
         table = resolve_path(args.out or "runs/benchmark-history.parquet")
         for d in dirs:
@@ -139,13 +139,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"ablation: {report.build_ablation_report(dirs, out)}")
         return 0
     for d in dirs:
-        for p in report.write_report(d):
+        for p in report.build_run_report(d):
             print(p)
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline.config import parse_overrides, resolve_path
+    from pipeline.config import parse_overrides
+    from pipeline.paths import resolve_path
     from pipeline.preflight import preflight
     from pipeline.sweep.run import sweep_dir
     from pipeline.sweep.spec import check_spec, load_spec
@@ -157,7 +158,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     folder = sweep_dir(spec, runs_root)
     extra = {"runs_dir": str(folder / "runs"), "progress": False}
     if args.report_only:  # from the records alone: no pre-flight, no Prefect
-        from pipeline.report.sweep import build_sweep_report
+        from pipeline.sweep.report import build_sweep_report
 
         print(f"report: {build_sweep_report(whole, folder)['html']}")
         return 0
@@ -181,15 +182,54 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="fashion-mnist", help="registered dataset name")
+    p.add_argument("--root", default=None, help="dataset root (when not the default location)")
+    p.add_argument("--labels-per-class", type=int, default=4,
+                   help="split whose labeled images are held out of the pool")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--half", choices=["base"], default=None,
+                   help="train on the base half of the training set instead (cut once by "
+                        "--half-seed, class-stratified); presets with `task_images: task-half` "
+                        "and the same half_seed then never show it a task image")
+    p.add_argument("--half-seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (diffusers DDPMPipeline layout)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="PretrainConfig field, e.g. --set steps=4000 --set block_out_channels=[32,64,64]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _pretrain_from_args(args: argparse.Namespace, command: str) -> Path:
+    from pydantic import ValidationError
+
+    from pipeline.config import ConfigError, parse_overrides
+    from pipeline.generate.pretrain import PretrainConfig, pretrain_on_dataset
+    from pipeline.validation import explain
+
+    # The same KEY=VALUE parser (values are YAML) and messages as the main command's --set.
+    try:
+        config = PretrainConfig(**parse_overrides(args.set))
+    except ValidationError as e:
+        raise ConfigError(explain(e, "pretrain configuration",
+                                  PretrainConfig.model_fields)) from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    pool = ({"half": args.half, "half_seed": args.half_seed} if args.half else
+            {"labels_per_class": args.labels_per_class, "split_seed": args.split_seed})
+    return pretrain_on_dataset(args.dataset, args.out, pool, config, root=args.root,
+                               progress=not args.no_progress, command=command)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     import shlex
-
-    from pipeline.generate.pretrain import run_from_args
 
     # The words given to main() (not sys.argv: main may be called with its own list), quoted:
     # the model card re-parses this command to name the training data.
     words = getattr(args, "argv", sys.argv[1:])
-    out = run_from_args(args, command="augment pretrain " + shlex.join(words[1:]))
+    out = _pretrain_from_args(args, command="augment pretrain " + shlex.join(words[1:]))
     print(f"base model written to {out}")
     return 0
 
@@ -276,11 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rewrite the report from the finished repetitions, run nothing")
     sw.set_defaults(fn=_cmd_sweep)
 
-    from pipeline.generate.pretrain import build_arg_parser
-
     pre = sub.add_parser("pretrain", help="pretrain a base U-Net on the unlabeled pool (or on "
                          "the base half of the training set: --half base)")
-    build_arg_parser(pre)
+    _pretrain_arguments(pre)
     pre.set_defaults(fn=_cmd_pretrain)
 
     tr = sub.add_parser("transfer", help="adapt the base model to a new image domain from a "

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import REPO_ROOT, load_config
+from pipeline.config import load_config
+from pipeline.paths import REPO_ROOT
 
 WORK_POOL = "augment-pool"
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
@@ -113,6 +114,6 @@ def render_prefect_yaml() -> str:
 
 
 def write_prefect_yaml(path: Path = PREFECT_YAML) -> Path:
-    from pipeline.runs import atomic_write_text
+    from pipeline.atomic import atomic_write_text
 
     return atomic_write_text(path, render_prefect_yaml())

@@ -47,7 +47,7 @@ def repetition(spec: SweepSpec, cell: Cell, r: int, folder: str, extra: dict) ->
 
 @task(name="sweep-report", **_opts)
 def report(spec: SweepSpec, folder: str) -> str:
-    from pipeline.report.sweep import build_sweep_report
+    from pipeline.sweep.report import build_sweep_report
 
     return str(build_sweep_report(spec, Path(folder))["html"])
 

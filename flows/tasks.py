@@ -15,11 +15,13 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline import runs, stages
 from pipeline.config import AugmentConfig
-from pipeline.generate.sample import run_sample_class
-from pipeline.generate.tune import run_tune_class
 from pipeline.preflight import preflight
 from pipeline.runs import init_run_dir, mark_running
-from pipeline.stage_inputs import adapter_rel, round_root, sample_rel
+from pipeline.stages.inputs import adapter_rel, round_root, sample_rel, ssl_rel
+from pipeline.stages.pseudo import run_pseudo
+from pipeline.stages.sample import run_sample_class
+from pipeline.stages.ssl import run_ssl_arm
+from pipeline.stages.tune import run_tune_class
 
 _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -48,7 +50,7 @@ def _stage_task(stage: str, fn=None):
                 return fn(Path(run_dir), config)
             return fn(Path(run_dir), config, loop_round=loop_round)
 
-    run.__doc__ = f"Stage {stage!r}: pipeline.stages.{fn.__name__}."
+    run.__doc__ = f"Stage {stage!r}: {fn.__module__}.{fn.__name__}."
     return run
 
 
@@ -60,7 +62,7 @@ sample = _stage_task("sample")  # likewise
 shards = _stage_task("shards")
 quality = _stage_task("quality")
 ssl = _stage_task("ssl")
-pseudo = _stage_task("pseudo", stages.run_pseudo)  # round 2's pseudo-labels
+pseudo = _stage_task("pseudo", run_pseudo)  # round 2's pseudo-labels
 loop = _stage_task("loop")  # after round 2's tasks: writes the loop record
 report = _stage_task("report")
 
@@ -105,14 +107,14 @@ def ssl_arm(run_dir: str, config: AugmentConfig, arm: str, seed: int) -> str:
     """Train one classifier unit (``ssl/<arm>/seed-<s>``); returns its directory."""
     use_worker_gpu()
     with runs.stage_failure_recorded(Path(run_dir), "ssl"):
-        stages.run_ssl_arm(Path(run_dir), config, arm, seed)
-    return str(Path(run_dir) / stages.ssl_rel(arm, seed))
+        run_ssl_arm(Path(run_dir), config, arm, seed)
+    return str(Path(run_dir) / ssl_rel(arm, seed))
 
 
 @task(name="append-history", **_opts)
 def append_history(run_dir: str, history: str) -> dict:
     """Add the run's row to the benchmark history table and re-render history.html."""
-    from pipeline.config import resolve_path
+    from pipeline.paths import resolve_path
     from pipeline.report.build import append_history as append
     from pipeline.report.build import render_history
 

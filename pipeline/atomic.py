@@ -67,6 +67,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def save_npz(path: str | Path, **arrays) -> Path:
+    """numpy arrays into one ``.npz`` file, atomically."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
 def finite(obj):
     """NaN and inf -> None, through dicts, lists and tuples: strict JSON, and 'not measured'
     reads as such."""

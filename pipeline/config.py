@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -30,13 +30,11 @@ from anl_core.configs import AdapterShape, TuneConfig
 from pipeline.digest import digest
 from pipeline.evaluate.quality_config import QualityConfig
 from pipeline.generate.pretrain_config import PretrainConfig
+from pipeline.paths import PRESETS_DIR, resolve_path
 from pipeline.ssl.arm_names import SUPERVISED_ARMS, base_arm
 from pipeline.ssl.config import BUDGETS, RECIPES, SSLConfig
 from pipeline.stage_graph import STAGE_PARTS
 from pipeline.validation import explain
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESETS_DIR = REPO_ROOT / "data" / "presets"
 
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -50,7 +48,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class PretrainSection(PretrainConfig):
+class _ComponentSection:
+    """A section that extends a component's own settings model (``COMPONENT``, declared
+    beside the code that runs it). ``component(**run)`` is that model, with the fields the
+    run fills in (its size, device, one unit's seed) given as keywords."""
+
+    COMPONENT: ClassVar[type[BaseModel]]
+
+    def component(self, **run: Any) -> Any:
+        fields = {k: getattr(self, k) for k in self.COMPONENT.model_fields if k not in run}
+        return self.COMPONENT(**fields, **run)
+
+
+class PretrainSection(_ComponentSection, PretrainConfig):
     """Pretrain an unconditional base U-Net on the unlabeled pool: the fields of
     ``pipeline.generate.pretrain_config.PretrainConfig`` (declared there once), except
     ``sample_size`` (the run's ``image_size``) and ``device`` (the run's device)."""
@@ -67,18 +77,16 @@ class PretrainSection(PretrainConfig):
                     raise ValueError(f"pretrain.{name} comes from the run: set {use}")
         return data
 
-    def for_run(self, image_size: int, device: str) -> PretrainConfig:
-        """The config ``pretrain()`` runs with: this section at the run's size and device."""
-        fields = {k: getattr(self, k) for k in PretrainConfig.model_fields}
-        return PretrainConfig(**{**fields, "sample_size": image_size, "device": device})
+    COMPONENT: ClassVar[type[BaseModel]] = PretrainConfig  # with sample_size=, device=
 
 
-class AdapterSection(AdapterShape):
+class AdapterSection(_ComponentSection, AdapterShape):
     """Where ANL blocks go and how big they are (``anl_core.configs.AdapterShape``, declared
     there), and ``scope``: one adapter per labeled class subset (the method's default) or one
     shared by all classes."""
 
     scope: Literal["per-class", "shared"] = "per-class"
+    COMPONENT: ClassVar[type[BaseModel]] = AdapterShape
 
 
 class NeighborsSection(_Section):
@@ -136,7 +144,7 @@ class ShardsSection(_Section):
     rows_per_shard: int = Field(4096, ge=1)
 
 
-class SSLSection(SSLConfig):
+class SSLSection(_ComponentSection, SSLConfig):
     """Downstream classifiers: which arms and seeds, plus the trainer's own fields, declared
     once in ``pipeline.ssl.SSLConfig`` (this section extends that model).
 
@@ -145,7 +153,7 @@ class SSLSection(SSLConfig):
     given explicitly. ``recipe`` names a training setting (``pipeline.ssl.config.RECIPES``,
     e.g. "cpu-short": warm-up, cosine to 0, the mean of the last evaluations, a narrow
     cnn-small); its fields are filled the same way. ``seed`` and ``device`` are not set here: each unit gets one seed of
-    ``seeds`` and the run's device (:meth:`trainer_config`).
+    ``seeds`` and the run's device (``component(seed=, device=)``).
     """
 
     # "-2x": the same arm at twice the steps (the doubling rule, pipeline.evaluate.paired).
@@ -197,24 +205,19 @@ class SSLSection(SSLConfig):
                              "which a supervised arm never reads; set synthetic_as=labeled")
         return self
 
-    def trainer_config(self, seed: int, device: str = "auto") -> SSLConfig:
-        """The trainer's config for one unit: this section's trainer fields, one seed."""
-        fields = {k: getattr(self, k) for k in SSLConfig.model_fields}
-        return SSLConfig(**{**fields, "seed": seed, "device": device})
+    COMPONENT: ClassVar[type[BaseModel]] = SSLConfig  # one unit's: with seed=, device=
 
 
-class QualitySection(QualityConfig):
+class QualitySection(_ComponentSection, QualityConfig):
     """Synthetic-data quality: ``pipeline.evaluate.quality_config.QualityConfig`` (declared
     there), plus an off switch."""
 
     enabled: bool = True
-
-    def component(self) -> QualityConfig:
-        return QualityConfig(**self.model_dump(exclude={"enabled"}))
+    COMPONENT: ClassVar[type[BaseModel]] = QualityConfig
 
 
 class LoopSection(_Section):
-    """A second round (DPT's loop, ``pipeline.generate.loop``): the baseline classifier pseudo-labels
+    """A second round (DPT's loop, ``pipeline.generate.pseudo_labels``): the baseline classifier pseudo-labels
     the unlabeled pool, each class's adapter is tuned again on its labeled images plus its
     confident pseudo-labeled ones, sampling is conditioned on them, and ``augmented-r2``
     trains on the round-2 shards beside ``selftrain`` (the same pseudo-labeled real images
@@ -234,6 +237,12 @@ class LoopSection(_Section):
     conditions: Literal["labeled+pseudo", "labeled"] = "labeled+pseudo"
     per_condition: int | None = Field(None, ge=1)
 
+
+CONFIG_FILE = "config.json"
+# A saved config's metadata key, which loading ignores (as diffusers' ``_class_name``); runs
+# written before it kept the same entries at the top level.
+META_KEY = "_meta"
+LEGACY_META_KEYS = ("config_hash", "versions")
 
 # Fields that say where and how work runs, not what it computes: left out of every hash.
 RUNTIME_FIELDS = frozenset({"preset", "runs_dir", "task_runner", "dask_address", "dask_n_workers",
@@ -312,14 +321,24 @@ class AugmentConfig(_Section):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """``directory/config.json``: every field, and under ``_meta`` the config hash and
+        the versions that run it. ``from_pretrained`` (or ``augment run``) reads it back."""
+        from pipeline.atomic import atomic_write_json
+        from pipeline.provenance import versions
+
+        record = {**self.model_dump(mode="json"),
+                  META_KEY: {"config_hash": config_hash(self), "versions": versions()}}
+        return atomic_write_json(Path(directory) / CONFIG_FILE, record)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path,
+                        overrides: list[str] | dict[str, Any] | None = None) -> AugmentConfig:
+        """A saved config (its ``config.json`` or the folder holding it), or any preset."""
+        return load_config(path, overrides)
+
     def runs_root(self) -> Path:
         return resolve_path(self.runs_dir)
-
-
-def resolve_path(value: str | Path) -> Path:
-    """Relative paths in presets are relative to the repository root, not the cwd."""
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
 
 
 # --------------------------------------------------------------------------- errors
@@ -339,15 +358,16 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-# Keys a run's config.json adds beside the fields (pipeline.runs.init_run_dir); loading
-# ignores them, so a run's own config.json is a preset that reruns that run.
-RECORD_KEYS = ("config_hash", "versions")
+def saved_metadata(record: dict[str, Any]) -> dict[str, Any]:
+    """What a saved config.json records beside its fields (``config_hash``, ``versions``):
+    its ``_meta`` key, or the same keys at the top level in runs written before it."""
+    return record.get(META_KEY) or {k: record[k] for k in LEGACY_META_KEYS if k in record}
 
 
 def preset_path(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
-    if p.is_dir() and (p / "config.json").is_file():  # a run directory
-        return p / "config.json"
+    if p.is_dir() and (p / CONFIG_FILE).is_file():  # a run directory
+        return p / CONFIG_FILE
     if p.suffix in (".yaml", ".yml", ".json") and p.exists():
         return p
     cand = PRESETS_DIR / f"{name_or_path}.yaml"
@@ -397,7 +417,7 @@ def load_config(preset: str | Path, overrides: list[str] | dict[str, Any] | None
         data = (json.load(f) if path.suffix == ".json" else yaml.safe_load(f)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path} must be a YAML mapping of parameters")
-    for key in RECORD_KEYS:
+    for key in (META_KEY, *LEGACY_META_KEYS):  # a saved config's metadata: not a field
         data.pop(key, None)
     data.setdefault("preset", path.stem)
     return validate_config(apply_overrides(data, parse_overrides(overrides)))

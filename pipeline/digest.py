@@ -1,4 +1,4 @@
-"""The one content hash behind every key and fingerprint: sha256 of sorted-key JSON.
+"""The content hashes: sha256 of sorted-key JSON (:func:`digest`), and of a file's bytes.
 
 Config hashes, stage keys, unit keys, SSL fingerprints and bench cell keys all hash through
 :func:`digest`, so two places can never disagree on how a value is serialised.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -20,3 +21,12 @@ def digest(obj: Any, *, spaced: bool = False) -> str:
     separators = (", ", ": ") if spaced else (",", ":")
     text = json.dumps(obj, sort_keys=True, separators=separators, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (not cached: shards are verified with it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

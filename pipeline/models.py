@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import resolve_path
+from pipeline.digest import file_sha256
+from pipeline.paths import resolve_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -130,15 +131,6 @@ def base_model_fingerprint(unet_dir: Path) -> str:
         if p.is_file():
             st = p.stat()
             h.update(_fingerprint_cached(str(p), st.st_size, st.st_mtime_ns).encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks (not cached: shards are verified with it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
     return h.hexdigest()
 
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import AugmentConfig, resolve_path
+from pipeline.config import AugmentConfig
 from pipeline.models import (
     PreflightError,
     _hub_snapshot,
@@ -18,6 +18,7 @@ from pipeline.models import (
     _not_found_why,
     resolve_base_model,
 )
+from pipeline.paths import resolve_path
 
 
 def check_encoder(spec: str) -> str:

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import socket
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
-from pipeline.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
-from pipeline.config import REPO_ROOT, AugmentConfig, config_hash, load_config
+from pipeline.atomic import atomic_write_json
+from pipeline.config import AugmentConfig, config_hash, saved_metadata
+from pipeline.provenance import Meter, device_label
 from pipeline.stage_graph import STAGE_ORDER
 
 LOCK_NAME = "running.json"
@@ -56,45 +53,18 @@ def run_dir_for(config: AugmentConfig) -> Path:
     return config.runs_root() / run_name(config)
 
 
-def git_commit(repo: Path = REPO_ROOT, dirty_paths: tuple[str, ...] = ()) -> str | None:
-    """HEAD of the git checkout at ``repo`` (None outside one), with "+dirty" when any of
-    ``dirty_paths`` differs from it (the code a recorded artifact depends on)."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                             check=False, timeout=30)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    try:
-        head = git("rev-parse", "HEAD")
-        dirty = bool(dirty_paths) and bool(git("status", "--porcelain", "--", *dirty_paths))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "") if head else None
-
-
-def versions() -> dict[str, str | None]:
-    import diffusers
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "git_commit": git_commit()}
-
-
 def init_run_dir(config: AugmentConfig) -> Path:
-    """Create the run directory and write ``config.json`` (resolved config + hash + versions)."""
+    """Create the run directory and save the config in it (``AugmentConfig.save_pretrained``)."""
     run_dir = run_dir_for(config)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    record = config.model_dump(mode="json")
-    record.update(config_hash=config_hash(config), preset=config.preset, versions=versions())
-    atomic_write_json(run_dir / "config.json", record)
+    config.save_pretrained(run_dir)
     return run_dir
 
 
 def load_run_config(run_dir: str | Path) -> AugmentConfig:
     if not (Path(run_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json; is it a run directory?")
-    return load_config(Path(run_dir))
+    return AugmentConfig.from_pretrained(run_dir)
 
 
 # --------------------------------------------------------------------------- liveness
@@ -154,7 +124,7 @@ def run_status(run_dir: str | Path) -> RunInfo:
         status = "incomplete" if done else "empty"
     mtimes = [p.stat().st_mtime for p in [run_dir, *stages_dir.glob("*.json")] if p.exists()]
     return RunInfo(run_dir, cfg.get("preset", run_dir.name.rsplit("-", 1)[0]),
-                   cfg.get("config_hash", ""), status, done, max(mtimes, default=0.0),
+                   saved_metadata(cfg).get("config_hash", ""), status, done, max(mtimes, default=0.0),
                    sum(float(r.get("wall_s", 0.0)) for s, r in records.items() if s in STAGE_ORDER
                        and r),
                    failure.get("error") if failure and status == "failed" else None)
@@ -171,65 +141,6 @@ def list_runs(runs_root: str | Path) -> list[RunInfo]:
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class Meter:
-    """Wall time and peak memory of a block: CUDA peak allocation, else sampled RSS growth."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.peak_mb = 0.0
-
-    def __enter__(self) -> Self:
-        self.started = time.time()
-        self._t0 = time.perf_counter()
-        self._rss0 = self._peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.2):
-            self._peak = max(self._peak, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.wall_s = time.perf_counter() - self._t0
-        self.finished = time.time()
-        if self.device == "cuda":
-            import torch
-
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self.peak_mb = max(self._peak, _rss_bytes()) - self._rss0
-            self.peak_mb = max(0.0, self.peak_mb / 2**20)
-
-
-def device_label(device) -> str:
-    """What ran the work, for records and reports: the GPU's name, or the CPU's core and
-    torch thread counts."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 # --------------------------------------------------------------------------- reuse

@@ -118,7 +118,7 @@ def build_tiny_run(root: Path, dataset, reference, *, preset: str = "report-test
     if ssl:
         for arm in config.ssl.arms:
             for seed in config.ssl.seeds:
-                scfg = config.ssl.trainer_config(seed, "cpu").model_copy(
+                scfg = config.ssl.component(seed=seed, device="cpu").model_copy(
                     update={"amp": False, "channels_last": False})
                 run_arm(arm, dataset, split, run_dir / f"ssl/{arm}/seed-{seed}", scfg,
                         shard_dir=run_dir / "shards" if arm == "augmented" else None,

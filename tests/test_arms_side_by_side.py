@@ -44,8 +44,9 @@ def test_units_side_by_side_give_the_same_classifiers(flow_prefect, tmp_path, fl
     """Two worker processes train the four units of two arms x two seeds; every unit's
     metrics and EMA weights equal those of the one-by-one run."""
     from flows.augment import make_arm_runner, run_arms
-    from pipeline import stages
     from pipeline.runs import init_run_dir, read_json
+    from pipeline.stages.inputs import ssl_rel
+    from pipeline.stages.split import run_split
 
     dirs = {}
     for at_once in (1, 2):
@@ -57,7 +58,7 @@ def test_units_side_by_side_give_the_same_classifiers(flow_prefect, tmp_path, fl
         assert type(make_arm_runner(cfg, at_once)).__name__ == \
             ("ThreadPoolTaskRunner" if at_once == 1 else "DaskTaskRunner")
         run_dir = init_run_dir(cfg)
-        stages.run_split(run_dir, cfg)
+        run_split(run_dir, cfg)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in the Dask workers: the same kernels
         try:
@@ -69,7 +70,7 @@ def test_units_side_by_side_give_the_same_classifiers(flow_prefect, tmp_path, fl
     assert dirs[1].name == dirs[2].name  # arms_at_once is not part of the config hash
     for arm in ("supervised", "baseline"):
         for seed in (0, 1):
-            rel = stages.ssl_rel(arm, seed)
+            rel = ssl_rel(arm, seed)
             one, two = (read_json(dirs[n] / rel / "metrics.json") for n in (1, 2))
             assert (one["arm"], one["seed"]) == (two["arm"], two["seed"]) == (arm, seed)
             assert one["top1_error"] == pytest.approx(two["top1_error"], abs=1e-9)

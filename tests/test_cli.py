@@ -6,8 +6,10 @@ import pytest
 import yaml
 
 from flows.cli import main
-from pipeline import stages
-from pipeline.runs import init_run_dir
+from pipeline.runs import finished_record, init_run_dir
+from pipeline.stages.inputs import dataset_for
+from pipeline.stages.keys import stage_keys
+from pipeline.stages.split import run_split
 
 
 def _preset_file(cfg, tmp_path):
@@ -24,7 +26,7 @@ def test_dry_run_validates_and_preflights(flow_cfg, tmp_path, capsys):
     # The run directory the config hashes to, and what pre-flight found: the folder's
     # 28x28 grey images, the base's unet/ folder and the configured encoder.
     assert f"preset {flow_cfg.preset}: run directory {run_dir_for(flow_cfg)}" in out
-    ds = stages.dataset_for(flow_cfg)
+    ds = dataset_for(flow_cfg)
     assert ds.image_shape == (28, 28, 1)
     assert (f"pre-flight ok: {ds.name} [28, 28, 1], device cpu, base {flow_cfg.base_model}/unet, "
             f"encoder {flow_cfg.encoder}") in out
@@ -69,13 +71,13 @@ def test_missing_dataset_is_named(tmp_path, capsys, monkeypatch):
 
 def test_runs_lists_run_directories_with_status(flow_cfg, capsys):
     run_dir = init_run_dir(flow_cfg)
-    stages.run_split(run_dir, flow_cfg)
+    run_split(run_dir, flow_cfg)
     assert main(["runs", "--runs-dir", str(flow_cfg.runs_root())]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if run_dir.name in ln)
     # name, status, the stages with records (split only), their summed wall time, modified
     name, status, done, compute = line.split()[:4]
     assert (name, status, done) == (run_dir.name, "incomplete", "split")
-    split_rec = stages.finished_record(run_dir, "split", stages.stage_keys(flow_cfg)["split"])
+    split_rec = finished_record(run_dir, "split", stage_keys(flow_cfg)["split"])
     assert compute == f"{split_rec['wall_s']:.0f}s"
 
 

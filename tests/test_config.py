@@ -124,7 +124,7 @@ def test_sections_are_the_components_models():
     assert issubclass(PretrainSection, PretrainConfig)
     assert set(PretrainSection().model_dump()) == set(PretrainConfig.model_fields) - \
         {"sample_size", "device"}
-    run = PretrainSection(steps=7).for_run(16, "cpu")
+    run = PretrainSection(steps=7).component(sample_size=16, device="cpu")
     assert type(run) is PretrainConfig and (run.steps, run.sample_size, run.device) == \
         (7, 16, "cpu")
     with pytest.raises(ValueError, match="image_size"):
@@ -170,7 +170,7 @@ def test_ssl_section_extends_the_trainer_config_and_fills_seed_and_device():
     sec = SSLSection(budget="steps-8192", seeds=[3, 4], lr=0.05)
     assert isinstance(sec, SSLConfig)
     assert sec.steps == BUDGETS["steps-8192"]["steps"]
-    unit = sec.trainer_config(4, "cpu")
+    unit = sec.component(seed=4, device="cpu")
     assert type(unit) is SSLConfig and (unit.seed, unit.device, unit.lr) == (4, "cpu", 0.05)
     assert set(sec.model_dump()) == set(SSLConfig.model_fields) - {"seed", "device"} | \
         {"arms", "seeds", "budget", "recipe", "control_pool"}
@@ -195,3 +195,27 @@ def test_a_runs_own_config_json_reruns_that_run(tmp_path):
     assert config_hash(load_run_config(run_dir)) == config_hash(config)
     changed = load_config(run_dir, {"sampling.guidance": 3.0})
     assert changed.sampling.guidance == 3.0 and config_hash(changed) != config_hash(config)
+
+
+def test_a_saved_config_keeps_its_metadata_apart_and_old_records_still_load(tmp_path):
+    """save_pretrained puts the hash and versions under one key that loading ignores;
+    config.json files written before that key (the same entries at the top level) load."""
+    import json
+
+    from pipeline.config import AugmentConfig, config_hash, load_config, saved_metadata
+
+    config = load_config("demo", {"sampling.guidance": 2.5})
+    path = config.save_pretrained(tmp_path / "a")
+    record = json.loads(path.read_text())
+    assert set(record) - set(AugmentConfig.model_fields) == {"_meta"}
+    assert saved_metadata(record)["config_hash"] == config_hash(config)
+    assert "torch" in saved_metadata(record)["versions"]
+    assert AugmentConfig.from_pretrained(tmp_path / "a") == config
+    legacy = {k: v for k, v in record.items() if k != "_meta"}
+    legacy.update(config_hash=config_hash(config), versions={"torch": "2.0"})
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    assert AugmentConfig.from_pretrained(tmp_path / "old.json") == config
+    assert saved_metadata(legacy)["config_hash"] == config_hash(config)
+    record["_meta"] = {"config_hash": "tampered"}  # metadata never reaches a field or a hash
+    (tmp_path / "meta.json").write_text(json.dumps(record))
+    assert config_hash(AugmentConfig.from_pretrained(tmp_path / "meta.json")) == config_hash(config)

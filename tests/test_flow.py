@@ -11,11 +11,12 @@ import pytest
 from flow_fixtures import flow_config
 from safetensors.numpy import load_file
 
-from pipeline import stages
-from pipeline.keys import ssl_unit_key
 from pipeline.runs import init_run_dir, list_runs, read_json
 from pipeline.stage_graph import STAGE_ORDER
-from pipeline.stage_inputs import sample_rel
+from pipeline.stages.encode import run_encode
+from pipeline.stages.inputs import sample_rel
+from pipeline.stages.keys import ssl_unit_key, stage_keys
+from pipeline.stages.split import run_split
 
 # The Prefect harness starts a temporary API (about 15 s): CI's slow lane runs these; the
 # stage functions they orchestrate are tested directly in the fast lane.
@@ -32,7 +33,7 @@ def test_flow_runs_every_stage_and_a_rerun_skips_them(flow_prefect, flow_cfg):
     assert report == str(run_dir / "report.html")
     # Each stage the config keys left its record under that key, naming outputs on disk;
     # the unkeyed ones (pretrain: the base is given; loop: one round) left none.
-    keys = stages.stage_keys(cfg)
+    keys = stage_keys(cfg)
     ran = [s for s in STAGE_ORDER if keys[s] is not None]
     assert ran == ["split", "encode", "tune", "sample", "shards", "quality", "ssl", "report"]
     for name in STAGE_ORDER:
@@ -90,8 +91,8 @@ def _run_classes(cfg, runner_name):
     from flows.augment import adapt_classes, make_task_runner
 
     run_dir = init_run_dir(cfg)
-    stages.run_split(run_dir, cfg)
-    stages.run_encode(run_dir, cfg)
+    run_split(run_dir, cfg)
+    run_encode(run_dir, cfg)
     runner = make_task_runner(cfg)
     assert type(runner).__name__ == runner_name
     adapt_classes.with_options(task_runner=runner)(str(run_dir), cfg, [0, 1])

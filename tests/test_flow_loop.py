@@ -10,10 +10,10 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline import stages
 from pipeline.config import with_overrides
-from pipeline.generate.pseudo import PSEUDO_FILE
-from pipeline.runs import init_run_dir, list_runs, read_json
+from pipeline.runs import ROUND_TWO, init_run_dir, list_runs, read_json
+from pipeline.stages.keys import stage_keys
+from pipeline.stages.pseudo import PSEUDO_FILE
 
 pytestmark = pytest.mark.slow  # the Prefect harness starts a temporary API (about 15 s)
 
@@ -26,12 +26,12 @@ def test_flow_runs_the_second_round_and_a_rerun_skips_it(flow_prefect, flow_cfg)
     report = augment(config=cfg)
     run_dir = init_run_dir(cfg)
     assert str(run_dir) in report
-    r2 = run_dir / stages.ROUND_TWO
+    r2 = run_dir / ROUND_TWO
     for name in ("pseudo", "encode", "tune", "sample", "shards"):
         assert read_json(r2 / "stages" / f"{name}.json")["key"] == \
-            stages.stage_keys(cfg)["pseudo" if name == "pseudo" else f"{name}-r2"], name
+            stage_keys(cfg)["pseudo" if name == "pseudo" else f"{name}-r2"], name
     loop = read_json(run_dir / "stages" / "loop.json")
-    assert loop["key"] == stages.stage_keys(cfg)["loop"]
+    assert loop["key"] == stage_keys(cfg)["loop"]
     pseudo = pd.read_parquet(r2 / PSEUDO_FILE)
     assert loop["metrics"]["pseudo"]["pseudo_labeled"] == len(pseudo)
     selftrain = read_json(run_dir / "ssl/selftrain/seed-0/metrics.json")

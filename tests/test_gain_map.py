@@ -276,8 +276,8 @@ def test_sweep_runs_reuses_and_reports(tmp_path, flow_tiny_base, flow_image_fold
                                        monkeypatch):
     """A two-cell sweep on the tiny image folder: every repetition runs the pipeline's
     stages and arms, the report holds a heatmap per pair, and a rerun reads the records."""
-    from pipeline.report.sweep import build_sweep_report
     from pipeline.sweep import run as sweep_run
+    from pipeline.sweep.report import build_sweep_report
     from pipeline.sweep.spec import SweepSpec
 
     spec = SweepSpec.model_validate(_tiny_sweep(tmp_path, flow_tiny_base, flow_image_folder))

@@ -25,7 +25,9 @@ from pipeline import stages
 from pipeline.config import with_overrides
 from pipeline.generate.sample import part_name
 from pipeline.runs import init_run_dir, read_json
-from pipeline.stage_inputs import load_base, load_tokens
+from pipeline.stages.inputs import dataset_for, load_base, load_tokens
+from pipeline.stages.keys import stage_keys
+from pipeline.stages.pretrain import run_pretrain
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +83,7 @@ def test_shared_scope_tunes_one_adapter_on_every_class(flow_cfg, monkeypatch):
     from pipeline.data.images import to_model_space
 
     tok = load_tokens(run_dir)
-    ds = stages.dataset_for(cfg)
+    ds = dataset_for(cfg)
     labeled = tok["index"].numpy()
     assert np.bincount(ds.train_labels[labeled], minlength=2).tolist() == [2, 2]
     images, tokens = calls[0]
@@ -157,11 +159,11 @@ def test_pretrain_stage_builds_the_base_the_tune_stage_uses(flow_cfg, flow_tiny_
     cfg = with_overrides(flow_cfg, {"pretrain": TINY_PRETRAIN})
     run_dir = init_run_dir(cfg)
     records = stages.run_all(run_dir, cfg, until="tune")
-    assert records["pretrain"]["key"] == stages.stage_keys(cfg)["pretrain"]
+    assert records["pretrain"]["key"] == stage_keys(cfg)["pretrain"]
     assert records["pretrain"]["outputs"] == {"base": "base"}
 
     # Trained on the unlabeled pool only: the 20 training images minus the 4 labeled ones.
-    ds = stages.dataset_for(cfg)
+    ds = dataset_for(cfg)
     labeled = load_tokens(run_dir)["index"].numpy()
     pool = np.setdiff1d(np.arange(len(ds.train_labels)), labeled)
     training = read_json(run_dir / "base/training.json")
@@ -191,21 +193,21 @@ def test_pretrain_stage_builds_the_base_the_tune_stage_uses(flow_cfg, flow_tiny_
 
 def test_pretrain_key_follows_its_config_and_replaces_base_model(flow_cfg):
     cfg = with_overrides(flow_cfg, {"pretrain": TINY_PRETRAIN})
-    keys = stages.stage_keys(cfg)
-    assert stages.stage_keys(flow_cfg)["pretrain"] is None  # no pretrain section: no stage
-    assert stages.run_pretrain(init_run_dir(flow_cfg), flow_cfg) is None
+    keys = stage_keys(cfg)
+    assert stage_keys(flow_cfg)["pretrain"] is None  # no pretrain section: no stage
+    assert run_pretrain(init_run_dir(flow_cfg), flow_cfg) is None
     for change in ({"pretrain.steps": 3}, {"pretrain.block_out_channels": [8, 8]},
                    {"pretrain.seed": 1}, {"image_size": 64}):
-        other = stages.stage_keys(with_overrides(cfg, change))
+        other = stage_keys(with_overrides(cfg, change))
         assert other["pretrain"] != keys["pretrain"], change
         assert other["tune"] != keys["tune"], change  # a new base means new adapters
     # Settings the pretrain stage does not read leave its key alone (the tune key follows
     # its own settings).
-    same = stages.stage_keys(with_overrides(cfg, {"sampling.guidance": 3.0,
+    same = stage_keys(with_overrides(cfg, {"sampling.guidance": 3.0,
                                                   "tuning.steps": 5}))
     assert same["pretrain"] == keys["pretrain"] and same["tune"] != keys["tune"]
     # With a pretrained base, base_model is not read: not even a missing one changes a key.
-    moved = stages.stage_keys(with_overrides(cfg, {"base_model": "/no/such/base"}))
+    moved = stage_keys(with_overrides(cfg, {"base_model": "/no/such/base"}))
     assert moved["tune"] == keys["tune"]
 
 
@@ -357,7 +359,7 @@ def test_stage_base_keeps_its_saved_prediction_type(flow_cfg, flow_tiny_base, tm
 
 def test_augment_pretrain_command_writes_a_diffusers_base(flow_image_folder, tmp_path, capsys):
     from flows.cli import main
-    from pipeline.evaluate.model_card import training_pool
+    from pipeline.report.model_card import training_pool
 
     out = tmp_path / "base"
     argv = ["pretrain", "--dataset", "image-folder", "--root", str(flow_image_folder),

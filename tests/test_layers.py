@@ -1,6 +1,6 @@
 """The import graph (stdlib ``ast``, every import, also those inside functions): the layers
-go flows -> pipeline -> anl_core and never back, and no two modules import each other,
-directly or around a loop."""
+go flows -> pipeline -> anl_core and never back, inside ``pipeline`` its floors (``FLOORS``)
+likewise, and no two modules import each other, directly or around a loop."""
 
 from __future__ import annotations
 
@@ -10,6 +10,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("anl_core", "pipeline", "flows")
 LAYER = {"anl_core": 0, "pipeline": 1, "flows": 2}  # a module may import its own layer or lower
+
+# pipeline's floors, ground first: a module imports from its own floor or lower. Files on the
+# ground need nothing of the pipeline; the work (data, models, ssl, generate, evaluate) knows
+# no config, run store or stage; the config composes the work's settings; the run store
+# keeps records; the report reads them; the stages bind config, work and store; sweeps and
+# transfer run stages.
+FLOORS = (
+    ("pipeline", "pipeline.atomic", "pipeline.digest", "pipeline.paths", "pipeline.stage_graph",
+     "pipeline.validation"),
+    ("pipeline.provenance",),
+    ("pipeline.data",),
+    ("pipeline.models",),
+    ("pipeline.ssl",),
+    ("pipeline.generate",),
+    ("pipeline.evaluate",),
+    ("pipeline.config",),
+    ("pipeline.runs", "pipeline.preflight"),
+    ("pipeline.report",),
+    ("pipeline.stages",),
+    ("pipeline.sweep",),
+    ("pipeline.transfer",),
+)
 
 
 def _module_name(path: Path) -> str:
@@ -89,6 +111,29 @@ def test_layers_point_down_only():
                     if LAYER[dep.split(".")[0]] > LAYER[mod.split(".")[0]])
     assert not broken, "imports against the layers (flows -> pipeline -> anl_core):\n" + \
         "\n".join(broken)
+
+
+def floor(module: str) -> int:
+    """The floor of a pipeline module (its own entry, or its package's)."""
+    for i, names in enumerate(FLOORS):
+        if any(module == n or module.startswith(n + ".") for n in names if n != "pipeline") \
+                or module == "pipeline" and "pipeline" in names:
+            return i
+    raise AssertionError(f"{module} is on no floor of tests/test_layers.py:FLOORS; add it")
+
+
+def test_pipeline_floors_point_down_only():
+    graph = {m: d for m, d in import_graph().items() if m.startswith("pipeline")}
+    broken = sorted(f"{mod} (floor {floor(mod)}) -> {dep} (floor {floor(dep)})"
+                    for mod, deps in graph.items() for dep in deps
+                    if dep.startswith("pipeline") and floor(dep) > floor(mod))
+    assert not broken, "imports running back up pipeline's floors:\n" + "\n".join(broken)
+
+
+def test_the_floor_check_sees_an_import_inside_a_function():
+    assert floor("pipeline.stages.tune") > floor("pipeline.generate.tune")
+    assert floor("pipeline.data.shards") < floor("pipeline.models")
+    assert "pipeline.data.splits" in import_graph()["pipeline.stages.split"]  # lazy import
 
 
 def test_no_import_cycles():

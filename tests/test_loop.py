@@ -1,4 +1,4 @@
-"""The second round (``loop.rounds: 2``, ``pipeline.generate.loop``): pseudo-labels chosen from the
+"""The second round (``loop.rounds: 2``, ``pipeline.generate.pseudo_labels``): pseudo-labels chosen from the
 classifier's probabilities alone, round-2 stages keyed so a rerun redoes only what a change
 touches, warm-started adapters, and the round's two arms reading what they should."""
 
@@ -12,11 +12,13 @@ import pytest
 
 from pipeline import stages
 from pipeline.config import ConfigError, with_overrides
-from pipeline.generate.loop import select_pseudo_labels
-from pipeline.generate.pseudo import PSEUDO_FILE
-from pipeline.generate.tune import run_tune_class
-from pipeline.runs import init_run_dir, read_json
-from pipeline.stage_inputs import load_tokens
+from pipeline.generate.pseudo_labels import select_pseudo_labels
+from pipeline.runs import ROUND_TWO, init_run_dir, read_json
+from pipeline.stages.encode import run_encode
+from pipeline.stages.inputs import dataset_for, load_tokens, split_for
+from pipeline.stages.keys import stage_keys
+from pipeline.stages.pseudo import PSEUDO_FILE, run_pseudo
+from pipeline.stages.tune import run_tune_class
 
 LOOP = {"loop.rounds": 2, "loop.threshold": 0.0, "loop.per_class": 3,
         "ssl.arms": ["baseline", "augmented"]}
@@ -47,17 +49,17 @@ def test_round_two_needs_the_baseline_arm(flow_cfg):
     with pytest.raises(ConfigError, match="add 'baseline' to ssl.arms"):
         with_overrides(flow_cfg, {"loop.rounds": 2, "ssl.arms": ["supervised"]})
     # Off, the section is left out of every hash: configs from before it keep their runs.
-    assert stages.stage_keys(flow_cfg) == \
-        stages.stage_keys(with_overrides(flow_cfg, {"loop.per_class": 7}))
+    assert stage_keys(flow_cfg) == \
+        stage_keys(with_overrides(flow_cfg, {"loop.per_class": 7}))
 
 
 def test_two_rounds_end_to_end_and_a_rerun_skips_everything(flow_cfg):
     cfg = with_overrides(flow_cfg, LOOP)
     run_dir = init_run_dir(cfg)
     records = stages.run_all(run_dir, cfg)
-    r2 = run_dir / stages.ROUND_TWO
+    r2 = run_dir / ROUND_TWO
     pseudo = pd.read_parquet(r2 / PSEUDO_FILE)
-    split = stages.split_for(run_dir)
+    split = split_for(run_dir)
     # Pseudo-labeled images come from the unlabeled pool only, at most K per class.
     assert set(pseudo["train_idx"]) <= set(split.unlabeled_idx.tolist())
     assert pseudo.groupby("label").size().max() <= 3 and len(pseudo) >= 1
@@ -85,7 +87,7 @@ def test_two_rounds_end_to_end_and_a_rerun_skips_everything(flow_cfg):
     loop = records["loop"]["metrics"]
     assert loop["rows"] == len(rows) and loop["pseudo"]["pseudo_labeled"] == len(pseudo)
     # Precision is an evaluation figure: the share of pseudo-labels equal to the truth.
-    labels = stages.dataset_for(cfg).train_labels
+    labels = dataset_for(cfg).train_labels
     assert loop["pseudo"]["precision"] == pytest.approx(
         float((labels[pseudo["train_idx"]] == pseudo["label"]).mean()), abs=1e-4)
     # The report lists the round's arms and shows its pseudo-labels and grids.
@@ -105,23 +107,23 @@ def test_pseudo_labels_never_read_pool_or_test_labels(flow_cfg, monkeypatch):
     cfg = with_overrides(flow_cfg, LOOP)
     run_dir = init_run_dir(cfg)
     stages.run_all(run_dir, cfg, until="ssl")
-    first = stages.run_pseudo(run_dir, cfg)
-    chosen = pd.read_parquet(run_dir / stages.ROUND_TWO / PSEUDO_FILE)
+    first = run_pseudo(run_dir, cfg)
+    chosen = pd.read_parquet(run_dir / ROUND_TWO / PSEUDO_FILE)
 
     # The same images with every unlabeled-pool and test label scrambled: the choice of
     # images and their pseudo-labels must not move (only the precision figure may).
-    ds, split = stages.dataset_for(cfg), stages.split_for(run_dir)
+    ds, split = dataset_for(cfg), split_for(run_dir)
     labels = ds.train_labels.copy()
     labels[split.unlabeled_idx] = (labels[split.unlabeled_idx] + 1) % ds.num_classes
     scrambled = dataclasses.replace(ds, train_labels=labels,
                                     test_labels=(ds.test_labels + 1) % ds.num_classes)
-    from pipeline.generate import pseudo
+    from pipeline.stages import pseudo
 
     monkeypatch.setattr(pseudo, "dataset_for", lambda config: scrambled)
-    (run_dir / stages.ROUND_TWO / "stages" / "pseudo.json").unlink()
-    second = stages.run_pseudo(run_dir, cfg)
+    (run_dir / ROUND_TWO / "stages" / "pseudo.json").unlink()
+    second = run_pseudo(run_dir, cfg)
     assert not second.get("skipped")
-    again = pd.read_parquet(run_dir / stages.ROUND_TWO / PSEUDO_FILE)
+    again = pd.read_parquet(run_dir / ROUND_TWO / PSEUDO_FILE)
     pd.testing.assert_frame_equal(chosen, again)
     assert first["metrics"]["precision"] != second["metrics"]["precision"]
 
@@ -149,7 +151,7 @@ def test_round_two_keys_rerun_only_what_a_change_touches(flow_cfg):
     for unit in ("adapters/class-00", "adapters/class-01", "samples/class-00",
                  "samples/class-01", "ssl/baseline/seed-0"):
         assert _linked(first / unit, second / unit), unit  # lent (hard links), not redone
-    r2 = second / stages.ROUND_TWO
+    r2 = second / ROUND_TWO
     for name in ("pseudo", "encode", "tune", "sample", "shards"):
         assert "adopted_from" not in read_json(r2 / "stages" / f"{name}.json"), name
     assert pd.read_parquet(r2 / PSEUDO_FILE).groupby("label").size().max() <= 2
@@ -158,10 +160,10 @@ def test_round_two_keys_rerun_only_what_a_change_touches(flow_cfg):
     pc = with_overrides(cfg, {"loop.per_condition": 1})
     third = init_run_dir(pc)
     stages.run_all(third, pc, until="loop")
-    r3 = third / stages.ROUND_TWO
+    r3 = third / ROUND_TWO
     for name in ("pseudo", "encode"):
         assert read_json(r3 / "stages" / f"{name}.json").get("adopted_from") == first.name
-    r1 = first / stages.ROUND_TWO
+    r1 = first / ROUND_TWO
     for c in (0, 1):
         assert _linked(r1 / f"adapters/class-{c:02d}", r3 / f"adapters/class-{c:02d}")
         assert not _linked(r1 / f"samples/class-{c:02d}", r3 / f"samples/class-{c:02d}")
@@ -189,15 +191,15 @@ def test_warm_start_tunes_from_the_round_one_adapter(flow_cfg, monkeypatch):
         cfg = with_overrides(base, {"loop.warm_start": warm})
         run_dir = init_run_dir(cfg)
         stages.run_all(run_dir, cfg, until="ssl")
-        stages.run_pseudo(run_dir, cfg)
-        stages.run_encode(run_dir, cfg, 2)
+        run_pseudo(run_dir, cfg)
+        run_encode(run_dir, cfg, 2)
         monkeypatch.setattr(anl_core.tuning, "tune_adapter", spy)
         run_tune_class(run_dir, cfg, 0, 2)
         monkeypatch.setattr(anl_core.tuning, "tune_adapter", real)
         one = load_file(run_dir / "adapters/class-00/adapter.safetensors")
         gap = max(float(np.abs(one[k] - seen["start"][k]).max()) for k in one)
         assert (gap == 0.0) if warm else (gap > 1e-3), (warm, gap)
-        two_dir = run_dir / stages.ROUND_TWO / "adapters/class-00"
+        two_dir = run_dir / ROUND_TWO / "adapters/class-00"
         assert read_json(two_dir / "tune.json")["warm_start"] is warm
 
 
@@ -207,11 +209,11 @@ def test_labeled_conditions_sample_from_labeled_images_only(flow_cfg):
     stages.run_all(run_dir, cfg, until="loop")
     from pipeline.data.shards import read_shards
 
-    rows = read_shards(run_dir / stages.ROUND_TWO / "shards").frame
-    labeled = set(stages.split_for(run_dir).labeled_idx.tolist())
+    rows = read_shards(run_dir / ROUND_TWO / "shards").frame
+    labeled = set(split_for(run_dir).labeled_idx.tolist())
     assert set(rows["condition_id"]) == labeled  # every labeled image, no pseudo one
-    tuned = [read_json(run_dir / stages.ROUND_TWO / f"adapters/class-{c:02d}/tune.json")
+    tuned = [read_json(run_dir / ROUND_TWO / f"adapters/class-{c:02d}/tune.json")
              for c in (0, 1)]
-    n_pseudo = len(pd.read_parquet(run_dir / stages.ROUND_TWO / PSEUDO_FILE))
+    n_pseudo = len(pd.read_parquet(run_dir / ROUND_TWO / PSEUDO_FILE))
     # ... yet the adapters were tuned on the pseudo-labeled images too.
     assert sum(t["pseudo_labeled"] for t in tuned) == n_pseudo >= 1

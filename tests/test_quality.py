@@ -7,18 +7,24 @@ import numpy as np
 import pytest
 from report_fixtures import MASK_RATIOS
 
+from pipeline.data.images import nearest_rmse
 from pipeline.evaluate.quality import (
+    QUALITY_DIR,
+    QUALITY_FILE,
     QualityConfig,
     QualityError,
     evaluate_run_quality,
     kid,
-    load_quality,
     mean_pairwise_distance,
-    nearest_rmse,
     within_group_diversity,
 )
+from pipeline.runs import read_json
 
 # The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
+
+
+def load_quality(run_dir):
+    return read_json(run_dir / QUALITY_DIR / QUALITY_FILE)
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():

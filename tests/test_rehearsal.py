@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import rehearsal_fixtures as rf
 
-from pipeline.config import REPO_ROOT, config_hash, load_config
-from pipeline.keys import ssl_unit_key
+from pipeline.config import config_hash, load_config
+from pipeline.paths import REPO_ROOT
 from pipeline.runs import list_runs, read_json
 from pipeline.stage_graph import STAGE_ORDER
+from pipeline.stages.keys import ssl_unit_key
 
 PRESET = "cifar10-250labels"
 # Size overrides only: how much work each stage does, never what it computes with. The
@@ -178,7 +179,7 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     from anl_core.inject import base_fingerprint, load_adapter
     from pipeline.data.shards import read_shards, verify_shards
     from pipeline.data.splits import load_split
-    from pipeline.keys import stage_keys
+    from pipeline.stages.keys import stage_keys
     runs = tmp_path / "runs"
     env = _env(stand_ins["hf_home"], stand_ins["cifar_root"], tmp_path / "prefect")
     t0 = time.perf_counter()
@@ -196,7 +197,7 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     run_dir = runs / f"{PRESET}-{config_hash(expected)[:8]}"
     assert run_dir.is_dir(), f"no {run_dir}; runs: {list(runs.iterdir())}"
     stored = read_json(run_dir / "config.json")
-    assert stored["config_hash"] == config_hash(expected)
+    assert stored["_meta"]["config_hash"] == config_hash(expected)
 
     # Both models were resolved by id, in the stand-in cache.
     preflight_line = next(ln for ln in log.splitlines() if ln.startswith("pre-flight ok"))

@@ -22,15 +22,16 @@ from torch_helpers import FixedLogits, anl_one_thread
 
 from pipeline import stages
 from pipeline.config import with_overrides
-from pipeline.keys import ssl_unit_key
 from pipeline.runs import init_run_dir, read_json
+from pipeline.stages.inputs import dataset_for, split_for, ssl_rel
+from pipeline.stages.keys import ssl_unit_key, stage_keys
 
 LABEL_ONLY_ARMS = ("supervised", "baseline")
 T_975_DF2 = 4.302653  # two-sided 95% t quantile for 3 paired seeds (df = 2)
 
 
 def _metrics(run_dir: Path, arm: str, seed: int = 0) -> dict:
-    return json.loads((run_dir / stages.ssl_rel(arm, seed) / "metrics.json").read_text())
+    return json.loads((run_dir / ssl_rel(arm, seed) / "metrics.json").read_text())
 
 
 def _model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -67,13 +68,13 @@ def test_sampling_change_reuses_label_only_arms_and_retrains_augmented(flow_cfg,
         assert "adopted_from" not in records["ssl"]  # the ssl stage key follows the shards
 
         for arm in LABEL_ONLY_ARMS:
-            a, b = first / stages.ssl_rel(arm, 0), second / stages.ssl_rel(arm, 0)
+            a, b = first / ssl_rel(arm, 0), second / ssl_rel(arm, 0)
             assert read_json(b / "unit.json")["key"] == read_json(a / "unit.json")["key"], arm
             for name in ("metrics.json", "checkpoint.pt", "learning_curve.parquet"):
                 # Same inode: linked from the first run, not trained a second time.
                 assert (a / name).stat().st_ino == (b / name).stat().st_ino, (arm, name)
 
-        a, b = first / stages.ssl_rel("augmented", 0), second / stages.ssl_rel("augmented", 0)
+        a, b = first / ssl_rel("augmented", 0), second / ssl_rel("augmented", 0)
         assert read_json(b / "unit.json")["key"] != read_json(a / "unit.json")["key"]
         assert (a / "metrics.json").stat().st_ino != (b / "metrics.json").stat().st_ino
         assert _metrics(second, "augmented")["num_synthetic"] == len(new.labels) == 8
@@ -81,8 +82,8 @@ def test_sampling_change_reuses_label_only_arms_and_retrains_augmented(flow_cfg,
         assert not _same_tensors(retrained, _model_state(a / "checkpoint.pt"))
         # Trained on the second run's shards: the same arm run by hand on them agrees bit
         # for bit (the stage passes the config's trainer fields and device cpu).
-        scfg = changed.ssl.trainer_config(0, "cpu")
-        run_arm("augmented", stages.dataset_for(changed), stages.split_for(second),
+        scfg = changed.ssl.component(seed=0, device="cpu")
+        run_arm("augmented", dataset_for(changed), split_for(second),
                 tmp_path / "by-hand", scfg, shard_dir=second / "shards", progress=False)
         assert _same_tensors(retrained, _model_state(tmp_path / "by-hand" / "checkpoint.pt"))
 
@@ -203,11 +204,11 @@ def test_soft_pseudo_labels_give_the_hand_computed_unsupervised_loss():
 def test_soft_label_setting_reaches_the_trainer_and_its_fingerprint(flow_cfg):
 
     soft = with_overrides(flow_cfg, {"ssl.hard_labels": False})
-    scfg = soft.ssl.trainer_config(0)
+    scfg = soft.ssl.component(seed=0)
     assert scfg.hard_labels is False
-    assert scfg.fingerprint() != flow_cfg.ssl.trainer_config(0).fingerprint()
+    assert scfg.fingerprint() != flow_cfg.ssl.component(seed=0).fingerprint()
     # Every arm that trains with FixMatch is a different classifier with soft labels.
-    k1, k2 = stages.stage_keys(flow_cfg), stages.stage_keys(soft)
+    k1, k2 = stage_keys(flow_cfg), stage_keys(soft)
     assert ssl_unit_key(flow_cfg, k1, "baseline", 0) != \
         ssl_unit_key(soft, k2, "baseline", 0)
 

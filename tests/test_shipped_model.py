@@ -41,7 +41,7 @@ def shipped(request):
 def card(shipped):
     path = shipped / "card.json"
     assert path.exists(), (f"{path} is missing: write the model card with "
-                           f"`python -m pipeline.evaluate.model_card {shipped}`")
+                           f"`python -m pipeline.report.model_card {shipped}`")
     return json.loads(path.read_text())
 
 
@@ -76,7 +76,7 @@ def test_card_matches_the_shipped_files(shipped, card):
     weights = shipped / "unet" / "diffusion_pytorch_model.safetensors"
     sha = _sha256(weights)
     assert card["weights_sha256"] == sha, "weights changed since the card was written: rerun " \
-        f"`python -m pipeline.evaluate.model_card {shipped} --force`"
+        f"`python -m pipeline.report.model_card {shipped} --force`"
     training = json.loads((shipped / "training.json").read_text())
     assert training["weights_sha256"] == sha
     assert weights.stat().st_size <= MAX_BYTES and card["weights_bytes"] == weights.stat().st_size
@@ -92,7 +92,7 @@ def test_card_matches_the_shipped_files(shipped, card):
 
 
 def test_card_readme_states_provenance_and_quality(shipped, card):
-    from pipeline.evaluate.model_card import render_readme
+    from pipeline.report.model_card import render_readme
 
     text = (shipped / "README.md").read_text()
     # The README is the Jinja template rendered from card.json, byte for byte (Markdown: no
@@ -105,7 +105,7 @@ def test_card_readme_states_provenance_and_quality(shipped, card):
     # The card names the presets that use this model, read from their YAML.
     import yaml
 
-    from pipeline.config import PRESETS_DIR
+    from pipeline.paths import PRESETS_DIR
 
     users = [p.stem for p in PRESETS_DIR.glob("*.yaml")
              if yaml.safe_load(p.read_text()).get("base_model") == f"data/models/{shipped.name}"]
@@ -138,7 +138,7 @@ def test_card_readme_states_provenance_and_quality(shipped, card):
 
 
 def test_confident_assignments_counts_only_confident_rows():
-    from pipeline.evaluate.model_card import confident_assignments
+    from pipeline.report.model_card import confident_assignments
 
     probs = np.array([[0.95, 0.05, 0.0], [0.5, 0.5, 0.0], [0.0, 0.02, 0.98],
                       [0.0, 0.01, 0.99], [0.91, 0.09, 0.0]])
@@ -173,9 +173,9 @@ def tiny_model(tmp_path_factory, data_fashion_mnist):
 
 
 def test_model_card_measures_writes_and_reuses(tiny_model, monkeypatch):
-    from pipeline.evaluate import model_card
-    from pipeline.evaluate.model_card import CardConfig, write_model_card
     from pipeline.evaluate.reference import ReferenceConfig, train_reference
+    from pipeline.report import model_card
+    from pipeline.report.model_card import CardConfig, write_model_card
 
     model_dir, ds = tiny_model
     ref = train_reference(ds, ReferenceConfig(width=4, epochs=1, batch_size=64), "cpu",
@@ -214,8 +214,8 @@ def test_model_card_measures_writes_and_reuses(tiny_model, monkeypatch):
 
 
 def test_samples_do_not_depend_on_the_batch_size(tiny_model):
-    from pipeline.evaluate.model_card import load_base
     from pipeline.models import sample_base
+    from pipeline.report.model_card import load_base
 
     unet, scheduler = load_base(tiny_model[0])
     a = sample_base(unet, scheduler, 6, steps=2, seed=3, batch_size=6, shape=(28, 28),
@@ -232,7 +232,7 @@ def test_samples_do_not_depend_on_the_batch_size(tiny_model):
 
 
 def test_model_card_refuses_an_unfinished_model(tmp_path):
-    from pipeline.evaluate.model_card import ModelCardError, build_card
+    from pipeline.report.model_card import ModelCardError, build_card
 
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(ModelCardError, match="training.json"):

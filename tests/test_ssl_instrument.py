@@ -168,7 +168,7 @@ def test_warmup_cosine_schedule_and_recipe():
     assert eval_steps(SSLConfig(steps=1000, eval_every=300)) == [300, 600, 900, 1000]
     from pipeline.config import AugmentConfig
 
-    c = AugmentConfig(ssl={"recipe": "cpu-short", "lr": 0.01}).ssl.trainer_config(0)
+    c = AugmentConfig(ssl={"recipe": "cpu-short", "lr": 0.01}).ssl.component(seed=0)
     assert (c.schedule, c.final_points, c.net, c.net_width, c.lr) == \
         ("warmup-cosine", 3, "cnn-small", 16, 0.01)  # explicit fields beat the recipe
     with pytest.raises(ValidationError, match="recipe"):

@@ -17,10 +17,20 @@ from flow_fixtures import REPO
 
 from pipeline import stages
 from pipeline.config import with_overrides
-from pipeline.generate.sample import part_name, ratio_seed, run_sample_class
-from pipeline.keys import ssl_unit_key
+from pipeline.generate.sample import part_name, ratio_seed
 from pipeline.runs import init_run_dir, list_runs, read_json, run_dir_for
-from pipeline.stage_inputs import adapter_rel, load_base, load_tokens, sample_rel
+from pipeline.stages.inputs import (
+    adapter_rel,
+    dataset_for,
+    load_base,
+    load_tokens,
+    sample_rel,
+    split_for,
+)
+from pipeline.stages.keys import ssl_unit_key, stage_keys
+from pipeline.stages.sample import run_sample, run_sample_class
+from pipeline.stages.shards import run_shards
+from pipeline.stages.split import run_split
 
 
 def _mtimes(root: Path) -> dict[str, int]:
@@ -100,14 +110,14 @@ def test_killed_sampling_resumes_without_missing_or_duplicate_rows(flow_cfg, tmp
     # The process kills itself (SIGKILL: no cleanup, no finally) right after its first chunk
     # is published, so the test sees the same mid-sampling state on every machine and load.
     code = ("import os, signal, sys; from pathlib import Path; "
-            "from pipeline.config import AugmentConfig; from pipeline import stages; "
-            "from pipeline.generate import sample\n"
+            "from pipeline.config import AugmentConfig; "
+            "from pipeline.stages import sample\n"
             "save = sample.save_npz\n"
             "def save_then_die(*a, **k):\n"
             "    save(*a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
             "sample.save_npz = save_then_die\n"
             "cfg = AugmentConfig.model_validate_json(Path(sys.argv[1]).read_text())\n"
-            "stages.run_sample(Path(sys.argv[2]), cfg)")
+            "sample.run_sample(Path(sys.argv[2]), cfg)")
     proc = subprocess.run([sys.executable, "-c", code, str(cfg_file), str(run_dir)], cwd=REPO,
                           timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.returncode
@@ -116,8 +126,8 @@ def test_killed_sampling_resumes_without_missing_or_duplicate_rows(flow_cfg, tmp
     assert not (run_dir / "stages" / "sample.json").exists()
     first_part = {p: p.stat().st_mtime_ns for p in parts}
 
-    stages.run_sample(run_dir, cfg)
-    stages.run_shards(run_dir, cfg)
+    run_sample(run_dir, cfg)
+    run_shards(run_dir, cfg)
     assert {p: p.stat().st_mtime_ns for p in parts} == first_part  # finished chunks kept
     assert _mtimes(run_dir / "adapters") == adapters_before  # adapters not redone
 
@@ -143,7 +153,7 @@ def test_killed_sampling_resumes_without_missing_or_duplicate_rows(flow_cfg, tmp
 
 def test_runs_listing_reports_status(flow_cfg):
     run_dir = init_run_dir(flow_cfg)
-    stages.run_split(run_dir, flow_cfg)
+    run_split(run_dir, flow_cfg)
     (runs,) = list_runs(run_dir.parent)
     assert runs.path == run_dir and runs.status == "incomplete" and runs.stages_done == ["split"]
     assert run_dir_for(flow_cfg) == run_dir and run_dir.name.startswith("tiny-")
@@ -152,20 +162,20 @@ def test_runs_listing_reports_status(flow_cfg):
 def test_neighbors_add_unlabeled_tuning_targets_and_keep_keys_when_off(flow_cfg):
     from pipeline.config import config_hash
 
-    plain = stages.stage_keys(flow_cfg)
+    plain = stage_keys(flow_cfg)
     on = with_overrides(flow_cfg, {"neighbors.per_image": 3, "neighbors.pool": 8})
-    keys = stages.stage_keys(on)
+    keys = stage_keys(on)
     assert keys["split"] == plain["split"] and keys["encode"] != plain["encode"]
     off = with_overrides(flow_cfg, {"neighbors.pool": 8})  # per_image 0: the option is off
-    assert stages.stage_keys(off) == plain and config_hash(off) == config_hash(flow_cfg)
+    assert stage_keys(off) == plain and config_hash(off) == config_hash(flow_cfg)
     share = with_overrides(on, {"neighbors.self_share": 0.9})  # read by tune, not encode
-    assert stages.stage_keys(share)["encode"] == keys["encode"]
-    assert stages.stage_keys(share)["tune"] != keys["tune"]
+    assert stage_keys(share)["encode"] == keys["encode"]
+    assert stage_keys(share)["tune"] != keys["tune"]
 
     run_dir = init_run_dir(on)
     records = stages.run_all(run_dir, on, until="tune")
     tok = load_tokens(run_dir)
-    split = stages.split_for(run_dir)
+    split = split_for(run_dir)
     nb = tok["neighbors"]
     assert nb.shape == (4, 3)  # 2 classes x 2 labeled images, 3 neighbours each
     found = nb[nb >= 0].numpy()
@@ -212,7 +222,7 @@ def test_control_arm_runs_in_the_flow_with_judged_real_rows(flow_cfg):
                                     "validation_per_class": 2})
     run_dir = init_run_dir(cfg)
     stages.run_all(run_dir, cfg, until="ssl")
-    split = stages.split_for(run_dir)
+    split = split_for(run_dir)
     assert len(split.val_idx) == 4
     m = read_json(run_dir / "ssl/control/seed-0/metrics.json")
     aug = read_json(run_dir / "ssl/augmented/seed-0/metrics.json")
@@ -227,10 +237,10 @@ def test_control_arm_runs_in_the_flow_with_judged_real_rows(flow_cfg):
         assert len(z["labels"]) == m["num_synthetic"]
         assert set(z["train_idx"].tolist()) <= set(split.unlabeled_idx.tolist())
     base = read_json(run_dir / "ssl/baseline/seed-0/metrics.json")
-    keys = stages.stage_keys(cfg)
+    keys = stage_keys(cfg)
     # A change of the extra-row settings reruns augmented and control, not the baseline.
     other = with_overrides(cfg, {"ssl.synthetic_batch_share": 1.0})
-    k2 = stages.stage_keys(other)
+    k2 = stage_keys(other)
     assert ssl_unit_key(cfg, keys, "baseline", 0) == \
         ssl_unit_key(other, k2, "baseline", 0)
     for arm in ("augmented", "control"):
@@ -240,7 +250,7 @@ def test_control_arm_runs_in_the_flow_with_judged_real_rows(flow_cfg):
 
 def _class_conditions(run_dir: Path, c: int) -> list[int]:
     """The condition images of class c in sampling order: the split's labeled indices of c."""
-    split = stages.split_for(run_dir)
+    split = split_for(run_dir)
     return [int(i) for i in split.labeled_idx if split.labels[i] == c]
 
 
@@ -278,7 +288,7 @@ def test_sample_parts_and_shards_record_each_rows_condition_label_and_seed(flow_
     unet, scheduler = load_base(run_dir, cfg, "cpu")
     tok = load_tokens(run_dir)
     model = load_adapter(unet, run_dir / adapter_rel(1), encoder_id=tok["encoder_id"])
-    shape = stages.dataset_for(cfg).image_shape[:2]
+    shape = dataset_for(cfg).image_shape[:2]
     s = cfg.sampling
     with np.load(run_dir / sample_rel(1) / part_name(1, 0)) as z:
         images = z["images"]
@@ -326,7 +336,7 @@ def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatc
     with monkeypatch.context() as m:
         m.setattr(np, "savez", crashing_savez)
         with pytest.raises(OSError, match="injected"):
-            stages.run_sample(run_dir, cfg)
+            run_sample(run_dir, cfg)
     unit = run_dir / sample_rel(0)
     first = unit / part_name(0, 0)
     # Only the finished chunk and the plan: no partial part, no temp file, no unit marker.
@@ -334,7 +344,7 @@ def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatc
     assert not (run_dir / sample_rel(1)).exists()
     stamp = first.stat().st_mtime_ns
 
-    stages.run_sample(run_dir, cfg)
+    run_sample(run_dir, cfg)
     assert first.stat().st_mtime_ns == stamp  # the finished chunk is kept, not redone
     for c in (0, 1):
         d = run_dir / sample_rel(c)
@@ -347,7 +357,7 @@ def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatc
                 assert z["images"].shape[0] == k and z["images"].dtype == np.uint8
                 ids += z["condition_id"].tolist()
         assert ids == [cid for cid in _class_conditions(run_dir, c) for _ in range(k)]
-    stages.run_shards(run_dir, cfg)
+    run_shards(run_dir, cfg)
     frame = read_shards(run_dir / "shards").frame
     assert len(frame) == 2 * 3 * k
     counts = frame.groupby("condition_id").size()
@@ -368,8 +378,8 @@ DEMO_KEYS = {"split": "73054915575ea91f", "pretrain": None, "encode": "17a09fdda
 def test_stage_keys_are_pinned():
     from pipeline.config import load_config
 
-    assert stages.stage_keys(load_config("demo")) == DEMO_KEYS
-    two = stages.stage_keys(load_config("demo", ["loop.rounds=2"]))
+    assert stage_keys(load_config("demo")) == DEMO_KEYS
+    two = stage_keys(load_config("demo", ["loop.rounds=2"]))
     assert {k: two[k] for k in DEMO_KEYS if k not in ("loop", "report")} == \
         {k: v for k, v in DEMO_KEYS.items() if k not in ("loop", "report")}
     assert two["pseudo"] == "4f3c9c2004bd038a" and two["loop"] == "05fb6966c4c57dbc"
@@ -379,14 +389,14 @@ def test_unit_keys_and_ssl_fingerprints_are_pinned():
     """A finished arm is found by its unit key and resumed by its fingerprint: moving the
     hashing into one function (pipeline.digest) must not rename either."""
     from pipeline.config import load_config
-    from pipeline.keys import ssl_unit_key
+    from pipeline.stages.keys import ssl_unit_key
 
     config = load_config("demo")
-    keys = stages.stage_keys(config)
+    keys = stage_keys(config)
     assert {a: ssl_unit_key(config, keys, a, 0)
             for a in ("supervised", "baseline", "augmented", "control")} == {
         "supervised": "bdaccf8d53553fa3", "baseline": "6f90adf62a7883c5",
         "augmented": "54ba630fdfe7706b", "control": "fa1041eaeb4685b2"}
-    trainer = config.ssl.trainer_config(0, "cpu")
+    trainer = config.ssl.component(seed=0, device="cpu")
     assert trainer.fingerprint() == "4811c0de7ef96f7f"
     assert trainer.fingerprint(reads_extra_rows=False) == "78c76799331833a0"

@@ -17,6 +17,8 @@ from pipeline.generate.synthetic_filter import (
     prototype_margin,
 )
 from pipeline.runs import StageError, init_run_dir
+from pipeline.stages.inputs import dataset_for, split_for
+from pipeline.stages.keys import stage_keys
 
 
 def _unit(rows):
@@ -74,18 +76,18 @@ def test_copies_are_closer_to_a_labeled_image_than_most_real_images_of_its_class
 
 
 def test_filter_keys_only_the_shards_stage_and_keeps_hashes_when_off(flow_cfg):
-    plain = stages.stage_keys(flow_cfg)
+    plain = stage_keys(flow_cfg)
     off = with_overrides(flow_cfg, {"filter.margin": 0.3})  # method none: the option is off
-    assert stages.stage_keys(off) == plain and config_hash(off) == config_hash(flow_cfg)
+    assert stage_keys(off) == plain and config_hash(off) == config_hash(flow_cfg)
     on = with_overrides(flow_cfg, {"filter.method": "prototype"})
-    keys = stages.stage_keys(on)
+    keys = stage_keys(on)
     assert config_hash(on) != config_hash(flow_cfg)
     assert all(keys[s] == plain[s] for s in ("split", "encode", "tune", "sample"))
     assert keys["shards"] != plain["shards"]
     stricter = with_overrides(on, {"filter.margin": 0.05})
-    assert stages.stage_keys(stricter)["shards"] != keys["shards"]
+    assert stage_keys(stricter)["shards"] != keys["shards"]
     copies = with_overrides(flow_cfg, {"filter.copy_quantile": 0.05})  # on without a method
-    assert stages.stage_keys(copies)["shards"] != plain["shards"]
+    assert stage_keys(copies)["shards"] != plain["shards"]
     with pytest.raises(ValueError, match="filter.method"):
         with_overrides(flow_cfg, {"filter.method": "clip"})
 
@@ -118,7 +120,7 @@ def test_shards_stage_writes_only_the_rows_the_filter_keeps(flow_cfg):
     on = with_overrides(flow_cfg, {"filter.method": "prototype", "sampling.per_condition": 3})
     run_dir = init_run_dir(on)
     stages.run_all(run_dir, on, until="sample")
-    split, ds = stages.split_for(run_dir), stages.dataset_for(on)
+    split, ds = split_for(run_dir), dataset_for(on)
     labeled, lab = ds.train_images[split.labeled_idx], split.labeled_labels
     _plant(run_dir, labeled, lab)
     records = stages.run_all(run_dir, on, until="shards")

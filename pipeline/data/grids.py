@@ -70,3 +70,26 @@ def strips_png(rows: Sequence[tuple[str, np.ndarray]], title: str = "",
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
+
+
+def class_grid_png(real: np.ndarray, synthetic: dict[float, np.ndarray], title: str,
+                   cols: int = 8, real_label: str = "real labeled",
+                   row_label: str = "mask {:g}") -> bytes:
+    """PNG: one row of real labeled images, then one row of synthetic images per mask ratio.
+
+    ``row_label`` formats each synthetic row's key into its label (a constant string labels
+    every row alike: ``"samples"``).
+    """
+    rows = [(real_label, real[:cols])] + \
+        [(row_label.format(r), imgs[:cols]) for r, imgs in sorted(synthetic.items())]
+    return strips_png(rows, title, cols)
+
+
+def grid_picks(frame, rows: np.ndarray, n: int) -> np.ndarray:
+    """Rows for a grid: first sample of each condition, then the second of each, and so on,
+    so a grid shows as many different condition images as it can."""
+    sub = frame.iloc[rows]
+    rank = sub.groupby("condition_id", dropna=False).cumcount().to_numpy()
+    cond = sub["condition_id"].fillna(-1).to_numpy()
+    order = np.lexsort((cond, rank))
+    return rows[order[:n]]

@@ -1,4 +1,5 @@
-"""Conversions between stored images (uint8 NHWC) and model space (float NCHW in [-1, 1]).
+"""Conversions between stored images (uint8 NHWC) and model space (float NCHW in [-1, 1]),
+and the pixel distance between stored images.
 
 Diffusion U-Nets here work at a power-of-two size (32x32); 28x28 Fashion-MNIST is
 padded with its background value (black, -1) rather than resized, so that cropping
@@ -6,6 +7,8 @@ the centre back out gives synthetic images at the real pixel grid.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -41,3 +44,25 @@ def from_model_space(x: torch.Tensor, shape: tuple[int, int] | None = None) -> n
             x = F.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False)
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def nearest_rmse(queries: np.ndarray, pool: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """For each uint8 query image, the pixel RMSE (in [0, 1] units) to its nearest pool image."""
+    return nearest_pool_image(queries, pool, batch)[0]
+
+
+def nearest_pool_image(queries: np.ndarray, pool: np.ndarray, batch: int = 1024
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel RMSE in [0, 1] units, pool index) of each uint8 query's nearest pool image."""
+    if len(pool) == 0:
+        raise ValueError("the nearest-image search needs a non-empty pool of images")
+    p = torch.as_tensor(pool.reshape(len(pool), -1), dtype=torch.float32) / 255.0
+    dist, idx = [], []
+    for i in range(0, len(queries), batch):
+        q = torch.as_tensor(queries[i:i + batch].reshape(-1, p.shape[1]), dtype=torch.float32) / 255
+        d, j = torch.cdist(q, p).min(dim=1)
+        dist.append(d / math.sqrt(p.shape[1]))
+        idx.append(j)
+    if not dist:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    return torch.cat(dist).numpy(), torch.cat(idx).numpy()

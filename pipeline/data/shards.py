@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.atomic import atomic_write_text
-from pipeline.models import file_sha256
+from pipeline.digest import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "anl-augment-shards"

@@ -19,8 +19,6 @@ The pure functions (``kid``, ``mean_pairwise_distance``, ...) work on arrays;
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.atomic import atomic_write_bytes as _atomic_bytes
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, finite
 from pipeline.data.datasets import ImageDataset
-from pipeline.data.images import to_model_space
+from pipeline.data.grids import class_grid_png, grid_picks
+from pipeline.data.images import nearest_rmse, to_model_space
 from pipeline.evaluate.quality_config import QualityConfig
 
 QUALITY_DIR = "quality"
@@ -108,28 +107,6 @@ def within_group_diversity(f: np.ndarray, groups: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def nearest_rmse(queries: np.ndarray, pool: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """For each uint8 query image, the pixel RMSE (in [0, 1] units) to its nearest pool image."""
-    return nearest_pool_image(queries, pool, batch)[0]
-
-
-def nearest_pool_image(queries: np.ndarray, pool: np.ndarray, batch: int = 1024
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(pixel RMSE in [0, 1] units, pool index) of each uint8 query's nearest pool image."""
-    if len(pool) == 0:
-        raise ValueError("the nearest-image search needs a non-empty pool of images")
-    p = torch.as_tensor(pool.reshape(len(pool), -1), dtype=torch.float32) / 255.0
-    dist, idx = [], []
-    for i in range(0, len(queries), batch):
-        q = torch.as_tensor(queries[i:i + batch].reshape(-1, p.shape[1]), dtype=torch.float32) / 255
-        d, j = torch.cdist(q, p).min(dim=1)
-        dist.append(d / math.sqrt(p.shape[1]))
-        idx.append(j)
-    if not dist:
-        return np.zeros(0, np.float32), np.zeros(0, np.int64)
-    return torch.cat(dist).numpy(), torch.cat(idx).numpy()
-
-
 # --------------------------------------------------------------------------- feature spaces
 
 
@@ -170,47 +147,7 @@ def resolve_features(encoder, device: str | None, reference) -> tuple[str, Featu
 # --------------------------------------------------------------------------- grids
 
 
-def class_grid_png(real: np.ndarray, synthetic: dict[float, np.ndarray], title: str,
-                   cols: int = 8, real_label: str = "real labeled",
-                   row_label: str = "mask {:g}") -> bytes:
-    """PNG: one row of real labeled images, then one row of synthetic images per mask ratio.
-
-    ``row_label`` formats each synthetic row's key into its label (a constant string labels
-    every row alike: ``"samples"``).
-    """
-    from pipeline.data.grids import strips_png
-
-    rows = [(real_label, real[:cols])] + \
-        [(row_label.format(r), imgs[:cols]) for r, imgs in sorted(synthetic.items())]
-    return strips_png(rows, title, cols)
-
-
-def grid_picks(frame, rows: np.ndarray, n: int) -> np.ndarray:
-    """Rows for a grid: first sample of each condition, then the second of each, and so on,
-    so a grid shows as many different condition images as it can."""
-    sub = frame.iloc[rows]
-    rank = sub.groupby("condition_id", dropna=False).cumcount().to_numpy()
-    cond = sub["condition_id"].fillna(-1).to_numpy()
-    order = np.lexsort((cond, rank))
-    return rows[order[:n]]
-
-
 # --------------------------------------------------------------------------- run directory
-
-
-def _clean(obj):
-    """NaN/inf -> None (strict JSON), numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 
 
 def _nanmean(values) -> float:
@@ -323,7 +260,7 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
             all_pred.append(pred)
             all_labels.append(np.full(len(pred), c))
         grid_name = f"samples-class-{c:02d}.png"
-        _atomic_bytes(out_dir / grid_name, class_grid_png(
+        atomic_write_bytes(out_dir / grid_name, class_grid_png(
             dataset.train_images[np.sort(lab_idx)[:config.grid_per_class]], synth_grid,
             f"{c}: {name}", cols=config.grid_per_class))
         entry["grid"] = f"{QUALITY_DIR}/{grid_name}"
@@ -368,14 +305,5 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
         "per_class": per_class,
     }
     path = out_dir / QUALITY_FILE
-    _atomic_bytes(path, json.dumps(_clean(summary), indent=1).encode())
+    atomic_write_json(path, finite(summary))
     return path
-
-
-def load_quality(run_dir: str | Path) -> dict | None:
-    """quality/quality.json of a run, or None when the quality stage has not run."""
-    path = Path(run_dir) / QUALITY_DIR / QUALITY_FILE
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

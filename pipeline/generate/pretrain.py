@@ -28,9 +28,10 @@ from pipeline.atomic import atomic_write_bytes as _atomic_bytes
 from pipeline.atomic import atomic_write_json as _write_json
 from pipeline.data.grids import tile_png
 from pipeline.data.images import to_model_space
+from pipeline.digest import file_sha256
 from pipeline.generate.pretrain_config import PretrainConfig
-from pipeline.models import file_sha256, sample_base
-from pipeline.runs import device_label
+from pipeline.models import sample_base
+from pipeline.provenance import device_label
 
 
 def resolve_device(device: str) -> torch.device:
@@ -219,28 +220,6 @@ def pretrain_on_dataset(dataset_name: str, out_dir: str | Path, pool: dict,
                     command=command, source=source)
 
 
-def build_arg_parser(parser=None):
-    import argparse
-
-    p = parser or argparse.ArgumentParser(prog="augment pretrain", description=__doc__)
-    p.add_argument("--dataset", default="fashion-mnist", help="registered dataset name")
-    p.add_argument("--root", default=None, help="dataset root (when not the default location)")
-    p.add_argument("--labels-per-class", type=int, default=4,
-                   help="split whose labeled images are held out of the pool")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--half", choices=["base"], default=None,
-                   help="train on the base half of the training set instead (cut once by "
-                        "--half-seed, class-stratified); presets with `task_images: task-half` "
-                        "and the same half_seed then never show it a task image")
-    p.add_argument("--half-seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory (diffusers DDPMPipeline layout)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="PretrainConfig field, e.g. --set steps=4000 --set block_out_channels=[32,64,64]")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
 class PretrainError(ValueError):
     """The output folder holds a model trained with another config or pool."""
 
@@ -257,37 +236,3 @@ def _check_finished(out_dir: Path, config: PretrainConfig, images: np.ndarray) -
             "the training images differ"
         raise PretrainError(f"{out_dir} holds a model trained differently ({what}); pass another "
                          "--out, or delete that folder to retrain")
-
-
-def run_from_args(args, command: str | None = None) -> Path:
-    from pydantic import ValidationError
-
-    from pipeline.config import ConfigError, parse_overrides
-    from pipeline.validation import explain
-
-    # The same KEY=VALUE parser (values are YAML) and messages as the main command's --set.
-    try:
-        config = PretrainConfig(**parse_overrides(args.set))
-    except ValidationError as e:
-        raise ConfigError(explain(e, "pretrain configuration",
-                                  PretrainConfig.model_fields)) from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pool = ({"half": args.half, "half_seed": args.half_seed} if args.half else
-            {"labels_per_class": args.labels_per_class, "split_seed": args.split_seed})
-    return pretrain_on_dataset(args.dataset, args.out, pool, config, root=args.root,
-                               progress=not args.no_progress, command=command)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import shlex
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    out = run_from_args(build_arg_parser().parse_args(argv),
-                        command="augment pretrain " + shlex.join(argv))
-    print(f"base model written to {out}")
-
-
-if __name__ == "__main__":
-    main()

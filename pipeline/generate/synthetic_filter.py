@@ -21,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.data.images import to_model_space
-from pipeline.evaluate.quality import nearest_pool_image
+from pipeline.data.images import nearest_pool_image, to_model_space
 from pipeline.generate.neighbors import class_similarity, neighbor_pool, pooled_features
 
 

@@ -1,92 +1,10 @@
-"""The tune stage: one ANL adapter per class (or one shared), each a unit a task runner may
-run in parallel; ``tune_class_adapter`` is the tuning itself, shared with the benches.
-"""
+"""Tuning one class's ANL adapter: the tune stage's work, shared with the benches."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.config import AugmentConfig
-from pipeline.keys import round_key, stage_keys
-from pipeline.runs import (
-    StageError,
-    aggregate_units,
-    atomic_write_json,
-    finished_record,
-    remove_tree,
-    run_unit,
-)
-from pipeline.stage_inputs import (
-    TOKENS_FILE,
-    adapter_rel,
-    class_indices,
-    dataset_for,
-    load_base,
-    load_tokens,
-    round_root,
-)
-
-
-def adapter_units(config: AugmentConfig, num_classes: int) -> list[int | None]:
-    """Classes to tune: one unit per class, or a single ``None`` unit for a shared adapter."""
-    return [None] if config.adapter.scope == "shared" else list(range(num_classes))
-
-
-
-def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
-                   loop_round: int = 1) -> dict:
-    """Tune one ANL adapter on one class's labeled images (or all of them, when shared).
-
-    Round 2: on its labeled and pseudo-labeled images, from its round-1 weights when
-    ``loop.warm_start`` (else from a fresh initialisation, as round 1).
-    """
-    keys = stage_keys(config)
-    rel = adapter_rel(class_idx)
-    root = round_root(run_dir, loop_round)
-
-    def body(unit_dir: Path, device: str) -> dict:
-        import torch
-
-        from anl_core.inject import save_adapter
-        from pipeline.data.images import to_model_space
-        from pipeline.generate.neighbors import tuning_pairs
-
-        run = Path(run_dir)
-        ds, tok = dataset_for(config), load_tokens(root)
-        rows = (torch.arange(len(tok["labels"])) if class_idx is None
-                else torch.nonzero(tok["labels"] == class_idx).flatten())
-        if len(rows) == 0:
-            raise StageError(f"class {class_idx} has no labeled images in {run / TOKENS_FILE}")
-        targets, token_rows, weights = tuning_pairs(
-            rows, tok.get("neighbors"), tok["index"], config.neighbors.self_share)
-        images = to_model_space(ds.train_images[targets], size=config.image_size, device=device)
-        unet, scheduler = load_base(run, config, device)
-        warm = loop_round == 2 and config.loop.warm_start
-        model, result = tune_class_adapter(
-            unet, scheduler, images, tok["tokens"][token_rows], config, class_idx,
-            tok["encoder_id"], weights=weights, warm_from=run / rel if warm else None,
-            progress=config.progress)
-        # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
-        tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
-        remove_tree(tmp)
-        save_adapter(model, tmp)
-        info = {"class": class_idx, "images": len(rows),
-                "pseudo_labeled": int(tok["pseudo"][rows].sum()) if "pseudo" in tok else 0,
-                "warm_start": warm,
-                "neighbor_targets": len(targets) - len(rows), "loss_history": result.loss_history,
-                "steps": result.steps, "steps_per_s": round(result.steps_per_second, 3),
-                "wall_s": round(result.seconds, 3), "param_counts": model.param_counts(),
-                "final_loss": float(np.mean(result.loss_history[-50:]))
-                if result.loss_history else None}
-        atomic_write_json(tmp / "tune.json", info)
-        remove_tree(unit_dir)
-        os.replace(tmp, unit_dir)
-        return {k: v for k, v in info.items() if k != "loss_history"}
-
-    return run_unit(root, rel, round_key(keys, "tune", loop_round), config, body)
+from anl_core.configs import AdapterShape, TuneConfig
 
 
 def unit_seed(seed: int, class_idx: int | None) -> int:
@@ -94,8 +12,9 @@ def unit_seed(seed: int, class_idx: int | None) -> int:
     return seed if class_idx is None else seed + 1000 * (class_idx + 1)
 
 
-def tune_class_adapter(unet, scheduler, images, tokens, config: AugmentConfig,
-                       class_idx: int | None, encoder_id: str, *, weights=None,
+def tune_class_adapter(unet, scheduler, images, tokens, adapter: AdapterShape,
+                       tuning: TuneConfig, class_idx: int | None, encoder_id: str, *,
+                       weights=None,
                        steps: int | None = None, warm_from: Path | None = None,
                        progress: bool = False):
     """Tune one adapter on ``images`` with their condition ``tokens``: (model, TuneResult).
@@ -109,30 +28,14 @@ def tune_class_adapter(unet, scheduler, images, tokens, config: AugmentConfig,
     from anl_core.inject import ANLConfig, attach_anl, load_adapter
     from anl_core.tuning import tune_adapter
 
-    seed = unit_seed(config.tuning.seed, class_idx)
+    seed = unit_seed(tuning.seed, class_idx)
     torch.manual_seed(seed)  # the adapter's initialisation
     if warm_from is not None:
         model = load_adapter(unet, warm_from, encoder_id=encoder_id)
     else:
         model = attach_anl(unet, ANLConfig(
             token_dim=tokens.shape[2], num_tokens=tokens.shape[1], encoder_id=encoder_id,
-            **config.adapter.model_dump(exclude={"scope"})))
-    tcfg = config.tuning.model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
+            **adapter.model_dump()))
+    tcfg = tuning.model_copy(update={"seed": seed, **({"steps": steps} if steps else {})})
     return model, tune_adapter(model, scheduler, images, tokens, tcfg, progress=progress,
                                weights=weights)
-
-
-def run_tune(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:
-    """Tune every missing adapter unit, then record the stage."""
-    keys = stage_keys(config)
-    root, key = round_root(run_dir, loop_round), round_key(keys, "tune", loop_round)
-    rec = finished_record(root, "tune", key)
-    if rec is not None:
-        return {**rec, "skipped": True}
-    units = {adapter_rel(c): run_tune_class(run_dir, config, c, loop_round)
-             for c in adapter_units(config, len(class_indices(run_dir, config)))}
-    steps_per_s = [u["metrics"].get("steps_per_s", 0.0) for u in units.values()]
-    return aggregate_units(root, config, "tune", key, units,
-                            {"adapters": list(units)},
-                            {"adapters": len(units),
-                             "steps_per_s": round(float(np.mean(steps_per_s)), 3)})

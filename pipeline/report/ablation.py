@@ -24,9 +24,9 @@ from pipeline.report.data import ARM_ORDER, RunData, load_run, outcome_columns
 from pipeline.report.render import md_table, render
 
 # Fields that say where/how a run ran or identify it, never what it computed.
-IGNORED_KEYS = {"config_hash", "preset", "runs_dir", "progress", "device", "require_gpu",
+IGNORED_KEYS = {"_meta", "config_hash", "preset", "runs_dir", "progress", "device", "require_gpu",
                 "task_runner", "dask_address", "dask_n_workers"}
-IGNORED_PREFIXES = ("versions.",)
+IGNORED_PREFIXES = ("versions.", "_meta.")
 CAVEAT = (f"delta_*: augmented minus baseline, vs_control_*: augmented minus control, in points, "
           f"paired by seed; the 95% CI and p need at least {MIN_REPETITIONS} paired seeds (blank "
           "with fewer: too few to say whether the synthetic data helped). The seeds of one run "

@@ -32,8 +32,7 @@ from pipeline.report.render import ci_pp, mb, md_table, num, pct, pct_or, pp, pv
 from pipeline.report.verdict import ssl_budget, verdict
 
 __all__ = ["append_history", "artifacts", "build_ablation_report", "build_run_report",
-           "history_row", "load_run", "markdown_summary", "render_history", "results_table",
-           "write_report"]
+           "history_row", "load_run", "markdown_summary", "render_history", "results_table"]
 
 HTML_NAME, MD_NAME = "report.html", "report.md"
 
@@ -72,7 +71,7 @@ def overview(run: RunData) -> dict:
     ssl = cfg.get("ssl") or {}
     v = run.versions
     rows = [
-        ("preset", cfg.get("preset")), ("config hash", cfg.get("config_hash")),
+        ("preset", cfg.get("preset")), ("config hash", run.config_hash),
         ("dataset", cfg.get("dataset")),
         ("split", f"{cfg.get('labels_per_class')} labels per class, seed "
                   f"{cfg.get('split_seed')}" + (f" ({split.get('labeled')} labeled, "
@@ -372,6 +371,3 @@ def build_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     html_path = atomic_write_text(run.run_dir / HTML_NAME, html)
     md_path = atomic_write_text(run.run_dir / MD_NAME, markdown_summary(run))
     return html_path, md_path
-
-
-write_report = build_run_report  # the name the report stage calls

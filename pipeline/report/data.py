@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.config import saved_metadata
 from pipeline.evaluate.paired import (
     DoublingCheck,
     PairedDifference,
@@ -168,11 +169,11 @@ class RunData:
 
     @property
     def config_hash(self) -> str | None:
-        return (self.config or {}).get("config_hash")
+        return saved_metadata(self.config or {}).get("config_hash")
 
     @property
     def versions(self) -> dict:
-        return (self.config or {}).get("versions") or {}
+        return saved_metadata(self.config or {}).get("versions") or {}
 
     def stage_status(self, stage: str) -> str:
         rec = self.stages.get(stage)

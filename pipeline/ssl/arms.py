@@ -12,7 +12,7 @@
                 by the encoder's prototype judge (``pipeline.evaluate.control``), taken out
                 of the unlabeled pool: a gain of augmented over control is the generated
                 images' own, not the encoder's.
-``augmented-r2`` the augmented arm on the second round's shards (``pipeline.generate.loop``);
+``augmented-r2`` the augmented arm on the second round's shards (``pipeline.generate.pseudo_labels``);
 ``selftrain``   its control: the round's pseudo-labeled real images as the extra rows (taken
                 out of the unlabeled pool, as control's).
 ``pool-oracle`` an evaluation arm: the baseline given the base model's pretraining images

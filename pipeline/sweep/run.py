@@ -3,7 +3,7 @@
 A repetition is a run directory like any other (``pipeline.runs``): the stages up to the
 shards run (or are skipped, or adopted from a sibling run with the same keys: cells that
 differ only in the classifier's settings share their synthesis), then each arm is one
-classifier unit (``pipeline.evaluate.classifiers.run_ssl_arm``). The repetition's figures
+classifier unit (``pipeline.stages.ssl.run_ssl_arm``). The repetition's figures
 are written last to ``cells/<cell>/rep-<r>.json`` in the sweep's folder, so a rerun reads
 them back without opening a run directory; a changed cell has a new folder and reruns
 alone.
@@ -46,8 +46,8 @@ def _synthesis_lock(runs_root: Path, key: str):
 def unit_keys(config: AugmentConfig) -> dict[str, str]:
     """Each arm's unit key: what its result depends on (split, shards, base model content,
     the ssl settings), so a record is reused only for the same inputs."""
-    from pipeline.generate.pseudo import ROUND_TWO_ARMS
-    from pipeline.keys import ssl_unit_key, stage_keys
+    from pipeline.stages.keys import ssl_unit_key, stage_keys
+    from pipeline.stages.pseudo import ROUND_TWO_ARMS
 
     keys = stage_keys(config)
     (seed,) = config.ssl.seeds
@@ -76,11 +76,11 @@ def run_repetition(config: AugmentConfig, log: Callable[[str], None] = print
     """Stages up to the shards (when an arm reads them), then every arm of ``config.ssl``
     with its one seed; returns {"run_dir", "stages", "arms": {arm: kept metrics}}."""
     from pipeline import stages
-    from pipeline.evaluate.classifiers import run_ssl_arm
-    from pipeline.generate.pseudo import ROUND_TWO_ARMS
-    from pipeline.keys import stage_keys
     from pipeline.runs import init_run_dir
-    from pipeline.stage_inputs import ssl_rel
+    from pipeline.stages.inputs import ssl_rel
+    from pipeline.stages.keys import stage_keys
+    from pipeline.stages.pseudo import ROUND_TWO_ARMS
+    from pipeline.stages.ssl import run_ssl_arm
 
     if config.pretrains_base:
         raise ValueError("a sweep tunes on a fixed base_model; this config pretrains one "

@@ -18,7 +18,7 @@ def near_copy_share(samples: np.ndarray, shots: np.ndarray, held_out: np.ndarray
     to their nearest shot: only that share of real images of the domain lie so close to a
     shot, so a sample that close is more likely a copy of it than a new image.
     """
-    from pipeline.evaluate.quality import nearest_rmse
+    from pipeline.data.images import nearest_rmse
 
     threshold = float(np.percentile(nearest_rmse(held_out, shots), percentile))
     return float((nearest_rmse(samples, shots) < threshold).mean()), threshold
@@ -28,7 +28,8 @@ def transfer_metrics(samples: np.ndarray, shots: np.ndarray, held_out: np.ndarra
                      features: Callable[[np.ndarray], np.ndarray],
                      config: TransferConfig) -> dict[str, float]:
     """Fidelity, diversity and copying of the samples, all against held-out target images."""
-    from pipeline.evaluate.quality import kid, mean_pairwise_distance, nearest_rmse
+    from pipeline.data.images import nearest_rmse
+    from pipeline.evaluate.quality import kid, mean_pairwise_distance
 
     f_samples, f_real = features(samples), features(held_out)
     k, k_std = kid(f_samples, f_real, config.kid_subsets, config.kid_subset_size, config.seed)

@@ -39,7 +39,7 @@ def metric_rows(m: dict[str, Any]) -> list[dict[str, str]]:
 
 def transfer_grid(shots: np.ndarray, samples: np.ndarray, title: str, cols: int = 10) -> bytes:
     """PNG: the shots in the first row, samples below (one per shot first, for anl)."""
-    from pipeline.evaluate.quality import class_grid_png
+    from pipeline.data.grids import class_grid_png
 
     rows = {i: samples[i * cols:(i + 1) * cols] for i in range(3) if len(samples) > i * cols}
     return class_grid_png(shots, rows, title, cols=cols, real_label="shots",

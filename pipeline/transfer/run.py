@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text, finite
-from pipeline.config import resolve_path
 from pipeline.digest import digest
+from pipeline.paths import resolve_path
 from pipeline.runs import read_json
 from pipeline.transfer.config import STEPS, TransferConfig, TransferError, config_hash
 from pipeline.transfer.metrics import transfer_metrics

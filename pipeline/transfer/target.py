@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import resolve_path
+from pipeline.paths import resolve_path
 from pipeline.transfer.config import BUILTIN_TARGETS, DIGITS, TransferConfig, TransferError
 
 

@@ -6,14 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.atomic import atomic_write
 from pipeline.config import AugmentConfig
-from pipeline.runs import (
-    ROUND_TWO,
-    StageError,
-)
+from pipeline.runs import ROUND_TWO, StageError
 
 
 def dataset_for(config: AugmentConfig):
@@ -74,14 +68,6 @@ def load_tokens(run_dir: Path) -> dict:
 
 def class_indices(run_dir: Path, config: AugmentConfig) -> list[int]:
     return list(range(dataset_for(config).num_classes))
-
-
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
 
 
 def adapter_rel(class_idx: int | None) -> str:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import save_npz
 from pipeline.config import AugmentConfig
 from pipeline.digest import digest
-from pipeline.generate.pseudo import load_pseudo_labels
-from pipeline.keys import ssl_unit_key, stage_keys
 from pipeline.runs import (
     StageError,
     aggregate_units,
@@ -20,7 +19,9 @@ from pipeline.runs import (
     read_json,
     run_unit,
 )
-from pipeline.stage_inputs import dataset_for, load_tokens, round_root, save_npz, split_for, ssl_rel
+from pipeline.stages.inputs import dataset_for, load_tokens, round_root, split_for, ssl_rel
+from pipeline.stages.keys import ssl_unit_key, stage_keys
+from pipeline.stages.pseudo import load_pseudo_labels
 
 
 def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> dict:
@@ -33,7 +34,7 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
         from pipeline.ssl.arm_names import base_arm
 
         run = Path(run_dir)
-        scfg = config.ssl.trainer_config(seed, device)
+        scfg = config.ssl.component(seed=seed, device=device)
         shard_dir = {"augmented": run / "shards", "control": run / "shards",
                      "supervised+synthetic": run / "shards",
                      "augmented-r2": round_root(run, 2) / "shards"}.get(base_arm(arm))
@@ -132,7 +133,7 @@ def arms_at_once(run_dir: Path, config: AugmentConfig, units: list[tuple[str, in
         # An arm without extra rows: extra rows add k labeled rows per batch and a few
         # thousand small images to the store, noise against the unlabeled batch's share.
         arm = next((a for a, _ in units if a in ("baseline", "supervised")), "baseline")
-        scfg = config.ssl.trainer_config(units[0][1], device)
+        scfg = config.ssl.component(seed=units[0][1], device=device)
         peak = measure_arm_peak_bytes(arm, dataset_for(config), split_for(run_dir), scfg)
         free = free_bytes_now()
     n = units_at_once(config.arms_at_once, len(units), device, peak, free)

@@ -11,12 +11,12 @@ import numpy as np
 
 from pipeline.atomic import atomic_write
 from pipeline.config import AugmentConfig
-from pipeline.generate.pseudo import load_pseudo_labels
-from pipeline.keys import round_key, stage_keys
 from pipeline.runs import (
     run_stage,
 )
-from pipeline.stage_inputs import TOKENS_FILE, dataset_for, round_root, split_for
+from pipeline.stages.inputs import TOKENS_FILE, dataset_for, round_root, split_for
+from pipeline.stages.keys import round_key, stage_keys
+from pipeline.stages.pseudo import load_pseudo_labels
 
 
 def run_encode(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:

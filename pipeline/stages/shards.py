@@ -8,15 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import AugmentConfig
-from pipeline.generate.sample import sample_parts
-from pipeline.keys import round_key, stage_keys
 from pipeline.runs import (
     UNIT_MARKER,
     StageError,
     read_json,
     run_stage,
 )
-from pipeline.stage_inputs import (
+from pipeline.stages.inputs import (
     adapter_rel,
     class_indices,
     dataset_for,
@@ -25,6 +23,8 @@ from pipeline.stage_inputs import (
     sample_rel,
     split_for,
 )
+from pipeline.stages.keys import round_key, stage_keys
+from pipeline.stages.sample import sample_parts
 
 
 def run_shards(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:

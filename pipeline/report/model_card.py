@@ -17,7 +17,7 @@ estimate is singular and its bias dominates; KID is unbiased at any sample size.
 
 ``card.json`` is written last (atomically) and marks a finished card; a rerun with the same
 weights and settings only re-renders README.md from it. Run it as
-``python -m pipeline.evaluate.model_card data/models/fashion-mnist-ddpm-32``.
+``python -m pipeline.report.model_card data/models/fashion-mnist-ddpm-32``.
 
 One module (about 430 lines): measuring a card and rendering it share the card's schema
 (``card.json``), which is declared nowhere else; the README's layout itself is a template
@@ -36,14 +36,14 @@ import torch
 
 from pipeline.atomic import atomic_write_json, finite
 from pipeline.atomic import atomic_write_text as _write_text
-from pipeline.config import REPO_ROOT
+from pipeline.digest import file_sha256
+from pipeline.generate.pretrain import data_hash, resolve_device
+from pipeline.models import sample_base
+from pipeline.paths import REPO_ROOT
+from pipeline.provenance import device_label, git_commit
+from pipeline.report.render import render
 
 SWEEPS_DIR = REPO_ROOT / "data" / "sweeps"
-from pipeline.generate.pretrain import data_hash, resolve_device
-from pipeline.models import file_sha256, sample_base
-from pipeline.report.render import render
-from pipeline.runs import device_label, git_commit
-
 CARD_FILE = "card.json"
 README_FILE = "README.md"
 WEIGHTS_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
@@ -198,7 +198,7 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
     seen = pretraining_indices(dataset.train_labels, pool, dataset.num_classes)
     recomputed_hash = data_hash(dataset.train_images[seen])
     if reference is None:
-        from pipeline.config import resolve_path
+        from pipeline.paths import resolve_path
 
         cache = Path(cache_dir) if cache_dir else resolve_path("runs") / "_cache" / "reference"
         reference = load_or_train_reference(dataset, cache, ReferenceConfig(**config.reference),
@@ -365,7 +365,8 @@ def render_readme(card: dict) -> str:
 
 def _used_by(location: str) -> str:
     """A sentence naming the presets and sweep specs whose base_model is this folder."""
-    from pipeline.config import ConfigError, available_presets, load_config, resolve_path
+    from pipeline.config import ConfigError, available_presets, load_config
+    from pipeline.paths import resolve_path
 
     here = resolve_path(location).resolve()
     names = []
@@ -425,7 +426,7 @@ def write_model_card(model_dir: str | Path, config: CardConfig | None = None, *,
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate.model_card", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pipeline.report.model_card", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", help="directory written by `augment pretrain`")
     defaults = CardConfig()

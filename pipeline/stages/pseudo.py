@@ -11,7 +11,6 @@ import numpy as np
 
 from pipeline.atomic import atomic_write
 from pipeline.config import AugmentConfig
-from pipeline.keys import ssl_unit_key, stage_keys
 from pipeline.runs import (
     ROUND_TWO,
     UNIT_MARKER,
@@ -19,7 +18,8 @@ from pipeline.runs import (
     read_json,
     run_stage,
 )
-from pipeline.stage_inputs import dataset_for, round_root, split_for, ssl_rel
+from pipeline.stages.inputs import dataset_for, round_root, split_for, ssl_rel
+from pipeline.stages.keys import ssl_unit_key, stage_keys
 
 PSEUDO_FILE = "pseudo.parquet"
 
@@ -31,7 +31,7 @@ def load_pseudo_labels(root: Path):
     """The round's pseudo-labels, as the pseudo stage wrote them."""
     import pandas as pd
 
-    from pipeline.generate.loop import PseudoLabels
+    from pipeline.generate.pseudo_labels import PseudoLabels
 
     path = Path(root) / PSEUDO_FILE
     if not path.exists():
@@ -54,7 +54,7 @@ def run_pseudo(run_dir: Path, config: AugmentConfig) -> dict:
     def body(device: str) -> tuple[dict, dict]:
         import pandas as pd
 
-        from pipeline.generate.loop import select_pseudo_labels
+        from pipeline.generate.pseudo_labels import select_pseudo_labels
         from pipeline.ssl.arms import predict_probs
 
         run = Path(run_dir)
@@ -95,8 +95,8 @@ def run_pseudo(run_dir: Path, config: AugmentConfig) -> dict:
 def round_two_grids(run_dir: Path, config: AugmentConfig, cols: int = 8) -> list[str]:
     """Per class, a PNG of its pseudo-labeled images above its round-2 samples (for the
     report: does the expanded subset look like the class, and do the samples follow it?)."""
+    from pipeline.data.grids import class_grid_png, grid_picks
     from pipeline.data.shards import read_shards
-    from pipeline.evaluate.quality import class_grid_png, grid_picks
 
     root = round_root(run_dir, 2)
     ds, chosen = dataset_for(config), load_pseudo_labels(root)

@@ -235,7 +235,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_transfer(args: argparse.Namespace) -> int:
-    from pipeline.transfer import check, transfer_config
+    from pipeline.transfer import check_transfer, transfer_config
 
     def path_or_name(value: str | None) -> str | None:
         # A folder relative to the working directory is meant as one; anything else (a hub id,
@@ -247,7 +247,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
              "steps": args.steps, "samples": args.samples, "runs_dir": args.runs_dir,
              "progress": False if args.no_progress else None}
     config = transfer_config({k: v for k, v in flags.items() if v is not None}, args.set)
-    info = check(config)  # fail in seconds, before Prefect starts
+    info = check_transfer(config)  # fail in seconds, before Prefect starts
     print(f"transfer {config.mode}: {info['target']} ({info['shots']} shots, "
           f"{info['held_out']} held out) from {info['base_model']}, device {info['device']}\n"
           f"run directory {info['run_dir']}", flush=True)

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.runs import stage_failure_recorded
 from pipeline.transfer import TransferConfig
-from pipeline.transfer import run as steps
+from pipeline.transfer import run as transfer_run
 
 _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -22,23 +22,23 @@ _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 @task(name="transfer-check", **_opts)
 def check(config: TransferConfig) -> dict:
     """Fail in seconds, naming the parameter, when an input is missing or too small."""
-    return steps.check(config)
+    return transfer_run.check_transfer(config)
 
 
 @task(name="transfer-prepare", **_opts)
 def prepare(config: TransferConfig) -> str:
-    return str(steps.init_run(config))
+    return str(transfer_run.init_run(config))
 
 
 def _step_task(step: str):
-    fn = steps.STEP_FUNCTIONS[step]
+    fn = transfer_run.STEP_FUNCTIONS[step]
 
     @task(name=f"transfer-{step}", **_opts)
     def run(run_dir: str, config: TransferConfig) -> dict:
         with stage_failure_recorded(Path(run_dir), step):  # `augment runs` says which failed
             return fn(Path(run_dir), config)
 
-    run.__doc__ = f"Step {step!r}: pipeline.transfer.{fn.__name__}."
+    run.__doc__ = f"Step {step!r}: {fn.__module__}.{fn.__name__}."
     return run
 
 

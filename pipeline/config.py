@@ -33,7 +33,7 @@ from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.paths import PRESETS_DIR, resolve_path
 from pipeline.ssl.arm_names import SUPERVISED_ARMS, base_arm
 from pipeline.ssl.config import BUDGETS, RECIPES, SSLConfig
-from pipeline.stage_graph import STAGE_PARTS
+from pipeline.stage_graph import STAGE_PARTS, stage_key_of
 from pipeline.validation import explain
 
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -492,6 +492,4 @@ def stage_key(config: AugmentConfig, stage: str, upstream: dict[str, str] | None
     """Key of one stage: hash of the config parts it reads + its upstream stage keys."""
     if stage not in STAGE_PARTS:
         raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGE_PARTS)}")
-    up = {k: v for k, v in (upstream or {}).items() if v is not None}
-    return digest({"stage": stage, "parts": stage_parts(config, stage), "upstream": up,
-                    "extra": extra or {}})[:16]
+    return stage_key_of(stage, stage_parts(config, stage), upstream or {}, extra)

@@ -5,14 +5,19 @@ both, ``pipeline.config.stage_key``), and what it writes: the keys of its record
 ``outputs`` and the paths they point to, relative to the run directory (or to ``round-2/``
 for a stage that also runs in the second round). The order, the key graph, the records,
 reuse of a sibling run's outputs and the report's stage table are all read from here;
-``pipeline.stages.STAGE_FUNCTIONS`` binds each name to the function that runs it.
+``pipeline.stages.STAGE_FUNCTIONS`` binds each name to the function that runs it. The
+transfer run declares its steps with the same ``Stage`` (``pipeline.transfer.steps``), and
+every stage's and step's key comes from :func:`stage_key_of`.
 
-This module imports nothing of the pipeline, so every layer can read it.
+This module imports only ``pipeline.digest``, so every layer can read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from pipeline.digest import digest
 
 
 @dataclass(frozen=True)
@@ -63,3 +68,11 @@ SECOND_ROUND_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.second_
 
 # Every upstream stage comes earlier: the order is a topological order of the graph.
 assert all(STAGE_ORDER.index(u) < STAGE_ORDER.index(s.name) for s in STAGES for u in s.upstream)
+
+
+def stage_key_of(stage: str, parts: dict[str, Any], upstream: dict[str, str | None],
+                 extra: dict[str, Any] | None = None) -> str:
+    """A stage's key: the config parts it reads, its upstream stages' keys (None: that stage
+    does not run, and is left out) and any further input (``extra``), hashed."""
+    up = {k: v for k, v in upstream.items() if v is not None}
+    return digest({"stage": stage, "parts": parts, "upstream": up, "extra": extra or {}})[:16]

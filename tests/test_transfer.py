@@ -14,11 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.models import load_base_unet, resolve_base_model
 from pipeline.runs import read_json
 from pipeline.transfer import config as tconfig
 from pipeline.transfer import metrics as tmetrics
 from pipeline.transfer import model as tmodel
 from pipeline.transfer import run as trun
+from pipeline.transfer import steps as tsteps
 from pipeline.transfer import target as ttarget
 
 SHOTS, POOL = 4, 24
@@ -59,7 +61,7 @@ def _state(module):
 def test_anl_trains_only_the_adapter_and_leaves_every_base_weight_bit_identical(cfg):
     from anl_core.encoders import load_encoder
 
-    unet, scheduler = tmodel.load_base(cfg.base_model, "cpu")
+    unet, scheduler = load_base_unet(resolve_base_model(cfg.base_model), "cpu")
     before = _state(unet)
     encoder = load_encoder(cfg.encoder, device="cpu")
     shots = _shots(cfg)
@@ -90,7 +92,7 @@ def test_anl_run_records_the_saved_adapters_parameter_count(cfg):
 
 def test_full_fine_tuning_changes_the_base_weights(cfg):
     config = cfg.model_copy(update={"mode": "full"})
-    unet, scheduler = tmodel.load_base(config.base_model, "cpu")
+    unet, scheduler = load_base_unet(resolve_base_model(config.base_model), "cpu")
     before = _state(unet)
     model = tmodel.build_model(config, unet)
     tmodel.fit(config, model, scheduler, _shots(config), None)
@@ -101,7 +103,7 @@ def test_full_fine_tuning_changes_the_base_weights(cfg):
 
 def test_scratch_starts_from_fresh_weights_of_the_base_config(cfg):
     config = cfg.model_copy(update={"mode": "scratch"})
-    unet, _ = tmodel.load_base(config.base_model, "cpu")
+    unet, _ = load_base_unet(resolve_base_model(config.base_model), "cpu")
     net = tmodel.build_model(config, unet).net
     assert dict(net.config) == dict(unet.config)
     base, fresh = unet.state_dict(), net.state_dict()
@@ -168,7 +170,7 @@ def test_rerun_skips_every_step_and_a_changed_sample_count_reruns_only_sampling(
         cfg, monkeypatch):
     run = trun.run_transfer(cfg)
     before = _records(run)
-    assert sorted(before) == [f"{s}.json" for s in sorted(tconfig.STEPS)]
+    assert sorted(before) == [f"{s}.json" for s in sorted(tsteps.STEPS)]
 
     def never(*a, **k):
         raise AssertionError("a finished step ran again")
@@ -195,17 +197,17 @@ def test_rerun_skips_every_step_and_a_changed_sample_count_reruns_only_sampling(
 
 
 def test_step_keys_follow_the_parts_each_step_reads(cfg):
-    keys = trun.step_keys(cfg)
-    guided = trun.step_keys(cfg.model_copy(update={"guidance": 3.0}))
-    assert [s for s in tconfig.STEPS if keys[s] != guided[s]] == ["sample", "evaluate", "report"]
-    lr = trun.step_keys(cfg.model_copy(update={"lr": 1e-4}))
-    assert [s for s in tconfig.STEPS if keys[s] != lr[s]] == ["tune", "sample", "evaluate", "report"]
+    keys = tsteps.step_keys(cfg)
+    guided = tsteps.step_keys(cfg.model_copy(update={"guidance": 3.0}))
+    assert [s for s in tsteps.STEPS if keys[s] != guided[s]] == ["sample", "evaluate", "report"]
+    lr = tsteps.step_keys(cfg.model_copy(update={"lr": 1e-4}))
+    assert [s for s in tsteps.STEPS if keys[s] != lr[s]] == ["tune", "sample", "evaluate", "report"]
     # Sampling settings that full fine-tuning does not read leave its keys alone.
     full = cfg.model_copy(update={"mode": "full"})
-    assert trun.step_keys(full) == trun.step_keys(full.model_copy(update={"guidance": 3.0}))
+    assert tsteps.step_keys(full) == tsteps.step_keys(full.model_copy(update={"guidance": 3.0}))
     # Runtime fields change neither the keys nor the run directory.
     moved = cfg.model_copy(update={"progress": True, "device": "auto"})
-    assert trun.step_keys(moved) == keys and trun.run_dir_for(moved) == trun.run_dir_for(cfg)
+    assert tsteps.step_keys(moved) == keys and trun.transfer_run_dir(moved) == trun.transfer_run_dir(cfg)
 
 
 # --------------------------------------------------------------------------- evaluation figures
@@ -309,7 +311,7 @@ def test_bad_inputs_are_named_errors_and_the_cli_exits_2(cfg, capsys, over, name
     from flows.cli import main
 
     with pytest.raises(tconfig.TransferError) as err:
-        trun.check(tconfig.transfer_config({**cfg.model_dump(), **over}))
+        trun.check_transfer(tconfig.transfer_config({**cfg.model_dump(), **over}))
     assert named in str(err.value)
     args = ["transfer", "--runs-dir", cfg.runs_dir]
     for key, value in {"base_model": cfg.base_model, "target": cfg.target, **over}.items():
@@ -332,6 +334,6 @@ def test_cli_runs_the_transfer_flow_and_writes_the_report(flow_prefect, cfg, cap
         "base_model": cfg.base_model, "target": cfg.target, "shots": 4, "mode": "full",
         "steps": 2, "samples": 6, "num_inference_steps": 2, "device": "cpu",
         "runs_dir": cfg.runs_dir, "progress": False})
-    report = trun.run_dir_for(config) / "report.html"
+    report = trun.transfer_run_dir(config) / "report.html"
     assert report.is_file() and f"report: {report}" in capsys.readouterr().out
-    assert all(read_json(report.parent / "stages" / f"{s}.json") for s in tconfig.STEPS)
+    assert all(read_json(report.parent / "stages" / f"{s}.json") for s in tsteps.STEPS)

@@ -8,7 +8,8 @@ U-Net with the same denoising loss (unconditional), ``scratch`` trains a U-Net o
 config from fresh weights on the shots. The shots are a seeded draw from the target's images;
 the rest are held out, and the samples are measured against them only.
 
-A run lives in ``<runs_dir>/<mode>-<target>-<confighash>/``; its steps run in order and each
+A run lives in ``<runs_dir>/<mode>-<target>-<confighash>/``; its steps (declared in
+``pipeline.transfer.steps``) run in order and each
 writes its outputs atomically, then ``stages/<step>.json`` last, keyed by the config parts it
 reads plus its upstream keys:
 
@@ -26,6 +27,6 @@ a changed sampling setting reruns only sample, evaluate and report.
 """
 
 from pipeline.transfer.config import TransferConfig, TransferError, transfer_config
-from pipeline.transfer.run import check, run_transfer
+from pipeline.transfer.run import check_transfer, run_transfer
 
-__all__ = ["TransferConfig", "TransferError", "check", "run_transfer", "transfer_config"]
+__all__ = ["TransferConfig", "TransferError", "check_transfer", "run_transfer", "transfer_config"]

@@ -18,9 +18,6 @@ BUILTIN_TARGETS = ("mnist-foolbox", "sklearn-digits")
 DIGITS = tuple(str(d) for d in range(10))
 
 
-STEPS = ("target", "tune", "sample", "evaluate", "report")
-
-
 RUNTIME_FIELDS = frozenset({"runs_dir", "progress", "device"})  # where and how, not what
 
 
@@ -93,5 +90,6 @@ def transfer_config(values: dict[str, Any] | None = None,
         raise TransferError(explain(e, "transfer configuration", TransferConfig.model_fields)) from None
 
 
-def config_hash(config: TransferConfig) -> str:
+def transfer_hash(config: TransferConfig) -> str:
+    """Hash of every field that changes the result; the run directory is named by it."""
     return digest(config.model_dump(mode="json", exclude=set(RUNTIME_FIELDS)))

@@ -30,15 +30,9 @@ def base_channels(config: TransferConfig) -> int:
     return int(json.loads((base_dir(config) / "config.json").read_text())["in_channels"])
 
 
-def load_base(spec: str, device: torch.device | str):
-    """The base UNet2DModel (float32, eval) and its training scheduler (DDPM by default)."""
-    from pipeline.models import load_base_unet, resolve_base_model
-
-    return load_base_unet(resolve_base_model(spec), device)
-
-
 @functools.lru_cache(maxsize=2)
-def _encoder(name: str, device: str):
+def condition_encoder(name: str, device: str):
+    """The image encoder, loaded once per name and device (tune and evaluate both use it)."""
     from anl_core.encoders import load_encoder
 
     return load_encoder(name, device=device)

@@ -1,4 +1,5 @@
-"""The transfer run's steps (target, tune, sample, evaluate, report), each keyed and resumable.
+"""The transfer run's steps (target, tune, sample, evaluate, report; declared in
+``pipeline.transfer.steps``), each keyed, recorded and resumed by the run store.
 """
 
 from __future__ import annotations
@@ -18,63 +19,31 @@ import torch
 from torch import nn
 
 from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text, finite
-from pipeline.digest import digest
+from pipeline.models import load_base_unet, resolve_base_model
 from pipeline.paths import resolve_path
 from pipeline.runs import read_json
-from pipeline.transfer.config import STEPS, TransferConfig, TransferError, config_hash
+from pipeline.transfer.config import TransferConfig, TransferError, transfer_hash
 from pipeline.transfer.metrics import transfer_metrics
 from pipeline.transfer.model import (
     WholeUNet,
-    _encoder,
     base_channels,
     base_dir,
     build_model,
+    condition_encoder,
     fit,
     generate,
-    load_base,
     sample_mask_ratio,
     shot_tokens,
     trainable_count,
 )
 from pipeline.transfer.report import metric_rows, report_markdown, transfer_grid
+from pipeline.transfer.steps import STEPS, step_keys, step_parts
 from pipeline.transfer.target import draw_shots, target_name, target_pool
 
 
-def run_dir_for(config: TransferConfig) -> Path:
+def transfer_run_dir(config: TransferConfig) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", target_name(config)).strip("-").lower() or "target"
-    return resolve_path(config.runs_dir) / f"{config.mode}-{slug}-{config_hash(config)[:8]}"
-
-
-def step_parts(config: TransferConfig) -> dict[str, dict[str, Any]]:
-    """The config parts each step reads: a change reruns that step and the ones after it."""
-    from pipeline.models import base_model_fingerprint
-
-    c = config.model_dump(mode="json")
-
-    def pick(*names: str) -> dict[str, Any]:
-        return {n: c[n] for n in names}
-
-    anl = config.mode == "anl"
-    tune = pick("mode", "base_model", "steps", "batch_size", "lr", "hflip", "seed")
-    # The base's content, not its path, decides the result: a retrained base reruns tuning.
-    tune["base_sha256"] = base_model_fingerprint(base_dir(config))
-    sample = pick("samples", "num_inference_steps", "seed")
-    if anl:
-        tune |= pick("encoder", "context_dim", "head_dim", "cond_dropout", "train_mask_ratio")
-        sample |= pick("guidance") | {"mask_ratio": sample_mask_ratio(config)}
-    return {"target": pick("target", "target_class", "target_root", "shots", "max_held_out",
-                           "seed"),
-            "tune": tune, "sample": sample,
-            "evaluate": pick("encoder", "kid_subsets", "kid_subset_size", "seed"),
-            "report": {}}
-
-
-def step_keys(config: TransferConfig) -> dict[str, str]:
-    """Each step's key: its parts plus every earlier step's key (each step reads the last)."""
-    keys: dict[str, str] = {}
-    for name, parts in step_parts(config).items():
-        keys[name] = digest({"step": name, "parts": parts, "upstream": dict(keys)})[:16]
-    return keys
+    return resolve_path(config.runs_dir) / f"{config.mode}-{slug}-{transfer_hash(config)[:8]}"
 
 
 def _record(run_dir: Path, step: str) -> dict | None:
@@ -106,7 +75,7 @@ def _require(run_dir: Path, config: TransferConfig, step: str) -> dict:
     return rec
 
 
-def check(config: TransferConfig) -> dict[str, Any]:
+def check_transfer(config: TransferConfig) -> dict[str, Any]:
     """Every input, before any work: base model, target (enough images), encoder, device."""
     from pipeline.preflight import PreflightError, check_encoder
 
@@ -121,12 +90,12 @@ def check(config: TransferConfig) -> dict[str, Any]:
     shots, held = draw_shots(len(pool), config.shots, config.max_held_out, config.seed)
     return {"base_model": str(unet_dir), "target": target_name(config), "images": len(pool),
             "shots": len(shots), "held_out": len(held), "image_shape": list(pool.shape[1:]),
-            "device": config.resolved_device(), "run_dir": str(run_dir_for(config))}
+            "device": config.resolved_device(), "run_dir": str(transfer_run_dir(config))}
 
 
 def init_run(config: TransferConfig) -> Path:
     """The run directory, with the config it was made for (``config.json``)."""
-    run_dir = run_dir_for(config)
+    run_dir = transfer_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", config.model_dump(mode="json"))
     return run_dir
@@ -137,7 +106,7 @@ def load_target(run_dir: Path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def run_target(run_dir: Path, config: TransferConfig) -> dict:
+def target_step(run_dir: Path, config: TransferConfig) -> dict:
     """Draw the shots and hold out the rest: ``target/target.npz``."""
 
     def body(device: str):
@@ -180,14 +149,14 @@ def _save_model(model: nn.Module, tokens: torch.Tensor | None, out: Path, info: 
     os.replace(tmp, out)
 
 
-def run_tune(run_dir: Path, config: TransferConfig) -> dict:
+def tune_step(run_dir: Path, config: TransferConfig) -> dict:
     """Train what the mode trains on the shots: ``model/``."""
 
     def body(device: str):
         run = Path(run_dir)
         shots = load_target(run)["shots"]
-        unet, scheduler = load_base(config.base_model, device)
-        encoder = _encoder(config.encoder, device) if config.mode == "anl" else None
+        unet, scheduler = load_base_unet(resolve_base_model(config.base_model), device)
+        encoder = condition_encoder(config.encoder, device) if config.mode == "anl" else None
         tokens = shot_tokens(encoder, shots) if encoder is not None else None
         model = build_model(config, unet, encoder)
         result = fit(config, model, scheduler, shots, tokens)
@@ -211,7 +180,7 @@ def load_trained(run_dir: Path, config: TransferConfig, device: str):
 
     from anl_core.inject import load_adapter
 
-    unet, scheduler = load_base(config.base_model, device)
+    unet, scheduler = load_base_unet(resolve_base_model(config.base_model), device)
     model_dir = Path(run_dir) / "model"
     if config.mode != "anl":
         net = UNet2DModel.from_pretrained(model_dir, torch_dtype=torch.float32,
@@ -221,7 +190,7 @@ def load_trained(run_dir: Path, config: TransferConfig, device: str):
     return load_adapter(unet, model_dir), scheduler, tokens
 
 
-def run_sample(run_dir: Path, config: TransferConfig) -> dict:
+def sample_step(run_dir: Path, config: TransferConfig) -> dict:
     """Draw the samples and write them as Parquet shards: ``shards/``."""
     from pipeline.data.shards import ShardWriter
 
@@ -249,7 +218,7 @@ def run_sample(run_dir: Path, config: TransferConfig) -> dict:
     return _run_step(run_dir, config, "sample", body)
 
 
-def run_evaluate(run_dir: Path, config: TransferConfig) -> dict:
+def evaluate_step(run_dir: Path, config: TransferConfig) -> dict:
     """Measure the shards against the held-out images: ``eval/metrics.json``."""
     from pipeline.data.shards import read_shards
     from pipeline.evaluate.quality import encoder_features
@@ -259,7 +228,7 @@ def run_evaluate(run_dir: Path, config: TransferConfig) -> dict:
         tune, sample = (_require(run, config, s) for s in ("tune", "sample"))
         target = load_target(run)
         samples = read_shards(run / "shards").images
-        features = encoder_features(_encoder(config.encoder, device))
+        features = encoder_features(condition_encoder(config.encoder, device))
         metrics = transfer_metrics(samples, target["shots"], target["held_out"], features, config)
         records = {s: _record(run, s) for s in ("target", "tune", "sample")}
         metrics |= {"feature_space": config.encoder, "mode": config.mode,
@@ -290,7 +259,7 @@ def _report_context(run: Path, config: TransferConfig) -> dict[str, Any]:
             "config": [{"parameter": k, "value": json.dumps(v)}
                        for k, v in config.model_dump(mode="json").items()]}
 
-def run_report(run_dir: Path, config: TransferConfig) -> dict:
+def report_step(run_dir: Path, config: TransferConfig) -> dict:
     """``report.html`` (self-contained: the grid is inline), ``report.md`` and ``grid.png``."""
     from pipeline.atomic import atomic_write_bytes
     from pipeline.data.shards import read_shards
@@ -314,14 +283,14 @@ def run_report(run_dir: Path, config: TransferConfig) -> dict:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Path, TransferConfig], dict]] = {
-    "target": run_target, "tune": run_tune, "sample": run_sample, "evaluate": run_evaluate,
-    "report": run_report,
+    "target": target_step, "tune": tune_step, "sample": sample_step,
+    "evaluate": evaluate_step, "report": report_step,
 }
 
 
 def run_transfer(config: TransferConfig) -> Path:
     """Check, then run (or resume) every step; returns the run directory."""
-    check(config)
+    check_transfer(config)
     run_dir = init_run(config)
     for step in STEPS:
         STEP_FUNCTIONS[step](run_dir, config)

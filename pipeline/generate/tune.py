@@ -50,7 +50,6 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
     def body(unit_dir: Path, device: str) -> dict:
         import torch
 
-        from anl_core.inject import save_adapter
         from pipeline.data.images import to_model_space
         from pipeline.generate.neighbors import tuning_pairs
 
@@ -72,7 +71,7 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
         # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
         tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
         remove_tree(tmp)
-        save_adapter(model, tmp)
+        model.save_pretrained(tmp)
         info = {"class": class_idx, "images": len(rows),
                 "pseudo_labeled": int(tok["pseudo"][rows].sum()) if "pseudo" in tok else 0,
                 "warm_start": warm,
@@ -106,13 +105,13 @@ def tune_class_adapter(unet, scheduler, images, tokens, config: AugmentConfig,
     """
     import torch
 
-    from anl_core.inject import ANLConfig, attach_anl, load_adapter
+    from anl_core.inject import ANLConfig, ANLUNet, attach_anl
     from anl_core.tuning import tune_adapter
 
     seed = unit_seed(config.tuning.seed, class_idx)
     torch.manual_seed(seed)  # the adapter's initialisation
     if warm_from is not None:
-        model = load_adapter(unet, warm_from, encoder_id=encoder_id)
+        model = ANLUNet.from_pretrained(unet, warm_from, encoder_id=encoder_id)
     else:
         model = attach_anl(unet, ANLConfig(
             token_dim=tokens.shape[2], num_tokens=tokens.shape[1], encoder_id=encoder_id,

@@ -6,7 +6,7 @@
     samples = masked_sample(model, scheduler, tokens, num_per_condition=8, mask_ratio=0.3,
                             guidance=2.0, num_inference_steps=50, seed=0)
 
-Names are imported on first use (PEP 562), so reading the settings (``anl_core.configs``)
+Names are imported on first use (PEP 562), so reading the settings (``anl_core.config``)
 does not import torch.
 """
 
@@ -16,10 +16,9 @@ import importlib
 
 _HOMES = {
     "anl": ("ANLBlock",),
-    "configs": ("ANLConfig", "AdapterShape", "TuneConfig"),
+    "config": ("ANLConfig", "AdapterShape", "TuneConfig"),
     "encoders": ("ConditionEncoder", "EncoderError", "load_encoder"),
-    "inject": ("AdapterMismatchError", "ANLUNet", "attach_anl", "base_fingerprint",
-               "load_adapter", "save_adapter"),
+    "inject": ("AdapterMismatchError", "ANLAdapter", "ANLUNet", "attach_anl", "base_fingerprint"),
     "sampling": ("image_generators", "image_seed", "masked_sample"),
     "tuning": ("TuneResult", "denoising_loss", "tune_adapter"),
 }

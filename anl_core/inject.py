@@ -10,6 +10,13 @@ tensor the up path later receives as its deepest skip at that level). The hook a
 hidden output and substitutes it for that last residual, so the ANL block behaves exactly like
 a layer appended inside the block. The earlier residuals (outputs of inner resnets) are left
 alone: adapting them would need a block per resnet for little gain.
+
+The trainable part is a module of its own, ``ANLAdapter`` (the condition projection and the
+blocks); ``ANLUNet`` holds it beside the frozen base and owns the hooks. An adapter is saved
+in PEFT's layout: ``adapter_config.json`` (the ``ANLConfig``) and ``adapter_model.safetensors``
+(the ``ANLAdapter``'s state dict, nothing of the base), one pair per directory. Adapters saved
+before as ``anl_config.json`` + ``adapter.safetensors`` still load: their weights carry the
+same key names, only the file names differ.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anl_core.anl import ANLBlock
-from anl_core.configs import ANLConfig
+from anl_core.config import ANLConfig
 
-CONFIG_NAME = "anl_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# The layout before PEFT's names: finished runs hold hundreds of adapters saved this way.
+LEGACY_CONFIG_NAME = "anl_config.json"
+LEGACY_WEIGHTS_NAME = "adapter.safetensors"
 
 
 class AdapterMismatchError(ValueError):
@@ -57,6 +67,15 @@ def base_fingerprint(unet: nn.Module, samples_per_tensor: int = 1024) -> str:
         h.update(str(tuple(tensor.shape)).encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def _base_name(unet: nn.Module) -> str:
+    """The hub id or path diffusers recorded when it loaded ``unet``; "" for one built in memory."""
+    return str(dict(getattr(unet, "config", {})).get("_name_or_path") or "")
+
+
+def _describe_base(name: str, fingerprint: str) -> str:
+    return f"{name or '(id not recorded)'} [fingerprint {fingerprint[:12]}...]"
 
 
 def _resolve_indices(spec: Any, count: int, path: str) -> list[int]:
@@ -92,6 +111,10 @@ def _placed_blocks(unet: UNet2DModel, placement: dict[str, Any]) -> dict[str, nn
         raise ValueError("placement selects no U-Net blocks; use e.g. "
                          "{'down': 'all', 'mid': True, 'up': 'all'}")
     return slots
+
+
+def _module_key(slot: str) -> str:
+    return slot.replace(".", "_")  # ModuleDict keys cannot contain '.': 'down_0' for 'down.0'
 
 
 class ConditionProjection(nn.Module):
@@ -130,8 +153,30 @@ class ConditionProjection(nn.Module):
         return ctx
 
 
+class ANLAdapter(nn.Module):
+    """The trainable part: the condition projection and one ANL block per adapted U-Net block.
+
+    Its state dict (``condition.*``, ``blocks.<slot>.*``) is what an adapter file holds; these
+    are the key names adapters were always saved with, so older files load as they are.
+    """
+
+    def __init__(self, config: ANLConfig):
+        super().__init__()
+        # Built in this order (projection, then blocks) so a seed gives the weights it always gave.
+        self.condition = ConditionProjection(config.token_dim, config.context_dim,
+                                             config.num_tokens, config.positional)
+        self.blocks = nn.ModuleDict({
+            _module_key(slot): ANLBlock(ch, config.context_dim, config.head_dim, config.ff_mult)
+            for slot, ch in config.block_channels.items()
+        })
+
+    @property
+    def device(self) -> torch.device:
+        return self.condition.proj.weight.device
+
+
 class ANLUNet(nn.Module):
-    """A frozen ``UNet2DModel`` plus ANL adapter; call like the U-Net with condition tokens.
+    """A frozen ``UNet2DModel`` plus an ``ANLAdapter``; call like the U-Net with condition tokens.
 
     ``model(sample, timestep, tokens=None, token_mask=None)`` returns the noise prediction
     tensor. ``tokens=None`` (or ``token_mask`` all True) is the null condition used for
@@ -145,16 +190,10 @@ class ANLUNet(nn.Module):
         self.config = config
         slots = _placed_blocks(unet, config.placement)
         config.block_channels = {name: _out_channels(b) for name, b in slots.items()}
-        self.condition = ConditionProjection(config.token_dim, config.context_dim,
-                                             config.num_tokens, config.positional)
-        # ModuleDict keys cannot contain '.', hence 'down_0' for slot 'down.0'.
-        self.blocks = nn.ModuleDict({
-            name.replace(".", "_"): ANLBlock(ch, config.context_dim, config.head_dim, config.ff_mult)
-            for name, ch in config.block_channels.items()
-        })
+        self.adapter = ANLAdapter(config)
         self._context: torch.Tensor | None = None
-        self._hooks = [block.register_forward_hook(self._make_hook(name.replace(".", "_")))
-                       for name, block in slots.items()]
+        for slot, block in slots.items():
+            block.register_forward_hook(self._make_hook(_module_key(slot)))
         self.freeze_base()
 
     # -- base / adapter bookkeeping ---------------------------------------------------------
@@ -169,28 +208,21 @@ class ANLUNet(nn.Module):
         return self
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if not name.startswith("unet.")]
+        return list(self.adapter.parameters())
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("unet.")}
+        return self.adapter.state_dict()
 
     def param_counts(self) -> dict[str, int]:
         """Trainable (adapter) vs frozen (base) vs total parameter counts."""
-        adapter = sum(p.numel() for p in self.adapter_parameters())
+        adapter = sum(p.numel() for p in self.adapter.parameters())
         base = sum(p.numel() for p in self.unet.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"adapter": adapter, "base": base, "trainable": trainable, "total": adapter + base}
 
-    def remove_hooks(self) -> UNet2DModel:
-        """Detach the adapter from the U-Net and return the bare base model."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        return self.unet
-
     @property
     def device(self) -> torch.device:
-        return self.condition.proj.weight.device
+        return self.adapter.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -202,7 +234,7 @@ class ANLUNet(nn.Module):
             ctx = self._context
             if ctx is None:
                 return None  # bare U-Net call: leave the output alone
-            block = self.blocks[key]
+            block = self.adapter.blocks[key]
             if isinstance(output, torch.Tensor):  # mid block
                 return block(output, ctx)
             hidden = output[0]
@@ -217,7 +249,7 @@ class ANLUNet(nn.Module):
     def context(self, tokens: torch.Tensor | None, token_mask: torch.Tensor | None = None,
                 batch_size: int | None = None) -> torch.Tensor:
         """Projected condition (B, N, context_dim); ``tokens=None`` gives the null condition."""
-        return self.condition(tokens, token_mask, batch_size)
+        return self.adapter.condition(tokens, token_mask, batch_size)
 
     @contextlib.contextmanager
     def conditioned(self, context: torch.Tensor):
@@ -240,32 +272,98 @@ class ANLUNet(nn.Module):
 
     # -- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        return save_adapter(self, directory)
+        """Write ``adapter_model.safetensors`` then ``adapter_config.json`` (last: its presence
+        means the pair is complete). Only the adapter is written, never the base."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        return out
 
     @classmethod
-    def from_pretrained(cls, unet: UNet2DModel, directory: str | os.PathLike,
+    def from_pretrained(cls, unet: UNet2DModel, directory: str | os.PathLike, *,
                         encoder_id: str | None = None) -> ANLUNet:
-        return load_adapter(unet, directory, encoder_id=encoder_id)
+        """Rebuild the adapter saved in ``directory`` (either layout) on ``unet``.
+
+        Refuses (``AdapterMismatchError``) a base U-Net whose fingerprint differs from the one
+        the adapter was tuned on, and, when ``encoder_id`` is given, a different condition
+        encoder. The recorded base id or path is not compared: the same weights may live
+        anywhere, and the fingerprint is what identifies them.
+        """
+        config_file, weights_file = _adapter_files(Path(directory))
+        model = cls._attached(unet, _checked_config(config_file, unet, encoder_id))
+        model.adapter.load_state_dict(_checked_weights(weights_file, model))
+        return model
+
+    @classmethod
+    def _attached(cls, unet: UNet2DModel, config: ANLConfig) -> ANLUNet:
+        """The model with its adapter on the U-Net's device and dtype; ``config`` checked."""
+        model = cls(unet, config)
+        param = next(unet.parameters())
+        model.adapter.to(device=param.device, dtype=param.dtype)
+        return model
 
 
-def attach_anl(unet: UNet2DModel, config: ANLConfig) -> ANLUNet:
+def attach_anl(unet: UNet2DModel, config: ANLConfig, *,
+               base_model: str | None = None) -> ANLUNet:
     """Freeze ``unet`` and attach fresh (identity) ANL blocks per ``config.placement``.
 
-    The returned model's adapter parameters sit on the U-Net's device and dtype.
+    ``base_model``: the base's hub id or path, recorded in the config so a reader knows what
+    the adapter fits (the fingerprint, not this, is what loading checks); by default the
+    config's own, else the one diffusers recorded when it loaded ``unet``. The returned
+    model's adapter sits on the U-Net's device and dtype.
     """
     config = config.model_copy(deep=True)  # the caller's config is left as it was
     fingerprint = base_fingerprint(unet)
     if config.base_fingerprint and config.base_fingerprint != fingerprint:
         raise AdapterMismatchError(
-            "this ANLConfig was made for a different base U-Net (fingerprint "
-            f"{config.base_fingerprint[:12]}..., this U-Net is {fingerprint[:12]}...); "
-            "attach to the base it was made for, or clear config.base_fingerprint")
+            "this ANLConfig was made for a different base U-Net "
+            f"({_describe_base(config.base_model, config.base_fingerprint)}; this U-Net is "
+            f"{_describe_base(_base_name(unet), fingerprint)}); attach to the base it was made "
+            "for, or clear config.base_fingerprint")
     config.base_fingerprint = fingerprint
-    model = ANLUNet(unet, config)
-    param = next(unet.parameters())
-    model.blocks.to(device=param.device, dtype=param.dtype)
-    model.condition.to(device=param.device, dtype=param.dtype)
-    return model
+    config.base_model = base_model or config.base_model or _base_name(unet)
+    return ANLUNet._attached(unet, config)
+
+
+def _adapter_files(src: Path) -> tuple[Path, Path]:
+    """(config, weights) of the adapter saved in ``src``: PEFT's names, else the legacy ones."""
+    for config_name, weights_name in ((CONFIG_NAME, WEIGHTS_NAME),
+                                      (LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME)):
+        if (src / config_name).is_file() and (src / weights_name).is_file():
+            return src / config_name, src / weights_name
+    raise FileNotFoundError(f"{src} is not a saved ANL adapter (needs {CONFIG_NAME} and "
+                            f"{WEIGHTS_NAME}); save one with model.save_pretrained(dir)")
+
+
+def _checked_config(path: Path, unet: UNet2DModel, encoder_id: str | None) -> ANLConfig:
+    """The saved config, refused for another encoder or another base (by fingerprint)."""
+    config = ANLConfig.from_json(path.read_text())
+    if encoder_id is not None and config.encoder_id and encoder_id != config.encoder_id:
+        raise AdapterMismatchError(
+            f"adapter in {path.parent} was tuned on tokens of encoder {config.encoder_id!r}, "
+            f"not {encoder_id!r}; load the encoder it was tuned with")
+    fingerprint = base_fingerprint(unet)
+    if fingerprint != config.base_fingerprint:
+        raise AdapterMismatchError(
+            f"adapter in {path.parent} was tuned on a different base U-Net: "
+            f"{_describe_base(config.base_model, config.base_fingerprint)}, but the given U-Net "
+            f"is {_describe_base(_base_name(unet), fingerprint)}; load the base model the "
+            "adapter was tuned on")
+    # Older adapters did not record the base; the fingerprint just proved it is this one.
+    config.base_model = config.base_model or _base_name(unet)
+    return config
+
+
+def _checked_weights(path: Path, model: ANLUNet) -> dict[str, torch.Tensor]:
+    state = load_file(path, device=str(model.device))
+    expected = set(model.adapter_state_dict())
+    if set(state) != expected:
+        raise AdapterMismatchError(
+            f"adapter weights in {path} do not match its config: missing "
+            f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+    return state
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -277,46 +375,3 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def save_adapter(model: ANLUNet, directory: str | os.PathLike) -> Path:
-    """Write ``adapter.safetensors`` then ``anl_config.json`` (last: its presence = complete)."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(model.config.to_json()))
-    return out
-
-
-def load_adapter(unet: UNet2DModel, directory: str | os.PathLike,
-                 encoder_id: str | None = None) -> ANLUNet:
-    """Rebuild the adapter saved in ``directory`` on ``unet``.
-
-    Refuses (``AdapterMismatchError``) a base U-Net whose fingerprint differs from the one the
-    adapter was tuned on, and, when ``encoder_id`` is given, a different condition encoder.
-    """
-    src = Path(directory)
-    if not (src / CONFIG_NAME).is_file() or not (src / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{src} is not a saved ANL adapter (needs {CONFIG_NAME} and "
-                                f"{WEIGHTS_NAME}); save one with save_adapter(model, dir)")
-    config = ANLConfig.from_json((src / CONFIG_NAME).read_text())
-    if encoder_id is not None and config.encoder_id and encoder_id != config.encoder_id:
-        raise AdapterMismatchError(
-            f"adapter in {src} was tuned on tokens of encoder {config.encoder_id!r}, "
-            f"not {encoder_id!r}; load the encoder it was tuned with")
-    fingerprint = base_fingerprint(unet)
-    if fingerprint != config.base_fingerprint:
-        raise AdapterMismatchError(
-            f"adapter in {src} was tuned on a different base U-Net (fingerprint "
-            f"{config.base_fingerprint[:12]}..., given U-Net {fingerprint[:12]}...); "
-            "load the base model the adapter was tuned on")
-    model = attach_anl(unet, config)
-    state = load_file(src / WEIGHTS_NAME, device=str(model.device))
-    expected = set(model.adapter_state_dict())
-    if set(state) != expected:
-        raise AdapterMismatchError(
-            f"adapter weights in {src} do not match its config: missing "
-            f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
-    model.load_state_dict(state, strict=False)
-    return model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from anl_core.configs import TuneConfig
+from anl_core.config import TuneConfig
 from anl_core.inject import ANLUNet
 from anl_core.precision import autocast_for
 
@@ -55,7 +55,10 @@ class AdapterEMA:
 
 
 def _adapter_named_params(model: ANLUNet):
-    return [(n, p) for n, p in model.named_parameters() if not n.startswith("unet.")]
+    """What ``adapter_parameters()`` trains, by its name in ``model``: picked by identity, as
+    a model that is not an ``ANLUNet`` (a whole U-Net tuned in its place) names them otherwise."""
+    trained = {id(p) for p in model.adapter_parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in trained]
 
 
 def training_target(scheduler, sample: torch.Tensor, noise: torch.Tensor,

@@ -26,7 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from anl_core.configs import AdapterShape, TuneConfig
+from anl_core.config import AdapterShape, TuneConfig
 from pipeline.digest import digest
 from pipeline.evaluate.quality_config import QualityConfig
 from pipeline.generate.pretrain_config import PretrainConfig
@@ -81,7 +81,7 @@ class PretrainSection(_ComponentSection, PretrainConfig):
 
 
 class AdapterSection(_ComponentSection, AdapterShape):
-    """Where ANL blocks go and how big they are (``anl_core.configs.AdapterShape``, declared
+    """Where ANL blocks go and how big they are (``anl_core.config.AdapterShape``, declared
     there), and ``scope``: one adapter per labeled class subset (the method's default) or one
     shared by all classes."""
 
@@ -269,7 +269,7 @@ class AugmentConfig(_Section):
     pretrain: PretrainSection | None = None
     encoder: str = "efficientnet-lite0"
     adapter: AdapterSection = Field(default_factory=AdapterSection)
-    tuning: TuneConfig = Field(default_factory=TuneConfig)  # anl_core.configs, declared there
+    tuning: TuneConfig = Field(default_factory=TuneConfig)  # anl_core.config, declared there
     neighbors: NeighborsSection = Field(default_factory=NeighborsSection)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     filter: FilterSection = Field(default_factory=FilterSection)

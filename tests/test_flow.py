@@ -118,8 +118,8 @@ def test_dask_task_runner_gives_the_same_adapters_and_samples(flow_prefect, tmp_
     # Equal up to float rounding: worker processes may take other vectorised code paths
     # (seen: 8 of 1024 weights differing in the last bit), so compare at that resolution.
     for c in (0, 1):
-        a = load_file(default_dir / f"adapters/class-{c:02d}/adapter.safetensors")
-        b = load_file(dask_dir / f"adapters/class-{c:02d}/adapter.safetensors")
+        a = load_file(default_dir / f"adapters/class-{c:02d}/adapter_model.safetensors")
+        b = load_file(dask_dir / f"adapters/class-{c:02d}/adapter_model.safetensors")
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)

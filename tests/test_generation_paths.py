@@ -19,7 +19,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch_helpers import anl_make_unet, anl_one_thread
 
-from anl_core.inject import ANLConfig, attach_anl, base_fingerprint, load_adapter
+from anl_core.inject import ANLConfig, ANLUNet, attach_anl, base_fingerprint
 from anl_core.sampling import image_seed, masked_sample
 from pipeline import stages
 from pipeline.config import with_overrides
@@ -105,7 +105,7 @@ def test_shared_adapter_samples_every_class(flow_cfg, flow_tiny_base):
     stages.run_all(run_dir, cfg, until="tune")
     # Two tuning steps barely move the zero-initialised output layers, so another adapter (or
     # none) would give the same pixels. Make the shared adapter clearly conditional on disk.
-    weights = run_dir / "adapters/shared/adapter.safetensors"
+    weights = run_dir / "adapters/shared/adapter_model.safetensors"
     state = load_file(weights)
     gen = torch.Generator().manual_seed(0)
     for k in state:
@@ -121,7 +121,7 @@ def test_shared_adapter_samples_every_class(flow_cfg, flow_tiny_base):
     def base():
         return UNet2DModel.from_pretrained(flow_tiny_base / "unet", low_cpu_mem_usage=False).eval()
 
-    shared = load_adapter(base(), run_dir / "adapters/shared")
+    shared = ANLUNet.from_pretrained(base(), run_dir / "adapters/shared")
     bare = attach_anl(base(), ANLConfig(token_dim=tok["token_dim"], num_tokens=tok["num_tokens"],
                                         context_dim=32, head_dim=16))  # identity blocks
 
@@ -179,8 +179,9 @@ def test_pretrain_stage_builds_the_base_the_tune_stage_uses(flow_cfg, flow_tiny_
     given = UNet2DModel.from_pretrained(flow_tiny_base / "unet", low_cpu_mem_usage=False)
     assert base_fingerprint(pretrained) != base_fingerprint(given)
     for c in (0, 1):
-        saved = json.loads((run_dir / f"adapters/class-{c:02d}/anl_config.json").read_text())
+        saved = json.loads((run_dir / f"adapters/class-{c:02d}/adapter_config.json").read_text())
         assert saved["base_fingerprint"] == base_fingerprint(pretrained), c
+        assert saved["base_model"] == str(run_dir / "base/unet"), c  # where it was loaded from
         assert saved["block_channels"]["mid"] == 16  # the pretrained base's widths
 
     # A rerun of the same config does nothing: every stage skipped, no file touched.

@@ -196,7 +196,7 @@ def test_warm_start_tunes_from_the_round_one_adapter(flow_cfg, monkeypatch):
         monkeypatch.setattr(anl_core.tuning, "tune_adapter", spy)
         run_tune_class(run_dir, cfg, 0, 2)
         monkeypatch.setattr(anl_core.tuning, "tune_adapter", real)
-        one = load_file(run_dir / "adapters/class-00/adapter.safetensors")
+        one = load_file(run_dir / "adapters/class-00/adapter_model.safetensors")
         gap = max(float(np.abs(one[k] - seen["start"][k]).max()) for k in one)
         assert (gap == 0.0) if warm else (gap > 1e-3), (warm, gap)
         two_dir = run_dir / ROUND_TWO / "adapters/class-00"

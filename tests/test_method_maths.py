@@ -42,7 +42,7 @@ def _conditional_model(seed: int = 0):
                                                         context_dim=16, head_dim=8))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for block in model.blocks.values():
+        for block in model.adapter.blocks.values():
             for layer in (block.to_out, block.ff.proj_out):
                 layer.weight.copy_(0.3 * torch.randn(layer.weight.shape, generator=gen))
     return model.eval()

@@ -176,7 +176,7 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     import torch
     from diffusers import UNet2DModel
 
-    from anl_core.inject import base_fingerprint, load_adapter
+    from anl_core.inject import ANLUNet, base_fingerprint
     from pipeline.data.shards import read_shards, verify_shards
     from pipeline.data.splits import load_split
     from pipeline.stages.keys import stage_keys
@@ -252,7 +252,7 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
         assert tune["images"] == 25 and len(tune["loss_history"]) == 2
         assert np.isfinite(tune["loss_history"]).all()
         fresh = UNet2DModel.from_pretrained(ddpm_snap / "unet", low_cpu_mem_usage=False).eval()
-        model = load_adapter(fresh, adapter_dir, encoder_id="clip")
+        model = ANLUNet.from_pretrained(fresh, adapter_dir, encoder_id="clip")
         assert model.config.base_fingerprint == fingerprint
         assert set(model.config.block_channels) == {"down.0", "down.1", "down.2", "down.3",
                                                     "mid", "up.0", "up.1", "up.2", "up.3"}

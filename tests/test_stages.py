@@ -66,7 +66,7 @@ def test_stages_write_records_and_skip_on_rerun(flow_cfg):
     for c in (0, 1):
         tune = read_json(run_dir / f"adapters/class-{c:02d}/tune.json")
         assert len(tune["loss_history"]) == 2 and tune["param_counts"]["adapter"] > 0
-        assert (run_dir / f"adapters/class-{c:02d}/adapter.safetensors").exists()
+        assert (run_dir / f"adapters/class-{c:02d}/adapter_model.safetensors").exists()
     manifest = read_json(run_dir / "shards" / "manifest.json")
     # 2 classes x 2 labeled images x 2 samples per condition x 1 mask ratio
     assert sum(s["rows"] for s in manifest["shards"]) == 8
@@ -90,8 +90,8 @@ def test_changed_sampling_reuses_finished_upstream_stages(flow_cfg):
     for c in (0, 1):
         unit = read_json(second / f"adapters/class-{c:02d}/unit.json")
         assert unit["key"] == read_json(first / f"adapters/class-{c:02d}/unit.json")["key"]
-        a = first / f"adapters/class-{c:02d}/adapter.safetensors"
-        b = second / f"adapters/class-{c:02d}/adapter.safetensors"
+        a = first / f"adapters/class-{c:02d}/adapter_model.safetensors"
+        b = second / f"adapters/class-{c:02d}/adapter_model.safetensors"
         assert a.stat().st_ino == b.stat().st_ino  # hard link, not retuned
     assert "adopted_from" not in records["sample"]
     old = np.load(first / "samples/class-00" / part_name(0, 0))["images"]
@@ -259,7 +259,7 @@ def test_sample_parts_and_shards_record_each_rows_condition_label_and_seed(flow_
     i-th condition (condition-major), in the part file, in its pixels and in the shards."""
     import torch
 
-    from anl_core.inject import load_adapter
+    from anl_core.inject import ANLUNet
     from anl_core.sampling import masked_sample
     from pipeline.data.images import from_model_space
     from pipeline.data.shards import read_shards
@@ -287,7 +287,7 @@ def test_sample_parts_and_shards_record_each_rows_condition_label_and_seed(flow_
     # The pixels agree with the provenance: each condition sampled alone gives its rows.
     unet, scheduler = load_base(run_dir, cfg, "cpu")
     tok = load_tokens(run_dir)
-    model = load_adapter(unet, run_dir / adapter_rel(1), encoder_id=tok["encoder_id"])
+    model = ANLUNet.from_pretrained(unet, run_dir / adapter_rel(1), encoder_id=tok["encoder_id"])
     shape = dataset_for(cfg).image_shape[:2]
     s = cfg.sampling
     with np.load(run_dir / sample_rel(1) / part_name(1, 0)) as z:

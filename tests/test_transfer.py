@@ -70,7 +70,7 @@ def test_anl_trains_only_the_adapter_and_leaves_every_base_weight_bit_identical(
     tmodel.fit(cfg, model, scheduler, shots, tmodel.shot_tokens(encoder, shots))
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
     changed = {n for n, p in model.named_parameters() if not torch.equal(start[n], p)}
-    adapter = {n for n, _ in model.named_parameters() if not n.startswith("unet.")}
+    adapter = {f"adapter.{n}" for n, _ in model.adapter.named_parameters()}
     assert changed and changed <= adapter
     # The count the run records is the adapter's size, and smaller than the base.
     count = tmodel.trainable_count(model)
@@ -82,8 +82,8 @@ def test_anl_run_records_the_saved_adapters_parameter_count(cfg):
     from safetensors.numpy import load_file
 
     run = trun.run_transfer(cfg)
-    saved = load_file(str(run / "model" / "adapter.safetensors"))
-    assert not any(k.startswith("unet.") for k in saved)  # the base is not saved again
+    saved = load_file(str(run / "model" / "adapter_model.safetensors"))
+    assert {k.split(".")[0] for k in saved} == {"condition", "blocks"}  # not the base again
     metrics = read_json(run / "eval" / "metrics.json")
     assert metrics["trained_params"] == sum(v.size for v in saved.values())
     assert read_json(run / "stages" / "tune.json")["metrics"]["trained_params"] == \
@@ -192,7 +192,7 @@ def test_rerun_skips_every_step_and_a_changed_sample_count_reruns_only_sampling(
         assert "adopted_from" not in rec and rec["key"] != read_json(
             run / "stages" / f"{step}.json")["key"]
     assert read_json(other / "eval" / "metrics.json")["n_samples"] == 5
-    weights = "model/adapter.safetensors"
+    weights = "model/adapter_model.safetensors"
     assert (other / weights).stat().st_ino == (run / weights).stat().st_ino  # linked
 
 

@@ -49,7 +49,8 @@ def test_ema_weights_are_loaded_at_the_end(anl_unet_factory, anl_single_thread):
     for name, shadow in result.ema_state.items():
         assert torch.equal(state[name].detach(), shadow), name
     raw, _ = _run(anl_unet_factory, seed=0, steps=3, use_ema=False)
-    assert not torch.equal(raw.blocks["mid"].to_out.weight, model.blocks["mid"].to_out.weight)
+    assert not torch.equal(raw.adapter.blocks["mid"].to_out.weight,
+                           model.adapter.blocks["mid"].to_out.weight)
 
 
 def test_bad_inputs_are_clear_errors(anl_unet_factory):

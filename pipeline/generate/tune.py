@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from anl_core.configs import AdapterShape, TuneConfig
+from anl_core.config import AdapterShape, TuneConfig
 
 
 def unit_seed(seed: int, class_idx: int | None) -> int:
@@ -25,13 +25,13 @@ def tune_class_adapter(unet, scheduler, images, tokens, adapter: AdapterShape,
     """
     import torch
 
-    from anl_core.inject import ANLConfig, attach_anl, load_adapter
+    from anl_core.inject import ANLConfig, ANLUNet, attach_anl
     from anl_core.tuning import tune_adapter
 
     seed = unit_seed(tuning.seed, class_idx)
     torch.manual_seed(seed)  # the adapter's initialisation
     if warm_from is not None:
-        model = load_adapter(unet, warm_from, encoder_id=encoder_id)
+        model = ANLUNet.from_pretrained(unet, warm_from, encoder_id=encoder_id)
     else:
         model = attach_anl(unet, ANLConfig(
             token_dim=tokens.shape[2], num_tokens=tokens.shape[1], encoder_id=encoder_id,

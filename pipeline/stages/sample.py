@@ -72,7 +72,7 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
 
     def body(unit_dir: Path, device: str) -> dict:
 
-        from anl_core.inject import load_adapter
+        from anl_core.inject import ANLUNet
 
         run = Path(run_dir)
         plan_file = read_json(unit_dir / "plan.json")
@@ -92,7 +92,7 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
             if not (root / adapter / UNIT_MARKER).exists():
                 raise StageError(f"adapter {root / adapter} is not finished; run the tune stage")
             unet, scheduler = load_base(run, config, device)
-            model = load_adapter(unet, root / adapter, encoder_id=tok["encoder_id"])
+            model = ANLUNet.from_pretrained(unet, root / adapter, encoder_id=tok["encoder_id"])
             from tqdm.auto import tqdm
 
             for mi, ci, a, b in tqdm(todo, desc=f"sample class {class_idx}",

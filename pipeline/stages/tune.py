@@ -50,7 +50,6 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
     def body(unit_dir: Path, device: str) -> dict:
         import torch
 
-        from anl_core.inject import save_adapter
         from pipeline.data.images import to_model_space
         from pipeline.generate.neighbors import tuning_pairs
 
@@ -73,7 +72,7 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
         # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
         tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
         remove_tree(tmp)
-        save_adapter(model, tmp)
+        model.save_pretrained(tmp)
         info = {"class": class_idx, "images": len(rows),
                 "pseudo_labeled": int(tok["pseudo"][rows].sum()) if "pseudo" in tok else 0,
                 "warm_start": warm,

@@ -135,14 +135,12 @@ def _save_model(model: nn.Module, tokens: torch.Tensor | None, out: Path, info: 
     """Write the trained model into a temp dir and swap it in: never a half-saved model."""
     from safetensors.torch import save_file
 
-    from anl_core.inject import save_adapter
-
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     if tokens is None:
         model.net.save_pretrained(tmp)
     else:
-        save_adapter(model, tmp)
+        model.save_pretrained(tmp)
         save_file({"tokens": tokens.contiguous()}, str(tmp / "condition_tokens.safetensors"))
     atomic_write_json(tmp / "tune.json", info)
     shutil.rmtree(out, ignore_errors=True)
@@ -178,7 +176,7 @@ def load_trained(run_dir: Path, config: TransferConfig, device: str):
     from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
-    from anl_core.inject import load_adapter
+    from anl_core.inject import ANLUNet
 
     unet, scheduler = load_base_unet(resolve_base_model(config.base_model), device)
     model_dir = Path(run_dir) / "model"
@@ -187,7 +185,7 @@ def load_trained(run_dir: Path, config: TransferConfig, device: str):
                                           low_cpu_mem_usage=False).to(device).eval()
         return WholeUNet(net), scheduler, None
     tokens = load_file(str(model_dir / "condition_tokens.safetensors"))["tokens"]
-    return load_adapter(unet, model_dir), scheduler, tokens
+    return ANLUNet.from_pretrained(unet, model_dir), scheduler, tokens
 
 
 def sample_step(run_dir: Path, config: TransferConfig) -> dict:

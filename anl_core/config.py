@@ -51,12 +51,13 @@ class AdapterShape(BaseModel):
 
 class ANLConfig(AdapterShape):
     """Everything needed to rebuild an adapter: its shape, and what it fits (the encoder's
-    token shape and id, the base's fingerprint and block widths, filled on attach); saved
-    as ``adapter_config.json`` next to the weights."""
+    token shape and id; the base's id or path, fingerprint and block widths, filled on
+    attach); saved as ``adapter_config.json`` next to ``adapter_model.safetensors``."""
 
     token_dim: int = Field(ge=1)
     num_tokens: int = Field(ge=1)
     encoder_id: str = ""
+    base_model: str = ""  # hub id or path, for people; the fingerprint is what loading checks
     base_fingerprint: str = ""
     block_channels: dict[str, int] = Field(default_factory=dict)  # filled on attach
 

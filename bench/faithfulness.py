@@ -69,7 +69,7 @@ from pipeline.atomic import atomic_write_json
 from pipeline.generate.tune import tune_class_adapter
 from pipeline.runs import read_json
 from pipeline.stages.encode import unlabeled_neighbors
-from pipeline.stages.inputs import load_base
+from pipeline.stages.inputs import load_run_base
 
 TOKEN_SETS = ("patch", "pooled", "both")
 SCOPES = ("per-class", "shared")
@@ -157,7 +157,7 @@ class Sweep:
         # run_dir is only read when the config pretrains its own base, which a bench does not.
         if self.config.pretrains_base:
             raise SystemExit("the faithfulness bench needs a preset with a fixed base_model")
-        return load_base(Path("."), self.config, self.device)
+        return load_run_base(Path("."), self.config, self.device)
 
     def tune(self, scope: str, kind: str, steps: int, unet, scheduler) -> dict:
         """{class or None: tuned ANLUNet}: ``tune_class_adapter``, as the tune stage."""

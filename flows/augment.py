@@ -60,20 +60,20 @@ def make_arm_runner(config: AugmentConfig, at_once: int):
 
 
 @flow(name="augment-arms", log_prints=True)
-def train_arms(run_dir: str, config: AugmentConfig, units: list[tuple[str, int]]) -> list[str]:
+def train_arms(run_dir: Path, config: AugmentConfig, units: list[tuple[str, int]]) -> list[str]:
     """Train every (arm, seed) unit; each unit's result depends on its own seed only."""
     futures = [tasks.ssl_arm.submit(run_dir, config, arm, seed) for arm, seed in units]
     return [f.result() for f in futures]
 
 
-def run_arms(run_dir: str, config: AugmentConfig, arms) -> list[str]:
+def run_arms(run_dir: Path, config: AugmentConfig, arms) -> list[str]:
     units = [(arm, seed) for arm in arms for seed in config.ssl.seeds]
-    runner = make_arm_runner(config, arms_at_once(Path(run_dir), config, units))
+    runner = make_arm_runner(config, arms_at_once(run_dir, config, units))
     return train_arms.with_options(task_runner=runner)(run_dir, config, units)
 
 
 @flow(name="augment-classes", log_prints=True)
-def adapt_classes(run_dir: str, config: AugmentConfig, classes: list[int],
+def adapt_classes(run_dir: Path, config: AugmentConfig, classes: list[int],
                   loop_round: int = 1) -> dict[str, list[str]]:
     """Tune every adapter unit and sample every class; sampling of class c waits only for
     the adapter it uses."""
@@ -117,14 +117,14 @@ def augment(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None 
         report = tasks.report(run_dir, config)
         tasks.publish_report(run_dir, config)
     finally:
-        clear_running(Path(run_dir))
-    (Path(run_dir) / "stages" / "failed.json").unlink(missing_ok=True)
-    path = Path(run_dir) / report["outputs"].get("html", "report.html")
+        clear_running(run_dir)
+    (run_dir / "stages" / "failed.json").unlink(missing_ok=True)
+    path = run_dir / report["outputs"].get("html", "report.html")
     print(f"report: {path}")
     return str(path)
 
 
-def second_round(run_dir: str, config: AugmentConfig, classes: list[int]) -> None:
+def second_round(run_dir: Path, config: AugmentConfig, classes: list[int]) -> None:
     """Pseudo-label with the baseline, then round 1's generation steps again on the expanded
     class subsets (in ``round-2/``), then the round's two arms."""
     tasks.pseudo(run_dir, config)

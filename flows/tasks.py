@@ -33,22 +33,22 @@ def preflight_task(config: AugmentConfig) -> dict:
 
 
 @task(name="prepare-run", **_opts)
-def prepare_run(config: AugmentConfig) -> str:
+def prepare_run(config: AugmentConfig) -> Path:
     run_dir = init_run_dir(config)
     mark_running(run_dir)
-    return str(run_dir)
+    return run_dir
 
 
 def _stage_task(stage: str, fn=None):
     fn = fn or stages.STAGE_FUNCTIONS[stage]
 
     @task(name=stage, task_run_name=f"{stage}-round{{loop_round}}", **_opts)
-    def run(run_dir: str, config: AugmentConfig, loop_round: int = 1) -> dict | None:
+    def run(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict | None:
         """``loop_round`` 2: the generation stages again, in ``round-2/`` (``loop.rounds: 2``)."""
-        with runs.stage_failure_recorded(Path(run_dir), stage):
+        with runs.stage_failure_recorded(run_dir, stage):
             if loop_round == 1:
-                return fn(Path(run_dir), config)
-            return fn(Path(run_dir), config, loop_round=loop_round)
+                return fn(run_dir, config)
+            return fn(run_dir, config, loop_round=loop_round)
 
     run.__doc__ = f"Stage {stage!r}: {fn.__module__}.{fn.__name__}."
     return run
@@ -85,41 +85,41 @@ def use_worker_gpu() -> None:
 
 
 @task(name="tune-class", task_run_name="tune-{class_idx}-round{loop_round}", **_opts)
-def tune_class(run_dir: str, config: AugmentConfig, class_idx: int | None, loop_round: int = 1) -> str:
+def tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None, loop_round: int = 1) -> str:
     """Tune one class's adapter; returns its directory."""
     use_worker_gpu()
-    with runs.stage_failure_recorded(Path(run_dir), "tune"):
-        run_tune_class(Path(run_dir), config, class_idx, loop_round)
-    return str(round_root(Path(run_dir), loop_round) / adapter_rel(class_idx))
+    with runs.stage_failure_recorded(run_dir, "tune"):
+        run_tune_class(run_dir, config, class_idx, loop_round)
+    return str(round_root(run_dir, loop_round) / adapter_rel(class_idx))
 
 
 @task(name="sample-class", task_run_name="sample-{class_idx}-round{loop_round}", **_opts)
-def sample_class(run_dir: str, config: AugmentConfig, class_idx: int, loop_round: int = 1) -> str:
+def sample_class(run_dir: Path, config: AugmentConfig, class_idx: int, loop_round: int = 1) -> str:
     """Masked sampling for one class; returns its sample directory."""
     use_worker_gpu()
-    with runs.stage_failure_recorded(Path(run_dir), "sample"):
-        run_sample_class(Path(run_dir), config, class_idx, loop_round)
-    return str(round_root(Path(run_dir), loop_round) / sample_rel(class_idx))
+    with runs.stage_failure_recorded(run_dir, "sample"):
+        run_sample_class(run_dir, config, class_idx, loop_round)
+    return str(round_root(run_dir, loop_round) / sample_rel(class_idx))
 
 
 @task(name="ssl-arm", task_run_name="ssl-{arm}-seed{seed}", **_opts)
-def ssl_arm(run_dir: str, config: AugmentConfig, arm: str, seed: int) -> str:
+def ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> str:
     """Train one classifier unit (``ssl/<arm>/seed-<s>``); returns its directory."""
     use_worker_gpu()
-    with runs.stage_failure_recorded(Path(run_dir), "ssl"):
-        run_ssl_arm(Path(run_dir), config, arm, seed)
-    return str(Path(run_dir) / ssl_rel(arm, seed))
+    with runs.stage_failure_recorded(run_dir, "ssl"):
+        run_ssl_arm(run_dir, config, arm, seed)
+    return str(run_dir / ssl_rel(arm, seed))
 
 
 @task(name="append-history", **_opts)
-def append_history(run_dir: str, history: str) -> dict:
+def append_history(run_dir: Path, history: str) -> dict:
     """Add the run's row to the benchmark history table and re-render history.html."""
     from pipeline.paths import resolve_path
     from pipeline.report.build import append_history as append
     from pipeline.report.build import render_history
 
     path = resolve_path(history)
-    row = append(path, Path(run_dir))
+    row = append(path, run_dir)
     page = render_history(path, path.parent)
     return {"history": str(path), "page": str(page), "run_id": row["run_id"]}
 
@@ -131,7 +131,7 @@ def artifact_key(kind: str, preset: str) -> str:
 
 
 @task(name="publish-report", **_opts)
-def publish_report(run_dir: str, config: AugmentConfig) -> dict[str, str]:
+def publish_report(run_dir: Path, config: AugmentConfig) -> dict[str, str]:
     """The run's Markdown summary and results table as Prefect artifacts, keyed by preset, so
     the UI (and ``prefect artifact inspect report-<preset>``) shows each preset's latest."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -25,7 +25,7 @@ from pipeline import stages
 from pipeline.config import with_overrides
 from pipeline.generate.sample import part_name
 from pipeline.runs import init_run_dir, read_json
-from pipeline.stages.inputs import dataset_for, load_base, load_tokens
+from pipeline.stages.inputs import dataset_for, load_run_base, load_tokens
 from pipeline.stages.keys import stage_keys
 from pipeline.stages.pretrain import run_pretrain
 
@@ -340,7 +340,7 @@ def test_masked_sampling_reads_the_prediction_type(kind):
 
 
 def test_stage_base_keeps_its_saved_prediction_type(flow_cfg, flow_tiny_base, tmp_path):
-    """load_base, which the tune and sample stages both call, keeps the scheduler saved with
+    """load_run_base, which the tune and sample stages both call, keeps the scheduler saved with
     the base (here v-prediction on another schedule) instead of a default epsilon DDPM."""
     import shutil
 
@@ -349,7 +349,7 @@ def test_stage_base_keeps_its_saved_prediction_type(flow_cfg, flow_tiny_base, tm
     DDPMScheduler(num_train_timesteps=500, prediction_type="v_prediction",
                   beta_schedule="squaredcos_cap_v2").save_pretrained(base / "scheduler")
     cfg = with_overrides(flow_cfg, {"base_model": str(base)})
-    _, sched = load_base(init_run_dir(cfg), cfg, "cpu")
+    _, sched = load_run_base(init_run_dir(cfg), cfg, "cpu")
     assert sched.config.prediction_type == "v_prediction"
     assert sched.config.num_train_timesteps == 500
     assert sched.config.beta_schedule == "squaredcos_cap_v2"

@@ -22,7 +22,7 @@ from pipeline.runs import init_run_dir, list_runs, read_json, run_dir_for
 from pipeline.stages.inputs import (
     adapter_rel,
     dataset_for,
-    load_base,
+    load_run_base,
     load_tokens,
     sample_rel,
     split_for,
@@ -285,7 +285,7 @@ def test_sample_parts_and_shards_record_each_rows_condition_label_and_seed(flow_
                     assert len(z["images"]) == len(rows)
                 expected += rows
     # The pixels agree with the provenance: each condition sampled alone gives its rows.
-    unet, scheduler = load_base(run_dir, cfg, "cpu")
+    unet, scheduler = load_run_base(run_dir, cfg, "cpu")
     tok = load_tokens(run_dir)
     model = ANLUNet.from_pretrained(unet, run_dir / adapter_rel(1), encoder_id=tok["encoder_id"])
     shape = dataset_for(cfg).image_shape[:2]

@@ -40,9 +40,9 @@ assert tuple(STAGE_FUNCTIONS) == STAGE_ORDER
 
 def run_all(run_dir: Path, config: AugmentConfig, until: str | None = None) -> dict[str, dict]:
     """Every stage in order in this process (no Prefect): the reference the flow must match."""
-    records = {}
+    records, run_dir = {}, Path(run_dir)
     for name, fn in STAGE_FUNCTIONS.items():
-        rec = fn(Path(run_dir), config)
+        rec = fn(run_dir, config)
         if rec is not None:
             records[name] = rec
         if name == until:

@@ -35,7 +35,7 @@ def run_encode(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dic
         from anl_core.encoders import load_encoder
         from pipeline.data.images import to_model_space
 
-        ds, split = dataset_for(config), split_for(Path(run_dir))
+        ds, split = dataset_for(config), split_for(run_dir)
         encoder = load_encoder(config.encoder, device=device)
         index, labels = split.labeled_idx, split.labeled_labels
         pseudo = np.zeros(len(index), np.int64)

@@ -33,7 +33,7 @@ def base_model_dir(run_dir: Path, config: AugmentConfig) -> Path:
     return resolve_base_model(config.base_model)
 
 
-def load_base(run_dir: Path, config: AugmentConfig, device: str):
+def load_run_base(run_dir: Path, config: AugmentConfig, device: str):
     """The frozen base U-Net (fp32 on CPU; the stored dtype is not trusted) and its scheduler."""
     from pipeline.models import load_base_unet
 
@@ -46,7 +46,7 @@ def load_base(run_dir: Path, config: AugmentConfig, device: str):
 
 def round_root(run_dir: Path, loop_round: int) -> Path:
     """Where a round's conditions, adapters, samples, shards and stage records live."""
-    return Path(run_dir) if loop_round == 1 else Path(run_dir) / ROUND_TWO
+    return run_dir if loop_round == 1 else run_dir / ROUND_TWO
 
 
 TOKENS_FILE = "conditions/tokens.safetensors"
@@ -56,7 +56,7 @@ def load_tokens(run_dir: Path) -> dict:
     """Tokens, labeled indices, labels and encoder metadata written by the encode stage."""
     from safetensors import safe_open
 
-    path = Path(run_dir) / TOKENS_FILE
+    path = run_dir / TOKENS_FILE
     if not path.exists():
         raise StageError(f"{path} not found; run the encode stage first")
     with safe_open(str(path), "pt") as f:

@@ -4,14 +4,12 @@ and one classifier unit's key, which hashes only what that arm reads.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.config import AugmentConfig, stage_key
 from pipeline.digest import digest
 from pipeline.stage_graph import STAGE_ORDER, STAGE_UPSTREAM
 
 
-def stage_keys(config: AugmentConfig, run_dir: Path | None = None) -> dict[str, str | None]:
+def stage_keys(config: AugmentConfig) -> dict[str, str | None]:
     """Every stage's key. The tune key includes the base model's content fingerprint."""
     from pipeline.models import base_model_fingerprint, resolve_base_model
 

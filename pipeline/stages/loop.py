@@ -26,7 +26,7 @@ def run_loop(run_dir: Path, config: AugmentConfig) -> dict | None:
     if config.loop.rounds == 1:
         return None
     keys = stage_keys(config)
-    rec = finished_record(Path(run_dir), "loop", keys["loop"])
+    rec = finished_record(run_dir, "loop", keys["loop"])
     if rec is not None:
         return {**rec, "skipped": True}
     pseudo = run_pseudo(run_dir, config)
@@ -36,8 +36,8 @@ def run_loop(run_dir: Path, config: AugmentConfig) -> dict | None:
     shards = run_shards(run_dir, config, loop_round=2)
     units = {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
              for a in ROUND_TWO_ARMS for s in config.ssl.seeds}
-    grids = round_two_grids(Path(run_dir), config)
-    return aggregate_units(Path(run_dir), config, "loop", keys["loop"], units,
+    grids = round_two_grids(run_dir, config)
+    return aggregate_units(run_dir, config, "loop", keys["loop"], units,
                             {"round": ROUND_TWO, "ssl": list(units), "grids": grids},
                             {"pseudo": pseudo["metrics"], "rows": shards["metrics"]["rows"],
                              "kept_share": shards["metrics"].get("kept_share"),

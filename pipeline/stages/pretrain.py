@@ -20,7 +20,7 @@ def run_pretrain(run_dir: Path, config: AugmentConfig) -> dict | None:
     def body(device: str) -> tuple[dict, dict]:
         from pipeline.generate.pretrain import pretrain
 
-        ds, split = dataset_for(config), split_for(Path(run_dir))
+        ds, split = dataset_for(config), split_for(run_dir)
         pcfg = config.pretrain.component(sample_size=config.image_size, device=device)
         disjoint = config.task_images == "task-half"
         seen = split.base_idx if disjoint else split.unlabeled_idx
@@ -28,7 +28,7 @@ def run_pretrain(run_dir: Path, config: AugmentConfig) -> dict | None:
                   **({"half": "base", "half_seed": config.half_seed} if disjoint else
                      {"labels_per_class": config.labels_per_class,
                       "split_seed": config.split_seed})}
-        out = pretrain(ds.train_images[seen], Path(run_dir) / "base", pcfg,
+        out = pretrain(ds.train_images[seen], run_dir / "base", pcfg,
                        progress=config.progress, source=source)
         info = read_json(out / "training.json") or {}
         return ({"base": "base"},

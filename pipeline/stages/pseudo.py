@@ -57,15 +57,14 @@ def run_pseudo(run_dir: Path, config: AugmentConfig) -> dict:
         from pipeline.generate.pseudo_labels import select_pseudo_labels
         from pipeline.ssl.arms import predict_probs
 
-        run = Path(run_dir)
-        arm_dir = run / ssl_rel("baseline", seed)
+        arm_dir = run_dir / ssl_rel("baseline", seed)
         marker = read_json(arm_dir / UNIT_MARKER)
         if not marker or marker.get("key") != ssl_unit_key(config, keys, "baseline", seed):
             raise StageError(f"the baseline arm {arm_dir} is not finished for this config; "
                              "run the ssl stage first")
         from pipeline.data.splits import capped_pool
 
-        ds, split = dataset_for(config), split_for(run)
+        ds, split = dataset_for(config), split_for(run_dir)
         pool = capped_pool(split, config.ssl.unlabeled_pool)  # the pool the baseline saw
         t0 = time.perf_counter()
         probs = predict_probs(arm_dir, ds, ds.train_images[pool], device)
@@ -115,6 +114,6 @@ def round_two_grids(run_dir: Path, config: AugmentConfig, cols: int = 8) -> list
         rel = f"{ROUND_TWO}/grids/class-{c:02d}.png"
         png = class_grid_png(real, synth, f"round 2, class {c}: {name}", cols,
                              real_label="pseudo-labeled")
-        atomic_write(Path(run_dir) / rel, lambda tmp, png=png: Path(tmp).write_bytes(png))
+        atomic_write(run_dir / rel, lambda tmp, png=png: Path(tmp).write_bytes(png))
         out.append(rel)
     return out

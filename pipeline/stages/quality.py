@@ -19,7 +19,7 @@ def run_quality(run_dir: Path, config: AugmentConfig) -> dict:
         from pipeline.evaluate.quality import evaluate_run_quality
 
         qcfg = config.quality.component()
-        out = evaluate_run_quality(Path(run_dir), dataset_for(config), qcfg,
+        out = evaluate_run_quality(run_dir, dataset_for(config), qcfg,
                                    encoder=config.encoder, device=device,
                                    progress=config.progress)
         summary = read_json(out) or {}

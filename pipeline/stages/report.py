@@ -15,7 +15,7 @@ def run_report(run_dir: Path, config: AugmentConfig) -> dict:
     def body(device: str) -> tuple[dict, dict]:
         from pipeline.report.build import build_run_report
 
-        paths = build_run_report(Path(run_dir))
+        paths = build_run_report(run_dir)
         rels = {Path(p).suffix.lstrip("."): str(Path(p).relative_to(run_dir)) for p in paths}
         return rels, {}
 

@@ -25,7 +25,7 @@ from pipeline.stages.inputs import (
     adapter_rel,
     class_indices,
     dataset_for,
-    load_base,
+    load_run_base,
     load_tokens,
     round_root,
     sample_rel,
@@ -74,7 +74,6 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
 
         from anl_core.inject import ANLUNet
 
-        run = Path(run_dir)
         plan_file = read_json(unit_dir / "plan.json")
         if plan_file and plan_file.get("key") != key:
             remove_tree(unit_dir)  # parts of another configuration: never mix them
@@ -91,7 +90,7 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
         if todo:
             if not (root / adapter / UNIT_MARKER).exists():
                 raise StageError(f"adapter {root / adapter} is not finished; run the tune stage")
-            unet, scheduler = load_base(run, config, device)
+            unet, scheduler = load_run_base(run_dir, config, device)
             model = ANLUNet.from_pretrained(unet, root / adapter, encoder_id=tok["encoder_id"])
             from tqdm.auto import tqdm
 

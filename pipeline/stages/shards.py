@@ -35,19 +35,18 @@ def run_shards(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dic
     def body(device: str) -> tuple[dict, dict]:
         from pipeline.data.shards import ShardWriter, verify_shards
 
-        run = Path(run_dir)
-        for c in class_indices(run, config):
+        for c in class_indices(run_dir, config):
             marker = read_json(root / sample_rel(c) / UNIT_MARKER)
             if not marker or marker.get("key") != round_key(keys, "sample", loop_round):
                 raise StageError(f"samples of class {c} are not finished; run the sample stage")
         ds = dataset_for(config)
         s = config.sampling
-        keep, filter_info = synthetic_filter(run, config, device, loop_round)
+        keep, filter_info = synthetic_filter(run_dir, config, device, loop_round)
         per_class: dict[int, int] = {}
         sampled: dict[int, int] = {}
         with ShardWriter(root / "shards", ds.class_names, rows_per_shard=config.shards.rows_per_shard,
                          overwrite=True, image_shape=ds.image_shape) as writer:
-            for c, path in sample_parts(run, config, loop_round):
+            for c, path in sample_parts(run_dir, config, loop_round):
                 with np.load(path) as npz:
                     part = {k: npz[k] for k in npz.files}
                 sampled[c] = sampled.get(c, 0) + len(part["labels"])
@@ -96,6 +95,6 @@ def synthetic_filter(run_dir: Path, config: AugmentConfig, device: str, loop_rou
                              f"config names {encoder.encoder_id}; rerun the encode stage")
     from pipeline.generate.synthetic_filter import build_filter
 
-    return build_filter(config.filter, dataset_for(config), split_for(Path(run_dir)), encoder,
+    return build_filter(config.filter, dataset_for(config), split_for(run_dir), encoder,
                         tok["tokens"], device, conditions=(tok["index"].numpy(),
                                                            tok["labels"].numpy()))

@@ -19,7 +19,7 @@ def run_split(run_dir: Path, config: AugmentConfig) -> dict:
                            ds.num_classes, val_per_class=config.validation_per_class,
                            half_seed=config.half_seed if config.task_images == "task-half"
                            else None)
-        save_split(split, Path(run_dir) / "split.parquet")
+        save_split(split, run_dir / "split.parquet")
         return ({"split": "split.parquet"},
                 {"labeled": len(split.labeled_idx), "unlabeled": len(split.unlabeled_idx),
                  "validation": len(split.val_idx), "base_half": len(split.base_idx),

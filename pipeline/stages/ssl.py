@@ -33,32 +33,31 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
         from pipeline.ssl import run_arm
         from pipeline.ssl.arm_names import base_arm
 
-        run = Path(run_dir)
         scfg = config.ssl.component(seed=seed, device=device)
-        shard_dir = {"augmented": run / "shards", "control": run / "shards",
-                     "supervised+synthetic": run / "shards",
-                     "augmented-r2": round_root(run, 2) / "shards"}.get(base_arm(arm))
+        shard_dir = {"augmented": run_dir / "shards", "control": run_dir / "shards",
+                     "supervised+synthetic": run_dir / "shards",
+                     "augmented-r2": round_root(run_dir, 2) / "shards"}.get(base_arm(arm))
         if shard_dir is not None and not (shard_dir / "manifest.json").exists():
             raise StageError(f"{shard_dir} has no manifest; run the shards stage first")
         extra_rows, pool_exclude, info = None, None, {}
         if arm == "control":
-            extra_rows, pool_exclude, info = control_rows_for(run, config, shard_dir, device)
+            extra_rows, pool_exclude, info = control_rows_for(run_dir, config, shard_dir, device)
             shard_dir = None
         if arm == "selftrain":  # the round's pseudo-labeled real images, as extra rows
-            chosen = load_pseudo_labels(round_root(run, 2))
+            chosen = load_pseudo_labels(round_root(run_dir, 2))
             extra_rows = (dataset_for(config).train_images[chosen.train_idx], chosen.labels)
             pool_exclude = chosen.train_idx
             info = {"selftrain_rows": len(chosen.labels)}
         # Real extra rows leave the unlabeled pool: no image is both a labeled row and an
         # unlabeled one (with conflicting targets where the judge was wrong).
-        metrics_path = run_arm(arm, dataset_for(config), split_for(run), unit_dir, scfg,
+        metrics_path = run_arm(arm, dataset_for(config), split_for(run_dir), unit_dir, scfg,
                                shard_dir=shard_dir, progress=config.progress,
                                synthetic=extra_rows, pool_exclude=pool_exclude)
         metrics = read_json(metrics_path) or {}
         return {**{k: v for k, v in metrics.items()
                    if isinstance(v, (int, float, str, type(None)))}, **info}
 
-    return run_unit(Path(run_dir), rel, ssl_unit_key(config, keys, arm, seed), config, body)
+    return run_unit(run_dir, rel, ssl_unit_key(config, keys, arm, seed), config, body)
 
 
 def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, device: str):
@@ -79,7 +78,7 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
                    "pool": config.ssl.control_pool,
                    **({"cap": config.ssl.unlabeled_pool}
                       if config.ssl.unlabeled_pool is not None else {})})[:16]
-    cached = Path(run_dir) / "ssl" / "control" / f"judged-{key}.npz"
+    cached = run_dir / "ssl" / "control" / f"judged-{key}.npz"
     if cached.exists():  # every seed of the control arm reads the same rows: judge once
         with np.load(cached) as z:
             return (z["images"], z["labels"]), z["train_idx"], json.loads(str(z["info"]))
@@ -111,12 +110,12 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
 
 def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:
     keys = stage_keys(config)
-    rec = finished_record(Path(run_dir), "ssl", keys["ssl"])
+    rec = finished_record(run_dir, "ssl", keys["ssl"])
     if rec is not None:
         return {**rec, "skipped": True}
     units = {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
              for a in config.ssl.arms for s in config.ssl.seeds}
-    return aggregate_units(Path(run_dir), config, "ssl", keys["ssl"], units,
+    return aggregate_units(run_dir, config, "ssl", keys["ssl"], units,
                             {"ssl": list(units)}, {"arms": list(config.ssl.arms),
                                                    "seeds": list(config.ssl.seeds)})
 

@@ -24,7 +24,7 @@ from pipeline.stages.inputs import (
     adapter_rel,
     class_indices,
     dataset_for,
-    load_base,
+    load_run_base,
     load_tokens,
     round_root,
 )
@@ -53,21 +53,20 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
         from pipeline.data.images import to_model_space
         from pipeline.generate.neighbors import tuning_pairs
 
-        run = Path(run_dir)
         ds, tok = dataset_for(config), load_tokens(root)
         rows = (torch.arange(len(tok["labels"])) if class_idx is None
                 else torch.nonzero(tok["labels"] == class_idx).flatten())
         if len(rows) == 0:
-            raise StageError(f"class {class_idx} has no labeled images in {run / TOKENS_FILE}")
+            raise StageError(f"class {class_idx} has no labeled images in {run_dir / TOKENS_FILE}")
         targets, token_rows, weights = tuning_pairs(
             rows, tok.get("neighbors"), tok["index"], config.neighbors.self_share)
         images = to_model_space(ds.train_images[targets], size=config.image_size, device=device)
-        unet, scheduler = load_base(run, config, device)
+        unet, scheduler = load_run_base(run_dir, config, device)
         warm = loop_round == 2 and config.loop.warm_start
         model, result = tune_class_adapter(
             unet, scheduler, images, tok["tokens"][token_rows], config.adapter.component(), config.tuning,
             class_idx,
-            tok["encoder_id"], weights=weights, warm_from=run / rel if warm else None,
+            tok["encoder_id"], weights=weights, warm_from=run_dir / rel if warm else None,
             progress=config.progress)
         # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
         tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")

@@ -75,10 +75,11 @@ def run_repetition(config: AugmentConfig, log: Callable[[str], None] = print
                    ) -> dict[str, Any]:
     """Stages up to the shards (when an arm reads them), then every arm of ``config.ssl``
     with its one seed; returns {"run_dir", "stages", "arms": {arm: kept metrics}}."""
-    from pipeline import stages
     from pipeline.runs import init_run_dir
+    from pipeline.stages import STAGE_FUNCTIONS
     from pipeline.stages.inputs import ssl_rel
     from pipeline.stages.keys import stage_keys
+    from pipeline.stages.loop import run_loop
     from pipeline.stages.pseudo import ROUND_TWO_ARMS
     from pipeline.stages.ssl import run_ssl_arm
 
@@ -92,7 +93,7 @@ def run_repetition(config: AugmentConfig, log: Callable[[str], None] = print
     todo = SYNTHESIS_STAGES if needs_shards(config) else ("split",)
     with _synthesis_lock(config.runs_root(), stage_keys(config)[todo[-1]]):
         for stage in todo:
-            rec = stages.STAGE_FUNCTIONS[stage](run_dir, config)
+            rec = STAGE_FUNCTIONS[stage](run_dir, config)
             stage_log[stage] = ("skipped" if rec.get("skipped") else
                                 f"adopted from {rec['adopted_from']}" if rec.get("adopted_from")
                                 else f"{rec.get('wall_s', 0):.0f} s")
@@ -101,7 +102,7 @@ def run_repetition(config: AugmentConfig, log: Callable[[str], None] = print
     out = {}
 
     def collect(arm: str, unit: dict) -> None:
-        unit_dir = Path(run_dir) / ssl_rel(arm, seed)
+        unit_dir = run_dir / ssl_rel(arm, seed)
         metrics = read_json(unit_dir / "metrics.json") or {}
         curve = pd.read_parquet(unit_dir / "learning_curve.parquet")
         out[arm] = {**{k: metrics.get(k) for k in KEPT},
@@ -114,7 +115,7 @@ def run_repetition(config: AugmentConfig, log: Callable[[str], None] = print
     for arm in arms:
         collect(arm, run_ssl_arm(run_dir, config, arm, seed))
     if config.loop.rounds == 2:  # pseudo-labels from the baseline, round 2, its two arms
-        stages.run_loop(run_dir, config)
+        run_loop(run_dir, config)
         for arm in ROUND_TWO_ARMS:
             collect(arm, read_json(Path(run_dir) / ssl_rel(arm, seed) / UNIT_MARKER) or {})
     return {"run_dir": str(run_dir), "stages": stage_log, "arms": out}

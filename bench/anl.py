@@ -3,7 +3,7 @@
 1. Masked sampling images/s against the ceiling of a plain U-Net forward loop with the same
    batch and steps (guidance counted as two forwards, i.e. the loop runs at the doubled batch;
    compiled, with CUDA graphs on CUDA, when --compile), and against diffusers' DDIMPipeline on
-   the bare U-Net (fp16 on CUDA) at the same batch and steps (issue 21: aim >= 2x at w=1).
+   the bare U-Net (fp16 on CUDA) at the same batch and steps (aim: >= 2x at w=1).
 2. Adapter-only tuning vs full fine-tuning: steps/s and peak memory (CUDA) for the same loop.
 
     python -m bench.anl                      # auto: DDPM-CIFAR10 U-Net on CUDA, small on CPU

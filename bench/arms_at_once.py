@@ -6,7 +6,7 @@ barrier so every unit trains at the same time, and times ``--steps`` steps of th
 loop. Aggregate = N x steps / (the slowest unit's time). Also prints one unit's peak memory
 and how many ``arms_at_once: auto`` would run on this card.
 
-    python -m bench.arms_at_once --device cuda --units 1,4        # issue 21: aim >= 3x
+    python -m bench.arms_at_once --device cuda --units 1,4        # aim: >= 3x
     python -m bench.arms_at_once --device cpu --tiny               # tests this script only
 """
 

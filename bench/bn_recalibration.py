@@ -1,9 +1,9 @@
-"""How much the EMA model's BatchNorm statistics move the SSL figures (issue 28).
+"""How much the EMA model's BatchNorm statistics move the SSL figures.
 
 Trains one FixMatch baseline (the preset's labeled split and validation split, the chosen
 recipe) and, at every curve point, scores the same EMA weights two ways on the validation
-images: with the raw model's running BN buffers copied in (what the trainer did before issue
-28, and what USB does) and with BN statistics recomputed for the EMA weights on the trainer's
+images: with the raw model's running BN buffers copied in (what the trainer used to do,
+and what USB does) and with BN statistics recomputed for the EMA weights on the trainer's
 fixed clean calibration images (what it does now). Prints both curves, the largest upward
 jump between points, the sum of upward moves, the mean gap, and the evaluation's own standard
 error (binomial, at the final error), all from this one run.
@@ -33,10 +33,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from pipeline.devices import resolve_device
     from pipeline.ssl.algorithms import get_algorithm
     from pipeline.ssl.arms import build_train_data, net_for
     from pipeline.ssl.evaluate import evaluate
-    from pipeline.ssl.trainer import Trainer, resolve_device
+    from pipeline.ssl.trainer import Trainer
     from pipeline.stages.inputs import dataset_for
 
     every = max(1, args.steps // args.curve_points)
@@ -88,7 +89,7 @@ def main() -> None:
     se = 100 * math.sqrt(recomputed[-1] / 100 * (1 - recomputed[-1] / 100) / n_val)
     print("\n| evaluation | final error % | largest upward jump | sum of upward moves |")
     print("| --- | --- | --- | --- |")
-    for name, c in (("copied raw buffers (before issue 28)", copied),
+    for name, c in (("copied raw buffers (as USB)", copied),
                     ("BN recomputed for the EMA weights", recomputed)):
         jump, total = upward_moves(c)
         print(f"| {name} | {c[-1]:.2f} | {jump:.2f} | {total:.2f} |")

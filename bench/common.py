@@ -1,4 +1,4 @@
-"""Helpers shared by the issue-9 benches (faithfulness sweep, SSL gain).
+"""Helpers shared by the faithfulness sweep and SSL gain benches.
 
 Run the benches as modules from the repository root (``python -m bench.faithfulness``), so
 that ``bench.common`` imports.

@@ -1,4 +1,4 @@
-"""Faithfulness sweep (issue 9): are synthetic images of their condition's class, and diverse?
+"""Faithfulness sweep: are synthetic images of their condition's class, and diverse?
 
 For one preset, adapters are tuned and sampled exactly as the stages in ``pipeline/stages/`` do it
 (same ANLConfig fields, TuneConfig, per-class seeds, sampling seeds and condition ids), over

@@ -1,4 +1,4 @@
-"""How well does a filter separate right-class from wrong-class synthetic samples? (issue 9)
+"""How well does a filter separate right-class from wrong-class synthetic samples?
 
 For finished runs (their ``samples/`` before any filter), prints per judge the share of
 samples it keeps, its precision (share of kept samples that the reference classifier, trained

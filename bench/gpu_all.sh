@@ -5,13 +5,13 @@
 #   phase A  pretrain the ANCHORS-size Fashion-MNIST base (6.8M params) and the shipped-size
 #            one (1.1M) side by side, each with a wall-clock budget; train the faithfulness
 #            reference classifier
-#   phase B  on the 6.8M base: the faithfulness sweep (issue 9); issue 16's protocol: for 3
+#   phase B  on the 6.8M base: the faithfulness sweep; the SSL gain protocol: for 3
 #            independent repetitions (own split, seeds, adapters and samples), the pipeline's
 #            stages up to the shards, then supervised, baseline, augmented and control arms,
-#            one process each on the card; issue 17's second round (augmented-r2, selftrain)
+#            one process each on the card; the second round (augmented-r2, selftrain)
 #            after each baseline; the paired table (bench/ssl_gain.py) at the end
-#            issue 19's generative transfer (bench/transfer.py) on both bases, if time is left
-#   phase C  if time is left: the speed benches, alone on the card (issues 3/4 and 21: the
+#            generative transfer (bench/transfer.py) on both bases, if time is left
+#   phase C  if time is left: the speed benches, alone on the card (the
 #            FixMatch step pipelined vs the model-only ceiling, grouped vs dense augmentation;
 #            4 classifier units side by side vs 1; masked sampling eager and compiled vs
 #            DDIMPipeline fp16 and the compiled forward ceiling)
@@ -22,7 +22,7 @@
 #   run(command="bash bench/gpu_all.sh", carry=[".whl", ".fmnist"], timeout_s=600)
 # Knobs (environment): LIMIT (seconds, default 545), LARGE_S (6.8M pretraining budget, 200),
 # SSL_STEPS (4096), LOOP_K (round-2 pseudo-labels per class, 50), SKIP_SMALL=1 (do not retrain
-# the 1.1M model), ONLY_SPEED=1 (skip phases A and B: issue 21's figures in one short call).
+# the 1.1M model), ONLY_SPEED=1 (skip phases A and B: the speed figures in one short call).
 # TINY=1 runs the same steps at toy sizes on CPU (PY=.venv/bin/python), to test this script
 # before spending GPU time. Results: $OUT/summary.txt, $OUT/results.tar.gz (logs, sweep cells,
 # sample grids, arm metrics; refreshed every 20 s), $OUT/base_*.tar (the new base models).
@@ -152,7 +152,7 @@ say "phase B: faithfulness, synthetic shards, SSL arms (large base)"
 bg faith_large "$PY" -m bench.faithfulness --base-model "$W/base_large" "${FAITH[@]}" \
   "${REF[@]}" --reference-cache "$REFCACHE" --out "$W/faith_large" "${COMMON[@]}"
 P_FL=$LAST
-# Issue 16's protocol: 3 independent repetitions (own split, seeds, adapters, samples), each
+# The SSL gain protocol: 3 independent repetitions (own split, seeds, adapters, samples), each
 # with supervised, baseline, augmented and control arms, one process per arm on the card.
 SSL_ARGS+=(--base-model "$W/base_large" "${SYN[@]}")
 P_SYN=(); P_REAL=()
@@ -169,7 +169,7 @@ for r in 0 1 2; do  # after its split exists: the real-data arms need nothing el
     P_REAL+=("$LAST")
   done
 done
-# Issue 17's second round: once a repetition's baseline is trained, its pseudo-labels,
+# The second round: once a repetition's baseline is trained, its pseudo-labels,
 # round-2 adapters, samples and shards, then augmented-r2 and selftrain (one process per rep).
 P_R2=()
 for r in 0 1 2; do
@@ -187,7 +187,7 @@ timeout 120 "$PY" -m bench.ssl_gain "${SSL_ARGS[@]}" --reps 0,1,2 --json "$W/ssl
   > "$W/logs/ssl_table.log" 2>&1
 wait "$P_FL"; say "faith_large: $(finished faith_large)"
 
-# Issue 19's generative transfer at GPU size, on both bases: base untouched, ANL only, full
+# Generative transfer at GPU size, on both bases: base untouched, ANL only, full
 # fine-tuning and from scratch, at equal steps, 10 and 100 shots of sklearn's digits.
 if [ "$(left)" -gt 60 ]; then
   for b in large small; do

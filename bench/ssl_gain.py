@@ -1,4 +1,4 @@
-"""SSL gain (issues 16, 28, 29): did the synthetic data help, over independent repetitions?
+"""SSL gain: did the synthetic data help, over independent repetitions?
 
 A thin caller of the sweep (``augment sweep``, ``flows/sweep.py``): it makes a one-cell sweep
 spec from the preset and flags and runs it, so the repetitions, the paired statistics and the
@@ -13,7 +13,7 @@ check, and each arm's validation learning curve with its largest rise. Settings 
 chosen on the validation figures; the test figures are for frozen settings. (Runs live in
 ``<runs-dir>/runs``; runs of the earlier bench, directly in ``<runs-dir>``, are not reused.)
 
-    # the issue-28 protocol (five repetitions, K = 4096 and 2K)
+    # the protocol of bench/RESULTS.md (five repetitions, K = 4096 and 2K)
     .venv/bin/python -m bench.ssl_gain --preset demo --steps 4096 --recipe cpu-short \\
         --set validation_per_class=200
 

@@ -5,13 +5,13 @@ Measures, in one run on one device:
   serial    sample + augment, then forward/backward/SGD/EMA, steps/s
   data      sampling + weak/strong augmentation + layout only, ms/step, with the grouped
             augmentation (each op on the images that drew it) and the dense one
-  model     the training step on a fixed batch only: the ceiling (issue 21: pipelined
+  model     the training step on a fixed batch only: the ceiling (the aim: pipelined
             >= 0.92 of it)
 and, for the feeding side, a USB-like CPU loader: torchvision PIL transforms per image
 (crop+flip, RandAugment(3) and RandomErasing as Cutout) in this one process.
 
-On the CPU it also times the trainer's step in fp32 against bf16 autocast + channels_last
-(issue 28), for cnn-small at width 32 and 16 on Fashion-MNIST's shape (28x28x1) at the
+On the CPU it also times the trainer's step in fp32 against bf16 autocast + channels_last,
+for cnn-small at width 32 and 16 on Fashion-MNIST's shape (28x28x1) at the
 cpu-short recipe's batch (16 + 2x16), and prints the ratios measured in this one run.
 
     .venv/bin/python -m bench.ssl_step --device cuda           # USB shape: 64 + 7x64x2 images
@@ -32,8 +32,8 @@ import torch
 import pipeline.ssl.trainer as trainer_module
 from pipeline.ssl import SSLConfig
 from pipeline.ssl.algorithms import FixMatch
-from pipeline.ssl.augment import strong_augment
 from pipeline.ssl.nets import build_net
+from pipeline.ssl.randaugment import strong_augment
 from pipeline.ssl.trainer import TrainData, Trainer
 
 
@@ -116,7 +116,7 @@ def cpu_precision(steps: int, tiny: bool) -> None:
     device = torch.device("cpu")
     nets = [("cnn-tiny", None)] if tiny else [("cnn-small", 32), ("cnn-small", 16)]
     bs, mu = (4, 2) if tiny else (16, 2)
-    print(f"\nCPU precision (issue 28): batch {bs} + {mu}x{bs} unlabeled x 2 views, 28x28x1, "
+    print(f"\nCPU precision: batch {bs} + {mu}x{bs} unlabeled x 2 views, 28x28x1, "
           f"threads {torch.get_num_threads()}, native bf16: {cpu_has_native_bf16()}")
     print(f"{'net':<22}{'fp32 ms/step':>14}{'bf16+NHWC ms/step':>20}{'ratio':>8}")
     base = None
@@ -208,7 +208,7 @@ def main() -> None:
           f"{1 / t_data_dense:>10.2f}")
     print(f"{'  model: fwd/bwd/SGD/EMA on a fixed batch':<44}{t_model * 1e3:>10.2f}"
           f"{1 / t_model:>10.2f}")
-    print(f"pipelined / model-only ceiling: {t_model / t_pipe:.3f} (issue 21 aim >= 0.92); "
+    print(f"pipelined / model-only ceiling: {t_model / t_pipe:.3f} (aim >= 0.92); "
           f"pipelined / serial: {t_full / t_pipe:.2f}x; grouped / dense augmentation: "
           f"{t_data_dense / t_data:.2f}x faster")
     share = t_data / (t_data + t_model)

@@ -1,4 +1,4 @@
-"""Generative transfer (issue 19): how well does each way of adapting the shipped Fashion-MNIST
+"""Generative transfer: how well does each way of adapting the shipped Fashion-MNIST
 DDPM to handwritten digits do, from a few images, at equal training steps?
 
 Arms, each a ``pipeline.transfer`` run (so every run is resumable and has its own report):

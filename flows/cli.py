@@ -117,7 +117,9 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.report import build as report
+    from pipeline.report.ablation import build_ablation_report
+    from pipeline.report.build import build_run_report
+    from pipeline.report.history import append_history, render_history
 
     dirs = [Path(d) for d in args.run_dirs]
     missing = [str(d) for d in dirs if not d.is_dir()]
@@ -130,16 +132,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
         table = resolve_path(args.out or "runs/benchmark-history.parquet")
         for d in dirs:
-            row = report.append_history(table, d)
+            row = append_history(table, d)
             print(f"history row {row['run_id']} -> {table}")
-        print(f"history page: {report.render_history(table, table.parent)}")
+        print(f"history page: {render_history(table, table.parent)}")
         return 0
     if args.ablation:
         out = Path(args.out or "runs/ablation")
-        print(f"ablation: {report.build_ablation_report(dirs, out)}")
+        print(f"ablation: {build_ablation_report(dirs, out)}")
         return 0
     for d in dirs:
-        for p in report.build_run_report(d):
+        for p in build_run_report(d):
             print(p)
     return 0
 

@@ -115,8 +115,8 @@ def ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> str:
 def append_history(run_dir: Path, history: str) -> dict:
     """Add the run's row to the benchmark history table and re-render history.html."""
     from pipeline.paths import resolve_path
-    from pipeline.report.build import append_history as append
-    from pipeline.report.build import render_history
+    from pipeline.report.history import append_history as append
+    from pipeline.report.history import render_history
 
     path = resolve_path(history)
     row = append(path, run_dir)

@@ -12,8 +12,8 @@ Two hashes identify work:
   keys, so changing a sampling parameter leaves the split, encode and tune keys as they
   were and their finished outputs can be reused.
 
-About 400 lines, kept whole: the run's sections, the preset loader, ``--set`` parsing and the
-hashes are one schema's parts; each component's own fields live with the component
+The sections themselves (``adapter:``, ``sampling:``, ``ssl:``, ...) are
+:mod:`pipeline.config_sections`; each component's own fields live with the component
 (``SSLConfig``, ``PretrainConfig``, ``QualityConfig``, ``TuneConfig``, ``AdapterShape``).
 """
 
@@ -21,221 +21,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from anl_core.config import AdapterShape, TuneConfig
+from anl_core.config import TuneConfig
+from pipeline.config_sections import (
+    AdapterSection,
+    FilterSection,
+    LoopSection,
+    NeighborsSection,
+    PretrainSection,
+    QualitySection,
+    SamplingSection,
+    Section,
+    ShardsSection,
+    SSLSection,
+)
 from pipeline.digest import digest
-from pipeline.evaluate.quality_config import QualityConfig
-from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.paths import PRESETS_DIR, resolve_path
-from pipeline.ssl.arm_names import SUPERVISED_ARMS, base_arm
-from pipeline.ssl.config import BUDGETS, RECIPES, SSLConfig
+from pipeline.ssl.config import BUDGETS, RECIPES
 from pipeline.stage_graph import STAGE_PARTS, stage_key_of
 from pipeline.validation import explain
-
-Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class ConfigError(ValueError):
     """A configuration is invalid; the message names each offending parameter."""
-
-
-class _Section(BaseModel):
-    # extra="forbid": a misspelt key must fail, naming the key, rather than be ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class _ComponentSection:
-    """A section that extends a component's own settings model (``COMPONENT``, declared
-    beside the code that runs it). ``component(**run)`` is that model, with the fields the
-    run fills in (its size, device, one unit's seed) given as keywords."""
-
-    COMPONENT: ClassVar[type[BaseModel]]
-
-    def component(self, **run: Any) -> Any:
-        fields = {k: getattr(self, k) for k in self.COMPONENT.model_fields if k not in run}
-        return self.COMPONENT(**fields, **run)
-
-
-class PretrainSection(_ComponentSection, PretrainConfig):
-    """Pretrain an unconditional base U-Net on the unlabeled pool: the fields of
-    ``pipeline.generate.pretrain_config.PretrainConfig`` (declared there once), except
-    ``sample_size`` (the run's ``image_size``) and ``device`` (the run's device)."""
-
-    sample_size: int = Field(32, exclude=True)  # from image_size
-    device: str = Field("auto", exclude=True)   # the run's device
-
-    @model_validator(mode="before")
-    @classmethod
-    def _filled_by_the_run(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name, use in (("sample_size", "image_size"), ("device", "the top-level device")):
-                if name in data:
-                    raise ValueError(f"pretrain.{name} comes from the run: set {use}")
-        return data
-
-    COMPONENT: ClassVar[type[BaseModel]] = PretrainConfig  # with sample_size=, device=
-
-
-class AdapterSection(_ComponentSection, AdapterShape):
-    """Where ANL blocks go and how big they are (``anl_core.config.AdapterShape``, declared
-    there), and ``scope``: one adapter per labeled class subset (the method's default) or one
-    shared by all classes."""
-
-    scope: Literal["per-class", "shared"] = "per-class"
-    COMPONENT: ClassVar[type[BaseModel]] = AdapterShape
-
-
-class NeighborsSection(_Section):
-    """Unlabeled neighbours as extra tuning targets (``pipeline.generate.neighbors``); 0 = off.
-
-    ``per_image``: neighbours per labeled image; ``pool``: unlabeled images searched (each is
-    encoded once, in the encode stage); ``self_share``: share of tuning draws that stay on the
-    labeled images themselves.
-    """
-
-    per_image: int = Field(0, ge=0)
-    pool: int = Field(5000, ge=1)
-    self_share: Ratio = 0.5
-    seed: int = 0
-
-
-class FilterSection(_Section):
-    """Which synthetic rows reach the shards (``pipeline.generate.synthetic_filter``).
-
-    ``method``: "none" keeps every sample; "prototype" keeps a sample only when its mean
-    encoder similarity to its label's labeled images beats every other class's by more than
-    ``margin``. ``copy_quantile`` > 0 also drops near-copies of the labeled images.
-    """
-
-    method: Literal["none", "prototype"] = "none"
-    margin: float = Field(0.0, ge=-1, le=2)
-    # Near-copies: drop a sample closer (pixel RMSE) to a labeled image than all but this
-    # share of ``copy_pool`` real unlabeled images are; 0 = keep them.
-    copy_quantile: float = Field(0.0, ge=0, lt=1)
-    copy_pool: int = Field(2000, ge=1)
-    seed: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none" or self.copy_quantile > 0
-
-
-class SamplingSection(_Section):
-    """Masked, guided sampling: ``per_condition`` images per labeled image and mask ratio."""
-
-    per_condition: int = Field(8, ge=1)
-    mask_ratios: list[Ratio] = Field(default_factory=lambda: [0.3], min_length=1)
-    guidance: float = Field(2.0, ge=0)
-    num_inference_steps: int = Field(50, ge=1)
-    scheduler: Literal["ddim"] = "ddim"
-    eta: float = Field(0.0, ge=0)
-    batch_size: int = Field(256, ge=1)
-    # Conditions per chunk file: a killed sampling stage loses at most one chunk.
-    chunk_conditions: int = Field(4, ge=1)
-    seed: int = 0
-    compile: bool = False
-
-
-class ShardsSection(_Section):
-    rows_per_shard: int = Field(4096, ge=1)
-
-
-class SSLSection(_ComponentSection, SSLConfig):
-    """Downstream classifiers: which arms and seeds, plus the trainer's own fields, declared
-    once in ``pipeline.ssl.SSLConfig`` (this section extends that model).
-
-    ``budget`` names a step budget (``pipeline.ssl.config.BUDGETS``, e.g. "steps-1048576",
-    USB's 2^20); it fills ``steps``, ``eval_every`` and ``checkpoint_every`` unless those are
-    given explicitly. ``recipe`` names a training setting (``pipeline.ssl.config.RECIPES``,
-    e.g. "cpu-short": warm-up, cosine to 0, the mean of the last evaluations, a narrow
-    cnn-small); its fields are filled the same way. ``seed`` and ``device`` are not set here: each unit gets one seed of
-    ``seeds`` and the run's device (``component(seed=, device=)``).
-    """
-
-    # "-2x": the same arm at twice the steps (the doubling rule, pipeline.evaluate.paired).
-    # "pool-oracle" is an evaluation arm (it reads the base's pretraining half, which a
-    # user's task does not have): for sweeps and benches, never for a user preset.
-    arms: list[Literal["supervised", "supervised+synthetic", "baseline", "augmented", "replay",
-                       "control", "pool-oracle", "baseline-2x", "augmented-2x",
-                       "supervised-2x", "supervised+synthetic-2x"]] = Field(
-        default_factory=lambda: ["supervised", "baseline", "augmented", "control"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    budget: str | None = None
-    recipe: str | None = None
-    # The control arm draws its judged real rows from this many unlabeled images.
-    control_pool: int = Field(4000, ge=1)
-    seed: int = Field(0, exclude=True)       # per unit, from seeds
-    device: str = Field("auto", exclude=True)  # the run's device
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_budget(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name, use in (("seed", "ssl.seeds"), ("device", "the top-level device")):
-                if name in data:
-                    raise ValueError(f"ssl.{name} is set per classifier unit; use {use}")
-            # A named budget, then a recipe, fills the fields not given explicitly.
-            for name, table, hint in (("budget", BUDGETS, " and set ssl.steps"),
-                                      ("recipe", RECIPES, "")):
-                chosen = data.get(name)
-                if chosen is None:
-                    continue
-                if chosen not in table:
-                    raise ValueError(f"ssl.{name}={chosen!r} is not a known {name}; choose one "
-                                     f"of {', '.join(table)} or leave it null{hint}")
-                data = {**table[chosen], **data}
-        return data
-
-    @model_validator(mode="after")
-    def _pool_for_ssl_arms(self) -> SSLSection:
-        needs_pool = [a for a in self.arms
-                      if base_arm(a) not in (*SUPERVISED_ARMS, "pool-oracle")]
-        if self.unlabeled_pool == 0 and needs_pool:
-            raise ValueError(f"ssl.unlabeled_pool=0 leaves no unlabeled images for "
-                             f"{', '.join(needs_pool)}; keep supervised and "
-                             "supervised+synthetic only, or allow a pool")
-        if self.synthetic_as == "unlabeled" and any(
-                base_arm(a) == "supervised+synthetic" for a in self.arms):
-            raise ValueError("supervised+synthetic reads the synthetic rows as labeled rows, "
-                             "but ssl.synthetic_as=unlabeled puts them in the unlabeled pool, "
-                             "which a supervised arm never reads; set synthetic_as=labeled")
-        return self
-
-    COMPONENT: ClassVar[type[BaseModel]] = SSLConfig  # one unit's: with seed=, device=
-
-
-class QualitySection(_ComponentSection, QualityConfig):
-    """Synthetic-data quality: ``pipeline.evaluate.quality_config.QualityConfig`` (declared
-    there), plus an off switch."""
-
-    enabled: bool = True
-    COMPONENT: ClassVar[type[BaseModel]] = QualityConfig
-
-
-class LoopSection(_Section):
-    """A second round (DPT's loop, ``pipeline.generate.pseudo_labels``): the baseline classifier pseudo-labels
-    the unlabeled pool, each class's adapter is tuned again on its labeled images plus its
-    confident pseudo-labeled ones, sampling is conditioned on them, and ``augmented-r2``
-    trains on the round-2 shards beside ``selftrain`` (the same pseudo-labeled real images
-    as its extra rows, the control that must be beaten).
-
-    ``rounds``: 1 = off. ``per_class``: at most K pseudo-labeled images per class, the most
-    confident first (class-balanced). ``threshold``: the least EMA-softmax confidence kept.
-    ``warm_start``: round 2 starts each adapter from its round-1 weights (else fresh).
-    ``conditions``: sample from labeled and pseudo-labeled images, or labeled ones only.
-    ``per_condition``: round-2 samples per condition image (default: sampling.per_condition).
-    """
-
-    rounds: Literal[1, 2] = 1
-    per_class: int = Field(50, ge=1)
-    threshold: Ratio = 0.95
-    warm_start: bool = True
-    conditions: Literal["labeled+pseudo", "labeled"] = "labeled+pseudo"
-    per_condition: int | None = Field(None, ge=1)
 
 
 CONFIG_FILE = "config.json"
@@ -249,7 +61,7 @@ RUNTIME_FIELDS = frozenset({"preset", "runs_dir", "task_runner", "dask_address",
                             "progress", "device", "require_gpu", "arms_at_once"})
 
 
-class AugmentConfig(_Section):
+class AugmentConfig(Section):
     preset: str = "custom"
     dataset: Literal["fashion-mnist", "cifar10", "image-folder"] = "fashion-mnist"
     dataset_root: str | None = None

@@ -77,7 +77,7 @@ MUTANTS = (
            ("tests/test_loop.py",)),
     Mutant("round-two-samples-pseudo-when-labeled-asked", "pipeline/stages/sample.py",
            '        take &= tok["pseudo"] == 0\n', '        pass\n', ("tests/test_loop.py",)),
-    # The cycle issue 18 broke: the base model's module importing the pre-flight check that
+    # A cycle that once crept in: the base model's module importing the pre-flight check that
     # imports it (PreflightError used to live in preflight.py).
     Mutant("models-imports-preflight", "pipeline/models.py",
            "from pipeline.paths import resolve_path\n",

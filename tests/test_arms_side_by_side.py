@@ -1,4 +1,4 @@
-"""Classifier units side by side (issue 21): how many fit, and the same results as one by one."""
+"""Classifier units side by side (``arms_at_once``): how many fit, and the same results as one by one."""
 
 import numpy as np
 import pytest

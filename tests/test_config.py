@@ -9,9 +9,6 @@ import pytest
 from pipeline.config import (
     AugmentConfig,
     ConfigError,
-    PretrainSection,
-    QualitySection,
-    SSLSection,
     available_presets,
     config_hash,
     load_config,
@@ -20,6 +17,7 @@ from pipeline.config import (
     validate_config,
     with_overrides,
 )
+from pipeline.config_sections import PretrainSection, QualitySection, SSLSection
 
 
 def test_every_preset_loads_and_names_its_run():
@@ -151,9 +149,9 @@ def test_pretrain_architecture_diffusers_cannot_build_is_a_config_error():
     assert ok.pretrain.attention_head_dim == 8
 
 
-# Every preset's config hash. Re-pinned for issue 28, whose new trainer fields (net_width,
-# schedule, warmup, final_points, bn_calibration, the ssl.recipe name) are in every preset's
-# ssl section at their defaults; a change that should leave results alone keeps these.
+# Every preset's config hash. Re-pinned when the trainer gained fields (net_width, schedule,
+# warmup, final_points, bn_calibration, the ssl.recipe name), which are in every preset's ssl
+# section at their defaults; a change that should leave results alone keeps these.
 PINNED_HASHES = {"benchmark-nightly": "7ba5afee5bb2", "cifar10-250labels": "ad4c76439e97",
                  "demo": "a029c043b2f8", "fashion-mnist-40labels": "13f46c80d0cd"}
 

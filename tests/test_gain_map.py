@@ -1,4 +1,4 @@
-"""Where the generated images help (issue 29): the base/task halves, the capped unlabeled
+"""Where the generated images help (the gain map): the base/task halves, the capped unlabeled
 pool, the supervised+synthetic and pool-oracle arms, the disjointness pre-flight, and the
 sweep (spec, repetitions, statistics, report) on tiny real runs."""
 

@@ -17,15 +17,15 @@ LAYER = {"anl_core": 0, "pipeline": 1, "flows": 2}  # a module may import its ow
 # keeps records; the report reads them; the stages bind config, work and store; sweeps and
 # transfer run stages.
 FLOORS = (
-    ("pipeline", "pipeline.atomic", "pipeline.digest", "pipeline.paths", "pipeline.stage_graph",
-     "pipeline.validation"),
+    ("pipeline", "pipeline.atomic", "pipeline.devices", "pipeline.digest", "pipeline.paths",
+     "pipeline.stage_graph", "pipeline.validation"),
     ("pipeline.provenance",),
     ("pipeline.data",),
     ("pipeline.models",),
     ("pipeline.ssl",),
     ("pipeline.generate",),
     ("pipeline.evaluate",),
-    ("pipeline.config",),
+    ("pipeline.config", "pipeline.config_sections"),
     ("pipeline.runs", "pipeline.preflight"),
     ("pipeline.report",),
     ("pipeline.stages",),

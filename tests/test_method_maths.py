@@ -1,4 +1,5 @@
-"""The method's arithmetic, each against a value computed another way (issue 20).
+"""The method's arithmetic, each against a value computed another way, so a slip in the code
+cannot also be a slip in its test.
 
 Guidance and scheduler handling in masked sampling (a hand loop that calls the model and the
 scheduler itself), FixMatch's unlabeled term and mask, the label weights of the labeled loss,
@@ -99,7 +100,7 @@ def test_guided_ddim_step_mixes_null_plus_scaled_difference(guidance):
 
 def _config_schedulers():
     """Each scheduler name ``sampling.scheduler`` accepts, with the diffusers class it means."""
-    from pipeline.config import SamplingSection
+    from pipeline.config_sections import SamplingSection
 
     known = {"ddim": DDIMScheduler}
     allowed = typing.get_args(SamplingSection.model_fields["scheduler"].annotation)

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.report.build import artifacts, build_run_report, markdown_summary, results_table
+from pipeline.report.build import artifacts, build_run_report, markdown_summary
+from pipeline.report.tables import results_table
 
 # The report_* fixtures (a tiny real run directory) live in report_fixtures.py.
 

@@ -11,15 +11,8 @@ import pytest
 from PIL import Image
 
 from pipeline.data.shard_dataset import ShardDataset
-from pipeline.data.shards import (
-    MANIFEST,
-    ShardError,
-    ShardWriter,
-    decode_pngs,
-    encode_pngs,
-    read_shards,
-    verify_shards,
-)
+from pipeline.data.shard_format import MANIFEST, ShardError, decode_pngs, encode_pngs
+from pipeline.data.shards import ShardWriter, read_shards, verify_shards
 
 
 @pytest.fixture(scope="module")

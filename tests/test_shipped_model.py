@@ -92,7 +92,7 @@ def test_card_matches_the_shipped_files(shipped, card):
 
 
 def test_card_readme_states_provenance_and_quality(shipped, card):
-    from pipeline.report.model_card import render_readme
+    from pipeline.report.model_card_readme import render_readme
 
     text = (shipped / "README.md").read_text()
     # The README is the Jinja template rendered from card.json, byte for byte (Markdown: no

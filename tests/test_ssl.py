@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from pipeline.data.splits import make_split
 from pipeline.ssl import BUDGETS, ArmError, SSLConfig, SSLConfigError, build_net, run_arm
-from pipeline.ssl import augment as aug
+from pipeline.ssl import randaugment as aug
 from pipeline.ssl.arms import CHECKPOINT, CURVE, METRICS
 from pipeline.ssl.evaluate import evaluate
 

@@ -1,4 +1,4 @@
-"""The SSL instrument (issue 28): EMA models scored with BN statistics recomputed for their own
+"""The SSL instrument: EMA models scored with BN statistics recomputed for their own
 weights, the CPU bf16 fast path, the short-budget recipe (warm-up, cosine to 0, mean of the
 last evaluations), the replay and doubled arms, and the control rows kept out of the pool."""
 
@@ -16,9 +16,10 @@ from pipeline.data.splits import make_split
 from pipeline.ssl import SSLConfig, build_net, run_arm
 from pipeline.ssl.algorithms import get_algorithm
 from pipeline.ssl.arms import CHECKPOINT, METRICS, build_train_data, predict_probs
-from pipeline.ssl.augment import to_unit
 from pipeline.ssl.evaluate import recalibrate_bn
-from pipeline.ssl.trainer import Trainer, eval_steps, lr_schedule
+from pipeline.ssl.randaugment import to_unit
+from pipeline.ssl.schedules import eval_steps, lr_schedule
+from pipeline.ssl.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("ssl_one_thread")
 

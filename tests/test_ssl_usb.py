@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from torch_helpers import FixedLogits, anl_one_thread
 
 from pipeline.ssl import SSLConfig, build_net
-from pipeline.ssl import augment as aug
+from pipeline.ssl import randaugment as aug
 from pipeline.ssl.algorithms.base import Batch
 from pipeline.ssl.algorithms.fixmatch import FixMatch
 from pipeline.ssl.nets import _WideBlock

@@ -366,8 +366,8 @@ def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatc
 
 # The demo preset's stage keys, pinned: moving code around must not rename finished work
 # (these equal the keys before the second round and the STAGE_UPSTREAM-driven stage_keys).
-# Issue 28 changed what an SSL unit computes (BN recalibration, new trainer fields), so the
-# ssl, report, pseudo and loop keys and the unit keys and fingerprints were re-pinned; the
+# BN recalibration and new trainer fields changed what an SSL unit computes, so the ssl,
+# report, pseudo and loop keys and the unit keys and fingerprints were re-pinned then; the
 # generation stages (split .. shards, quality) kept theirs: their finished work is reused.
 DEMO_KEYS = {"split": "73054915575ea91f", "pretrain": None, "encode": "17a09fdda5f70922",
              "tune": "9f9f45dea10b937e", "sample": "7aae4600183810cf",

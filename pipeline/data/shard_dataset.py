@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data.shards import decode_image_column, load_manifest, verify_shards
+from pipeline.data.shard_format import decode_image_column, load_manifest
+from pipeline.data.shards import verify_shards
 
 
 class ShardDataset(IterableDataset):

@@ -1,6 +1,6 @@
 """QualityConfig: how synthetic data is measured against real data, declared once (no torch).
 
-``pipeline.config`` extends it as the ``quality:`` section (adding the off switch).
+``pipeline.config_sections`` extends it as the ``quality:`` section (adding the off switch).
 """
 
 from __future__ import annotations

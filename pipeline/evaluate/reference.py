@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anl_core.precision import autocast_for
-from pipeline.atomic import atomic_write as _atomic
+from pipeline.atomic import atomic_write
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.images import to_model_space
 
@@ -235,8 +235,8 @@ def save_reference(ref: ReferenceClassifier, directory: str | Path) -> Path:
              if v.dtype.is_floating_point}
     state.update({k: v.cpu() for k, v in ref.model.state_dict().items()
                   if not v.dtype.is_floating_point})
-    _atomic(directory / MODEL_FILE, lambda tmp: save_file(state, tmp))
-    _atomic(directory / INFO_FILE,
+    atomic_write(directory / MODEL_FILE, lambda tmp: save_file(state, tmp))
+    atomic_write(directory / INFO_FILE,
             lambda tmp: Path(tmp).write_text(json.dumps(ref.info, indent=2, sort_keys=True)))
     ref.path = directory
     return directory

@@ -1,7 +1,7 @@
 """Unlabeled neighbours of the labeled images: extra tuning targets for their conditions.
 
 Tuned on its class's few labeled images alone, an adapter learns to redraw them: near-copies
-grow with tuning steps (bench/RESULTS.md, issue 9). With ``neighbors.per_image = k``, each
+grow with tuning steps (bench/RESULTS.md, faithfulness sweep). With ``neighbors.per_image = k``, each
 labeled image's condition tokens are also paired with up to k unlabeled training images
 close to it, so the adapter learns "images like this condition", not "this image".
 

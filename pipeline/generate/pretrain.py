@@ -23,21 +23,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from anl_core.precision import autocast_for, uses_bf16
-from pipeline.atomic import atomic_torch_save as _atomic_torch_save
-from pipeline.atomic import atomic_write_bytes as _atomic_bytes
-from pipeline.atomic import atomic_write_json as _write_json
+from pipeline.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from pipeline.data.grids import tile_png
 from pipeline.data.images import to_model_space
+from pipeline.devices import resolve_device
 from pipeline.digest import file_sha256
 from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.models import sample_base
 from pipeline.provenance import device_label
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def build_unet(config: PretrainConfig, channels: int):
@@ -128,7 +121,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
 
     def save_checkpoint() -> None:
         flush_losses()
-        _atomic_torch_save({
+        atomic_torch_save({
             "unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "lr_sched": lr_sched.state_dict(), "gen": gen.get_state(), "step": step,
             "losses": losses, "wall_s": wall + time.perf_counter() - t0,
@@ -187,7 +180,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
             os.replace(tmp / name, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _atomic_bytes(out_dir / "samples.png", tile_png(grid))
+    atomic_write_bytes(out_dir / "samples.png", tile_png(grid))
     record = {
         "config": config.to_dict(), "steps": step, "wall_s": round(wall, 1),
         "stopped_by_time_limit": stopped_early,
@@ -200,7 +193,7 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
         "weights_sha256": file_sha256(out_dir / "unet" / "diffusion_pytorch_model.safetensors"),
         "command": command, "pool": source, "sample_scheduler": DDIMScheduler.__name__,
     }
-    _write_json(out_dir / "training.json", record)
+    atomic_write_json(out_dir / "training.json", record)
     return out_dir
 
 

@@ -1,7 +1,7 @@
 """PretrainConfig: the base model's architecture and training schedule, declared once.
 
-Light on purpose (no torch): ``pipeline.config`` composes it as the ``pretrain:`` section,
-and ``augment pretrain --set`` validates through it.
+Light on purpose (no torch): ``pipeline.config_sections`` composes it as the ``pretrain:``
+section, and ``augment pretrain --set`` validates through it.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from typing import Any
 from pipeline.atomic import atomic_write_text
 from pipeline.evaluate.paired import MIN_REPETITIONS
 from pipeline.report import plots
-from pipeline.report.data import ARM_ORDER, RunData, load_run, outcome_columns
+from pipeline.report.data import ARM_ORDER, RunData, load_run
 from pipeline.report.render import md_table, render
+from pipeline.report.tables import outcome_columns
 
 # Fields that say where/how a run ran or identify it, never what it computed.
 IGNORED_KEYS = {"_meta", "config_hash", "preset", "runs_dir", "progress", "device", "require_gpu",

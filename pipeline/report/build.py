@@ -4,9 +4,10 @@
 figures (:mod:`pipeline.report.plots`) and renders ``report.html`` (images embedded as data
 URIs, no external CSS/JS, so it opens offline or as an e-mail attachment) and ``report.md``;
 its headline sentences come from :mod:`pipeline.report.verdict`.
-A stage that has not run yet shows as "not run". ``markdown_summary`` and ``results_table``
-are what the flow publishes as Prefect artifacts. Ablations and the benchmark history live
-in :mod:`pipeline.report.ablation` and :mod:`pipeline.report.history`.
+A stage that has not run yet shows as "not run". ``markdown_summary`` (template
+``run.md.j2``) and :func:`pipeline.report.tables.results_table` are what the flow publishes as
+Prefect artifacts. Ablations and the benchmark history live in :mod:`pipeline.report.ablation`
+and :mod:`pipeline.report.history`.
 """
 
 from __future__ import annotations
@@ -19,20 +20,10 @@ import numpy as np
 from pipeline.atomic import atomic_write_text
 from pipeline.evaluate.paired import MIN_REPETITIONS
 from pipeline.report import plots
-from pipeline.report.ablation import build_ablation_report
-from pipeline.report.data import (
-    NOT_RUN,
-    RunData,
-    load_run,
-    report_arms,
-    results_table,
-)
-from pipeline.report.history import append_history, history_row, render_history
+from pipeline.report.data import NOT_RUN, RunData, load_run, report_arms
 from pipeline.report.render import ci_pp, mb, md_table, num, pct, pct_or, pp, pval, render, seconds
+from pipeline.report.tables import results_table
 from pipeline.report.verdict import ssl_budget, verdict
-
-__all__ = ["append_history", "artifacts", "build_ablation_report", "build_run_report",
-           "history_row", "load_run", "markdown_summary", "render_history", "results_table"]
 
 HTML_NAME, MD_NAME = "report.html", "report.md"
 
@@ -282,71 +273,45 @@ def cost_rows(run: RunData) -> list[tuple[str, str | None]]:
 
 
 def markdown_summary(run: RunData | str | Path) -> str:
-    """The Markdown summary (report.md and the Prefect markdown artifact)."""
+    """The Markdown summary (report.md and the Prefect markdown artifact): the template
+    ``run.md.j2`` lays out the prose, and its tables come ready-made from here."""
     run = run if isinstance(run, RunData) else load_run(run)
-    v = verdict(run)
-    lines = [f"# {run.preset}: run `{run.name}`", "",
-             f"**{v['text']}**", ""]
-    for note in v["notes"]:
-        lines += [note["text"], ""]
-    lines += [(f"Config hash `{run.config_hash or 'unknown'}`, dataset "
-               f"{(run.config or {}).get('dataset', 'unknown')}."), "",
-              "## Semi-supervised results (top-1 test error)", ""]
     rows = results_table(run)
     has_val = any(r["val_error_pct"] is not None for r in rows)
-    cols = ["arm", "error %", *(["val error %"] if has_val else []), "std %", "seeds"]
-    lines.append(md_table([{"arm": r["arm"],
-                            "error %": r["error_pct"] if r["status"] == "done" else NOT_RUN,
-                            "val error %": r["val_error_pct"],
-                            "std %": r["std_pct"], "seeds": r["n_seeds"]} for r in rows], cols))
-    if has_val:
-        lines += [("Test error of the EMA model (BN statistics recomputed for its weights; the "
-                  "mean of the last ssl.final_points evaluations) on the test set; validation "
-                  "error the same on the held-out validation images carved from the training "
-                  "set."), ""]
-    comps = comparison_rows(run)
-    if comps:
-        lines += [("Differences (paired by seed; negative = fewer errors; 95% CI and p only with "
-                  f"at least {MIN_REPETITIONS} paired runs):"), "",
-                  md_table([{"comparison": f"{c['arm']} − {c['against']}", "n": c["n"],
-                             "mean": pp(c["mean"]),
-                             "std": "—" if c["std"] is None else f"{100 * c['std']:.2f} pp",
-                             "95% CI": ci_pp(c["ci_low"], c["ci_high"],
-                                             f"n<{MIN_REPETITIONS}"),
-                             "p": pval(c["p"], f"n<{MIN_REPETITIONS}"),
-                             "note": c["note"]} for c in comps],
-                           ["comparison", "n", "mean", "std", "95% CI", "p", "note"])]
+    results = md_table([{"arm": r["arm"],
+                         "error %": r["error_pct"] if r["status"] == "done" else NOT_RUN,
+                         "val error %": r["val_error_pct"],
+                         "std %": r["std_pct"], "seeds": r["n_seeds"]} for r in rows],
+                       ["arm", "error %", *(["val error %"] if has_val else []), "std %", "seeds"])
+    few = f"n<{MIN_REPETITIONS}"
+    comparisons = [{"comparison": f"{c['arm']} − {c['against']}", "n": c["n"],
+                    "mean": pp(c["mean"]),
+                    "std": "—" if c["std"] is None else f"{100 * c['std']:.2f} pp",
+                    "95% CI": ci_pp(c["ci_low"], c["ci_high"], few), "p": pval(c["p"], few),
+                    "note": c["note"]} for c in comparison_rows(run)]
     per_seed = [{"arm": a, "seed": s.seed, "error": pct(s.top1_error),
                  "val error": pct_or(s.val_error)}
                 for a, res in run.arms.items() for s in res.seeds]
-    if per_seed:
-        lines += ["Per seed:", "", md_table(per_seed, ["arm", "seed", "error", *(
-            ["val error"] if has_val else [])])]
     r2 = round_two_section(run)
-    if r2:
-        lines += ["## Second round", "",
-                  (f"The {r2['classifier']} classifier pseudo-labeled {r2['pseudo_labeled']} of "
-                   f"{r2['pool']} unlabeled images (at most {r2['per_class_k']} per class, "
-                   f"confidence >= {r2['threshold']}); {pct_or(r2['precision'])} of them are "
-                   "right (measured afterwards; nothing in the run reads it). Round 2 wrote "
-                   f"{r2['rows']} synthetic images."), "",
-                  md_table([{"class": f"{c['class']}: {c['name']}", "pseudo-labeled": c["pseudo"],
-                             "precision": pct_or(c["precision"])} for c in r2["classes"]],
-                           ["class", "pseudo-labeled", "precision"]), ""]
-    lines += ["## Synthetic data quality", ""]
-    q = run.quality
-    if q:
-        lines.append(md_table([{"measure": k, "value": val} for k, val in quality_overall(q)]))
-    else:
-        lines.append(f"Quality: {NOT_RUN}.\n")
-    lines += ["## Stages", "", md_table([{"stage": s["name"], "status": s["status"],
-                                          "wall": seconds(s["wall_s"]),
-                                          "peak memory": mb(s["peak_mem_mb"])}
-                                         for s in stage_rows(run)])]
+    r2_classes = [{"class": f"{c['class']}: {c['name']}", "pseudo-labeled": c["pseudo"],
+                   "precision": pct_or(c["precision"])} for c in (r2 or {}).get("classes", [])]
+    quality = [{"measure": k, "value": val} for k, val in quality_overall(run.quality)]
+    stages = [{"stage": s["name"], "status": s["status"], "wall": seconds(s["wall_s"]),
+               "peak memory": mb(s["peak_mem_mb"])} for s in stage_rows(run)]
     cost = [{"measure": k, "value": val if val is not None else NOT_RUN}
             for k, val in cost_rows(run)]
-    lines += ["## Cost", "", md_table(cost)]
-    return "\n".join(lines)
+    return render(
+        "run.md.j2", run=run, verdict=verdict(run), min_repetitions=MIN_REPETITIONS,
+        not_run=NOT_RUN, dataset=(run.config or {}).get("dataset", "unknown"),
+        has_val=has_val, results=results,
+        comparisons=md_table(comparisons, ["comparison", "n", "mean", "std", "95% CI", "p",
+                                           "note"]) if comparisons else None,
+        per_seed=md_table(per_seed, ["arm", "seed", "error",
+                                     *(["val error"] if has_val else [])]) if per_seed else None,
+        round_two=r2,
+        round_two_classes=md_table(r2_classes, ["class", "pseudo-labeled", "precision"]),
+        quality=md_table(quality) if quality else None,
+        stages=md_table(stages), cost=md_table(cost))
 
 
 def artifacts(run_dir: str | Path) -> tuple[str, list[dict]]:

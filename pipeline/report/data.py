@@ -6,6 +6,7 @@ Every figure here is read from a file some stage wrote (``stages/*.json``,
 aggregation over seeds (mean, sample std) and paired differences between arms, whose
 statistics (95% CI, paired t-test) are :func:`pipeline.evaluate.paired.paired_difference`'s. A file
 that is missing or unreadable leaves its part as None, which the report renders as "not run".
+The same outcome as flat rows (per arm, per run) is :mod:`pipeline.report.tables`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,8 +48,6 @@ COMPARISONS = (("augmented", "baseline"), ("augmented", "replay"), ("augmented",
                ("augmented", "pool-oracle"),
                ("augmented-r2", "baseline"), ("augmented-r2", "selftrain"),
                ("augmented-r2", "augmented"), ("selftrain", "baseline"))
-
-
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
@@ -307,11 +305,7 @@ def load_run(run_dir: str | Path) -> RunData:
                    read_json(run_dir / "shards" / "manifest.json"), tunes, problems)
 
 
-# --------------------------------------------------------------------------- tables
-
-
-def _r(x: float | None, nd: int = 4) -> float | None:
-    return None if x is None else round(float(x), nd)
+# --------------------------------------------------------------------------- arms
 
 
 def budget_short(run: RunData) -> bool | None:
@@ -329,76 +323,3 @@ def report_arms(run: RunData) -> list[str]:
     wanted = set(configured) if configured else set(ARM_ORDER) - {"control"}
     return [a for a in ARM_ORDER if a in wanted or a in run.arms] + \
         [a for a in run.arms if a not in ARM_ORDER]
-
-
-def paired_columns(comp: Comparison | None, prefix: str = "delta") -> dict[str, Any]:
-    """Flat columns of one comparison, in percentage points: n, mean, std, 95% CI and p
-    (CI and p None below ``MIN_REPETITIONS`` pairs)."""
-    if comp is None:
-        return {f"{prefix}_n": 0, f"{prefix}_pp": None, f"{prefix}_std_pp": None,
-                f"{prefix}_ci_low_pp": None, f"{prefix}_ci_high_pp": None, f"{prefix}_p": None}
-    d = comp.paired
-
-    def pts(x):
-        return None if x is None else _r(100 * x)
-
-    return {f"{prefix}_n": d.n, f"{prefix}_pp": pts(d.mean), f"{prefix}_std_pp": pts(d.std),
-            f"{prefix}_ci_low_pp": pts(d.ci_low), f"{prefix}_ci_high_pp": pts(d.ci_high),
-            f"{prefix}_p": _r(d.p_value, 6)}
-
-
-def outcome_columns(run: RunData, names: dict[str, str], digits: int | None = None
-                    ) -> dict[str, Any]:
-    """A run's outcome as flat columns, shared by the ablation table and the benchmark
-    history: per arm its mean error and std in % and its seed count (named by ``names``'
-    templates for "error", "std" and "seeds", e.g. ``"error_{arm}_pct"``), augmented minus
-    baseline and minus control (:func:`paired_columns`), whether the budget was too short,
-    and the quality and sampling-speed headlines. ``digits`` rounds the % columns."""
-    def pct_col(x):
-        return None if x is None else (100 * x if digits is None else round(100 * x, digits))
-
-    row: dict[str, Any] = {}
-    for arm in ARM_ORDER:
-        mean, std, n = run.arms[arm].summary if arm in run.arms else (None, None, 0)
-        row[names["error"].format(arm=arm)] = pct_col(mean)
-        row[names["std"].format(arm=arm)] = pct_col(std)
-        row[names["seeds"].format(arm=arm)] = n
-    row.update(paired_columns(run.comparison("augmented", "baseline")))
-    row.update(paired_columns(run.comparison("augmented", "control"), "vs_control"))
-    row["budget_short"] = budget_short(run)
-    q = (run.quality or {}).get("overall", {})
-    for k in ("kid", "label_consistency", "diversity_synthetic", "within_condition_diversity"):
-        row[k] = q.get(k)
-    row["sampling_images_per_s"] = run.sampling_images_per_s()
-    return row
-
-
-def results_table(run: RunData | str | Path) -> list[dict[str, Any]]:
-    """One row per SSL arm (error in %, mean/std/n over seeds, validation error where the run
-    had a validation split, change vs baseline in points with its 95% CI and p).
-
-    Flat JSON-friendly rows, the shape Prefect's ``create_table_artifact`` takes.
-    """
-    run = run if isinstance(run, RunData) else load_run(run)
-    rows = []
-    for arm in report_arms(run):
-        res = run.arms.get(arm)
-        comp = run.comparison(arm, "baseline")
-        delta = paired_columns(comp)
-        if res is None:
-            rows.append({"arm": arm, "status": NOT_RUN, "error_pct": None, "std_pct": None,
-                         "n_seeds": 0, "val_error_pct": None,
-                         "delta_vs_baseline_pp": None, "delta_std_pp": None,
-                         "delta_n": 0, "delta_ci_low_pp": None, "delta_ci_high_pp": None,
-                         "delta_p": None})
-            continue
-        mean, std, n = res.summary
-        vmean = res.val_summary[0]
-        rows.append({"arm": arm, "status": "done", "error_pct": _r(100 * mean),
-                     "std_pct": _r(None if std is None else 100 * std), "n_seeds": n,
-                     "val_error_pct": _r(None if vmean is None else 100 * vmean),
-                     "delta_vs_baseline_pp": delta["delta_pp"],
-                     "delta_std_pp": delta["delta_std_pp"], "delta_n": delta["delta_n"],
-                     "delta_ci_low_pp": delta["delta_ci_low_pp"],
-                     "delta_ci_high_pp": delta["delta_ci_high_pp"], "delta_p": delta["delta_p"]})
-    return rows

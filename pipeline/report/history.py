@@ -19,8 +19,9 @@ import pandas as pd
 
 from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.report import plots
-from pipeline.report.data import ARM_ORDER, load_run, outcome_columns
+from pipeline.report.data import ARM_ORDER, load_run
 from pipeline.report.render import md_table, render
+from pipeline.report.tables import outcome_columns
 from pipeline.stage_graph import STAGE_ORDER
 
 TREND_COLUMNS = ["date", "commit", "preset", "run", *[f"error_{a}_pct" for a in ARM_ORDER],

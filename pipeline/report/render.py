@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
@@ -74,6 +75,15 @@ def seconds(x) -> str:
     return f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.2f} h"
 
 
+def duration(x, default: str = "—") -> str:
+    """A wall time in hours and minutes, or minutes and seconds: 200 -> '3 min 20 s',
+    3900 -> '1 h 05 min'."""
+    if not _ok(x):
+        return default
+    h, rem = divmod(round(float(x)), 3600)
+    return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
+
+
 def mb(x) -> str:
     if not _ok(x):
         return "—"
@@ -85,7 +95,8 @@ def environment() -> Environment:
                       autoescape=select_autoescape(["html", "html.j2"]),  # .md.j2: Markdown
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(pct=pct, pct_or=pct_or, pp=pp, pp_or=pp_or, pp_abs_or=pp_abs_or,
-                       num=num, seconds=seconds, mb=mb, pval=pval, ci_pp=ci_pp)
+                       num=num, seconds=seconds, duration=duration, mb=mb, pval=pval,
+                       ci_pp=ci_pp)
     return env
 
 
@@ -101,17 +112,22 @@ def render(template: str, **context) -> str:
     return environment().get_template(template).render(**context)
 
 
-def md_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A GitHub-flavoured Markdown table from flat dicts (None -> '—')."""
+def md_table(rows: Sequence[dict] | Sequence[Sequence], columns: Sequence[str] | None = None
+             ) -> str:
+    """A GitHub-flavoured Markdown table (None -> '—'): rows are flat dicts, whose keys
+    ``columns`` picks and orders, or sequences of cells under the ``columns`` header."""
     if not rows:
         return "_none_\n"
-    columns = columns or list(rows[0])
+    columns = list(columns or rows[0])
 
     def cell(v) -> str:
         if not _ok(v):
             return "—"
         return (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|")
 
+    def cells(row) -> list:
+        return [row.get(c) for c in columns] if isinstance(row, dict) else list(row)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(v) for v in cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -46,17 +46,18 @@ import pandas as pd
 import torch
 
 from anl_core.precision import autocast_for, uses_bf16
-from pipeline.atomic import atomic_write as _atomic_write_bytes
+from pipeline.atomic import atomic_write
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.splits import LabeledSplit, capped_pool
+from pipeline.devices import resolve_device
 from pipeline.digest import digest
 
 from .algorithms import get_algorithm
 from .arm_names import ARMS, DOUBLED_ARMS, EXTRA_ROW_ARMS, SUPERVISED_ARMS, base_arm
-from .augment import to_unit
 from .config import SSLConfig
 from .nets import build_net, resolve_net_name
-from .trainer import TrainData, Trainer, resolve_device
+from .randaugment import to_unit
+from .trainer import TrainData, Trainer
 
 
 def arm_config(arm: str, config: SSLConfig) -> SSLConfig:
@@ -288,7 +289,7 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
     val_error = curve_error if data.curve_split == "validation" else None
 
     curve = pd.DataFrame(trainer.curve)
-    _atomic_write_bytes(out_dir / CURVE, lambda tmp: curve.to_parquet(tmp, index=False))
+    atomic_write(out_dir / CURVE, lambda tmp: curve.to_parquet(tmp, index=False))
     n_synth = 0 if synthetic is None else len(synthetic[1])
     metrics = {
         "arm": arm, "algorithm": algorithm_name, "seed": config.seed, "steps": trainer.step,
@@ -311,7 +312,7 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
         "resumed_from_step": resumed_from,
         "fingerprint": fingerprint, "config": config.to_dict(),
     }
-    _atomic_write_bytes(metrics_path, lambda tmp: Path(tmp).write_text(
+    atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(
         json.dumps(metrics, indent=1)))
     return metrics_path
 
@@ -337,7 +338,7 @@ def predict_probs(arm_dir: str | Path, dataset: ImageDataset, images: np.ndarray
     state = torch.load(ckpt, map_location=dev, weights_only=True)
     if state.get("ema_calibrated_step") != state["step"]:
         raise ArmError(f"{ckpt} holds EMA weights without BN statistics recomputed for them "
-                       "(a checkpoint from before issue 28); rerun that arm (delete its folder)")
+                       "(written before evaluation recomputed them); rerun that arm (delete its folder)")
     net.load_state_dict(state["ema"])
     net.to(dev).eval()
     amp = uses_bf16(dev, config.amp, cpu=True)  # the trainer's rule: as the arm was scored

@@ -25,7 +25,7 @@ BUDGETS: dict[str, dict[str, int]] = {
 }
 
 # name -> trainer fields. A recipe is a whole training setting, chosen on the validation
-# split (bench/RESULTS.md, issue 28); a field given explicitly beside it wins.
+# split (bench/RESULTS.md, "Choosing the recipe"); a field given explicitly beside it wins.
 RECIPES: dict[str, dict[str, Any]] = {
     # USB's FixMatch as published: its cosine ends at 0.2 x lr (meant for 2^20 steps).
     "usb": {"schedule": "fixmatch-cosine", "warmup": 0.0, "final_points": 1},
@@ -64,8 +64,9 @@ class SSLConfigError(ValueError):
 
 
 class SSLConfig(BaseModel):
-    """Every knob of the trainer, declared once with its bounds; ``pipeline.config`` composes
-    it as the ``ssl:`` section (adding arms and seeds), so a preset is validated here too."""
+    """Every knob of the trainer, declared once with its bounds; ``pipeline.config_sections``
+    composes it as the ``ssl:`` section (adding arms and seeds), so a preset is validated here
+    too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

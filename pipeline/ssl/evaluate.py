@@ -5,7 +5,7 @@ Why recalibrate: the EMA model's weights are an average over many steps, so the 
 statistics the raw model collected (from its own last batches, many of them strongly
 augmented views) do not describe the activations of the EMA weights. With cnn-small's BN
 momentum 0.1 those copied buffers overstated the error by about 4 points on average along a
-run (issue 28). The EMA model's statistics are therefore recomputed, for its own weights, on
+run (``bench/bn_recalibration.py``). The EMA model's statistics are therefore recomputed, for its own weights, on
 a fixed set of clean training images before each evaluation.
 """
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from anl_core.precision import autocast_for
 
-from .augment import to_unit
+from .randaugment import to_unit
 
 _BN = nn.modules.batchnorm._BatchNorm
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,9 +40,10 @@ from anl_core.precision import autocast_for, uses_bf16
 from pipeline.atomic import atomic_torch_save
 
 from .algorithms import Batch, SSLAlgorithm
-from .augment import strong_augment, weak_from_store
 from .config import SSLConfig
 from .evaluate import EvalResult, evaluate, recalibrate_bn
+from .randaugment import strong_augment, weak_from_store
+from .schedules import eval_steps, lr_schedule
 
 EXTRA_STREAM = 0x5EED  # offset of the extra-rows generator's seed from the run's seed
 
@@ -81,46 +81,6 @@ def class_balanced_probs(labels: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(labels)
     probs = 1.0 / counts[labels].float()
     return probs / probs.sum()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; "
-                           "use device='auto' or 'cpu'")
-    return device
-
-
-def fixmatch_cosine(total_steps: int) -> Callable[[int], float]:
-    """FixMatch's schedule: lr * cos(7 pi k / (16 K)), ending at ~0.2 lr rather than 0."""
-    return lambda k: math.cos(7.0 * math.pi * k / (16.0 * total_steps))
-
-
-def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup x K`` steps, then cosine from lr to 0 at step K: a short
-    run's last evaluations are taken at a small step, not USB's 0.2 lr."""
-    w = round(warmup * total_steps)
-
-    def factor(k: int) -> float:
-        if k < w:
-            return (k + 1) / w
-        return 0.5 * (1.0 + math.cos(math.pi * (k - w) / max(1, total_steps - w)))
-    return factor
-
-
-def lr_schedule(config: SSLConfig) -> Callable[[int], float]:
-    """The LR factor per step for ``config.schedule``."""
-    if config.schedule == "warmup-cosine":
-        return warmup_cosine(config.steps, config.warmup)
-    return fixmatch_cosine(config.steps)
-
-
-def eval_steps(config: SSLConfig) -> list[int]:
-    """The steps with an evaluation point: every ``eval_every`` and the last."""
-    return sorted(set(range(config.eval_every, config.steps + 1, config.eval_every))
-                  | {config.steps})
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -68,10 +68,6 @@ CUTOUT_FILL_RGB = (125, 123, 114)
 CUTOUT_FILL_GREY = 123
 
 
-def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
-
-
 def weak_from_store(store: torch.Tensor, idx: torch.Tensor, gen: torch.Generator,
                     pad: int | None = None, flip: bool = True) -> torch.Tensor:
     """Crop+flip straight out of the uint8 (N, H, W, C) store: one gather per batch.

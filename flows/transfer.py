@@ -20,7 +20,7 @@ _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 @task(name="transfer-check", **_opts)
-def check(config: TransferConfig) -> dict:
+def check_inputs(config: TransferConfig) -> dict:
     """Fail in seconds, naming the parameter, when an input is missing or too small."""
     return transfer_run.check_transfer(config)
 
@@ -52,7 +52,7 @@ report = _step_task("report")
 @flow(name="transfer", log_prints=True)
 def transfer(config: TransferConfig) -> str:
     """Run (or resume) one transfer run; returns the path of its report.html."""
-    check(config)
+    check_inputs(config)
     run_dir = prepare(config)
     print(f"run directory: {run_dir}")
     for step in (target, tune, sample, evaluate):

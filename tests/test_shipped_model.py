@@ -215,9 +215,9 @@ def test_model_card_measures_writes_and_reuses(tiny_model, monkeypatch):
 
 def test_samples_do_not_depend_on_the_batch_size(tiny_model):
     from pipeline.models import sample_base
-    from pipeline.report.model_card import load_base
+    from pipeline.report.model_card import load_pipeline_unet
 
-    unet, scheduler = load_base(tiny_model[0])
+    unet, scheduler = load_pipeline_unet(tiny_model[0])
     a = sample_base(unet, scheduler, 6, steps=2, seed=3, batch_size=6, shape=(28, 28),
                     progress=False)
     b = sample_base(unet, scheduler, 6, steps=2, seed=3, batch_size=4, shape=(28, 28),

@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_write_text
+from pipeline.config import LEGACY_META_KEYS, META_KEY, RUNTIME_FIELDS
 from pipeline.evaluate.paired import MIN_REPETITIONS
 from pipeline.report import plots
 from pipeline.report.data import ARM_ORDER, RunData, load_run
 from pipeline.report.render import md_table, render
 from pipeline.report.tables import outcome_columns
 
-# Fields that say where/how a run ran or identify it, never what it computed.
-IGNORED_KEYS = {"_meta", "config_hash", "preset", "runs_dir", "progress", "device", "require_gpu",
-                "task_runner", "dask_address", "dask_n_workers"}
-IGNORED_PREFIXES = ("versions.", "_meta.")
+# Fields that say where/how a run ran (the config's runtime fields) or identify it (a saved
+# config's metadata, also in its older top-level form), never what it computed.
+IGNORED_KEYS = {*RUNTIME_FIELDS, META_KEY, *LEGACY_META_KEYS}
+IGNORED_PREFIXES = tuple(f"{k}." for k in (META_KEY, *LEGACY_META_KEYS))
 CAVEAT = (f"delta_*: augmented minus baseline, vs_control_*: augmented minus control, in points, "
           f"paired by seed; the 95% CI and p need at least {MIN_REPETITIONS} paired seeds (blank "
           "with fewer: too few to say whether the synthetic data helped). The seeds of one run "

@@ -75,7 +75,7 @@ class CardConfig:
 # --------------------------------------------------------------------------- sampling
 
 
-def load_base(model_dir: str | Path, device: torch.device | str = "cpu"):
+def load_pipeline_unet(model_dir: str | Path, device: torch.device | str = "cpu"):
     """(UNet2DModel in float32, its DDPMScheduler) from a diffusers pipeline directory."""
     from pipeline.models import load_base_unet
 
@@ -202,7 +202,7 @@ def build_card(model_dir: str | Path, config: CardConfig | None = None, *, datas
     space, features = (features.__name__, features) if features is not None else \
         resolve_features(config.encoder, str(dev), reference)
 
-    unet, scheduler = load_base(model_dir, dev)
+    unet, scheduler = load_pipeline_unet(model_dir, dev)
     start = time.perf_counter()
     samples = sample_base(unet, scheduler, config.num_samples, config.sample_steps, config.seed,
                           config.sample_batch, dataset.image_shape[:2], progress)

@@ -297,6 +297,20 @@ def aggregate_units(run_dir: Path, config: AugmentConfig, stage: str, key: str,
     return rec
 
 
+def run_mapped_stage(root: Path, config: AugmentConfig, stage: str, key: str,
+                     units: Callable[[], dict[str, dict]],
+                     summary: Callable[[dict[str, dict]], tuple[dict, dict]]) -> dict:
+    """A stage made of units (one per class, or per arm and seed): skip it when recorded
+    under ``key``; else run ``units()`` (each skips or adopts itself when finished) and
+    record the stage with ``summary(units) -> (outputs, metrics)``."""
+    rec = finished_record(root, stage, key)
+    if rec is not None:
+        return {**rec, "skipped": True}
+    done = units()
+    outputs, metrics = summary(done)
+    return aggregate_units(root, config, stage, key, done, outputs, metrics)
+
+
 @contextmanager
 def stage_failure_recorded(run_dir: Path, stage: str):
     """Record which stage failed (``stages/failed.json``) so ``augment runs`` can say why."""

@@ -15,10 +15,9 @@ from pipeline.generate.sample import part_name, ratio_seed, sample_images
 from pipeline.runs import (
     UNIT_MARKER,
     StageError,
-    aggregate_units,
-    finished_record,
     read_json,
     remove_tree,
+    run_mapped_stage,
     run_unit,
 )
 from pipeline.stages.inputs import (
@@ -117,17 +116,19 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
 def run_sample(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:
     keys = stage_keys(config)
     root, key = round_root(run_dir, loop_round), round_key(keys, "sample", loop_round)
-    rec = finished_record(root, "sample", key)
-    if rec is not None:
-        return {**rec, "skipped": True}
-    units = {sample_rel(c): run_sample_class(run_dir, config, c, loop_round)
-             for c in class_indices(run_dir, config)}
-    rates = [u["metrics"]["images_per_s"] for u in units.values()
-             if u["metrics"].get("images_per_s")]
-    return aggregate_units(root, config, "sample", key, units,
-                            {"samples": list(units)},
-                            {"rows": sum(u["metrics"]["rows"] for u in units.values()),
-                             "images_per_s": round(float(np.mean(rates)), 3) if rates else None})
+
+    def units() -> dict[str, dict]:
+        return {sample_rel(c): run_sample_class(run_dir, config, c, loop_round)
+                for c in class_indices(run_dir, config)}
+
+    def summary(done: dict[str, dict]) -> tuple[dict, dict]:
+        rates = [u["metrics"]["images_per_s"] for u in done.values()
+                 if u["metrics"].get("images_per_s")]
+        return {"samples": list(done)}, {
+            "rows": sum(u["metrics"]["rows"] for u in done.values()),
+            "images_per_s": round(float(np.mean(rates)), 3) if rates else None}
+
+    return run_mapped_stage(root, config, "sample", key, units, summary)
 
 
 def sample_parts(run_dir: Path, config: AugmentConfig, loop_round: int = 1):

@@ -14,9 +14,8 @@ from pipeline.config import AugmentConfig
 from pipeline.digest import digest
 from pipeline.runs import (
     StageError,
-    aggregate_units,
-    finished_record,
     read_json,
+    run_mapped_stage,
     run_unit,
 )
 from pipeline.stages.inputs import dataset_for, load_tokens, round_root, split_for, ssl_rel
@@ -109,15 +108,12 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
 
 
 def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:
-    keys = stage_keys(config)
-    rec = finished_record(run_dir, "ssl", keys["ssl"])
-    if rec is not None:
-        return {**rec, "skipped": True}
-    units = {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
-             for a in config.ssl.arms for s in config.ssl.seeds}
-    return aggregate_units(run_dir, config, "ssl", keys["ssl"], units,
-                            {"ssl": list(units)}, {"arms": list(config.ssl.arms),
-                                                   "seeds": list(config.ssl.seeds)})
+    return run_mapped_stage(
+        run_dir, config, "ssl", stage_keys(config)["ssl"],
+        lambda: {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
+                 for a in config.ssl.arms for s in config.ssl.seeds},
+        lambda done: ({"ssl": list(done)}, {"arms": list(config.ssl.arms),
+                                            "seeds": list(config.ssl.seeds)}))
 
 
 def arms_at_once(run_dir: Path, config: AugmentConfig, units: list[tuple[str, int]]) -> int:

@@ -14,9 +14,8 @@ from pipeline.config import AugmentConfig
 from pipeline.generate.tune import tune_class_adapter
 from pipeline.runs import (
     StageError,
-    aggregate_units,
-    finished_record,
     remove_tree,
+    run_mapped_stage,
     run_unit,
 )
 from pipeline.stages.inputs import (
@@ -92,13 +91,14 @@ def run_tune(run_dir: Path, config: AugmentConfig, loop_round: int = 1) -> dict:
     """Tune every missing adapter unit, then record the stage."""
     keys = stage_keys(config)
     root, key = round_root(run_dir, loop_round), round_key(keys, "tune", loop_round)
-    rec = finished_record(root, "tune", key)
-    if rec is not None:
-        return {**rec, "skipped": True}
-    units = {adapter_rel(c): run_tune_class(run_dir, config, c, loop_round)
-             for c in adapter_units(config, len(class_indices(run_dir, config)))}
-    steps_per_s = [u["metrics"].get("steps_per_s", 0.0) for u in units.values()]
-    return aggregate_units(root, config, "tune", key, units,
-                            {"adapters": list(units)},
-                            {"adapters": len(units),
-                             "steps_per_s": round(float(np.mean(steps_per_s)), 3)})
+
+    def units() -> dict[str, dict]:
+        return {adapter_rel(c): run_tune_class(run_dir, config, c, loop_round)
+                for c in adapter_units(config, len(class_indices(run_dir, config)))}
+
+    def summary(done: dict[str, dict]) -> tuple[dict, dict]:
+        steps_per_s = [u["metrics"].get("steps_per_s", 0.0) for u in done.values()]
+        return {"adapters": list(done)}, {"adapters": len(done),
+                                          "steps_per_s": round(float(np.mean(steps_per_s)), 3)}
+
+    return run_mapped_stage(root, config, "tune", key, units, summary)

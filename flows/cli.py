@@ -10,6 +10,8 @@
     augment pretrain --out DIR ...         pretrain a base model on the unlabeled pool
     augment transfer --target T [...]      few-shot generative transfer to a new image domain
     augment sweep SPEC.yaml [--dry-run]    a grid of configs x repetitions, one gain map
+    augment export RUN_DIR [--arm A]       a run's trained classifier as two files
+    augment predict MODEL_DIR IMAGES...    an exported classifier on image files -> CSV
 """
 
 from __future__ import annotations
@@ -184,6 +186,40 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.config import CONFIG_FILE, load_config
+    from pipeline.ssl.export import ExportError
+    from pipeline.stages.classifier import export_run_classifier
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ExportError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass one "
+                          "under runs/ (see `augment runs`)")
+    config = load_config(run_dir)
+    out = Path(args.out) if args.out else None
+    info = export_run_classifier(run_dir, config, arm=args.arm, seed=args.seed, out=out)
+    where = out or run_dir / info["path"]
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    print(f"{'kept' if info['skipped'] else 'exported'} {info['arm']} seed {info['seed']} "
+          f"({info['chosen_by']}; validation error {pct(info['val_error'])}, test error "
+          f"{pct(info['top1_error'])}) -> {where}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.ssl.predictions import predict_files, write_predictions
+
+    table = predict_files(args.model_dir, args.images, device=args.device)
+    out = write_predictions(table, args.out)
+    counts = table["predicted"].value_counts()
+    print(f"{len(table)} images -> {out}  ("
+          + ", ".join(f"{name}: {n}" for name, n in counts.items()) + ")")
+    return 0
+
+
 def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help="registered dataset name")
     p.add_argument("--root", default=None, help="dataset root (when not the default location)")
@@ -342,6 +378,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--runs-dir", default=None, help="default runs/transfer")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.set_defaults(fn=_cmd_transfer)
+
+    ex = sub.add_parser("export", help="write a finished run's classifier (EMA weights with "
+                        "their BN statistics) as model.safetensors + classifier_config.json")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a run directory whose ssl stage ran")
+    ex.add_argument("--arm", default=None,
+                    help="arm to export, or 'best' = lowest validation error (default: the "
+                         "run's export.arm, best)")
+    ex.add_argument("--seed", type=int, default=None,
+                    help="which seed's classifier (default: the run's first seed)")
+    ex.add_argument("--out", default=None, help="output folder (default RUN_DIR/classifier)")
+    ex.set_defaults(fn=_cmd_export)
+
+    pr = sub.add_parser("predict", help="classify image files with an exported classifier")
+    pr.add_argument("model_dir", metavar="MODEL_DIR",
+                    help="an exported classifier (RUN_DIR/classifier or `augment export --out`)")
+    pr.add_argument("images", nargs="+", metavar="IMAGES",
+                    help="image files or folders of them (searched recursively); converted "
+                         "to the model's channels and resized to its size")
+    pr.add_argument("--out", default="predictions.csv",
+                    help="predictions.csv (default) or a .parquet file: one row per image "
+                         "with path, predicted, confidence and p_<class> columns")
+    pr.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    pr.set_defaults(fn=_cmd_predict)
     return p
 
 
@@ -357,14 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     from pipeline.config import ConfigError
+    from pipeline.data.image_files import ImageFileError
     from pipeline.generate.pretrain import PretrainError
     from pipeline.preflight import PreflightError
+    from pipeline.ssl.export import ExportError
     from pipeline.sweep.spec import SweepError
     from pipeline.transfer import TransferError
 
     try:
         return args.fn(args) or 0
-    except (ConfigError, PreflightError, PretrainError, SweepError, TransferError) as e:
+    except (ConfigError, PreflightError, PretrainError, SweepError, TransferError,
+            ExportError, ImageFileError) as e:
         print(f"augment: error: {e}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,7 @@ from pydantic import Field, ValidationError, model_validator
 from anl_core.config import TuneConfig
 from pipeline.config_sections import (
     AdapterSection,
+    ExportSection,
     FilterSection,
     LoopSection,
     NeighborsSection,
@@ -89,6 +90,7 @@ class AugmentConfig(Section):
     ssl: SSLSection = Field(default_factory=SSLSection)
     quality: QualitySection = Field(default_factory=QualitySection)
     loop: LoopSection = Field(default_factory=LoopSection)
+    export: ExportSection = Field(default_factory=ExportSection)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     require_gpu: bool = False
     task_runner: Literal["default", "dask"] = "default"
@@ -110,6 +112,12 @@ class AugmentConfig(Section):
             raise ValueError("the pool-oracle arm adds the base model's pretraining half to "
                              "the pool; it needs task_images=task-half (and a base pretrained "
                              "on the base half)")
+        if self.export.arm != "best" and self.export.arm not in self.ssl.arms:
+            raise ValueError(f"export.arm={self.export.arm!r} is not one of ssl.arms "
+                             f"({', '.join(self.ssl.arms)}); name one of them or 'best'")
+        if self.export.seed is not None and self.export.seed not in self.ssl.seeds:
+            raise ValueError(f"export.seed={self.export.seed} is not one of ssl.seeds "
+                             f"{self.ssl.seeds}; name one of them or leave it null (the first)")
         if self.loop.rounds == 2 and "baseline" not in self.ssl.arms:
             raise ValueError("loop.rounds=2 pseudo-labels with the baseline arm's classifier: "
                              "add 'baseline' to ssl.arms or set loop.rounds=1")
@@ -270,6 +278,8 @@ def result_fields(config: AugmentConfig) -> dict[str, Any]:
         fields["ssl"].pop("unlabeled_pool")  # and for the pool cap
     if config.loop.rounds == 1:
         fields.pop("loop")  # and for the second round
+    if config.export == ExportSection():
+        fields.pop("export")  # and for the exported classifier's choice
     return fields
 
 

@@ -217,3 +217,18 @@ class LoopSection(Section):
     warm_start: bool = True
     conditions: Literal["labeled+pseudo", "labeled"] = "labeled+pseudo"
     per_condition: int | None = Field(None, ge=1)
+
+
+class ExportSection(Section):
+    """The classifier a run hands out: after the ssl stage, one unit's EMA classifier is
+    written to ``classifier/`` (``pipeline.ssl.export``: ``model.safetensors`` and
+    ``classifier_config.json``), loadable without the run.
+
+    ``arm``: "best" = the arm with the lowest mean validation error over the seeds (never the
+    test error; evaluation arms such as pool-oracle are not candidates), or an arm of
+    ``ssl.arms``. ``seed``: which seed's classifier (default: the first of ``ssl.seeds``).
+    """
+
+    enabled: bool = True
+    arm: str = "best"
+    seed: int | None = None

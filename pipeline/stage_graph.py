@@ -49,9 +49,10 @@ STAGES: tuple[Stage, ...] = (
           doc="the synthetic filter, then Parquet shards with a manifest written last"),
     Stage("quality", ("quality", "encoder", "image_size"), ("shards", "split"),
           {"quality": "quality/"}, doc="KID, diversity, near-copies and class grids"),
-    Stage("ssl", ("ssl",), ("split", "shards"), {"ssl": "ssl/"},
+    Stage("ssl", ("ssl",), ("split", "shards"), {"ssl": "ssl/", "classifier": "classifier/"},
           doc="the classifier arms x seeds (supervised, supervised+synthetic, baseline, "
-              "augmented, replay, control, pool-oracle, baseline-2x, augmented-2x)"),
+              "augmented, replay, control, pool-oracle, baseline-2x, augmented-2x), then "
+              "the chosen arm's classifier exported to classifier/"),
     Stage("loop", ("loop",), ("ssl", "tune"),
           {"pseudo": "round-2/pseudo.parquet", "round": "round-2/", "ssl": "ssl/",
            "grids": "round-2/grids/"},

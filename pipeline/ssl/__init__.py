@@ -16,6 +16,7 @@ _HOMES = {
     "arms": ("ArmError", "build_train_data", "load_synthetic", "run_arm"),
     "config": ("BUDGETS", "SSLConfig", "SSLConfigError"),
     "evaluate": ("EvalResult",),  # evaluate() itself: pipeline.ssl.evaluate.evaluate
+    "export": ("ExportError", "export_classifier", "load_classifier"),
     "nets": ("NETS", "build_net"),
     "trainer": ("CheckpointMismatchError", "TrainData", "Trainer"),
 }

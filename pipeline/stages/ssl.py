@@ -108,12 +108,19 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
 
 
 def run_ssl(run_dir: Path, config: AugmentConfig) -> dict:
-    return run_mapped_stage(
+    """The units, then the run's classifier out (``pipeline.stages.classifier``): outside
+    the stage's key, so choosing another arm to export retrains nothing."""
+    from pipeline.stages.classifier import export_run_classifier, note_export
+
+    record = run_mapped_stage(
         run_dir, config, "ssl", stage_keys(config)["ssl"],
         lambda: {ssl_rel(a, s): run_ssl_arm(run_dir, config, a, s)
                  for a in config.ssl.arms for s in config.ssl.seeds},
         lambda done: ({"ssl": list(done)}, {"arms": list(config.ssl.arms),
                                             "seeds": list(config.ssl.seeds)}))
+    if not config.export.enabled:
+        return record
+    return note_export(run_dir, record, export_run_classifier(run_dir, config))
 
 
 def arms_at_once(run_dir: Path, config: AugmentConfig, units: list[tuple[str, int]]) -> int:

@@ -195,6 +195,11 @@ def test_run_exports_the_best_validation_arm_after_ssl(flow_cfg, capsys):
     config = read_json(run_dir / "classifier" / CONFIG_FILE)
     assert config["arm"] == best and config["provenance"]["unit"] == f"ssl/{best}/seed-0"
     assert config["check"]["top1_error"] == config["check"]["evaluation_top1_error"]
+    from pipeline.report.build import overview
+    from pipeline.report.data import load_run
+
+    row = dict(overview(load_run(run_dir))["rows"])["classifier"]  # the report says where
+    assert row.startswith(f"classifier/: {best}, seed 0") and "augment predict classifier" in row
 
     # A rerun skips the stage and keeps the export and the record as they are.
     stamps = {p: p.stat().st_mtime_ns for p in [run_dir / "stages" / "ssl.json",

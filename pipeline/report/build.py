@@ -55,6 +55,17 @@ def stage_rows(run: RunData) -> list[dict]:
     return rows
 
 
+def _classifier_row(run: RunData) -> str | None:
+    """Where the run's exported classifier is, which arm it is and why (``augment predict``)."""
+    export = ((run.stages.get("ssl") or {}).get("metrics") or {}).get("export")
+    if not export:
+        return None
+    err = export.get("top1_error")
+    return (f"{export['path']}/: {export['arm']}, seed {export['seed']} ({export['chosen_by']}"
+            + (f"; test error {100 * err:.2f}%" if err is not None else "") + "); "
+            f"`augment predict {export['path']} IMAGES...`")
+
+
 def overview(run: RunData) -> dict:
     cfg = run.config or {}
     split = (run.stages.get("split") or {}).get("metrics") or {}
@@ -81,6 +92,8 @@ def overview(run: RunData) -> dict:
          or None),
         ("git commit", v.get("git_commit")),
     ]
+    if (classifier := _classifier_row(run)) is not None:
+        rows.append(("classifier", classifier))
     return {"dataset": cfg.get("dataset", "unknown"), "rows": rows}
 
 

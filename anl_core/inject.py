@@ -366,11 +366,19 @@ def _checked_weights(path: Path, model: ANLUNet) -> dict[str, torch.Tensor]:
     return state
 
 
+def _new_file_mode() -> int:
+    """0o666 less the umask, as ``open()`` would give (anl_core cannot use pipeline.atomic)."""
+    umask = os.umask(0o022)  # the only way to read it; 022 (not 0) while another thread looks
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; adapters are shared files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -17,11 +17,35 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+
+
+def _from_cwd(path: str | None) -> str | None:
+    """A path typed on the command line, made absolute against the working directory.
+
+    Paths inside preset files stay relative to the repository (pipeline.paths.resolve_path);
+    one typed here means what the shell it was typed in means by it.
+    """
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def _paths_from_cwd(overrides: list[str], keys: tuple[str, ...] = ("runs_dir",)) -> list[str]:
+    """``--set runs_dir=rel`` as ``runs_dir=<cwd>/rel``; other overrides as given."""
+    import yaml
+
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        value = yaml.safe_load(raw) if sep and key.strip() in keys and raw.strip() else None
+        # JSON is YAML: the absolute path goes back quoted, whatever characters it holds.
+        out.append(f"{key.strip()}={json.dumps(_from_cwd(value))}" if isinstance(value, str)
+                   else item)
+    return out
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
@@ -56,9 +80,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.preflight import preflight
     from pipeline.runs import run_dir_for
 
-    overrides = list(args.set)
+    overrides = _paths_from_cwd(list(args.set))
     if args.runs_dir:
-        overrides.append(f"runs_dir={args.runs_dir}")
+        overrides.append(f"runs_dir={json.dumps(_from_cwd(args.runs_dir))}")
     if args.no_progress:
         overrides.append("progress=false")
     config = load_config(args.preset, overrides)
@@ -103,7 +127,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     from pipeline.paths import resolve_path
     from pipeline.runs import list_runs
 
-    root = resolve_path(args.runs_dir or "runs")
+    root = resolve_path(_from_cwd(args.runs_dir) or "runs")
     runs = list_runs(root)
     if not runs:
         print(f"no runs under {root}")
@@ -132,7 +156,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.history:
         from pipeline.paths import resolve_path
 
-        table = resolve_path(args.out or "runs/benchmark-history.parquet")
+        table = resolve_path(_from_cwd(args.out) or "runs/benchmark-history.parquet")
         for d in dirs:
             row = append_history(table, d)
             print(f"history row {row['run_id']} -> {table}")
@@ -158,7 +182,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = whole = load_spec(args.spec)
     if args.only:
         spec = spec.only(parse_overrides(args.only))
-    runs_root = resolve_path(args.runs_dir or "runs")
+    runs_root = resolve_path(_from_cwd(args.runs_dir) or "runs")
     folder = sweep_dir(spec, runs_root)
     extra = {"runs_dir": str(folder / "runs"), "progress": False}
     if args.report_only:  # from the records alone: no pre-flight, no Prefect
@@ -282,9 +306,10 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 
     flags = {"base_model": path_or_name(args.base_model), "target": path_or_name(args.target),
              "target_class": args.target_class, "shots": args.shots, "mode": args.mode,
-             "steps": args.steps, "samples": args.samples, "runs_dir": args.runs_dir,
+             "steps": args.steps, "samples": args.samples, "runs_dir": _from_cwd(args.runs_dir),
              "progress": False if args.no_progress else None}
-    config = transfer_config({k: v for k, v in flags.items() if v is not None}, args.set)
+    config = transfer_config({k: v for k, v in flags.items() if v is not None},
+                             _paths_from_cwd(args.set))
     info = check_transfer(config)  # fail in seconds, before Prefect starts
     print(f"transfer {config.mode}: {info['target']} ({info['shots']} shots, "
           f"{info['held_out']} held out) from {info['base_model']}, device {info['device']}\n"
@@ -310,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "config.json (or its run directory): reruns that run")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set sampling.mask_ratios=[0.2,0.5]")
-    r.add_argument("--runs-dir", default=None, help="where run directories go (default ./runs)")
+    r.add_argument("--runs-dir", default=None,
+                   help="where run directories go, relative to the working directory (default: "
+                        "the preset's runs_dir, runs/ in the repository)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--dry-run", action="store_true", help="validate and pre-flight only")
     r.set_defaults(fn=_cmd_run)
@@ -325,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_deployments)
 
     ru = sub.add_parser("runs", help="list run directories with their status")
-    ru.add_argument("--runs-dir", default=None)
+    ru.add_argument("--runs-dir", default=None,
+                    help="relative to the working directory (default runs/ in the repository)")
     ru.set_defaults(fn=_cmd_runs)
 
     rep = sub.add_parser("report", help="write run reports, or a history table over runs")
@@ -335,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--ablation", action="store_true",
                      help="one comparison page over the runs (what varied between them)")
     rep.add_argument("--out", default=None,
-                     help="history table (default runs/benchmark-history.parquet) or ablation "
-                          "directory (default runs/ablation)")
+                     help="history table (default runs/benchmark-history.parquet in the "
+                          "repository) or ablation directory (default ./runs/ablation)")
     rep.set_defaults(fn=_cmd_report)
 
     sw = sub.add_parser("sweep", help="run a grid of configs over independent repetitions and "
@@ -344,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("spec", help="sweep spec (YAML: name, preset, set, grid, rules, "
                     "repetitions, pairs; see pipeline/sweep/spec.py)")
     sw.add_argument("--runs-dir", default=None,
-                    help="default runs; the sweep lives in RUNS_DIR/sweeps/<name>")
+                    help="relative to the working directory (default runs/ in the "
+                         "repository); the sweep lives in RUNS_DIR/sweeps/<name>")
     sw.add_argument("--dry-run", action="store_true",
                     help="validate every cell and run the pre-flight checks only")
     sw.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
@@ -375,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any pipeline.transfer.TransferConfig field, e.g. --set guidance=3 "
                          "(applied after the flags)")
-    tr.add_argument("--runs-dir", default=None, help="default runs/transfer")
+    tr.add_argument("--runs-dir", default=None,
+                    help="relative to the working directory (default runs/transfer in the "
+                         "repository)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.set_defaults(fn=_cmd_transfer)
 

@@ -14,12 +14,22 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o644,
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the umask (0o644 under umask 022).
+
+    mkstemp makes 0600 files; outputs are for everyone the umask lets read them.
+    """
+    umask = os.umask(0o022)  # the only way to read it; 022 (not 0) while another thread looks
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], mode: int | None = None,
                  fsync: bool = False) -> Path:
     """Call ``write(tmp_path)``, then move the temp file onto ``path``.
 
-    ``fsync`` flushes the data to disk before the rename (for manifests: a rename that
-    survives a power cut must not point at an empty file).
+    ``mode`` defaults to :func:`new_file_mode`. ``fsync`` flushes the data to disk before the
+    rename (for manifests: a rename that survives a power cut must not point at an empty file).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o6
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.chmod(tmp, mode)  # mkstemp makes 0600; outputs are for everyone to read
+        os.chmod(tmp, new_file_mode() if mode is None else mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

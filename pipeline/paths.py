@@ -9,6 +9,9 @@ PRESETS_DIR = REPO_ROOT / "data" / "presets"
 
 
 def resolve_path(value: str | Path) -> Path:
-    """Relative paths in presets are relative to the repository root, not the cwd."""
+    """Relative paths in presets are relative to the repository root, not the cwd.
+
+    The ``augment`` command makes a path typed on it absolute (against the cwd) first.
+    """
     p = Path(value).expanduser()
     return p if p.is_absolute() else REPO_ROOT / p

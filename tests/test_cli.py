@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -31,6 +33,16 @@ def test_dry_run_validates_and_preflights(flow_cfg, tmp_path, capsys):
     assert (f"pre-flight ok: {ds.name} [28, 28, 1], device cpu, base {flow_cfg.base_model}/unet, "
             f"encoder {flow_cfg.encoder}") in out
     assert not flow_cfg.runs_root().exists()  # nothing written
+
+
+@pytest.mark.parametrize("flags", [["--runs-dir", "rel"], ["--set", "runs_dir=rel"]])
+def test_a_relative_runs_dir_on_the_command_line_is_the_working_directorys(
+        tmp_path, capsys, monkeypatch, flags):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "demo", *flags, "--dry-run"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "run directory" in ln)
+    assert line.startswith(f"preset demo: run directory {tmp_path / 'rel'}{os.sep}demo-")
+    assert not (tmp_path / "rel").exists()  # a dry run writes nothing
 
 
 @pytest.mark.parametrize("override, named", [

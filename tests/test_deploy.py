@@ -18,6 +18,7 @@ import pytest
 
 from flows.deploy import DEPLOYMENTS, PREFECT_YAML, build_deployments, render_prefect_yaml
 from pipeline.config import load_config
+from pipeline.data.shard_format import MANIFEST
 from pipeline.runs import read_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_served_demo_deployment_runs_end_to_end(tmp_path, flow_tiny_base,
 
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("_")]
     assert run_dir.name.startswith("demo-")
-    manifest = read_json(run_dir / "shards" / "manifest.json")
+    manifest = read_json(run_dir / "shards" / MANIFEST)
     shard_rows = sum(s["rows"] for s in manifest["shards"])
     sample_units = read_json(run_dir / "stages" / "sample.json")["metrics"]["units"]
     shards = read_json(run_dir / "stages" / "shards.json")["metrics"]

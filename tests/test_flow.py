@@ -11,6 +11,7 @@ import pytest
 from flow_fixtures import flow_config
 from safetensors.numpy import load_file
 
+from pipeline.data.shard_format import MANIFEST
 from pipeline.runs import init_run_dir, list_runs, read_json
 from pipeline.stage_graph import STAGE_ORDER
 from pipeline.stages.encode import run_encode
@@ -49,7 +50,7 @@ def test_flow_runs_every_stage_and_a_rerun_skips_them(flow_prefect, flow_cfg):
     assert read_json(run_dir / "stages" / "tune.json")["outputs"] == {
         "adapters": [f"adapters/class-{c:02d}" for c in classes]}
     # 2 classes x labels_per_class x per_condition x mask ratios rows, all in the shards.
-    manifest = read_json(run_dir / "shards" / "manifest.json")
+    manifest = read_json(run_dir / "shards" / MANIFEST)
     sampled = read_json(run_dir / "stages" / "sample.json")["metrics"]["rows"]
     expected_rows = len(classes) * cfg.labels_per_class * cfg.sampling.per_condition * \
         len(cfg.sampling.mask_ratios)

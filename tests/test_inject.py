@@ -1,6 +1,7 @@
 """Injection into a diffusers UNet2DModel: identity at init, frozen base, save/load checks."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -128,6 +129,17 @@ def test_save_writes_the_peft_layout_and_only_the_adapter(anl_unet_factory, tmp_
     assert saved.keys() == model.adapter.state_dict().keys()
     assert sum(v.numel() for v in saved.values()) == model.param_counts()["adapter"]
     assert not any(k in saved for k in model.unet.state_dict())  # no base weight by any name
+
+
+def test_saved_adapter_files_are_0644_under_umask_022(anl_unet_factory, tmp_path):
+    model = attach_anl(anl_unet_factory(), CONFIG)
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "adapter").iterdir()}
+    assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
 
 
 def test_save_load_round_trip_gives_identical_outputs(anl_unet_factory, tmp_path):

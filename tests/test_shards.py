@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -11,7 +12,14 @@ import pytest
 from PIL import Image
 
 from pipeline.data.shard_dataset import ShardDataset
-from pipeline.data.shard_format import MANIFEST, ShardError, decode_pngs, encode_pngs
+from pipeline.data.shard_format import (
+    LEGACY_MANIFEST,
+    MANIFEST,
+    ShardError,
+    decode_pngs,
+    encode_pngs,
+    manifest_path,
+)
 from pipeline.data.shards import ShardWriter, read_shards, verify_shards
 
 
@@ -179,6 +187,51 @@ def test_truncated_and_missing_shards_are_refused(shard_dir):
     path.unlink()
     with pytest.raises(ShardError, match=r"shard-00002.parquet .* is missing"):
         verify_shards(shard_dir)
+
+
+def test_the_folder_reads_whole_with_pandas_duckdb_and_datasets(shard_dir, fmnist, tmp_path):
+    """Folder readers skip the manifest (its name starts with a dot) and get every row."""
+    _, y, _ = fmnist
+    want = sorted(y.tolist())
+    assert sorted(pd.read_parquet(shard_dir)["label"].tolist()) == want
+    duckdb = pytest.importorskip("duckdb")
+    rows = duckdb.connect().execute(
+        f"SELECT label FROM read_parquet('{shard_dir}/*.parquet')").fetchall()
+    assert sorted(r[0] for r in rows) == want
+    datasets = pytest.importorskip("datasets")
+    for args, kwargs in [(("parquet",), {"data_dir": str(shard_dir)}), ((str(shard_dir),), {})]:
+        train = datasets.load_dataset(*args, **kwargs, cache_dir=str(tmp_path / "hf"))["train"]
+        assert sorted(train["label"]) == want
+
+
+def test_an_old_set_with_manifest_json_still_verifies_reads_and_reports(shard_dir, fmnist):
+    from pipeline.report.data import load_run
+
+    x, y, names = fmnist
+    (shard_dir / MANIFEST).rename(shard_dir / LEGACY_MANIFEST)
+    assert manifest_path(shard_dir) == shard_dir / LEGACY_MANIFEST  # what the stages check
+    assert verify_shards(shard_dir)["num_rows"] == 1000
+    np.testing.assert_array_equal(read_shards(shard_dir).images, x)
+    assert len(ShardDataset(shard_dir, shuffle=False)) == 1000
+    assert load_run(shard_dir.parent).manifest["num_rows"] == 1000
+    with pytest.raises(ShardError, match=r"manifest\.json\); pass overwrite=True"):
+        ShardWriter(shard_dir, names)
+    with ShardWriter(shard_dir, names, overwrite=True) as w:  # rewritten in the new layout
+        w.write(x[:10], y[:10])
+    assert sorted(p.name for p in shard_dir.iterdir()) == [MANIFEST, "shard-00000.parquet"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_get_the_mode_open_would_give(tmp_path, fmnist, umask, mode):
+    x, y, names = fmnist
+    old = os.umask(umask)
+    try:
+        with ShardWriter(tmp_path, names, rows_per_shard=50) as w:
+            w.write(x[:100], y[:100])
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys([MANIFEST, "shard-00000.parquet", "shard-00001.parquet"], mode)
 
 
 def test_unfinished_set_without_manifest_is_refused(shard_dir):

@@ -17,6 +17,7 @@ from flow_fixtures import REPO
 
 from pipeline import stages
 from pipeline.config import with_overrides
+from pipeline.data.shard_format import MANIFEST
 from pipeline.generate.sample import part_name, ratio_seed
 from pipeline.runs import init_run_dir, list_runs, read_json, run_dir_for
 from pipeline.stages.inputs import (
@@ -67,7 +68,7 @@ def test_stages_write_records_and_skip_on_rerun(flow_cfg):
         tune = read_json(run_dir / f"adapters/class-{c:02d}/tune.json")
         assert len(tune["loss_history"]) == 2 and tune["param_counts"]["adapter"] > 0
         assert (run_dir / f"adapters/class-{c:02d}/adapter_model.safetensors").exists()
-    manifest = read_json(run_dir / "shards" / "manifest.json")
+    manifest = read_json(run_dir / "shards" / MANIFEST)
     # 2 classes x 2 labeled images x 2 samples per condition x 1 mask ratio
     assert sum(s["rows"] for s in manifest["shards"]) == 8
     assert records["shards"]["metrics"]["rows_per_class"] == {"0": 4, "1": 4}
@@ -134,7 +135,7 @@ def test_killed_sampling_resumes_without_missing_or_duplicate_rows(flow_cfg, tmp
     from pipeline.data.shards import read_shards
 
     arrays = read_shards(run_dir / "shards")
-    manifest = read_json(run_dir / "shards" / "manifest.json")
+    manifest = read_json(run_dir / "shards" / MANIFEST)
     assert len(arrays.labels) == sum(s["rows"] for s in manifest["shards"]) == 2 * 2 * 3
     counts = arrays.frame.groupby("condition_id").size()
     assert len(counts) == 4 and (counts == 3).all()  # every condition, each exactly k times

@@ -2,7 +2,12 @@
 
 Layout of a shard directory::
 
-    shard-00000.parquet  shard-00001.parquet  ...  manifest.json
+    shard-00000.parquet  shard-00001.parquet  ...  .manifest.json
+
+The manifest's leading dot makes every folder reader skip it: ``pd.read_parquet(dir)``
+(pyarrow ignores names starting with ``.`` or ``_``) and Hugging Face ``datasets``
+(``load_dataset("parquet", data_dir=dir)`` ignores only ``.``) read the folder whole. Shard
+sets written before are read through their ``manifest.json`` (:func:`manifest_path`).
 
 Each row: ``image`` as ``struct{bytes: binary (PNG), path: string}`` (the layout Hugging
 Face ``datasets`` reads as an ``Image`` feature; the schema carries the ``huggingface``
@@ -11,7 +16,7 @@ features metadata, so ``datasets.Dataset.from_parquet`` types it as such), ``lab
 (``condition_id``, ``adapter_id``, ``seed``, ``mask_ratio``, ``guidance``, ``steps``;
 null for real rows).
 
-``manifest.json`` records, per shard, its rows, bytes, sha256, row groups and class
+The manifest records, per shard, its rows, bytes, sha256, row groups and class
 histogram, and their totals. The writer and the readers (:mod:`pipeline.data.shards`,
 :mod:`pipeline.data.shard_dataset`) take the format from here, so the two sides cannot drift
 apart.
@@ -29,7 +34,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-MANIFEST = "manifest.json"
+MANIFEST = ".manifest.json"
+# The name shard sets had before: readers of a whole folder tripped over it; old runs hold it.
+LEGACY_MANIFEST = "manifest.json"
 FORMAT = "anl-augment-shards"
 VERSION = 1
 SOURCES = ("real", "synthetic")
@@ -90,10 +97,19 @@ def build_manifest(shards: list[dict], class_names: Sequence[str], image_shape, 
     }
 
 
-def load_manifest(shard_dir: str | Path) -> dict:
-    """Parse ``manifest.json`` (no shard checks); ShardError if absent or not ours."""
+def manifest_path(shard_dir: str | Path) -> Path:
+    """The manifest file of ``shard_dir``: the current name, else an older shard set's
+    ``manifest.json``; the current name when neither exists (for messages)."""
     shard_dir = Path(shard_dir)
-    path = shard_dir / MANIFEST
+    legacy = shard_dir / LEGACY_MANIFEST
+    current = shard_dir / MANIFEST
+    return legacy if legacy.exists() and not current.exists() else current
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    """Parse the manifest (no shard checks); ShardError if absent or not ours."""
+    shard_dir = Path(shard_dir)
+    path = manifest_path(shard_dir)
     if not path.exists():
         what = "no such directory" if not shard_dir.exists() else f"no {MANIFEST}"
         raise ShardError(f"{shard_dir}: {what}. The shard set was never finished (the writer "

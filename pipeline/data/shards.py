@@ -1,6 +1,6 @@
 """Write and read Parquet shards of labeled images, with a manifest written last.
 
-Every shard is written under a temporary name and renamed when complete; ``manifest.json``
+Every shard is written under a temporary name and renamed when complete; ``.manifest.json``
 (row count, bytes, sha256 and class histogram per shard) is written last, atomically. A
 directory without a manifest is an unfinished write; readers check every shard against
 the manifest and refuse a missing, truncated or altered one.
@@ -27,9 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_write_text
+from pipeline.atomic import atomic_write_text, new_file_mode
 from pipeline.data.shard_format import (
     IMAGE_TYPE,
+    LEGACY_MANIFEST,
     MANIFEST,
     PROVENANCE_TYPES,
     SOURCES,
@@ -38,6 +39,7 @@ from pipeline.data.shard_format import (
     decode_image_column,
     encode_pngs,
     load_manifest,
+    manifest_path,
     shard_schema,
 )
 from pipeline.digest import file_sha256
@@ -53,17 +55,20 @@ _ROW_OVERHEAD = 64
 def _claim_dir(out_dir: Path, overwrite: bool) -> None:
     """Make ``out_dir``; refuse a finished shard set there unless ``overwrite``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / MANIFEST
+    manifest = manifest_path(out_dir)
     if manifest.exists():
         if not overwrite:
             raise ShardError(
-                f"{out_dir} already holds a finished shard set ({MANIFEST}); "
+                f"{out_dir} already holds a finished shard set ({manifest.name}); "
                 "pass overwrite=True to replace it, or write to another directory")
         try:
             old = json.loads(manifest.read_text()).get("shards", [])
         except json.JSONDecodeError:
             old = []
-        manifest.unlink()  # first, so a crash below leaves "unfinished", never "mixed"
+        # First, so a crash below leaves "unfinished", never "mixed"; both names, so no old
+        # manifest is left for a folder reader to trip over.
+        for name in (MANIFEST, LEGACY_MANIFEST):
+            (out_dir / name).unlink(missing_ok=True)
         for entry in old:
             (out_dir / entry["file"]).unlink(missing_ok=True)
 
@@ -93,7 +98,7 @@ def _per_row(name: str, value: Any, n: int) -> list:
 class ShardWriter:
     """Write labeled uint8 images into size-bounded Parquet shards, then the manifest.
 
-    Use as a context manager: a clean exit writes ``manifest.json``; an exception removes
+    Use as a context manager: a clean exit writes ``.manifest.json``; an exception removes
     every file this writer made, so a failed stage leaves no half-written shard set.
 
     ``rows_per_shard`` and ``max_shard_bytes`` bound each shard (whichever comes first);
@@ -283,6 +288,7 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         final = self.out_dir / self._cur["file"]
+        os.chmod(self._tmp, new_file_mode())  # as pipeline.atomic's files: not mkstemp's 0600
         os.replace(self._tmp, final)
         self._tmp = None
         cur = self._cur

@@ -31,6 +31,7 @@ from pipeline.atomic import atomic_write_bytes, atomic_write_json, finite
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.grids import class_grid_png, grid_picks
 from pipeline.data.images import nearest_rmse, to_model_space
+from pipeline.data.shard_format import MANIFEST, manifest_path
 from pipeline.evaluate.quality_config import QualityConfig
 
 QUALITY_DIR = "quality"
@@ -184,8 +185,8 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
     run_dir = Path(run_dir)
     config = config or QualityConfig()
     shard_dir = run_dir / "shards"
-    if not (shard_dir / "manifest.json").exists():
-        raise QualityError(f"{shard_dir} has no manifest.json; run the shards stage first")
+    if not manifest_path(shard_dir).exists():
+        raise QualityError(f"{shard_dir} has no {MANIFEST}; run the shards stage first")
     split = load_split(run_dir / "split.parquet")
     if len(split.labels) != len(dataset.train_labels):
         raise QualityError(f"{run_dir / 'split.parquet'} indexes {len(split.labels)} training "

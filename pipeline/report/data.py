@@ -2,7 +2,7 @@
 
 Every figure here is read from a file some stage wrote (``stages/*.json``,
 ``ssl/<arm>/seed-<s>/metrics.json`` and ``learning_curve.parquet``, ``quality/quality.json``,
-``shards/manifest.json``, ``adapters/*/tune.json``, ``config.json``); the only arithmetic is
+``shards/.manifest.json``, ``adapters/*/tune.json``, ``config.json``); the only arithmetic is
 aggregation over seeds (mean, sample std) and paired differences between arms, whose
 statistics (95% CI, paired t-test) are :func:`pipeline.evaluate.paired.paired_difference`'s. A file
 that is missing or unreadable leaves its part as None, which the report renders as "not run".
@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import saved_metadata
+from pipeline.data.shard_format import manifest_path
 from pipeline.evaluate.paired import (
     DoublingCheck,
     PairedDifference,
@@ -302,7 +303,7 @@ def load_run(run_dir: str | Path) -> RunData:
                 tunes[d.name] = info
     return RunData(run_dir, config, stages, load_arms(run_dir, problems),
                    read_json(run_dir / "quality" / "quality.json"),
-                   read_json(run_dir / "shards" / "manifest.json"), tunes, problems)
+                   read_json(manifest_path(run_dir / "shards")), tunes, problems)
 
 
 # --------------------------------------------------------------------------- arms

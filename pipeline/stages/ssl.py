@@ -29,6 +29,7 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
     rel = ssl_rel(arm, seed)
 
     def body(unit_dir: Path, device: str) -> dict:
+        from pipeline.data.shard_format import manifest_path
         from pipeline.ssl import run_arm
         from pipeline.ssl.arm_names import base_arm
 
@@ -36,7 +37,7 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
         shard_dir = {"augmented": run_dir / "shards", "control": run_dir / "shards",
                      "supervised+synthetic": run_dir / "shards",
                      "augmented-r2": round_root(run_dir, 2) / "shards"}.get(base_arm(arm))
-        if shard_dir is not None and not (shard_dir / "manifest.json").exists():
+        if shard_dir is not None and not manifest_path(shard_dir).exists():
             raise StageError(f"{shard_dir} has no manifest; run the shards stage first")
         extra_rows, pool_exclude, info = None, None, {}
         if arm == "control":

@@ -199,7 +199,8 @@ def test_run_exports_the_best_validation_arm_after_ssl(flow_cfg, capsys):
     from pipeline.report.data import load_run
 
     row = dict(overview(load_run(run_dir))["rows"])["classifier"]  # the report says where
-    assert row.startswith(f"classifier/: {best}, seed 0") and "augment predict classifier" in row
+    assert row.startswith(f"classifier/: {best}, seed 0")
+    assert f"augment predict {run_dir / 'classifier'} IMAGES" in row
 
     # A rerun skips the stage and keeps the export and the record as they are.
     stamps = {p: p.stat().st_mtime_ns for p in [run_dir / "stages" / "ssl.json",

@@ -56,7 +56,7 @@ def test_flow_runs_every_stage_and_a_rerun_skips_them(flow_prefect, flow_cfg):
         len(cfg.sampling.mask_ratios)
     assert sum(s["rows"] for s in manifest["shards"]) == sampled == expected_rows == 8
     assert read_json(run_dir / "stages" / "ssl.json")["outputs"] == {
-        "ssl": [f"ssl/{arm}/seed-0" for arm in cfg.ssl.arms]}
+        "ssl": [f"ssl/{arm}/seed-0" for arm in cfg.ssl.arms], "classifier": "classifier/"}
     # Extra rows: the shards' for augmented, the judged real images control cached for it.
     extra = {"augmented": expected_rows}
     if "control" in cfg.ssl.arms:

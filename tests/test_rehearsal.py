@@ -230,7 +230,8 @@ def test_cifar10_preset_runs_end_to_end_on_stand_ins(stand_ins, hub_cache_in_pro
     assert outputs["tune"] == {"adapters": [f"adapters/{c}" for c in classes]}
     assert outputs["sample"] == {"samples": [f"samples/{c}" for c in classes]}
     assert outputs["ssl"] == {"ssl": [f"ssl/{a}/seed-{s}" for a in expected.ssl.arms
-                                      for s in expected.ssl.seeds]}
+                                      for s in expected.ssl.seeds],
+                              "classifier": "classifier/"}  # the exported best arm
     for stage, out in outputs.items():
         for rel in (v for vs in out.values() for v in ([vs] if isinstance(vs, str) else vs)):
             assert (run_dir / rel).exists(), (stage, rel)

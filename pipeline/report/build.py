@@ -63,7 +63,7 @@ def _classifier_row(run: RunData) -> str | None:
     err = export.get("top1_error")
     return (f"{export['path']}/: {export['arm']}, seed {export['seed']} ({export['chosen_by']}"
             + (f"; test error {100 * err:.2f}%" if err is not None else "") + "); "
-            f"`augment predict {export['path']} IMAGES...`")
+            f"`augment predict {run.run_dir / export['path']} IMAGES...`")
 
 
 def overview(run: RunData) -> dict:

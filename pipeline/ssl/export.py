@@ -16,7 +16,6 @@ the evaluation's own preprocessing (``randaugment.to_unit``: uint8 NHWC -> float
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from anl_core.precision import autocast_for, uses_bf16
 from pipeline.atomic import atomic_write, atomic_write_json
 from pipeline.devices import resolve_device
+from pipeline.digest import file_sha256
 
 from .nets import build_net
 from .randaugment import to_unit
@@ -41,14 +41,6 @@ PIL_MODES = {1: "L", 3: "RGB"}
 
 class ExportError(ValueError):
     """A classifier cannot be exported or loaded as asked; the message says what to change."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _finished_unit(unit_dir: Path) -> tuple[dict, dict]:
@@ -86,7 +78,7 @@ def export_matches(out_dir: str | Path, unit_dir: str | Path) -> bool:
     return (source.get("fingerprint") == metrics.get("fingerprint")
             and source.get("step") == metrics.get("steps")
             and (out_dir / MODEL_FILE).exists()
-            and config.get("weights", {}).get("sha256") == _sha256(out_dir / MODEL_FILE))
+            and config.get("weights", {}).get("sha256") == file_sha256(out_dir / MODEL_FILE))
 
 
 def export_classifier(unit_dir: str | Path, out_dir: str | Path, *, class_names: list[str],
@@ -140,7 +132,7 @@ def export_classifier(unit_dir: str | Path, out_dir: str | Path, *, class_names:
         "bn_calibration_images": ssl_config.get("bn_calibration"),
         "source": {"unit_dir": str(unit_dir.resolve()), "fingerprint": metrics["fingerprint"],
                    "step": metrics["steps"]},
-        "weights": {"file": MODEL_FILE, "sha256": _sha256(model_path),
+        "weights": {"file": MODEL_FILE, "sha256": file_sha256(model_path),
                     "num_params": metrics.get("num_params")},
         "provenance": provenance,
     }
@@ -197,7 +189,7 @@ def load_classifier(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
     if config.get("format") != FORMAT:
         raise ExportError(f"{config_path} has format {config.get('format')!r}, not {FORMAT!r}; "
                           "export it again with this version")
-    if _sha256(model_path) != config["weights"]["sha256"]:
+    if file_sha256(model_path) != config["weights"]["sha256"]:
         raise ExportError(f"{model_path} is not the file {CONFIG_FILE} describes (sha256 "
                           "differs: an export was interrupted or the file replaced); export again")
     try:

@@ -124,12 +124,15 @@ def test_served_demo_deployment_runs_end_to_end(tmp_path, flow_tiny_base,
         client_env.update(env, PREFECT_API_URL=api)
         _wait(lambda: _healthy(api), 60, "the Prefect server's health", [server])
         serve = start([str(BIN / "augment"), "serve"], client_env, "serve")
-        _wait(lambda: cli("deployment", "inspect", "augment/demo").returncode == 0, 180,
-              "the served deployments", [server, serve])
+        # `serve` registers its deployments one after another: wait for the last of them,
+        # not the first, or the listing races the registration.
+        served = ("augment/demo", "augment/cifar10-250labels",
+                  "augment/fashion-mnist-40labels", "benchmark/nightly")
+        _wait(lambda: all(cli("deployment", "inspect", name).returncode == 0
+                          for name in served), 180, "the served deployments", [server, serve])
 
         listing = cli("deployment", "ls")
-        for name in ("augment/demo", "augment/cifar10-250labels",
-                     "augment/fashion-mnist-40labels", "benchmark/nightly"):
+        for name in served:
             assert name in listing.stdout, listing.stdout
         nightly = cli("deployment", "inspect", "benchmark/nightly").stdout
         assert "0 2 * * *" in nightly

@@ -102,6 +102,7 @@ def augment(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None 
         split = tasks.split(run_dir, config)
         if config.pretrains_base:
             tasks.pretrain(run_dir, config)
+        tasks.fit(run_dir, config)
         tasks.encode(run_dir, config)
         classes = list(range(int(split["metrics"]["num_classes"])))
         runner = make_task_runner(config)

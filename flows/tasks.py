@@ -56,6 +56,7 @@ def _stage_task(stage: str, fn=None):
 
 split = _stage_task("split")
 pretrain = _stage_task("pretrain")
+fit = _stage_task("fit")
 encode = _stage_task("encode")
 tune = _stage_task("tune")      # after the per-class units: writes the stage record
 sample = _stage_task("sample")  # likewise

@@ -31,6 +31,7 @@ from pipeline.config_sections import (
     AdapterSection,
     ExportSection,
     FilterSection,
+    FitSection,
     LoopSection,
     NeighborsSection,
     PretrainSection,
@@ -80,6 +81,7 @@ class AugmentConfig(Section):
     image_size: int = Field(32, ge=8)
     base_model: str = "data/models/fashion-mnist-ddpm-32"
     pretrain: PretrainSection | None = None
+    fit: FitSection = Field(default_factory=FitSection)
     encoder: str = "efficientnet-lite0"
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     tuning: TuneConfig = Field(default_factory=TuneConfig)  # anl_core.config, declared there
@@ -280,6 +282,8 @@ def result_fields(config: AugmentConfig) -> dict[str, Any]:
         fields.pop("loop")  # and for the second round
     if config.export == ExportSection():
         fields.pop("export")  # and for the exported classifier's choice
+    if config.fit == FitSection():
+        fields.pop("fit")  # and for the domain-fit check (it changes no result)
     return fields
 
 

@@ -219,6 +219,25 @@ class LoopSection(Section):
     per_condition: int | None = Field(None, ge=1)
 
 
+class FitSection(Section):
+    """Does the base model know the data? Before tuning, ``samples`` unconditional samples of
+    the base (``steps`` DDIM steps) are compared with ``pool`` images of the task's unlabeled
+    pool in the condition encoder's features (``pipeline.evaluate.domain_fit``): KID beside
+    the pool's own floor, and the share of samples inside the pool's ``k``-NN manifold. The
+    run warns, and the report says so, when that share is below ``min_relative_coverage`` of
+    the pool's own share. Calibrated on the shipped Fashion-MNIST bases (bench/RESULTS.md):
+    Fashion-MNIST pool 0.71-0.85, inverted Fashion-MNIST 0.16-0.29, digits 0.00.
+    """
+
+    enabled: bool = True
+    samples: int = Field(64, ge=8, le=4096)
+    steps: int = Field(10, ge=1, le=1000)
+    pool: int = Field(256, ge=16, le=20000)
+    k: int = Field(3, ge=1, le=50)
+    min_relative_coverage: Ratio = 0.5
+    seed: int = Field(0, ge=0)
+
+
 class ExportSection(Section):
     """The classifier a run hands out: after the ssl stage, one unit's EMA classifier is
     written to ``classifier/`` (``pipeline.ssl.export``: ``model.safetensors`` and

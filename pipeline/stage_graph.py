@@ -37,6 +37,9 @@ STAGES: tuple[Stage, ...] = (
           doc="labeled / unlabeled / validation indices, stratified, seeded"),
     Stage("pretrain", ("dataset", "image_size", "pretrain"), ("split",), {"base": "base/"},
           doc="an unconditional base U-Net trained on the unlabeled pool (only if configured)"),
+    Stage("fit", ("base_model", "encoder", "image_size", "fit"), ("split", "pretrain"),
+          {"fit": "fit/"},
+          doc="does the base fit the data: its samples against the pool, KID and coverage"),
     Stage("encode", ("encoder", "image_size"), ("split",),
           {"tokens": "conditions/tokens.safetensors"}, second_round=True,
           doc="condition tokens of the labeled images (and neighbours) from the image encoder"),
@@ -57,7 +60,7 @@ STAGES: tuple[Stage, ...] = (
           {"pseudo": "round-2/pseudo.parquet", "round": "round-2/", "ssl": "ssl/",
            "grids": "round-2/grids/"},
           doc="second round: pseudo-labels, round-2 generation, augmented-r2 and selftrain"),
-    Stage("report", (), ("quality", "ssl", "loop"),
+    Stage("report", (), ("fit", "quality", "ssl", "loop"),
           {"html": "report.html", "md": "report.md"}, doc="the run's HTML and Markdown report"),
 )
 

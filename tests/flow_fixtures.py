@@ -62,6 +62,7 @@ def flow_config(runs_dir: Path, base: Path, folder: Path, **overrides):
         "ssl": {"steps": 4, "batch_size": 4, "mu": 1, "eval_every": 2, "checkpoint_every": 2,
                 "net": "cnn-small"},
         "quality": {"enabled": False},
+        "fit": {"samples": 16, "steps": 2, "pool": 16},
         "runs_dir": str(runs_dir), "progress": False, "device": "cpu",
     }
     cfg = validate_config(data)

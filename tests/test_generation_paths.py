@@ -187,7 +187,7 @@ def test_pretrain_stage_builds_the_base_the_tune_stage_uses(flow_cfg, flow_tiny_
     # A rerun of the same config does nothing: every stage skipped, no file touched.
     before = _mtimes(run_dir)
     again = stages.run_all(run_dir, cfg, until="tune")
-    assert set(again) == {"split", "pretrain", "encode", "tune"}
+    assert set(again) == {"split", "pretrain", "fit", "encode", "tune"}
     assert all(r.get("skipped") for r in again.values())
     assert _mtimes(run_dir) == before
 

@@ -23,7 +23,7 @@ from pipeline.report import plots
 from pipeline.report.data import NOT_RUN, RunData, load_run, report_arms
 from pipeline.report.render import ci_pp, mb, md_table, num, pct, pct_or, pp, pval, render, seconds
 from pipeline.report.tables import results_table
-from pipeline.report.verdict import ssl_budget, verdict
+from pipeline.report.verdict import fit_sentence, ssl_budget, verdict
 
 HTML_NAME, MD_NAME = "report.html", "report.md"
 
@@ -40,7 +40,7 @@ def _stage_figures(rec: dict) -> str:
 
 def stage_rows(run: RunData) -> list[dict]:
     rows = []
-    for stage in ("split", "pretrain", "encode", "tune", "sample", "shards", "quality", "ssl",
+    for stage in ("split", "pretrain", "fit", "encode", "tune", "sample", "shards", "quality", "ssl",
                   "report"):
         rec = run.stages.get(stage)
         if rec is None and stage == "pretrain" and not (run.config or {}).get("pretrain"):
@@ -92,6 +92,8 @@ def overview(run: RunData) -> dict:
          or None),
         ("git commit", v.get("git_commit")),
     ]
+    if (fit := fit_sentence(run)) is not None:
+        rows.append(("base fits the data", fit[0]))
     if (classifier := _classifier_row(run)) is not None:
         rows.append(("classifier", classifier))
     return {"dataset": cfg.get("dataset", "unknown"), "rows": rows}

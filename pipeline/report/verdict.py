@@ -156,6 +156,22 @@ def _control_precision(run: RunData) -> str:
     return f" (the judge's labels were right for {100 * sum(vals) / len(vals):.0f}% of them)"
 
 
+def fit_sentence(run: RunData) -> tuple[str, bool] | None:
+    """(what the fit stage measured, whether the base fits); None when it did not run."""
+    m = (run.stages.get("fit") or {}).get("metrics") or {}
+    if "fits" not in m:
+        return None
+    if not m["fits"]:
+        from pipeline.evaluate.domain_fit import misfit_message
+
+        text = misfit_message(m)
+        return text[0].upper() + text[1:], False
+    text = (f"The base model fits this data: {m['coverage']:.0%} of its samples lie among the "
+            f"pool's images (the pool's own: {m['pool_coverage']:.0%}; KID x 100 "
+            f"{100 * m['kid_base_pool']:.1f}, floor {100 * m['kid_pool_pool']:.1f}).")
+    return text, True
+
+
 def verdict(run: RunData) -> dict:
     """What a reader can act on: did the synthetic data help, by how much, how sure.
 
@@ -166,6 +182,8 @@ def verdict(run: RunData) -> dict:
     budget = ssl_budget(run)
     short = bool(budget and budget["short"])
     notes: list[dict] = []
+    if (fit := fit_sentence(run)) is not None and not fit[1]:
+        notes.append({"id": "fit-note", "text": fit[0]})  # first: it explains what follows
     if budget and short:
         notes.append({"id": "budget-note", "text": budget["text"]})
     arm, against = run.headline_pair()

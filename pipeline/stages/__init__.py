@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.config import AugmentConfig
 from pipeline.stage_graph import STAGE_ORDER
 from pipeline.stages.encode import run_encode
+from pipeline.stages.fit import run_fit
 from pipeline.stages.loop import run_loop
 from pipeline.stages.pretrain import run_pretrain
 from pipeline.stages.quality import run_quality
@@ -31,8 +32,8 @@ from pipeline.stages.ssl import run_ssl
 from pipeline.stages.tune import run_tune
 
 STAGE_FUNCTIONS: dict[str, Callable[[Path, AugmentConfig], dict | None]] = {
-    "split": run_split, "pretrain": run_pretrain, "encode": run_encode, "tune": run_tune,
-    "sample": run_sample, "shards": run_shards, "quality": run_quality, "ssl": run_ssl,
+    "split": run_split, "pretrain": run_pretrain, "fit": run_fit, "encode": run_encode,
+    "tune": run_tune, "sample": run_sample, "shards": run_shards, "quality": run_quality, "ssl": run_ssl,
     "loop": run_loop, "report": run_report,
 }
 assert tuple(STAGE_FUNCTIONS) == STAGE_ORDER

@@ -17,6 +17,7 @@ def stage_keys(config: AugmentConfig) -> dict[str, str | None]:
         base_model_fingerprint(resolve_base_model(config.base_model))
     extras: dict[str, dict | None] = {
         "tune": {"base": base},
+        "fit": {"base": base},
         # Several mask ratios: each draws its own noise (ratio_seed); one keeps its old key.
         "sample": {"ratio_seeds": True} if len(config.sampling.mask_ratios) > 1 else None,
         # bf16 pretraining (CUDA, CPUs with native bf16) computes another model than fp32.

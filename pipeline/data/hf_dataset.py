@@ -70,7 +70,7 @@ def _open(root: str) -> tuple[Any, Any | None]:
         if not train:
             raise DatasetError(f"{root} holds only a 'test' split; add the training rows as "
                                "another split (e.g. 'train')")
-        test = loaded["test"] if "test" in loaded else None
+        test = loaded.get("test")
         return (datasets.concatenate_datasets(train) if len(train) > 1 else train[0]), test
     files = _parquet_files(root)
     if not files:

@@ -41,6 +41,7 @@ from pipeline.config_sections import (
     ShardsSection,
     SSLSection,
 )
+from pipeline.data.datasets import USER_DATA, dataset_contents
 from pipeline.digest import digest
 from pipeline.paths import PRESETS_DIR, resolve_path
 from pipeline.ssl.config import BUDGETS, RECIPES
@@ -65,8 +66,17 @@ RUNTIME_FIELDS = frozenset({"preset", "runs_dir", "task_runner", "dask_address",
 
 class AugmentConfig(Section):
     preset: str = "custom"
-    dataset: Literal["fashion-mnist", "cifar10", "image-folder"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "cifar10", "image-folder", "hf-dataset"] = "fashion-mnist"
     dataset_root: str | None = None
+    # How every image is read: "auto" keeps grey files grey and reads the rest as RGB (a
+    # folder mixing both becomes RGB); "grey"/"rgb" convert every image, e.g. to fit a base.
+    image_mode: Literal["auto", "grey", "rgb"] = "auto"
+    # Resize every image to image_size x image_size (Pillow bicubic) as it is read: images
+    # of several sizes, or larger than the base model works at.
+    resize: bool = False
+    # hf-dataset: the image and label columns (None: image/img and label/labels).
+    image_column: str | None = None
+    label_column: str | None = None
     download: bool = False
     labels_per_class: int = Field(4, ge=1)
     # Held-out validation images per class (labels read only to choose settings; never
@@ -106,8 +116,13 @@ class AugmentConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> AugmentConfig:
-        if self.dataset == "image-folder" and not self.dataset_root:
-            raise ValueError("dataset_root is required when dataset='image-folder'")
+        if self.dataset in ("image-folder", "hf-dataset") and not self.dataset_root:
+            raise ValueError(f"dataset_root is required when dataset={self.dataset!r} (the "
+                             "folder, saved dataset or Parquet files to read)")
+        for key in ("image_column", "label_column"):
+            if getattr(self, key) is not None and self.dataset != "hf-dataset":
+                raise ValueError(f"{key} names a column of a Hugging Face dataset; it needs "
+                                 f"dataset=hf-dataset (dataset is {self.dataset!r})")
         if self.image_size & (self.image_size - 1):
             raise ValueError(f"image_size={self.image_size} must be a power of two (U-Net strides)")
         if "pool-oracle" in self.ssl.arms and self.task_images != "task-half":
@@ -135,6 +150,19 @@ class AugmentConfig(Section):
     @property
     def pretrains_base(self) -> bool:
         return self.pretrain is not None
+
+    def loader_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``load_dataset`` this config sets (defaults left out):
+        every reader of the dataset (pre-flight, the stages) passes the same ones."""
+        options: dict[str, Any] = {}
+        if self.image_mode != "auto":
+            options["image_mode"] = self.image_mode
+        if self.resize:
+            options["image_size"] = self.image_size
+        for key in ("image_column", "label_column"):
+            if getattr(self, key) is not None:
+                options[key] = getattr(self, key)
+        return options
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -284,6 +312,13 @@ def result_fields(config: AugmentConfig) -> dict[str, Any]:
         fields.pop("export")  # and for the exported classifier's choice
     if config.fit == FitSection():
         fields.pop("fit")  # and for the domain-fit check (it changes no result)
+    if config.image_mode == "auto":
+        fields.pop("image_mode")  # and for how images are read
+    if not config.resize:
+        fields.pop("resize")
+    for key in ("image_column", "label_column"):
+        if fields[key] is None:
+            fields.pop(key)
     return fields
 
 
@@ -300,8 +335,12 @@ def config_hash(config: AugmentConfig) -> str:
 def stage_parts(config: AugmentConfig, stage: str) -> dict[str, Any]:
     fields = result_fields(config)
     parts = {name: fields[name] for name in STAGE_PARTS[stage] if name in fields}
-    if stage == "split" and config.dataset == "image-folder":
-        parts["dataset_root"] = config.dataset_root  # the folder is the dataset's identity
+    if stage == "split" and config.dataset in USER_DATA:
+        # The files are the dataset's identity, not the folder's name: a changed, added or
+        # removed file reruns the split and everything downstream (stat only, no decoding).
+        parts["dataset_contents"] = dataset_contents(config.dataset, config.dataset_root)
+    if stage == "split" and config.resize:
+        parts["image_size"] = config.image_size  # the size every image is resized to
     if stage == "encode" and config.neighbors.per_image:  # the encode stage finds them
         parts["neighbors"] = {k: v for k, v in fields["neighbors"].items() if k != "self_share"}
     if stage == "tune" and config.neighbors.per_image:

@@ -136,13 +136,60 @@ def check_disjoint(config: AugmentConfig, base_dir: Path) -> str | None:
     return "overlap"
 
 
+def base_shape(base_dir: Path) -> tuple[int, int]:
+    """(in_channels, sample_size) from a diffusers UNet config, without loading weights."""
+    import json
+
+    cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    size = cfg.get("sample_size", 32)
+    return int(cfg.get("in_channels", 3)), int(size[0] if isinstance(size, list) else size)
+
+
+def check_fit(config: AugmentConfig, image_shape: tuple, base_dir: Path | None) -> None:
+    """Refuse data the U-Net cannot take, naming the config key that fixes it, before work:
+    a channel mismatch would otherwise fail inside tuning with a raw torch error, and
+    images far from the U-Net's size would be silently blurred or lost in padding.
+    ``base_dir`` None: the run pretrains its own base (at image_size, on these images)."""
+    h, w, c = image_shape
+    size = config.image_size
+    pretrain = "add a `pretrain:` section to train a base on this data"
+    if base_dir is not None:
+        channels, sample = base_shape(base_dir)
+        if sample != size:
+            raise PreflightError(
+                f"image_size={size} but base_model={config.base_model!r} works at "
+                f"{sample}x{sample}; set `image_size: {sample}` (with `resize: true` if the "
+                f"images are not that size), or {pretrain} at image_size {size}")
+        if c != channels:
+            kind = {1: "grey (1 channel)", 3: "RGB (3 channels)"}
+            mode = "grey" if channels == 1 else "rgb"
+            raise PreflightError(
+                f"the images of {config.dataset} are {kind.get(c, f'{c} channels')} but "
+                f"base_model={config.base_model!r} takes {kind.get(channels, channels)}; set "
+                f"`image_mode: {mode}` (--set image_mode={mode}) to convert every image, use a "
+                f"base_model made for {kind.get(c, c)} images, or {pretrain}")
+    if h > size or w > size:
+        raise PreflightError(
+            f"the images of {config.dataset} are {h}x{w}, larger than image_size={size} the "
+            f"U-Net works at (they would be shrunk and the synthetic images blurred back up); "
+            f"set `resize: true` (--set resize=true) to resize every image to {size}x{size} "
+            "as it is read, or set a larger image_size with a base made for it (`pretrain:`)")
+    if 2 * h < size or 2 * w < size:
+        raise PreflightError(
+            f"the images of {config.dataset} are {h}x{w}, less than half of image_size={size}: "
+            f"padded to {size}x{size} they would fill a small corner of the U-Net's canvas; set "
+            f"`resize: true` (--set resize=true) to resize every image to {size}x{size}, or a "
+            "smaller image_size with a base made for it (`pretrain:`)")
+
+
 def preflight(config: AugmentConfig) -> dict[str, Any]:
     """Every check, cheapest first. Returns what was resolved (for the run record)."""
     from pipeline.data.datasets import DatasetError, load_dataset_cached
 
     device = check_device(config)
     try:
-        ds = load_dataset_cached(config.dataset, config.dataset_root, config.download)
+        ds = load_dataset_cached(config.dataset, config.dataset_root, config.download,
+                                 **config.loader_options())
     except DatasetError as e:
         raise PreflightError(f"dataset={config.dataset!r}: {e}") from None
     labels = ds.train_labels
@@ -150,23 +197,30 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
         from pipeline.data.splits import halves
 
         labels = labels[halves(labels, config.half_seed)["task"]]
-    min_count = int(min((labels == c).sum() for c in range(ds.num_classes)))
+    # Unlabeled images (label UNLABELED) are no class's: they never count towards one.
+    counts = [int((labels == c).sum()) for c in range(ds.num_classes)]
+    min_count = min(counts)
+    smallest = ds.class_names[counts.index(min_count)]
     if config.labels_per_class > min_count:
         raise PreflightError(f"labels_per_class={config.labels_per_class}: the smallest class of "
-                             f"{config.dataset} has {min_count} training images")
+                             f"{config.dataset} ({smallest!r}) has {min_count} labeled training "
+                             f"images; lower labels_per_class to at most {min_count}, or label "
+                             "more images of that class")
     held = config.labels_per_class + config.validation_per_class
     if held > min_count:
         raise PreflightError(
             f"labels_per_class={config.labels_per_class} + validation_per_class="
             f"{config.validation_per_class} = {held}, but the smallest class of {config.dataset} "
-            f"has {min_count} training images; lower validation_per_class (--set "
+            f"({smallest!r}) has {min_count} labeled training images; lower validation_per_class (--set "
             f"validation_per_class=N) to at most {min_count - config.labels_per_class}")
     base = None if config.pretrains_base else str(resolve_base_model(config.base_model))
+    check_fit(config, ds.image_shape, None if base is None else Path(base))
     base_images = None if base is None else check_disjoint(config, Path(base))
     encoder = check_encoder(config.encoder)
     need = estimated_output_bytes(config, ds.num_classes, ds.image_shape)
     free = check_disk(config, need)
     return {"device": device, "dataset": ds.name, "image_shape": list(ds.image_shape),
-            "num_classes": ds.num_classes, "base_model": base, "base_images": base_images,
+            "num_classes": ds.num_classes, "unlabeled_images": ds.num_unlabeled,
+            "base_model": base, "base_images": base_images,
             "encoder": encoder,
             "planned_bytes": need, "free_bytes": free}

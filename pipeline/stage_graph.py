@@ -32,7 +32,8 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("split", ("dataset", "labels_per_class", "split_seed", "validation_per_class",
-                    "task_images", "half_seed"), (),
+                    "task_images", "half_seed", "image_mode", "resize", "image_column",
+                    "label_column"), (),
           {"split": "split.parquet"},
           doc="labeled / unlabeled / validation indices, stratified, seeded"),
     Stage("pretrain", ("dataset", "image_size", "pretrain"), ("split",), {"base": "base/"},

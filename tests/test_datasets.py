@@ -18,8 +18,8 @@ def _write_idx(path, array):
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
-def test_registry_lists_the_three_datasets():
-    assert available_datasets() == ["cifar10", "fashion-mnist", "image-folder"]
+def test_registry_lists_the_four_datasets():
+    assert available_datasets() == ["cifar10", "fashion-mnist", "hf-dataset", "image-folder"]
 
 
 def test_unknown_dataset_names_the_choices():

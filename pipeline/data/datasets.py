@@ -1,9 +1,13 @@
 """Dataset registry: one interface from a name to in-memory uint8 images and labels.
 
 Every loader returns an :class:`ImageDataset` whose images are ``uint8`` arrays of
-shape (N, H, W, C) (C = 1 for grey, 3 for colour) and whose labels are ``int64``.
-Small image datasets (Fashion-MNIST, CIFAR-10) fit in memory many times over, and
-in-memory arrays let the SSL trainer keep the whole set on the GPU.
+shape (N, H, W, C) (C = 1 for grey, 3 for colour) and whose labels are ``int64``; a
+training image without a label (a user's unlabeled folder or rows) has the label
+:data:`UNLABELED`. Small image datasets (Fashion-MNIST, CIFAR-10) fit in memory many times
+over, and in-memory arrays let the SSL trainer keep the whole set on the GPU.
+
+The user-data loaders live beside this module (``image_folder``, ``hf_dataset``) on the
+shared ground of ``image_dataset``, whose names are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,12 +16,22 @@ import functools
 import gzip
 import os
 import pickle
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.data.hf_dataset import hf_contents, load_hf_dataset
+from pipeline.data.image_dataset import (  # noqa: F401 - re-exported: the names loaders share
+    IMAGE_MODES,
+    IMAGE_SUFFIXES,
+    RESERVED_FOLDERS,
+    UNLABELED,
+    DatasetError,
+    ImageDataset,
+    conform,
+)
+from pipeline.data.image_folder import folder_contents, load_image_folder
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -29,38 +43,6 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class DatasetError(RuntimeError):
-    """A dataset cannot be found or read; the message says how to provide it."""
-
-
-@dataclass(frozen=True)
-class ImageDataset:
-    name: str
-    class_names: tuple[str, ...]
-    train_images: np.ndarray  # uint8 (N, H, W, C)
-    train_labels: np.ndarray  # int64 (N,)
-    test_images: np.ndarray
-    test_labels: np.ndarray
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __post_init__(self) -> None:
-        for part in ("train", "test"):
-            x, y = getattr(self, f"{part}_images"), getattr(self, f"{part}_labels")
-            if x.dtype != np.uint8 or x.ndim != 4:
-                raise ValueError(f"{part}_images must be uint8 (N, H, W, C), got {x.dtype} {x.shape}")
-            if len(x) != len(y):
-                raise ValueError(f"{part}: {len(x)} images but {len(y)} labels")
-
 
 # --------------------------------------------------------------------------- Fashion-MNIST
 
@@ -180,118 +162,74 @@ def load_cifar10(root: str | Path | None = None, download: bool = False) -> Imag
                         xte, yte)
 
 
-# --------------------------------------------------------------------------- image folder
-
-
-def _load_folder_split(split_dir: Path, class_names: list[str], size: tuple[int, int] | None,
-                       mode: str) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
-    images, labels = [], []
-    for label, cls in enumerate(class_names):
-        cls_dir = split_dir / cls
-        files = sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
-            if cls_dir.exists() else []
-        for p in files:
-            try:
-                with Image.open(p) as im:
-                    im = im.convert(mode)
-                    if size is not None and im.size != (size[1], size[0]):
-                        im = im.resize((size[1], size[0]), Image.BICUBIC)
-                    arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as e:
-                # Skipped, not fatal: one bad file in a scraped folder should not stop a run.
-                warnings.warn(f"skipping unreadable image {p}: {e}", stacklevel=2)
-                continue
-            images.append(arr[..., None] if arr.ndim == 2 else arr)
-            labels.append(label)
-    if not images:
-        raise DatasetError(f"no readable images under {split_dir}")
-    shapes = {a.shape for a in images}
-    if len(shapes) > 1:
-        raise DatasetError(
-            f"images under {split_dir} have different sizes {sorted(shapes)[:3]}...; "
-            "pass image_size=(H, W) to resize them to one size"
-        )
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
-
-
-def load_image_folder(root: str | Path | None = None, download: bool = False, *,
-                      image_size: tuple[int, int] | None = None, grey: bool | None = None,
-                      test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
-    """One sub-folder per class (``root/CLASS/*.png``), or ``root/train/CLASS`` + ``root/test/CLASS``.
-
-    Unreadable images are skipped with a warning. Without a ``test/`` folder a seeded,
-    stratified ``test_fraction`` of the images becomes the test split.
-    """
-    if root is None or not Path(root).is_dir():
-        raise DatasetError(f"image-folder needs root=DIR with one sub-folder per class; got {root!r}")
-    root = Path(root)
-    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
-    class_dir = root / "train" if has_splits else root
-    class_names = sorted(p.name for p in class_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_names:
-        raise DatasetError(f"no class sub-folders in {class_dir}")
-    if grey is None:
-        grey = _folder_is_grey(class_dir, class_names)
-    mode = "L" if grey else "RGB"
-    if has_splits:
-        xtr, ytr = _load_folder_split(root / "train", class_names, image_size, mode)
-        xte, yte = _load_folder_split(root / "test", class_names, image_size, mode)
-    else:
-        x, y = _load_folder_split(root, class_names, image_size, mode)
-        rng = np.random.default_rng(seed)
-        test_mask = np.zeros(len(y), dtype=bool)
-        for c in np.unique(y):
-            idx = np.flatnonzero(y == c)
-            n_test = round(len(idx) * test_fraction)
-            test_mask[rng.choice(idx, size=n_test, replace=False)] = True
-        xtr, ytr, xte, yte = x[~test_mask], y[~test_mask], x[test_mask], y[test_mask]
-    return ImageDataset(f"image-folder:{root.name}", tuple(class_names), xtr, ytr, xte, yte)
-
-
-def _folder_is_grey(class_dir: Path, class_names: list[str]) -> bool:
-    from PIL import Image
-
-    for cls in class_names:
-        for p in sorted((class_dir / cls).iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                try:
-                    with Image.open(p) as im:
-                        return im.mode in ("L", "1", "I;16", "I")
-                except OSError:
-                    continue
-    return False
-
-
 # --------------------------------------------------------------------------- registry
 
 REGISTRY: dict[str, Callable[..., ImageDataset]] = {
     "fashion-mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
     "image-folder": load_image_folder,
+    "hf-dataset": load_hf_dataset,
 }
 
 DESCRIPTIONS = {
     "fashion-mnist": "Fashion-MNIST 28x28 grey, 10 classes (Debian dataset-fashion-mnist or torchvision root)",
     "cifar10": "CIFAR-10 32x32 colour, 10 classes (torchvision cifar-10-batches-py layout)",
-    "image-folder": "any folder with one sub-folder per class (root/CLASS/*.png)",
+    "image-folder": "your folder: root/CLASS/*.png labeled, root/unlabeled/** unlabeled, "
+                    "optional root/test/CLASS/*.png",
+    "hf-dataset": "a Hugging Face dataset saved with save_to_disk, or Parquet files: an image "
+                  "column, a label column (rows without a label are unlabeled), optional "
+                  "'test' split",
 }
+
+# The user-data loaders: they read the files themselves, so they convert and resize while
+# reading (mixed sizes need it) and their contents key the split (CONTENTS).
+USER_DATA = ("image-folder", "hf-dataset")
+CONTENTS: dict[str, Callable[[str | Path], list]] = {"image-folder": folder_contents,
+                                                    "hf-dataset": hf_contents}
 
 
 def available_datasets() -> list[str]:
     return sorted(REGISTRY)
 
 
-def load_dataset(name: str, root: str | Path | None = None, download: bool = False,
+def load_dataset(name: str, root: str | Path | None = None, download: bool = False, *,
+                 image_mode: str = "auto", image_size: int | tuple[int, int] | None = None,
                  **kwargs) -> ImageDataset:
-    """Load a registered dataset by name; ``root`` and ``download`` mean the same for every loader."""
+    """Load a registered dataset by name; ``root`` and ``download`` mean the same for every
+    loader. ``image_mode`` (auto, grey, rgb) converts and ``image_size`` resizes every image
+    (bicubic), for every dataset; other keyword arguments go to the loader (the Hugging Face
+    loader's ``image_column`` and ``label_column``, a folder's ``test_fraction``)."""
     if name not in REGISTRY:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(available_datasets())}")
-    return REGISTRY[name](root, download, **kwargs)
+    if image_mode not in IMAGE_MODES:
+        raise DatasetError(f"image_mode={image_mode!r}: choose one of {', '.join(IMAGE_MODES)}")
+    if name in USER_DATA:
+        return REGISTRY[name](root, download, image_mode=image_mode, image_size=image_size,
+                              **kwargs)
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return conform(REGISTRY[name](root, download, **kwargs), image_mode, size)
+
+
+def dataset_contents(name: str, root: str | Path | None) -> str | None:
+    """A digest of the files behind a user dataset (relative path, size, mtime: stat only, no
+    image decoded), or None for a benchmark, whose files never change under one name."""
+    from pipeline.digest import digest
+
+    if name not in CONTENTS or root is None:
+        return None
+    return digest(CONTENTS[name](root))[:16]
+
+
+def load_dataset_cached(name: str, root: str | None, download: bool = False,
+                        **options) -> ImageDataset:
+    """``load_dataset`` once per process for the same files: pre-flight and several stages
+    read the same data. The contents digest is part of the cache key, so a folder changed
+    while the process lives is read again rather than served stale."""
+    return _cached(name, root, download, dataset_contents(name, root),
+                   tuple(sorted(options.items())))
 
 
 @functools.lru_cache(maxsize=4)
-def load_dataset_cached(name: str, root: str | None, download: bool = False) -> ImageDataset:
-    """``load_dataset`` once per process: pre-flight and several stages read the same data."""
-    return load_dataset(name, root, download)
+def _cached(name: str, root: str | None, download: bool, contents: str | None,
+            options: tuple) -> ImageDataset:
+    return load_dataset(name, root, download, **dict(options))

@@ -7,6 +7,10 @@ bench sweeps), they are removed from the unlabeled pool and never trained on, so
 split can be read once, for the final figures of frozen settings. It is saved as Parquet (index, label, role) and every later stage reads
 that file, so a rerun, or another machine, uses exactly the same labeled images.
 numpy's PCG64 generator gives the same stream on every platform for the same seed.
+
+A training image with the label ``UNLABELED`` (a user's unlabeled folder or rows) is never
+drawn as labeled or validation and never counted in a class: it always joins the unlabeled
+pool, and the split file keeps its label (-1) so every reader can tell it has none.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_write
+from pipeline.data.image_dataset import UNLABELED
 
 # "base": the base model's pretraining half (never the task's; read only by the pool-oracle
 # evaluation arm).
@@ -34,7 +39,7 @@ class SplitError(ValueError):
 class LabeledSplit:
     labeled_idx: np.ndarray    # indices into the training set, sorted by (label, draw order)
     unlabeled_idx: np.ndarray  # the rest of the training set, ascending
-    labels: np.ndarray         # labels of the whole training set (int64)
+    labels: np.ndarray         # labels of the whole training set (int64; UNLABELED: none)
     n_per_class: int
     seed: int
     val_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # held out
@@ -66,6 +71,8 @@ def halves(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     labels = np.asarray(labels, dtype=np.int64)
+    # Unlabeled images are stratified as one group of their own (UNLABELED), so both halves
+    # get their share of them too.
     base, task = train_test_split(np.arange(len(labels)), test_size=0.5, stratify=labels,
                                   random_state=seed)
     return {"base": np.sort(base).astype(np.int64), "task": np.sort(task).astype(np.int64)}
@@ -100,14 +107,21 @@ def make_split(labels: np.ndarray, n_per_class: int, seed: int,
         raise SplitError(f"n_per_class must be >= 1, got {n_per_class}")
     if val_per_class < 0:
         raise SplitError(f"val_per_class must be >= 0, got {val_per_class}")
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    has_label = labels != UNLABELED
+    if num_classes is None:
+        num_classes = int(labels[has_label].max()) + 1 if has_label.any() else 0
+    if num_classes < 1:
+        raise SplitError("no image has a label; a split needs n_per_class labeled images of "
+                         "each class")
     rng = np.random.default_rng(seed)
     chosen, held = [], []
     for c in range(num_classes):
+        # labels == c never holds for UNLABELED: unlabeled images are drawn for no role but
+        # the pool (the mask below), and never count towards a class.
         idx = np.flatnonzero((labels == c) & in_task)
         if len(idx) < n_per_class + val_per_class:
             raise SplitError(
-                f"class {c} has only {len(idx)} task images but n_per_class={n_per_class} "
+                f"class {c} has only {len(idx)} labeled task images but n_per_class={n_per_class} "
                 f"and val_per_class={val_per_class}; lower them so their sum is at most "
                 f"{len(idx)}"
             )

@@ -13,7 +13,8 @@ from pipeline.runs import ROUND_TWO, StageError
 def dataset_for(config: AugmentConfig):
     from pipeline.data.datasets import load_dataset_cached
 
-    return load_dataset_cached(config.dataset, config.dataset_root, config.download)
+    return load_dataset_cached(config.dataset, config.dataset_root, config.download,
+                               **config.loader_options())
 
 
 def split_for(run_dir: Path):

@@ -93,6 +93,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"base {info['base_model'] or 'pretrained in this run'}, encoder {info['encoder']}",
           flush=True)
     if args.dry_run:
+        from pipeline.estimate import dry_run_report
+
+        print("\n".join(dry_run_report(config)))
         return 0
     from flows.augment import augment
 
@@ -339,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where run directories go, relative to the working directory (default: "
                         "the preset's runs_dir, runs/ in the repository)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--dry-run", action="store_true", help="validate and pre-flight only")
+    r.add_argument("--dry-run", action="store_true", help="validate, pre-flight, and print the "
+                   "data's counts and each stage's time estimated from rates timed here")
     r.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("serve", help="serve the deployments until interrupted")

@@ -2,6 +2,7 @@
 
     augment datasets                       datasets and whether they are available here
     augment presets                        preset files and their run-directory names
+    augment init DIR [--out F] [--gpu]     write a preset for a folder of one's own images
     augment run PRESET [--set k=v ...]     run the flow in-process (ephemeral Prefect API)
     augment serve [NAME ...]               serve the deployments (prefect deployment run ...)
     augment deployments [--write]          list deployments / regenerate prefect.yaml
@@ -72,6 +73,15 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         cfg = load_config(name)
         print(f"{name:24s} -> runs/{run_name(cfg)}  ({cfg.dataset}, "
               f"{cfg.labels_per_class} labels/class, base {cfg.base_model})")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from pipeline.init_preset import write_preset
+
+    out = _from_cwd(args.out or f"{Path(args.dir).resolve().name}.yaml")
+    path, _ = write_preset(args.dir, out, gpu=args.gpu, force=args.force)
+    print(f"wrote {path}\nnext: augment run {path} --dry-run   (counts and time per stage)")
     return 0
 
 
@@ -332,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("datasets", help="list datasets").set_defaults(fn=_cmd_datasets)
     sub.add_parser("presets", help="list presets").set_defaults(fn=_cmd_presets)
+
+    i = sub.add_parser("init", help="write a preset for a folder of your own images, sized "
+                       "to finish in 15 min on this CPU (or for a GPU)")
+    i.add_argument("dir", metavar="DIR", help="one sub-folder per class (and unlabeled/)")
+    i.add_argument("--out", default=None, help="preset file (default ./<DIR name>.yaml)")
+    i.add_argument("--gpu", action="store_true", help="GPU-sized defaults instead")
+    i.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    i.set_defaults(fn=_cmd_init)
 
     r = sub.add_parser("run", help="run the augment flow in-process")
     r.add_argument("preset", help="preset name (data/presets/NAME.yaml), a YAML file, or a run's "

@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.config import AugmentConfig
 from pipeline.data.datasets import ImageDataset
 from pipeline.ssl.arm_names import SUPERVISED_ARMS, base_arm
+
 # Stages not timed here (split, encode, shards, quality, report) and Prefect's start: what
 # they took in the recorded demo run on 2 busy CPU cores (about 2 min), a rough allowance.
 OTHER_STAGES_S = 120.0

@@ -79,23 +79,23 @@ def preset_text(root: str | Path, gpu: bool = False) -> str:
     unet_dir = resolve_base_model(SHIPPED_BASE)
     base = yaml.safe_load((unet_dir / "config.json").read_text())
     size, base_ch = int(base["sample_size"]), int(base["in_channels"])
-    lines = [f"# Written by `augment init {root}` for {len(per_class)} classes "
+    lines = [(f"# Written by `augment init {root}` for {len(per_class)} classes "
              f"({', '.join(f'{n} {k}' for n, k in zip(ds.class_names, per_class))}), "
-             f"{n_unlabeled} unlabeled images, {len(ds.test_labels)} test images, {h}x{w}x{c}.",
-             f"# Sized for {'one GPU' if gpu else f'{CPU_BUDGET_S // 60} min on this CPU'}; "
-             "`augment run THIS.yaml --dry-run` prints the estimate per stage.",
+             f"{n_unlabeled} unlabeled images, {len(ds.test_labels)} test images, {h}x{w}x{c}."),
+             (f"# Sized for {'one GPU' if gpu else f'{CPU_BUDGET_S // 60} min on this CPU'}; "
+             "`augment run THIS.yaml --dry-run` prints the estimate per stage."),
              f"dataset: {kind}",
-             f"dataset_root: {yaml.safe_dump(str(root)).splitlines()[0]}   # absolute: the "
-             "same folder from any directory",
+             (f"dataset_root: {yaml.safe_dump(str(root)).splitlines()[0]}   # absolute: the "
+             "same folder from any directory"),
              f"labels_per_class: {lpc}   # {split_why}",
              f"validation_per_class: {vpc}   # held out to choose settings on, never trained on",
              "split_seed: 0",
-             f"image_size: {size}   # the base model's size (images are padded or resized "
-             "to it)"]
+             (f"image_size: {size}   # the base model's size (images are padded or resized "
+             "to it)")]
     if c != base_ch:
-        lines += [f"# The shipped base model is {base_ch}-channel and the data {c}-channel: "
+        lines += [(f"# The shipped base model is {base_ch}-channel and the data {c}-channel: "
                   "pretrain a base on the pool in the run (below, hours on a CPU and not in "
-                  "the budget), or set base_model to a folder of a matching DDPM U-Net.",
+                  "the budget), or set base_model to a folder of a matching DDPM U-Net."),
                   "pretrain: {}"]
     else:
         lines.append(f"base_model: {SHIPPED_BASE}   # shipped, {base_ch}-channel, trained on "
@@ -148,9 +148,9 @@ def _cpu_sizes(root: Path, head: list[str], shape: tuple[int, int, int], k: int,
     sup = ssl_rate(draft, shape, k, "cpu", fixmatch=False)
     ssl_steps = _pow2_at_most(SHARES["ssl"] * left / (2 * fix + sup), 256, 8192)
     return [
-        f"# Sizes from rates timed now on this CPU: the budget minus {OTHER_STAGES_S / 60:.0f}"
+        (f"# Sizes from rates timed now on this CPU: the budget minus {OTHER_STAGES_S / 60:.0f}"
         " min for the untimed stages, shared tuning "
-        f"{SHARES['tune']:.0%}, sampling {SHARES['sample']:.0%}, SSL {SHARES['ssl']:.0%}.",
+        f"{SHARES['tune']:.0%}, sampling {SHARES['sample']:.0%}, SSL {SHARES['ssl']:.0%}."),
         "tuning:",
         f"  steps: {tune_steps}   # one adapter per class; the demo tunes 80",
         "  batch_size: 16",

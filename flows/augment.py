@@ -24,8 +24,8 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tasks
-from pipeline.config import AugmentConfig, with_overrides
-from pipeline.runs import clear_running
+from pipeline.config import AugmentConfig, validate_config, with_overrides
+from pipeline.runs import clear_running, run_name
 from pipeline.stages.pseudo import ROUND_TWO_ARMS
 from pipeline.stages.ssl import arms_at_once
 from pipeline.stages.tune import adapter_units
@@ -86,7 +86,19 @@ def adapt_classes(run_dir: Path, config: AugmentConfig, classes: list[int],
             "samples": [f.result() for f in sampled]}
 
 
-@flow(name="augment", log_prints=True)
+def flow_run_name() -> str:
+    """The flow run's name in the UI: the run's own name (``pipeline.runs.run_name``), the
+    same as its directory and artifact keys, instead of Prefect's random two words."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    config = params.get("config")
+    if isinstance(config, dict):  # a deployment's parameters arrive as plain JSON
+        config = validate_config(config)
+    return run_name(with_overrides(config, params.get("overrides")))
+
+
+@flow(name="augment", log_prints=True, flow_run_name=flow_run_name)
 def augment(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None = None) -> str:
     """Run (or resume) the whole pipeline for ``config``; returns the report's path.
 

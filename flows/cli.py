@@ -2,6 +2,7 @@
 
     augment datasets                       datasets and whether they are available here
     augment presets                        preset files and their run-directory names
+    augment init DIR [--out F] [--gpu]     write a preset for a folder of one's own images
     augment run PRESET [--set k=v ...]     run the flow in-process (ephemeral Prefect API)
     augment serve [NAME ...]               serve the deployments (prefect deployment run ...)
     augment deployments [--write]          list deployments / regenerate prefect.yaml
@@ -75,6 +76,15 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from pipeline.init_preset import write_preset
+
+    out = _from_cwd(args.out or f"{Path(args.dir).resolve().name}.yaml")
+    path, _ = write_preset(args.dir, out, gpu=args.gpu, force=args.force)
+    print(f"wrote {path}\nnext: augment run {path} --dry-run   (counts and time per stage)")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.preflight import preflight
@@ -93,6 +103,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"base {info['base_model'] or 'pretrained in this run'}, encoder {info['encoder']}",
           flush=True)
     if args.dry_run:
+        from pipeline.estimate import dry_run_report
+
+        print("\n".join(dry_run_report(config)))
         return 0
     from flows.augment import augment
 
@@ -330,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="list datasets").set_defaults(fn=_cmd_datasets)
     sub.add_parser("presets", help="list presets").set_defaults(fn=_cmd_presets)
 
+    i = sub.add_parser("init", help="write a preset for a folder of your own images, sized "
+                       "to finish in 15 min on this CPU (or for a GPU)")
+    i.add_argument("dir", metavar="DIR", help="one sub-folder per class (and unlabeled/)")
+    i.add_argument("--out", default=None, help="preset file (default ./<DIR name>.yaml)")
+    i.add_argument("--gpu", action="store_true", help="GPU-sized defaults instead")
+    i.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    i.set_defaults(fn=_cmd_init)
+
     r = sub.add_parser("run", help="run the augment flow in-process")
     r.add_argument("preset", help="preset name (data/presets/NAME.yaml), a YAML file, or a run's "
                    "config.json (or its run directory): reruns that run")
@@ -339,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where run directories go, relative to the working directory (default: "
                         "the preset's runs_dir, runs/ in the repository)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--dry-run", action="store_true", help="validate and pre-flight only")
+    r.add_argument("--dry-run", action="store_true", help="validate, pre-flight, and print the "
+                   "data's counts and each stage's time estimated from rates timed here")
     r.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("serve", help="serve the deployments until interrupted")

@@ -125,23 +125,24 @@ def append_history(run_dir: Path, history: str) -> dict:
     return {"history": str(path), "page": str(page), "run_id": row["run_id"]}
 
 
-def artifact_key(kind: str, preset: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    slug = "".join(ch if ch.isalnum() else "-" for ch in preset.lower()).strip("-") or "custom"
-    return f"{kind}-{slug}"
+def artifact_key(kind: str, config: AugmentConfig) -> str:
+    """``<kind>-<run name>``: one key per distinct run (preset, data, config hash), so a run
+    of another folder under the same preset gets its own artifact instead of a new version
+    of the preset's; the run name is already ``[a-z0-9-]``, all Prefect keys accept."""
+    return f"{kind}-{runs.run_name(config)}"
 
 
 @task(name="publish-report", **_opts)
 def publish_report(run_dir: Path, config: AugmentConfig) -> dict[str, str]:
-    """The run's Markdown summary and results table as Prefect artifacts, keyed by preset, so
-    the UI (and ``prefect artifact inspect report-<preset>``) shows each preset's latest."""
+    """The run's Markdown summary and results table as Prefect artifacts, keyed by run name,
+    so the UI (and ``prefect artifact inspect report-<run name>``) shows each run's latest."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from pipeline.report.build import artifacts
 
     markdown, table = artifacts(run_dir)
-    keys = {"markdown": artifact_key("report", config.preset),
-            "table": artifact_key("results", config.preset)}
+    keys = {"markdown": artifact_key("report", config),
+            "table": artifact_key("results", config)}
     create_markdown_artifact(markdown=markdown, key=keys["markdown"],
                              description=f"anl-augment report for {run_dir}")
     create_table_artifact(table=table, key=keys["table"],

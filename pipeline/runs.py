@@ -2,8 +2,9 @@
 and metering. The stages (bound in ``pipeline.stages``) do the work; this module is their
 bookkeeping.
 
-A run directory is ``<runs_dir>/<preset>-<confighash8>``: the same config always maps to
-the same directory, so rerunning it resumes and skips finished stages. A stage writes
+A run directory is ``<runs_dir>/<run_name>``, ``<preset>-<dataset>-<confighash8>`` as an ASCII
+slug (``run_name``; the Prefect flow run and artifact keys take the same name): the same
+config always maps to the same directory, so rerunning it resumes and skips finished stages. A stage writes
 ``stages/<stage>.json`` last (``run_stage``); a per-class unit writes ``unit.json`` last
 (``run_unit``); a sibling run's finished outputs with the same key are hard-linked in
 (``adopt_stage``, ``adopt_unit``) instead of recomputed.
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
+import unicodedata
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,8 +48,31 @@ def read_json(path: str | Path) -> dict | None:
         return None
 
 
+def slug(text: str, limit: int = 40) -> str:
+    """``text`` as lowercase ASCII letters, digits and dashes (what Prefect artifact keys
+    accept, and safe as a folder name anywhere): accents dropped, anything else a dash."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:limit].strip("-")
+
+
+def dataset_label(config: AugmentConfig) -> str:
+    """The data a run reads, in a word: the folder's (or saved dataset's) own name where the
+    config points at one, else the registered dataset's name."""
+    if config.dataset_root:
+        return Path(config.dataset_root).name or config.dataset
+    return config.dataset
+
+
 def run_name(config: AugmentConfig) -> str:
-    return f"{config.preset}-{config_hash(config)[:8]}"
+    """The one name of a run: its directory, its Prefect flow run, its artifact keys and its
+    report title. Preset, data and config hash, because the preset alone is shared by runs
+    that differ (``augment run demo --set dataset_root=digits`` once overwrote the demo's
+    artifact); the data is left out where the preset's name already says it
+    (``fashion-mnist-40labels``). Always ``[a-z0-9-]``, whatever the preset is called."""
+    preset = slug(config.preset) or "custom"
+    data = slug(dataset_label(config))
+    parts = [preset] + ([data] if data and data not in preset else [])
+    return "-".join(parts + [config_hash(config)[:8]])
 
 
 def run_dir_for(config: AugmentConfig) -> Path:

@@ -41,28 +41,28 @@ def test_flow_runs_the_second_round_and_a_rerun_skips_it(flow_prefect, flow_cfg)
     (info,) = list_runs(run_dir.parent)
     assert info.status == "complete" and "loop" in info.stages_done
 
-    # The report, published as Prefect artifacts keyed by preset, read back from the API.
+    # The report, published as Prefect artifacts keyed by run name, read back from the API.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.tasks import artifact_key
 
-    keys = [artifact_key("report", cfg.preset), artifact_key("results", cfg.preset)]
-    assert keys == ["report-tiny", "results-tiny"]
+    keys = [artifact_key("report", cfg), artifact_key("results", cfg)]
+    assert keys == [f"report-{run_dir.name}", f"results-{run_dir.name}"]
     with get_client(sync_client=True) as client:
-        # Other flow tests on this server publish under the same preset's keys: the newest
+        # Other flow tests on this server may publish under the same keys: the newest
         # version of each key is this run's.
         found = {a.key: a for a in sorted(client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))),
             key=lambda a: a.created)}
     assert set(found) == set(keys)
-    assert found["report-tiny"].type == "markdown"
+    assert found[keys[0]].type == "markdown"
     # The same summary as report.md, now with the report stage's own row in the stage table.
     md = (run_dir / "report.md").read_text()
-    published = found["report-tiny"].data
+    published = found[keys[0]].data
     assert published.split("## Stages")[0] == md.split("## Stages")[0]
     assert "| report | done |" in published and "| report | done |" not in md
-    rows = found["results-tiny"].data
+    rows = found[keys[1]].data
     rows = json.loads(rows) if isinstance(rows, str) else rows
     errors = {r["arm"]: r["error_pct"] for r in rows}
     assert errors["selftrain"] == pytest.approx(100 * selftrain["top1_error"], abs=0.01)

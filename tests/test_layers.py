@@ -26,7 +26,7 @@ FLOORS = (
     ("pipeline.generate",),
     ("pipeline.evaluate",),
     ("pipeline.config", "pipeline.config_sections"),
-    ("pipeline.runs", "pipeline.preflight"),
+    ("pipeline.runs", "pipeline.preflight", "pipeline.estimate", "pipeline.init_preset"),
     ("pipeline.report",),
     ("pipeline.stages",),
     ("pipeline.sweep",),

@@ -340,7 +340,7 @@ def build_run_report(run_dir: str | Path) -> tuple[Path, Path]:
     run = load_run(run_dir)
     cfg_text = json.dumps(run.config, indent=2, sort_keys=True) if run.config else NOT_RUN
     tuning = plots.tuning_losses(run.tunes)
-    html = render("run.html.j2", title=f"anl-augment report: {run.preset}", run=run,
+    html = render("run.html.j2", title=f"anl-augment report: {run.name}", run=run,
                   verdict=verdict(run), overview=overview(run), ssl=ssl_section(run),
                   synthetic=synthetic_section(run), round_two=round_two_section(run),
                   quality=quality_view(run.quality),

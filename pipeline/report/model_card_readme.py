@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.paths import REPO_ROOT
+from pipeline.paths import SWEEPS_DIR
 from pipeline.report.render import duration, md_table, pct_or, render
 
-SWEEPS_DIR = REPO_ROOT / "data" / "sweeps"
 MISSING = "n/a"  # how the card writes a figure it does not have
 
 

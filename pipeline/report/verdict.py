@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from pipeline.evaluate.paired import MIN_REPETITIONS, POWER
+from pipeline.paths import SWEEPS_DIR
 from pipeline.report.data import NOT_RUN, RunData, budget_short
 from pipeline.report.render import ci_pp, pct, pp, pval
 
@@ -218,7 +219,7 @@ def verdict(run: RunData) -> dict:
 
 # The gain map shipped with the repository (`augment sweep data/sweeps/gain-map.yaml`, its
 # summary.json copied here): where a run sits on it, and what it says about the other cells.
-GAIN_MAP = Path(__file__).resolve().parents[2] / "data" / "sweeps" / "gain-map.summary.json"
+GAIN_MAP = SWEEPS_DIR / "gain-map.summary.json"  # installed too: pipeline.paths
 MAP_PAIRS = ("augmented - baseline", "supervised+synthetic - supervised")
 
 

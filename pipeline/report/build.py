@@ -223,12 +223,15 @@ def round_two_section(run: RunData) -> dict | None:
     names = m.get("class_names") or [str(c) for c in range(len(pseudo.get("per_class", [])))]
     loop_cfg = (run.config or {}).get("loop") or {}
     reason = pseudo.get("precision" + NOT_COMPUTED)
-    # A class with no pseudo-label had nothing to score: a dash, not "needs labels".
+    # Per class, a reason only where its pseudo-labels had no known label (a class with no
+    # pseudo-label had nothing to score: a dash, not "needs labels").
+    n_classes = len(pseudo.get("per_class", []))
+    reasons = pseudo.get("precision_per_class" + NOT_COMPUTED) or [None] * n_classes
     rows = [{"class": c, "name": name, "pseudo": n, "precision": prec,
-             "precision_reason": reason if n else None}
-            for c, (name, n, prec) in enumerate(zip(
+             "precision_reason": why if n else None}
+            for c, (name, n, prec, why) in enumerate(zip(
                 names, pseudo.get("per_class", []), pseudo.get("precision_per_class", []),
-                strict=False))]
+                reasons, strict=False))]
     grids = []
     for rel in (rec.get("outputs") or {}).get("grids", []):
         path = run.run_dir / rel
@@ -249,7 +252,7 @@ def _precision_text(pseudo: dict) -> str:
     pool is partly unlabeled, NEEDS_LABELS where it has no labels."""
     reason = pseudo.get("precision" + NOT_COMPUTED)
     if reason:
-        return f"how many of them are right: {NEEDS_LABELS} ({reason})"
+        return f"how many of them are right: {NEEDS_LABELS}, as {reason}"
     if pseudo.get("precision_scored") is not None:
         return (f"{pct_or(pseudo.get('precision'))} of the {pseudo['precision_scored']} of them "
                 "with a known label are right")

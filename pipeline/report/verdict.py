@@ -157,7 +157,7 @@ def _control_precision(run: RunData) -> str:
     reason = next((s.metrics.get("control_precision" + NOT_COMPUTED) for s in seeds
                    if s.metrics.get("control_precision" + NOT_COMPUTED)), None)
     if not vals:
-        return f" (how often the judge's labels were right: {NEEDS_LABELS}, {reason})" \
+        return f" (how often the judge's labels were right: {NEEDS_LABELS}, as {reason})" \
             if reason else ""
     scored = [s.metrics.get("control_precision_scored") for s in seeds]
     of = "them" if scored[0] is None else f"the {scored[0]} of them with a known label"

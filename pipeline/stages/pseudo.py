@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_write
 from pipeline.config import AugmentConfig
-from pipeline.data.pool_labels import agreement
+from pipeline.data.pool_labels import NOT_COMPUTED, agreement
 from pipeline.runs import (
     ROUND_TWO,
     UNIT_MARKER,
@@ -90,6 +90,8 @@ def run_pseudo(run_dir: Path, config: AugmentConfig) -> dict:
             **agreement(chosen.labels, true).record("precision"),
             "precision_per_class": [None if s.value is None else round(s.value, 4)
                                     for s in by_class],
+            **({"precision_per_class" + NOT_COMPUTED: [s.reason for s in by_class]}
+               if any(s.reason for s in by_class) else {}),
             "pool_images_per_s": round(len(pool) / max(seconds, 1e-9), 1)})
 
     return run_stage(root, config, "pseudo", keys["pseudo"], body)

@@ -143,28 +143,24 @@ def test_quality_on_a_partly_labeled_pool_scores_the_labeled_part(report_run_cop
     assert {c["real_source"] for c in q["per_class"]} == {"held-out"} and not q["real_images"]
 
 
-def run_with_hidden_labels(cfg, monkeypatch, keep_per_class: int):
-    """Every stage through the report on the flow folder (10 training images per class)
-    with all but the first ``keep_per_class`` of each class's labels hidden; the records."""
+def run_with_unlabeled_folder(tmp_path, base, folder, keep_per_class: int):
+    """Every stage through the report on a copy of the flow folder (10 training images per
+    class) whose images after the first ``keep_per_class`` of each class are moved to its
+    ``unlabeled/`` folder, as a user's would be; the run directory and the records."""
+    import shutil
+
+    from flow_fixtures import flow_config
+
     from pipeline import stages
-    from pipeline.config import with_overrides
-    from pipeline.data import datasets
     from pipeline.runs import init_run_dir
 
-    real_loader, hidden = datasets.load_dataset_cached, {}
-
-    def unlabeled_folder(name, root, download=False):
-        if "ds" not in hidden:  # one object, as the cached loader gives
-            ds = real_loader(name, root, download)
-            keep = np.concatenate([np.flatnonzero(ds.train_labels == c)[:keep_per_class]
-                                   for c in range(ds.num_classes)])
-            labels = np.full_like(ds.train_labels, UNLABELED)
-            labels[keep] = ds.train_labels[keep]
-            hidden["ds"] = dataclasses.replace(ds, train_labels=labels)
-        return hidden["ds"]
-
-    monkeypatch.setattr(datasets, "load_dataset_cached", unlabeled_folder)
-    cfg = with_overrides(cfg, {
+    root = tmp_path / "data"
+    shutil.copytree(folder, root)
+    (root / "unlabeled").mkdir()
+    for cls in sorted((root / "train").iterdir()):
+        for png in sorted(cls.glob("*.png"))[keep_per_class:]:
+            png.rename(root / "unlabeled" / f"{cls.name}-{png.name}")
+    cfg = flow_config(tmp_path / "runs", base, root, **{
         "loop.rounds": 2, "loop.threshold": 0.0, "loop.per_class": 2,
         "ssl.arms": ["baseline", "augmented", "control"], "validation_per_class": 2,
         "neighbors.per_image": 2, "neighbors.pool": 8, "quality.enabled": True,
@@ -174,13 +170,15 @@ def run_with_hidden_labels(cfg, monkeypatch, keep_per_class: int):
         return run_dir, stages.run_all(run_dir, cfg)
 
 
-def test_a_run_on_a_pool_without_labels_reports_what_needs_labels(flow_cfg, monkeypatch):
+def test_a_run_on_a_pool_without_labels_reports_what_needs_labels(tmp_path, flow_tiny_base,
+                                                                  flow_image_folder):
     """4 labeled images per class (2 labeled, 2 validation), the other 6 unlabeled:
     neighbours, control judge, round-2 pseudo-labels and quality record "not computed",
     and the report says so."""
     from pipeline.runs import read_json
 
-    run_dir, records = run_with_hidden_labels(flow_cfg, monkeypatch, keep_per_class=4)
+    run_dir, records = run_with_unlabeled_folder(tmp_path, flow_tiny_base, flow_image_folder,
+                                                 keep_per_class=4)
     encode = records["encode"]["metrics"]
     assert encode["neighbor_purity"] is None and encode["neighbors"] > 0
     assert encode["neighbor_purity_not_computed"] == NO_POOL_LABELS
@@ -201,13 +199,15 @@ def test_a_run_on_a_pool_without_labels_reports_what_needs_labels(flow_cfg, monk
     assert html.count(NEEDS_LABELS) >= 4
 
 
-def test_a_run_on_a_partly_labeled_pool_scores_the_labeled_part(flow_cfg, monkeypatch):
+def test_a_run_on_a_partly_labeled_pool_scores_the_labeled_part(tmp_path, flow_tiny_base,
+                                                                 flow_image_folder):
     """7 labeled images per class: 4 in the labeled and validation sets, 3 in the pool beside
     3 unlabeled ones. Pool figures are scored on the pool images with a label, and say on
     how many."""
     from pipeline.runs import read_json
 
-    run_dir, records = run_with_hidden_labels(flow_cfg, monkeypatch, keep_per_class=7)
+    run_dir, records = run_with_unlabeled_folder(tmp_path, flow_tiny_base, flow_image_folder,
+                                                 keep_per_class=7)
     pseudo = records["loop"]["metrics"]["pseudo"]
     for rec, name, rows in ((records["encode"]["metrics"], "neighbor_purity", "neighbors"),
                             (pseudo, "precision", "pseudo_labeled"),

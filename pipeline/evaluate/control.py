@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.data.images import to_model_space
+from pipeline.data.pool_labels import Scored, agreement
 from pipeline.generate.neighbors import class_similarity, neighbor_pool, pooled_features
 
 
@@ -26,13 +27,20 @@ class ControlRows:
     images: np.ndarray      # uint8 (N, H, W, C), real training images
     labels: np.ndarray      # int64 (N,), the judge's labels (not the dataset's)
     train_idx: np.ndarray   # int64 (N,), their indices in the training set
-    true_labels: np.ndarray  # int64 (N,), the dataset's labels: for reporting precision only
+    true_labels: np.ndarray  # int64 (N,), the dataset's labels (UNLABELED where it has none):
+    #                          for reporting precision only
     shortfall: dict[int, int]  # class -> rows asked for but not found in the pool
 
     @property
-    def precision(self) -> float:
-        """Share of rows whose judged label is right (evaluation only: never trained on)."""
-        return float((self.labels == self.true_labels).mean()) if len(self.labels) else 0.0
+    def scored_precision(self) -> Scored:
+        """Share of rows whose judged label is right, over the rows whose true label is known
+        (evaluation only: never trained on); not computed when the pool has no labels."""
+        return agreement(self.labels, self.true_labels)
+
+    @property
+    def precision(self) -> float | None:
+        """``scored_precision``'s value (None: no labels to score against; 0.0: no rows)."""
+        return self.scored_precision.value if len(self.labels) else 0.0
 
 
 def judge_pool(encoder, labeled_tokens: torch.Tensor, labeled_labels: np.ndarray,

@@ -31,6 +31,7 @@ from pipeline.atomic import atomic_write_bytes, atomic_write_json, finite
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.grids import class_grid_png, grid_picks
 from pipeline.data.images import nearest_rmse, to_model_space
+from pipeline.data.pool_labels import NO_POOL_LABELS, NOT_COMPUTED, pool_has_labels
 from pipeline.data.shard_format import MANIFEST, manifest_path
 from pipeline.evaluate.quality_config import QualityConfig
 
@@ -41,6 +42,11 @@ VERSION = 1
 KID_NOTE = ("KID is unbiased in the number of images, but its variance is large for the small "
             "per-class sets used here (std over random subsets is given); compare values only "
             "between runs that used the same encoder and similar sample sizes.")
+
+REAL_IMAGES_NOTE = ("classes without a held-out labeled image (no labeled pool image, no "
+                    "validation image) are measured against their labeled images: their KID "
+                    "is against the conditions themselves, and the near-copy figures are not "
+                    "computed")
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, C) -> float (N, D)
 
@@ -157,13 +163,27 @@ def _nanmean(values) -> float:
     return float(v.mean()) if len(v) else float("nan")
 
 
-def _set_metrics(feats: np.ndarray, real_feats: np.ndarray, conds: np.ndarray, pred: np.ndarray,
-                 label: int, config: QualityConfig) -> dict:
+def _set_metrics(feats: np.ndarray, real_feats: np.ndarray, conds: np.ndarray,
+                 pred: np.ndarray | None, label: int, config: QualityConfig) -> dict:
+    """``pred`` None: label consistency is not computed (no judge worth the name)."""
     k, k_std = kid(feats, real_feats, config.kid_subsets, config.kid_subset_size, config.seed)
     return {"n": len(feats), "kid": k, "kid_std": k_std,
             "diversity_synthetic": mean_pairwise_distance(feats, seed=config.seed),
             "within_condition_diversity": within_group_diversity(feats, conds),
-            "label_consistency": float((pred == label).mean()) if len(pred) else float("nan")}
+            "label_consistency": None if pred is None else
+            float((pred == label).mean()) if len(pred) else float("nan")}
+
+
+def _real_of_class(dataset: ImageDataset, c: int, labeled: np.ndarray, lab_idx: np.ndarray,
+                   ) -> tuple[np.ndarray, str]:
+    """(indices, source) of the real images class c's samples are measured against: the
+    training images labeled c outside the labeled set (the pool's, where it has labels, and
+    the validation images); the labeled images of c when there are none, as with a pool that
+    has no labels and no validation split. Unlabeled images never count: their class is
+    unknown."""
+    held = np.flatnonzero((dataset.train_labels == c) & ~np.isin(
+        np.arange(len(dataset.train_labels)), labeled))
+    return (held, "held-out") if len(held) else (np.sort(lab_idx), "labeled")
 
 
 def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
@@ -198,6 +218,11 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
                                             ReferenceConfig(**config.reference), device, progress,
                                             exclude=split.val_idx)
     space, features = resolve_features(encoder, device, reference)
+    # Label consistency needs a judge trained on more than the few labeled images: with a
+    # pool that has no labels, the reference learned from those alone, so it is not computed.
+    consistency_reason = None if pool_has_labels(split.labels, split.unlabeled_idx) else (
+        f"{NO_POOL_LABELS}; the reference classifier could train on the "
+        f"{reference.info.get('train_images')} labeled images only")
 
     shards = read_shards(shard_dir, verify=True)
     frame = shards.frame.reset_index(drop=True)
@@ -208,38 +233,37 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
     out_dir = run_dir / QUALITY_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
-    labeled = set(split.labeled_idx.tolist())
     per_class, all_pred, all_labels, by_ratio_rows = [], [], [], {r: [] for r in ratios}
 
     for c in tqdm(range(dataset.num_classes), desc="quality", disable=not progress, leave=False):
         name = dataset.class_names[c]
         entry: dict[str, Any] = {"class": c, "name": name}
-        real_idx = np.array([i for i in np.flatnonzero(dataset.train_labels == c)
-                             if i not in labeled], np.int64)
+        lab_idx = split.labeled_idx[split.labeled_labels == c]
+        real_idx, real_source = _real_of_class(dataset, c, split.labeled_idx, lab_idx)
         if len(real_idx) > config.max_real_per_class:
             real_idx = np.sort(rng.choice(real_idx, config.max_real_per_class, replace=False))
-        lab_idx = split.labeled_idx[split.labeled_labels == c]
         rows = np.flatnonzero(synth_mask & (shards.labels == c))
         if len(rows) > config.max_synthetic_per_class:
             rows = np.sort(rng.choice(rows, config.max_synthetic_per_class, replace=False))
-        entry.update(n_synthetic=len(rows), n_real=len(real_idx),
+        entry.update(n_synthetic=len(rows), n_real=len(real_idx), real_source=real_source,
                      n_labeled=len(lab_idx),
                      reference_accuracy=reference.per_class_test_accuracy[c])
         real_feats = features(dataset.train_images[real_idx])
         entry["diversity_real"] = mean_pairwise_distance(real_feats, seed=config.seed)
+        # Held-out images only: a labeled image is its own nearest labeled image.
         real_nn = nearest_rmse(dataset.train_images[real_idx], dataset.train_images[lab_idx]) \
-            if len(lab_idx) and len(real_idx) else np.zeros(0)
+            if len(lab_idx) and len(real_idx) and real_source == "held-out" else np.zeros(0)
         entry["nn_rmse_real"] = float(real_nn.mean()) if len(real_nn) else float("nan")
         synth_grid: dict[float, np.ndarray] = {}
         if len(rows):
             images = shards.images[rows]
             feats = features(images)
-            pred = reference.predict(images)
+            pred = reference.predict(images) if consistency_reason is None else None
             conds = frame["condition_id"].to_numpy(np.int64, na_value=-1)[rows] \
                 if "condition_id" in frame else np.zeros(len(rows), np.int64)
             entry.update(_set_metrics(feats, real_feats, conds, pred, c, config))
             entry["n_synthetic"] = entry.pop("n")
-            wrong = pred[pred != c]
+            wrong = pred[pred != c] if pred is not None else np.zeros(0, np.int64)
             if len(wrong):
                 top = int(np.bincount(wrong, minlength=dataset.num_classes).argmax())
                 entry["top_confusion"] = {"class": top, "name": dataset.class_names[top],
@@ -254,12 +278,14 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
                 sel = mask_col[rows] == r
                 if not sel.any():
                     continue
-                m = _set_metrics(feats[sel], real_feats, conds[sel], pred[sel], c, config)
+                m = _set_metrics(feats[sel], real_feats, conds[sel],
+                                 None if pred is None else pred[sel], c, config)
                 entry["by_mask_ratio"].append({"mask_ratio": r, **m})
                 by_ratio_rows[r].append(m)
                 synth_grid[r] = shards.images[grid_picks(frame, rows[sel], config.grid_per_class)]
-            all_pred.append(pred)
-            all_labels.append(np.full(len(pred), c))
+            if pred is not None:
+                all_pred.append(pred)
+                all_labels.append(np.full(len(pred), c))
         grid_name = f"samples-class-{c:02d}.png"
         atomic_write_bytes(out_dir / grid_name, class_grid_png(
             dataset.train_images[np.sort(lab_idx)[:config.grid_per_class]], synth_grid,
@@ -270,9 +296,12 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
     pred = np.concatenate(all_pred) if all_pred else np.zeros(0, np.int64)
     labels = np.concatenate(all_labels) if all_labels else np.zeros(0, np.int64)
     overall = {
-        "n_synthetic": len(pred),
+        "n_synthetic": int(sum(e["n_synthetic"] for e in per_class)),
         "kid": _nanmean(e.get("kid") for e in per_class),
-        "label_consistency": float((pred == labels).mean()) if len(pred) else float("nan"),
+        "label_consistency": None if consistency_reason else
+        float((pred == labels).mean()) if len(pred) else float("nan"),
+        **({"label_consistency" + NOT_COMPUTED: consistency_reason}
+           if consistency_reason else {}),
         "diversity_synthetic": _nanmean(e.get("diversity_synthetic") for e in per_class),
         "diversity_real": _nanmean(e.get("diversity_real") for e in per_class),
         "within_condition_diversity": _nanmean(e.get("within_condition_diversity")
@@ -287,8 +316,12 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
         "reference": {"reference_id": reference.reference_id,
                       "test_accuracy": reference.test_accuracy,
                       "train_images": reference.info.get("train_images"),
+                      "unlabeled_left_out": reference.info.get("unlabeled_left_out", 0),
                       "path": str(reference.path) if reference.path else None},
         "config": config.to_dict(), "mask_ratios": ratios,
+        # Which real images each class was measured against (per class: real_source).
+        "real_images": REAL_IMAGES_NOTE if any(e["real_source"] == "labeled"
+                                               for e in per_class) else None,
         "notes": {"kid": KID_NOTE,
                   "diversity": "mean pairwise cosine distance of features (1 - cos)",
                   "label_consistency": "share of synthetic images the reference classifier "
@@ -301,7 +334,8 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
                            **{k: _nanmean(m[k] for m in ms) for k in
                               ("kid", "diversity_synthetic", "within_condition_diversity")},
                            "label_consistency": (sum(m["label_consistency"] * m["n"] for m in ms)
-                                                 / max(1, sum(m["n"] for m in ms)))}
+                                                 / max(1, sum(m["n"] for m in ms)))
+                           if consistency_reason is None else None}
                           for r, ms in by_ratio_rows.items() if ms],
         "per_class": per_class,
     }

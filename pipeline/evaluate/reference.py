@@ -26,6 +26,7 @@ from anl_core.precision import autocast_for
 from pipeline.atomic import atomic_write
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.images import to_model_space
+from pipeline.data.pool_labels import has_label
 
 CACHE_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -126,8 +127,6 @@ class ReferenceClassifier:
         return self._run(images, self.model.features)
 
 
-
-
 def dataset_fingerprint(dataset: ImageDataset) -> str:
     """Hash of the training and test arrays: a cache entry is only reused for identical data."""
     h = hashlib.sha256()
@@ -154,20 +153,28 @@ def train_reference(dataset: ImageDataset, config: ReferenceConfig | None = None
                     device: torch.device | str | None = None,
                     progress: bool = True, exclude: np.ndarray | None = None
                     ) -> ReferenceClassifier:
-    """Train on the real training set (labels of every image), then score on the test set.
+    """Train on the real training set (every image with a label), then score on the test set.
 
     An evaluation instrument only (it reads the unlabeled pool's labels): it judges synthetic
     images, it never chooses settings. ``exclude`` (a run's validation indices) is left out
     of its training images, so the validation split stays unseen by anything trained.
+    Truly unlabeled images (``UNLABELED``) are left out too, and counted in its info: with a
+    pool that has no labels it is trained on the labeled images alone, a weaker judge.
     """
     config = config or ReferenceConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     x_all, y_all = dataset.train_images, dataset.train_labels
+    keep_mask = has_label(y_all)
     if exclude is not None and len(exclude):
-        keep_idx = np.setdiff1d(np.arange(len(y_all)), exclude)
-        x_all, y_all = x_all[keep_idx], y_all[keep_idx]
+        keep_mask[np.asarray(exclude, np.int64)] = False
+    unlabeled_left_out = int((~has_label(y_all)).sum())
+    if not keep_mask.any():
+        raise ReferenceError(f"{dataset.name} has no labeled training image outside the "
+                             "validation split to train the reference classifier on")
+    if not keep_mask.all():
+        x_all, y_all = x_all[keep_mask], y_all[keep_mask]
     if config.max_train is not None and config.max_train < len(y_all):
         keep = torch.randperm(len(y_all), generator=gen)[:config.max_train].numpy()
         x_all, y_all = x_all[keep], y_all[keep]
@@ -217,6 +224,8 @@ def train_reference(dataset: ImageDataset, config: ReferenceConfig | None = None
         "num_classes": dataset.num_classes,
         "train_images": len(y_all),
         "excluded_images": 0 if exclude is None else len(exclude),
+        # Only when there were any: a benchmark's cached info stays as it was.
+        **({"unlabeled_left_out": unlabeled_left_out} if unlabeled_left_out else {}),
         "test_images": len(dataset.test_labels),
         "test_accuracy": float(correct.mean()),
         "per_class_test_accuracy": per_class,

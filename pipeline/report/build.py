@@ -18,10 +18,24 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_write_text
+from pipeline.data.pool_labels import NOT_COMPUTED
 from pipeline.evaluate.paired import MIN_REPETITIONS
 from pipeline.report import plots
 from pipeline.report.data import NOT_RUN, RunData, load_run, report_arms
-from pipeline.report.render import ci_pp, mb, md_table, num, pct, pct_or, pp, pval, render, seconds
+from pipeline.report.render import (
+    NEEDS_LABELS,
+    ci_pp,
+    mb,
+    md_table,
+    num,
+    pct,
+    pct_labels,
+    pct_or,
+    pp,
+    pval,
+    render,
+    seconds,
+)
 from pipeline.report.tables import results_table
 from pipeline.report.verdict import fit_sentence, ssl_budget, verdict
 
@@ -208,21 +222,41 @@ def round_two_section(run: RunData) -> dict | None:
     pseudo = m.get("pseudo") or {}
     names = m.get("class_names") or [str(c) for c in range(len(pseudo.get("per_class", [])))]
     loop_cfg = (run.config or {}).get("loop") or {}
-    rows = [{"class": c, "name": name, "pseudo": n, "precision": prec}
-            for c, (name, n, prec) in enumerate(zip(
+    reason = pseudo.get("precision" + NOT_COMPUTED)
+    # Per class, a reason only where its pseudo-labels had no known label (a class with no
+    # pseudo-label had nothing to score: a dash, not "needs labels").
+    n_classes = len(pseudo.get("per_class", []))
+    reasons = pseudo.get("precision_per_class" + NOT_COMPUTED) or [None] * n_classes
+    rows = [{"class": c, "name": name, "pseudo": n, "precision": prec,
+             "precision_reason": why if n else None}
+            for c, (name, n, prec, why) in enumerate(zip(
                 names, pseudo.get("per_class", []), pseudo.get("precision_per_class", []),
-                strict=False))]
+                reasons, strict=False))]
     grids = []
     for rel in (rec.get("outputs") or {}).get("grids", []):
         path = run.run_dir / rel
         if path.is_file():
             grids.append((Path(rel).stem, plots.data_uri(path.read_bytes())))
     return {"pseudo_labeled": pseudo.get("pseudo_labeled"), "pool": pseudo.get("pool"),
-            "precision": pseudo.get("precision"), "classifier": pseudo.get("classifier"),
+            "precision": pseudo.get("precision"), "precision_reason": reason,
+            "precision_scored": pseudo.get("precision_scored"),
+            "precision_text": _precision_text(pseudo), "classifier": pseudo.get("classifier"),
             "per_class_k": loop_cfg.get("per_class"), "threshold": loop_cfg.get("threshold"),
             "warm_start": loop_cfg.get("warm_start"), "conditions": loop_cfg.get("conditions"),
             "rows": m.get("rows"), "kept_share": m.get("kept_share"), "classes": rows,
             "grids": grids}
+
+
+def _precision_text(pseudo: dict) -> str:
+    """How many pseudo-labels are right, as a clause: over those with a known label where the
+    pool is partly unlabeled, NEEDS_LABELS where it has no labels."""
+    reason = pseudo.get("precision" + NOT_COMPUTED)
+    if reason:
+        return f"how many of them are right: {NEEDS_LABELS}, as {reason}"
+    if pseudo.get("precision_scored") is not None:
+        return (f"{pct_or(pseudo.get('precision'))} of the {pseudo['precision_scored']} of them "
+                "with a known label are right")
+    return f"{pct_or(pseudo.get('precision'))} of them are right"
 
 
 CLASS_KEYS = ("class", "name", "n_synthetic", "kid", "kid_std", "label_consistency",
@@ -239,9 +273,12 @@ def quality_view(q: dict | None) -> dict | None:
         return None
     return {**q,
             "feature_space": q.get("feature_space", "unknown"),
+            "real_images": q.get("real_images"),
             "reference": {"reference_id": "unknown", "test_accuracy": None,
+                          "train_images": None, "unlabeled_left_out": 0,
                           **(q.get("reference") or {})},
             "notes": {"kid": "", "diversity": "", "nn_rmse": "", **(q.get("notes") or {})},
+            "consistency_reason": (q.get("overall") or {}).get("label_consistency" + NOT_COMPUTED),
             "per_class": [{k: c.get(k) for k in CLASS_KEYS} for c in q.get("per_class", [])],
             "by_mask_ratio": [{k: m.get(k) for k in MASK_KEYS}
                               for m in q.get("by_mask_ratio", [])]}
@@ -253,7 +290,9 @@ def quality_overall(q: dict | None) -> list[tuple[str, str]]:
     o = q.get("overall", {})
     return [("synthetic images measured", num(o.get("n_synthetic"))),
             ("KID to real same-class images (mean over classes)", num(o.get("kid"), 4)),
-            ("label consistency (reference classifier)", pct(o.get("label_consistency"))),
+            ("label consistency (reference classifier)",
+             pct_labels(o.get("label_consistency"), o.get("label_consistency" + NOT_COMPUTED),
+                        NOT_RUN)),
             ("reference accuracy on real test images", pct(o.get("reference_test_accuracy"))),
             ("diversity synthetic / real", (f"{num(o.get('diversity_synthetic'))} / "
                                            f"{num(o.get('diversity_real'))}")),
@@ -309,7 +348,8 @@ def markdown_summary(run: RunData | str | Path) -> str:
                 for a, res in run.arms.items() for s in res.seeds]
     r2 = round_two_section(run)
     r2_classes = [{"class": f"{c['class']}: {c['name']}", "pseudo-labeled": c["pseudo"],
-                   "precision": pct_or(c["precision"])} for c in (r2 or {}).get("classes", [])]
+                   "precision": pct_labels(c["precision"], c["precision_reason"])}
+                  for c in (r2 or {}).get("classes", [])]
     quality = [{"measure": k, "value": val} for k, val in quality_overall(run.quality)]
     stages = [{"stage": s["name"], "status": s["status"], "wall": seconds(s["wall_s"]),
                "peak memory": mb(s["peak_mem_mb"])} for s in stage_rows(run)]

@@ -15,6 +15,9 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 
 TEMPLATES = Path(__file__).parent / "templates"
 NOT_RUN = "not run"
+# A figure scored against the unlabeled pool's own labels, where the pool has none
+# (pipeline.data.pool_labels): the cell says so instead of a dash or a made-up number.
+NEEDS_LABELS = "needs labels; not computed"
 
 
 def _ok(x) -> bool:
@@ -28,6 +31,11 @@ def pct(x, nd: int = 2) -> str:
 
 def pct_or(x, default: str = "—", nd: int = 2) -> str:
     return pct(x, nd) if _ok(x) else default
+
+
+def pct_labels(x, reason=None, default: str = "—", nd: int = 2) -> str:
+    """A pool-label figure: NEEDS_LABELS when its record gives a reason it was not computed."""
+    return NEEDS_LABELS if reason else pct_or(x, default, nd)
 
 
 def pp(x, nd: int = 2) -> str:
@@ -94,7 +102,7 @@ def environment() -> Environment:
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)),
                       autoescape=select_autoescape(["html", "html.j2"]),  # .md.j2: Markdown
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=pct, pct_or=pct_or, pp=pp, pp_or=pp_or, pp_abs_or=pp_abs_or,
+    env.filters.update(pct=pct, pct_or=pct_or, pct_labels=pct_labels, pp=pp, pp_or=pp_or, pp_abs_or=pp_abs_or,
                        num=num, seconds=seconds, duration=duration, mb=mb, pval=pval,
                        ci_pp=ci_pp)
     return env

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.data.pool_labels import NOT_COMPUTED
 from pipeline.evaluate.paired import MIN_REPETITIONS, POWER
 from pipeline.paths import SWEEPS_DIR
 from pipeline.report.data import NOT_RUN, RunData, budget_short
-from pipeline.report.render import ci_pp, pct, pp, pval
+from pipeline.report.render import NEEDS_LABELS, ci_pp, pct, pp, pval
 
 ALGORITHM_NAMES = {"fixmatch": "FixMatch", "flexmatch": "FlexMatch", "mixmatch": "MixMatch"}
 # What each comparison answers, for "n paired runs are too few to say whether ...", and the
@@ -150,11 +151,18 @@ def convergence_sentence(run: RunData) -> str | None:
 def _control_precision(run: RunData) -> str:
     """' (the judge's labels were right for 71% of them)' from the control units' metrics."""
     arm = run.arms.get("control")
-    vals = [s.metrics.get("control_precision") for s in (arm.seeds if arm else [])]
+    seeds = arm.seeds if arm else []
+    vals = [s.metrics.get("control_precision") for s in seeds]
     vals = [v for v in vals if v is not None]
+    # The judged rows come from the unlabeled pool; where it has no labels, say so.
+    reason = next((s.metrics.get("control_precision" + NOT_COMPUTED) for s in seeds
+                   if s.metrics.get("control_precision" + NOT_COMPUTED)), None)
     if not vals:
-        return ""
-    return f" (the judge's labels were right for {100 * sum(vals) / len(vals):.0f}% of them)"
+        return f" (how often the judge's labels were right: {NEEDS_LABELS}, as {reason})" \
+            if reason else ""
+    scored = [s.metrics.get("control_precision_scored") for s in seeds]
+    of = "them" if scored[0] is None else f"the {scored[0]} of them with a known label"
+    return f" (the judge's labels were right for {100 * sum(vals) / len(vals):.0f}% of {of})"
 
 
 def fit_sentence(run: RunData) -> tuple[str, bool] | None:

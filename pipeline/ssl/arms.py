@@ -48,6 +48,7 @@ import torch
 from anl_core.precision import autocast_for, uses_bf16
 from pipeline.atomic import atomic_write
 from pipeline.data.datasets import ImageDataset
+from pipeline.data.pool_labels import check_class_labels
 from pipeline.data.splits import LabeledSplit, capped_pool
 from pipeline.devices import resolve_device
 from pipeline.digest import digest
@@ -152,6 +153,15 @@ def build_train_data(dataset: ImageDataset, split: LabeledSplit, config: SSLConf
             len(dataset.test_labels))[:config.eval_size])
     else:
         pick = np.arange(len(dataset.test_labels))
+
+    # Before any training: a labeled row must carry a class, never UNLABELED (the store's
+    # labels of unlabeled rows are never read, but an index mix-up would read one).
+    try:
+        check_class_labels(labels[split.labeled_idx], dataset.num_classes, "labeled images")
+        check_class_labels(labels[labeled_synth], dataset.num_classes, "extra labeled rows")
+        check_class_labels(labels[split.val_idx], dataset.num_classes, "validation images")
+    except ValueError as e:
+        raise ArmError(str(e)) from None
 
     def dev(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_write
 from pipeline.config import AugmentConfig
+from pipeline.data.pool_labels import agreement
 from pipeline.runs import (
     run_stage,
 )
@@ -74,7 +75,8 @@ def unlabeled_neighbors(ds, split, encoder, tokens, config: AugmentConfig, devic
     """(L, k) training indices of each labeled image's unlabeled neighbours (-1 = none).
 
     The labels of the chosen neighbours are never used for tuning; their agreement with the
-    condition's label is only recorded (``neighbor_purity``) to show how clean they are.
+    condition's label is only recorded (``neighbor_purity``) to show how clean they are, over
+    the neighbours whose label is known (``pipeline.data.pool_labels``).
     """
     import torch
 
@@ -92,8 +94,9 @@ def unlabeled_neighbors(ds, split, encoder, tokens, config: AugmentConfig, devic
                          nb.per_image)
     found = pos >= 0
     index = torch.where(found, torch.as_tensor(pool)[pos.clamp(min=0)], pos)
-    agree = split.labels[index[found].numpy()] == labels[:, None].expand_as(index)[found].numpy()
+    purity = agreement(labels[:, None].expand_as(index)[found].numpy(),
+                       split.labels[index[found].numpy()])
     return index.contiguous(), {
         "neighbor_pool": len(pool), "neighbors": int(found.sum()),
-        "neighbor_purity": round(float(agree.mean()), 4) if agree.size else None,
+        **purity.record("neighbor_purity"),
         "pool_images_per_s": round(len(pool) / max(seconds, 1e-9), 2)}

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_write
 from pipeline.config import AugmentConfig
+from pipeline.data.pool_labels import NOT_COMPUTED, agreement
 from pipeline.runs import (
     ROUND_TWO,
     UNIT_MARKER,
@@ -77,15 +78,20 @@ def run_pseudo(run_dir: Path, config: AugmentConfig) -> dict:
         frame = pd.DataFrame({"train_idx": chosen.train_idx, "label": chosen.labels,
                               "confidence": chosen.confidence})
         atomic_write(root / PSEUDO_FILE, lambda tmp: frame.to_parquet(tmp, index=False))
-        # Evaluation only, after the choice: how many of the pseudo-labels are right.
-        right = ds.train_labels[chosen.train_idx] == chosen.labels
+        # Evaluation only, after the choice: how many of the pseudo-labels are right, over
+        # the chosen images whose true label is known (none, in a pool without labels).
+        true = ds.train_labels[chosen.train_idx]
         per_class = chosen.per_class(ds.num_classes)
+        by_class = [agreement(chosen.labels[chosen.labels == c], true[chosen.labels == c])
+                    for c in range(ds.num_classes)]
         return ({"pseudo": PSEUDO_FILE}, {
             "classifier": ssl_rel("baseline", seed), "pool": len(pool),
             "pseudo_labeled": len(chosen.labels), "per_class": per_class,
-            "precision": round(float(right.mean()), 4),
-            "precision_per_class": [round(float(right[chosen.labels == c].mean()), 4)
-                                    if per_class[c] else None for c in range(ds.num_classes)],
+            **agreement(chosen.labels, true).record("precision"),
+            "precision_per_class": [None if s.value is None else round(s.value, 4)
+                                    for s in by_class],
+            **({"precision_per_class" + NOT_COMPUTED: [s.reason for s in by_class]}
+               if any(s.reason for s in by_class) else {}),
             "pool_images_per_s": round(len(pool) / max(seconds, 1e-9), 1)})
 
     return run_stage(root, config, "pseudo", keys["pseudo"], body)

@@ -62,7 +62,8 @@ def run_ssl_arm(run_dir: Path, config: AugmentConfig, arm: str, seed: int) -> di
 
 def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, device: str):
     """The control arm's (images, labels), their training-set indices, and what the judge did
-    (``control_precision``: the share of judged labels that are right, for the report).
+    (``control_precision``: the share of judged labels that are right, for the report, over
+    the rows whose label is known; ``pipeline.data.pool_labels`` when the pool has none).
 
     As many real unlabeled images per class as the shards hold synthetic rows of that class,
     labeled by the filter's prototype judge in the run's encoder (``pipeline.evaluate.control``).
@@ -100,7 +101,7 @@ def control_rows_for(run_dir: Path, config: AugmentConfig, shard_dir: Path, devi
     if not len(rows.labels):
         raise StageError(f"the judge kept none of the {config.ssl.control_pool} unlabeled images "
                          "for the control arm; raise ssl.control_pool or lower filter.margin")
-    info = {"control_rows": len(rows.labels), "control_precision": round(rows.precision, 4),
+    info = {"control_rows": len(rows.labels), **rows.scored_precision.record("control_precision"),
             "control_shortfall": int(sum(rows.shortfall.values()))}
     cached.parent.mkdir(parents=True, exist_ok=True)
     save_npz(cached, images=rows.images, labels=rows.labels, train_idx=rows.train_idx,

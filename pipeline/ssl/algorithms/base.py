@@ -35,7 +35,14 @@ class StepOutput:
 
 
 def weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of weight * cross-entropy (weight 1 for every real row)."""
+    """Mean over the batch of weight * cross-entropy (weight 1 for every real row).
+
+    A negative target is an unlabeled image (``UNLABELED``) that reached a labeled row: a
+    bug upstream, which cross-entropy would report as an index error (CPU) or an opaque
+    device assert (CUDA). The check runs on the device, without a host sync per step.
+    """
+    torch._assert_async((targets >= 0).all(), "an unlabeled image (label -1) reached the "
+                        "labeled cross-entropy; unlabeled images belong in the unlabeled pool")
     return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).mean()
 
 

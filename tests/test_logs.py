@@ -135,9 +135,9 @@ def test_a_stage_line_reaches_the_flow_runs_logs(flow_prefect):
         return str(get_run_context().flow_run.id)
 
     run_id = routed()
-    APILogHandler.flush()
 
     async def messages():
+        await APILogHandler.aflush()  # the handler sends in batches, from a worker thread
         async with get_client() as client:
             logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
             return [log.message for log in logs]

@@ -107,6 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         print("\n".join(dry_run_report(config)))
         return 0
+    _one_traceback()
     from flows.augment import augment
 
     t0 = time.perf_counter()
@@ -114,6 +115,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"done in {time.perf_counter() - t0:.0f} s\nrun directory: {run_dir}\n"
           f"report: {report}")
     return 0
+
+
+def _one_traceback() -> None:
+    """Prefect's console lines without the run tracebacks: ``main`` prints the failure's one
+    (or one line for an error it knows) when the flow call raises."""
+    from flows.logs import quiet_run_tracebacks
+
+    quiet_run_tracebacks()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -217,6 +226,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
           f"{n} runs in {folder}", flush=True)
     if args.dry_run:
         return 0
+    _one_traceback()
     from flows.sweep import sweep, task_runner
 
     sweep.with_options(task_runner=task_runner(spec))(spec, str(folder), extra, whole)
@@ -327,6 +337,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     print(f"transfer {config.mode}: {info['target']} ({info['shots']} shots, "
           f"{info['held_out']} held out) from {info['base_model']}, device {info['device']}\n"
           f"run directory {info['run_dir']}", flush=True)
+    _one_traceback()
     from flows.transfer import transfer
 
     t0 = time.perf_counter()
@@ -472,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.image_files import ImageFileError
     from pipeline.generate.pretrain import PretrainError
     from pipeline.preflight import PreflightError
+    from pipeline.runs import StageError
     from pipeline.ssl.export import ExportError
     from pipeline.sweep.spec import SweepError
     from pipeline.transfer import TransferError
@@ -479,9 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args) or 0
     except (ConfigError, PreflightError, PretrainError, SweepError, TransferError,
-            ExportError, ImageFileError) as e:
+            ExportError, ImageFileError, StageError) as e:
         print(f"augment: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - any other failure: its one traceback, exit 1
+        from flows.logs import print_failure
+
+        print_failure(e)
+        return 1
 
 
 if __name__ == "__main__":

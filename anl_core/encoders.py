@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from anl_core.precision import autocast_for
+from anl_core.progress import progress_bar
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,7 +80,8 @@ class ConditionEncoder(nn.Module):
             self.eval()
         out = []
         starts = range(0, images.shape[0], batch_size)
-        for start in tqdm(starts, desc="encode", unit="batch", disable=not progress, leave=False):
+        for start in progress_bar(starts, desc="encode", unit="batch", enabled=progress,
+                                  leave=False, logger=__name__):
             pixels = self.preprocess(images[start:start + batch_size])
             with autocast_for(self.device):
                 out.append(self._tokens(pixels).float())

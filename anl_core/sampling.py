@@ -30,10 +30,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
-from tqdm.auto import tqdm
 
 from anl_core.inject import ANLUNet
 from anl_core.precision import autocast_for
+from anl_core.progress import progress_bar
 
 NOISE_STREAM, MASK_STREAM = 0, 1
 
@@ -130,8 +130,8 @@ def masked_sample(model: ANLUNet, scheduler, tokens: torch.Tensor, num_per_condi
 
     items = [(pos, cid, j) for pos, cid in enumerate(ids) for j in range(num_per_condition)]
     batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
-    bar = tqdm(total=len(batches) * num_inference_steps, desc="masked sampling",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=len(batches) * num_inference_steps, desc="masked sampling",
+                       enabled=progress, leave=False, unit="step", logger=__name__)
     out = []
     for batch in batches:
         b = len(batch)

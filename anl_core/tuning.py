@@ -15,11 +15,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from anl_core.config import TuneConfig
 from anl_core.inject import ANLUNet
 from anl_core.precision import autocast_for
+from anl_core.progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -122,7 +122,8 @@ def tune_adapter(model: ANLUNet, scheduler, images: torch.Tensor, tokens: torch.
 
     history: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="tune adapter", disable=not progress, leave=False)
+    bar = progress_bar(range(config.steps), desc="tune adapter", enabled=progress, leave=False,
+                       unit="step", logger=__name__)
     try:
         for step in bar:
             b = config.batch_size
@@ -150,8 +151,7 @@ def tune_adapter(model: ANLUNet, scheduler, images: torch.Tensor, tokens: torch.
             ema.update()
             if step % config.log_every == 0:
                 history.append(loss.item())
-                if progress:
-                    bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)  # read already
     finally:
         model.eval()
     seconds = time.perf_counter() - start

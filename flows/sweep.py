@@ -15,7 +15,10 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.logs import route_logs
 from pipeline.sweep.spec import Cell, SweepSpec
+
+route_logs()  # the stages' log lines into the run's logs (flows.logs)
 
 _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 

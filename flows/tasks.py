@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flows.logs import route_logs
 from pipeline import runs, stages
 from pipeline.config import AugmentConfig
 from pipeline.preflight import preflight
@@ -22,6 +23,8 @@ from pipeline.stages.pseudo import run_pseudo
 from pipeline.stages.sample import run_sample_class
 from pipeline.stages.ssl import run_ssl_arm
 from pipeline.stages.tune import run_tune_class
+
+route_logs()  # the stages' log lines into the run's logs (flows.logs)
 
 _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 

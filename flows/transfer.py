@@ -12,9 +12,12 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.logs import route_logs
 from pipeline.runs import stage_failure_recorded
 from pipeline.transfer import TransferConfig
 from pipeline.transfer import run as transfer_run
+
+route_logs()  # the stages' log lines into the run's logs (flows.logs)
 
 _opts = {"cache_policy": NO_CACHE, "persist_result": False}
 

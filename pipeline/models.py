@@ -161,9 +161,9 @@ def sample_base(unet, scheduler, n: int, steps: int = 50, seed: int = 0, batch_s
     import numpy as np
     import torch
     from diffusers import DDIMScheduler
-    from tqdm.auto import tqdm
 
     from anl_core.precision import autocast_for
+    from anl_core.progress import progress_bar
     from pipeline.data.images import from_model_space
 
     device = unet.device
@@ -171,7 +171,8 @@ def sample_base(unet, scheduler, n: int, steps: int = 50, seed: int = 0, batch_s
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps, device=device)
     starts = range(0, n, batch_size)
-    bar = tqdm(total=len(starts) * steps, desc="base samples", disable=not progress, leave=False)
+    bar = progress_bar(total=len(starts) * steps, desc="base samples", enabled=progress,
+                       leave=False, unit="step", logger=__name__)
     out = []
     with torch.no_grad():
         for start in starts:

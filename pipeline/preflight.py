@@ -83,6 +83,28 @@ def check_device(config: AugmentConfig) -> str:
     return config.resolved_device()
 
 
+# Above this a CPU run is a GPU's budget: the cpu-short recipe's FixMatch arms run 27-30
+# steps/s on 2 cores (bench/RESULTS.md), so 2^17 steps is about 80 minutes per arm and seed,
+# and USB's 2^20 (what a preset of one's own inherits) 10 hours, times arms x seeds.
+MAX_CPU_SSL_STEPS = 2**17
+CPU_FIXMATCH_STEPS_PER_S = 28
+
+
+def check_budget(config: AugmentConfig, device: str) -> None:
+    """Refuse a CPU run whose classifier budget is a GPU's (a preset of one's own inherits
+    USB's 2^20 steps unless it says otherwise), naming the keys that size it."""
+    steps = config.ssl.steps
+    if device == "cpu" and steps > MAX_CPU_SSL_STEPS:
+        raise PreflightError(
+            f"ssl.steps={steps} on the CPU: about {steps / CPU_FIXMATCH_STEPS_PER_S / 3600:.0f} "
+            f"hours per arm and seed, {len(config.ssl.arms)} arms x {len(config.ssl.seeds)} "
+            f"seeds (FixMatch at its fastest here, the cpu-short recipe, runs about "
+            f"{CPU_FIXMATCH_STEPS_PER_S} steps/s on 2 cores). Size it for this machine: "
+            "`augment init DIR` writes a preset that fits 15 minutes, or set ssl.steps (e.g. "
+            "--set ssl.steps=2048 --set ssl.recipe=cpu-short; at most "
+            f"{MAX_CPU_SSL_STEPS} on the CPU), or run on a GPU")
+
+
 def estimated_output_bytes(config: AugmentConfig, num_classes: int, image_shape: tuple) -> int:
     """Synthetic rows x bytes per row, twice (sample chunks + shards), plus adapters."""
     rows = (num_classes * config.labels_per_class * config.sampling.per_condition
@@ -216,6 +238,7 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
     base = None if config.pretrains_base else str(resolve_base_model(config.base_model))
     check_fit(config, ds.image_shape, None if base is None else Path(base))
     base_images = None if base is None else check_disjoint(config, Path(base))
+    check_budget(config, device)
     encoder = check_encoder(config.encoder)
     need = estimated_output_bytes(config, ds.num_classes, ds.image_shape)
     free = check_disk(config, need)

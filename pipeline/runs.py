@@ -13,6 +13,7 @@ config always maps to the same directory, so rerunning it resumes and skips fini
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ from pipeline.stage_graph import STAGE_ORDER
 LOCK_NAME = "running.json"
 UNIT_MARKER = "unit.json"
 ROUND_TWO = "round-2"  # the second round's folder inside a run (loop.rounds: 2)
+
+log = logging.getLogger(__name__)
 
 
 class StageError(RuntimeError):
@@ -259,6 +262,26 @@ def flat_outputs(outputs: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- stage frame
 
+# Figures a reader looks for first in a stage's end line; the rest follow in record order.
+_FIRST = ("error", "accuracy", "precision", "loss", "consistency")
+
+
+def key_figures(metrics: dict, limit: int = 8) -> str:
+    """A record's scalar metrics as ``k=v, ...`` (at most ``limit``; lists, tables and ids
+    stay in the record): a log line short enough to read in a worker's log."""
+    items = [(k, v) for k, v in metrics.items() if k not in ("fingerprint", "key")
+             and (isinstance(v, (int, float)) or isinstance(v, str) and len(v) <= 40)]
+    items.sort(key=lambda kv: not any(w in kv[0] for w in _FIRST))  # stable: record order
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in items[:limit])
+
+
+def _log_end(what: str, rec: dict) -> None:
+    figures = key_figures(rec.get("metrics") or {})
+    log.info("%s: done in %.1f s%s", what, rec.get("wall_s", 0.0),
+             f"; {figures}" if figures else "")
+
+
 
 def finished_record(run_dir: Path, stage: str, key: str) -> dict | None:
     rec = read_json(Path(run_dir) / "stages" / f"{stage}.json")
@@ -271,16 +294,20 @@ def run_stage(run_dir: Path, config: AugmentConfig, stage: str, key: str,
     run_dir = Path(run_dir)
     rec = finished_record(run_dir, stage, key)
     if rec is not None:
+        log.info("stage %s: finished before with key %s, skipped", stage, key)
         return {**rec, "skipped": True}
     if adopt and (rec := adopt_stage(run_dir, stage, key)) is not None:
+        log.info("stage %s: adopted from run %s (key %s)", stage, rec["adopted_from"], key)
         return rec
     device = config.resolved_device()
+    log.info("stage %s: start (key %s, device %s)", stage, key, device)
     with Meter(device) as m:
         outputs, metrics = body(device)
     rec = {"stage": stage, "key": key, "started": m.started, "finished": m.finished,
            "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
            "device": device_label(device), "outputs": outputs, "metrics": metrics}
     atomic_write_json(run_dir / "stages" / f"{stage}.json", rec)
+    _log_end(f"stage {stage}", rec)
     return rec
 
 
@@ -294,16 +321,21 @@ def run_unit(run_dir: Path, rel: str, key: str, config: AugmentConfig,
     unit_dir = Path(run_dir) / rel
     marker = read_json(unit_dir / UNIT_MARKER)
     if marker and marker.get("key") == key:
+        # Debug: a mapped stage re-reads every unit its tasks just finished.
+        log.debug("%s: finished before with key %s, skipped", rel, key)
         return {**marker, "skipped": True}
     if (adopted := adopt_unit(Path(run_dir), rel, key)) is not None:
+        log.info("%s: adopted from run %s (key %s)", rel, adopted["adopted_from"], key)
         return adopted
     device = config.resolved_device()
+    log.info("%s: start (key %s, device %s)", rel, key, device)
     with Meter(device) as m:
         metrics = body(unit_dir, device)
     marker = {"unit": rel, "key": key, "started": m.started, "finished": m.finished,
               "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
               "device": device_label(device), "metrics": metrics}
     atomic_write_json(unit_dir / UNIT_MARKER, marker)
+    _log_end(rel, marker)
     return marker
 
 
@@ -331,10 +363,14 @@ def run_mapped_stage(root: Path, config: AugmentConfig, stage: str, key: str,
     record the stage with ``summary(units) -> (outputs, metrics)``."""
     rec = finished_record(root, stage, key)
     if rec is not None:
+        log.info("stage %s: finished before with key %s, skipped", stage, key)
         return {**rec, "skipped": True}
+    log.info("stage %s: start (key %s)", stage, key)
     done = units()
     outputs, metrics = summary(done)
-    return aggregate_units(root, config, stage, key, done, outputs, metrics)
+    rec = aggregate_units(root, config, stage, key, done, outputs, metrics)
+    _log_end(f"stage {stage} ({len(done)} units, summed)", rec)
+    return rec
 
 
 @contextmanager

@@ -101,3 +101,13 @@ def test_an_rgb_base_names_image_mode_rgb(flow_cfg, tmp_path):
     (unet / "config.json").write_text(json.dumps({"in_channels": 3, "sample_size": 32}))
     with pytest.raises(PreflightError, match="image_mode: rgb"):
         check_fit(flow_cfg, (28, 28, 1), unet)
+
+
+def test_a_gpu_budget_on_the_cpu_is_refused_naming_the_keys(tmp_path, capsys):
+    """A preset of one's own inherits USB's 2^20 SSL steps: ten hours per arm here."""
+    rc = main(["run", "demo", "--set", "device=cpu", "--set", "ssl.steps=1048576",
+               "--runs-dir", str(tmp_path / "runs")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "ssl.steps=1048576 on the CPU" in err and "augment init" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -87,10 +87,9 @@ def domain_fit(sample_feats: np.ndarray, pool_feats: np.ndarray, k: int = 3,
 
 
 def misfit_message(metrics: dict) -> str:
+    """One line (a log line, a report sentence): what was measured and the fix."""
     return (f"the base model does not fit this data: {metrics['coverage']:.0%} of its samples "
-            f"lie among the pool's images (the pool's own images: "
-            f"{metrics['pool_coverage']:.0%}; KID x 100 {100 * metrics['kid_base_pool']:.1f} "
-            f"against a floor of {100 * metrics['kid_pool_pool']:.1f}). Adapters steer a base, "
-            "they cannot teach it a new domain, so its synthetic rows are unlikely to help. "
-            "Fix: add a `pretrain:` section to train a base on your pool, or set base_model to "
-            "a base trained on images like yours.")
+            f"lie among the pool's images (pool's own: {metrics['pool_coverage']:.0%}; KID x 100 "
+            f"{100 * metrics['kid_base_pool']:.1f}, floor {100 * metrics['kid_pool_pool']:.1f})."
+            " Fix: add `pretrain:` (a base trained on your pool) or set base_model to one "
+            "trained on images like yours.")

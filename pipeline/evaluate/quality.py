@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from anl_core.progress import progress_bar
 from pipeline.atomic import atomic_write_bytes, atomic_write_json, finite
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.grids import class_grid_png, grid_picks
@@ -235,7 +235,8 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
     rng = np.random.default_rng(config.seed)
     per_class, all_pred, all_labels, by_ratio_rows = [], [], [], {r: [] for r in ratios}
 
-    for c in tqdm(range(dataset.num_classes), desc="quality", disable=not progress, leave=False):
+    for c in progress_bar(range(dataset.num_classes), desc="quality", enabled=progress,
+                          leave=False, unit="class", logger=__name__):
         name = dataset.class_names[c]
         entry: dict[str, Any] = {"class": c, "name": name}
         lab_idx = split.labeled_idx[split.labeled_labels == c]

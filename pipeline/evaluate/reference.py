@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from anl_core.precision import autocast_for
+from anl_core.progress import progress_bar
 from pipeline.atomic import atomic_write
 from pipeline.data.datasets import ImageDataset
 from pipeline.data.images import to_model_space
@@ -192,7 +192,8 @@ def train_reference(dataset: ImageDataset, config: ReferenceConfig | None = None
                                                 pct_start=0.15)
     start = time.perf_counter()
     model.train()
-    bar = tqdm(total=total, desc="reference classifier", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc="reference classifier", enabled=progress, leave=False,
+                       unit="step", logger=__name__)
     for _ in range(config.epochs):
         order = torch.randperm(len(y_all), generator=gen).to(device)
         for step in range(steps_per_epoch):

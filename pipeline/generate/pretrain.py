@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from anl_core.precision import autocast_for, uses_bf16
+from anl_core.progress import progress_bar
 from pipeline.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from pipeline.data.grids import tile_png
 from pipeline.data.images import to_model_space
@@ -109,7 +109,8 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
         step, losses, wall = state["step"], state["losses"], state["wall_s"]
 
     unet.train()
-    bar = tqdm(total=config.steps, initial=step, desc="pretrain", disable=not progress, unit="step")
+    bar = progress_bar(total=config.steps, initial=step, desc="pretrain", enabled=progress,
+                       unit="step", logger=__name__)
     t0 = time.perf_counter()
 
     pending: list[torch.Tensor] = []  # losses not yet read back: one sync per 50 steps, not per step

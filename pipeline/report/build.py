@@ -36,7 +36,7 @@ from pipeline.report.render import (
     render,
     seconds,
 )
-from pipeline.report.tables import results_table
+from pipeline.report.tables import quality_overall, results_table
 from pipeline.report.verdict import fit_sentence, ssl_budget, verdict
 
 HTML_NAME, MD_NAME = "report.html", "report.md"
@@ -284,25 +284,6 @@ def quality_view(q: dict | None) -> dict | None:
                               for m in q.get("by_mask_ratio", [])]}
 
 
-def quality_overall(q: dict | None) -> list[tuple[str, str]]:
-    if not q:
-        return []
-    o = q.get("overall", {})
-    return [("synthetic images measured", num(o.get("n_synthetic"))),
-            ("KID to real same-class images (mean over classes)", num(o.get("kid"), 4)),
-            ("label consistency (reference classifier)",
-             pct_labels(o.get("label_consistency"), o.get("label_consistency" + NOT_COMPUTED),
-                        NOT_RUN)),
-            ("reference accuracy on real test images", pct(o.get("reference_test_accuracy"))),
-            ("diversity synthetic / real", (f"{num(o.get('diversity_synthetic'))} / "
-                                           f"{num(o.get('diversity_real'))}")),
-            ("within-condition diversity", num(o.get("within_condition_diversity"))),
-            ("nearest labeled image RMSE synthetic / real",
-             f"{num(o.get('nn_rmse_synthetic'))} / {num(o.get('nn_rmse_real'))}"),
-            ("synthetic closer to a labeled image than any real one",
-             pct(o.get("closer_than_real_share")))]
-
-
 def cost_rows(run: RunData) -> list[tuple[str, str | None]]:
     pc = run.param_counts()
     tune = (run.stages.get("tune") or {}).get("metrics") or {}
@@ -358,7 +339,7 @@ def markdown_summary(run: RunData | str | Path) -> str:
     return render(
         "run.md.j2", run=run, verdict=verdict(run), min_repetitions=MIN_REPETITIONS,
         not_run=NOT_RUN, dataset=(run.config or {}).get("dataset", "unknown"),
-        has_val=has_val, results=results,
+        fit=(fit_sentence(run) or (None,))[0], has_val=has_val, results=results,
         comparisons=md_table(comparisons, ["comparison", "n", "mean", "std", "95% CI", "p",
                                            "note"]) if comparisons else None,
         per_seed=md_table(per_seed, ["arm", "seed", "error",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.pool_labels import NOT_COMPUTED
 from pipeline.report.data import (
     ARM_ORDER,
     NOT_RUN,
@@ -20,6 +21,7 @@ from pipeline.report.data import (
     load_run,
     report_arms,
 )
+from pipeline.report.render import num, pct, pct_labels
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -97,3 +99,33 @@ def results_table(run: RunData | str | Path) -> list[dict[str, Any]]:
                      "delta_ci_low_pp": delta["delta_ci_low_pp"],
                      "delta_ci_high_pp": delta["delta_ci_high_pp"], "delta_p": delta["delta_p"]})
     return rows
+
+
+def quality_overall(q: dict | None) -> list[tuple[str, str]]:
+    if not q:
+        return []
+    o = q.get("overall", {})
+    return [("synthetic images measured", num(o.get("n_synthetic"))),
+            ("KID to real same-class images (mean over classes)", num(o.get("kid"), 4)),
+            ("label consistency (reference classifier)",
+             pct_labels(o.get("label_consistency"), o.get("label_consistency" + NOT_COMPUTED),
+                        NOT_RUN)),
+            ("reference accuracy on real test images" + _reference_trained_on(q),
+             pct(o.get("reference_test_accuracy"))),
+            ("diversity synthetic / real", (f"{num(o.get('diversity_synthetic'))} / "
+                                           f"{num(o.get('diversity_real'))}")),
+            ("within-condition diversity", num(o.get("within_condition_diversity"))),
+            ("nearest labeled image RMSE synthetic / real",
+             f"{num(o.get('nn_rmse_synthetic'))} / {num(o.get('nn_rmse_real'))}"),
+            ("synthetic closer to a labeled image than any real one",
+             pct(o.get("closer_than_real_share")) if o.get("closer_than_real_share") is not None
+             or not q.get("real_images") else "needs held-out labeled images; not computed")]
+
+
+def _reference_trained_on(q: dict) -> str:
+    """Where the pool has no labels the reference learns from the labeled images alone: say so
+    beside its accuracy, which is then no judge of the synthetic images."""
+    ref = q.get("reference") or {}
+    if not ref.get("unlabeled_left_out"):
+        return ""
+    return f" (trained on the {ref.get('train_images')} labeled images only)"

@@ -288,7 +288,7 @@ def run_arm(arm: str, dataset: ImageDataset, split: LabeledSplit, out_dir: str |
     algorithm_name = "supervised" if base_arm(arm) in SUPERVISED_ARMS else config.algorithm
     algorithm = get_algorithm(algorithm_name)(config, dataset.num_classes)
     trainer = Trainer(net, algorithm, data, config, device, out_dir / CHECKPOINT, fingerprint,
-                      progress=progress)
+                      progress=progress, label=f"{arm} seed {config.seed}")
     resumed_from = trainer.step if trainer.load_checkpoint() else None
     trainer.fit(on_step=on_step)
     t0 = time.perf_counter()

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from anl_core.precision import autocast_for, uses_bf16
+from anl_core.progress import progress_bar
 from pipeline.atomic import atomic_torch_save
 
 from .algorithms import Batch, SSLAlgorithm
@@ -96,9 +96,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class Trainer:
     def __init__(self, model: nn.Module, algorithm: SSLAlgorithm, data: TrainData,
                  config: SSLConfig, device: torch.device, checkpoint_path: Path,
-                 fingerprint: str, progress: bool = True) -> None:
+                 fingerprint: str, progress: bool = True, label: str | None = None) -> None:
         self.config, self.device, self.data, self.algorithm = config, device, data, algorithm
         self.checkpoint_path, self.fingerprint, self.progress = checkpoint_path, fingerprint, progress
+        self.label = label or algorithm.name  # names the unit in progress lines (arm, seed)
         cuda = device.type == "cuda"
         # bf16 autocast on CUDA and on CPUs with native bf16; on the CPU NHWC only pays with it.
         self.amp = uses_bf16(device, config.amp, cpu=True)
@@ -323,8 +324,9 @@ class Trainer:
         ``progress_every`` steps).
         """
         cfg = self.config
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
-                   desc=f"{self.algorithm.name}", unit="step", dynamic_ncols=True)
+        bar = progress_bar(total=cfg.steps, initial=self.step, enabled=self.progress,
+                           desc=self.label, unit="step", logger=__name__,
+                           dynamic_ncols=True)
         session_start = time.perf_counter()
         mark = time.perf_counter()
         if self._side is not None:  # the data store and the model were put there on main
@@ -352,6 +354,10 @@ class Trainer:
                     self.train_time_s += time.perf_counter() - mark
                     if boundary:
                         self._record()
+                        # Read back by _record anyway: the progress lines carry them at no sync.
+                        row = self.curve[-1]
+                        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", **{
+                            f"{row['curve_split']}_error": f"{row['test_error']:.4f}"})
                     if save:
                         self.wall_time_s += time.perf_counter() - session_start
                         session_start = time.perf_counter()

@@ -9,7 +9,6 @@ pool images for the report.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,6 @@ from pipeline.stages.keys import stage_keys
 log = logging.getLogger(__name__)
 
 STRIP = "fit/samples.png"
-
-
-class DomainFitWarning(UserWarning):
-    """The base model's samples do not look like the task's pool."""
 
 
 def run_fit(run_dir: Path, config: AugmentConfig) -> dict:
@@ -70,7 +65,6 @@ def run_fit(run_dir: Path, config: AugmentConfig) -> dict:
             log.info("domain fit: %.0f%% of the base's samples lie among the pool's images "
                      "(pool's own: %.0f%%)", 100 * result.coverage, 100 * result.pool_coverage)
         else:
-            warnings.warn(misfit_message(metrics), DomainFitWarning, stacklevel=2)
             log.warning(misfit_message(metrics))
         return {"fit": "fit/"}, metrics
 

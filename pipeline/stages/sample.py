@@ -91,10 +91,11 @@ def run_sample_class(run_dir: Path, config: AugmentConfig, class_idx: int,
                 raise StageError(f"adapter {root / adapter} is not finished; run the tune stage")
             unet, scheduler = load_run_base(run_dir, config, device)
             model = ANLUNet.from_pretrained(unet, root / adapter, encoder_id=tok["encoder_id"])
-            from tqdm.auto import tqdm
+            from anl_core.progress import progress_bar
 
-            for mi, ci, a, b in tqdm(todo, desc=f"sample class {class_idx}",
-                                     disable=not config.progress, unit="chunk"):
+            for mi, ci, a, b in progress_bar(todo, desc=f"sample class {class_idx}",
+                                             enabled=config.progress, unit="chunk",
+                                             logger=__name__):
                 images = sample_images(model, scheduler, tok["tokens"][rows[a:b]], cond_ids[a:b],
                                        k, s, mask_ratio=s.mask_ratios[mi],
                                        seed=ratio_seed(s.seed, mi), image_shape=ds.image_shape[:2])

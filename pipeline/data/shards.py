@@ -313,7 +313,7 @@ def verify_shards(shard_dir: str | Path, *, checksum: bool = True) -> dict:
     """
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
-    fix = "rewrite the shard set (the stage that wrote it)"
+    fix = "rerun the stage that wrote this shard set"
     where = manifest_path(shard_dir)
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(

@@ -14,11 +14,11 @@ import math
 from pathlib import Path
 
 METRICS_FILE = "metrics.json"
-# key -> the types it may hold (bool is not an int here, although Python says it is)
-REQUIRED: dict[str, tuple[type, ...]] = {
-    "arm": (str,), "seed": (int,), "steps": (int,), "top1_error": (int, float),
-    "fingerprint": (str,),
-}
+# key -> the types it may hold (bool is not an int here, although Python says it is): what
+# a report cannot do without, then what a reader checks the type of where present.
+REQUIRED: dict[str, tuple[type, ...]] = {"arm": (str,), "seed": (int,),
+                                         "top1_error": (int, float)}
+TYPED: dict[str, tuple[type, ...]] = {"steps": (int,), "fingerprint": (str,), "net": (str,)}
 # Error rates: a share of images, so in [0, 1]; None where the run had no such split.
 ERRORS = ("top1_error", "val_error", "last_top1_error")
 
@@ -39,10 +39,11 @@ def metrics_problem(path: str | Path) -> str | None:
         return f"not valid JSON ({e}), truncated or overwritten"
     if not isinstance(data, dict):
         return f"holds a {type(data).__name__}, not an object"
-    for key, types in REQUIRED.items():
+    for key in REQUIRED:
         if key not in data:
             return f"has no {key!r}"
-        if not isinstance(data[key], types) or isinstance(data[key], bool):
+    for key, types in {**REQUIRED, **TYPED}.items():
+        if key in data and (not isinstance(data[key], types) or isinstance(data[key], bool)):
             return f"{key!r} is {data[key]!r}, not {' or '.join(t.__name__ for t in types)}"
     for key in ERRORS:
         if data.get(key) is not None and not _share(data[key]):

@@ -18,7 +18,8 @@ _HOMES = {
     "anl": ("ANLBlock",),
     "config": ("ANLConfig", "AdapterShape", "TuneConfig"),
     "encoders": ("ConditionEncoder", "EncoderError", "load_encoder"),
-    "inject": ("AdapterMismatchError", "ANLAdapter", "ANLUNet", "attach_anl", "base_fingerprint"),
+    "inject": ("AdapterMismatchError", "AdapterWeightsError", "ANLAdapter", "ANLUNet",
+               "attach_anl", "base_fingerprint", "check_adapter_weights"),
     "sampling": ("image_generators", "image_seed", "masked_sample"),
     "tuning": ("TuneResult", "denoising_loss", "tune_adapter"),
 }

@@ -48,6 +48,10 @@ class AdapterMismatchError(ValueError):
     """An adapter was loaded onto a base model or encoder it was not trained for."""
 
 
+class AdapterWeightsError(ValueError):
+    """Saved adapter weights are damaged: unreadable, non-finite, or of the wrong shape."""
+
+
 def base_fingerprint(unet: nn.Module, samples_per_tensor: int = 1024) -> str:
     """sha256 of the U-Net config and a strided sample of every weight tensor.
 
@@ -356,13 +360,36 @@ def _checked_config(path: Path, unet: UNet2DModel, encoder_id: str | None) -> AN
     return config
 
 
+def check_adapter_weights(path: str | os.PathLike,
+                          shapes: dict[str, tuple[int, ...]] | None = None,
+                          device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors saved in ``path``, refused (``AdapterWeightsError``, naming the file and
+    tensor) when unreadable, not finite (a NaN adapter samples all-black images), or, given
+    ``shapes``, of another shape than the config builds."""
+    try:
+        state = load_file(path, device=device)
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise AdapterWeightsError(f"adapter weights {path} are unreadable ({e})") from e
+    for name, tensor in state.items():
+        if shapes is not None and name in shapes and tuple(tensor.shape) != tuple(shapes[name]):
+            raise AdapterWeightsError(f"adapter weights {path}: {name} is "
+                                      f"{tuple(tensor.shape)}, its config builds "
+                                      f"{tuple(shapes[name])}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterWeightsError(f"adapter weights {path}: {name} holds {bad} NaN or "
+                                      "infinite values")
+    return state
+
+
 def _checked_weights(path: Path, model: ANLUNet) -> dict[str, torch.Tensor]:
-    state = load_file(path, device=str(model.device))
-    expected = set(model.adapter_state_dict())
-    if set(state) != expected:
+    expected = {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
+    state = check_adapter_weights(path, expected, device=str(model.device))
+    if set(state) != set(expected):
         raise AdapterMismatchError(
             f"adapter weights in {path} do not match its config: missing "
-            f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+            f"{sorted(set(expected) - set(state))[:5]}, "
+            f"unexpected {sorted(set(state) - set(expected))[:5]}")
     return state
 
 

@@ -4,6 +4,7 @@
     augment presets                        preset files and their run-directory names
     augment init DIR [--out F] [--gpu]     write a preset for a folder of one's own images
     augment run PRESET [--set k=v ...]     run the flow in-process (ephemeral Prefect API)
+    augment run RUN_DIR --redo STAGE       make a stage (and what depends on it) again
     augment serve [NAME ...]               serve the deployments (prefect deployment run ...)
     augment deployments [--write]          list deployments / regenerate prefect.yaml
     augment runs [--runs-dir DIR]          run directories and their status
@@ -23,6 +24,7 @@ import signal
 import sys
 
 from flows import commands
+from pipeline.stage_graph import STAGE_ORDER
 
 
 def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--dry-run", action="store_true", help="validate, pre-flight, and print the "
                    "data's counts and each stage's time estimated from rates timed here")
+    r.add_argument("--redo", action="append", default=[], metavar="STAGE", choices=STAGE_ORDER,
+                   help="make this stage's outputs again, and those of every stage that "
+                        "depends on it: the old ones are moved to RUN_DIR/.trash/, not "
+                        f"deleted (repeatable; one of {', '.join(STAGE_ORDER)})")
     r.set_defaults(fn=commands.cmd_run)
 
     s = sub.add_parser("serve", help="serve the deployments until interrupted")
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     from pipeline.config import ConfigError
     from pipeline.data.image_files import ImageFileError
+    from pipeline.data.shard_format import ShardError
     from pipeline.generate.pretrain import PretrainError
     from pipeline.preflight import PreflightError
     from pipeline.runs import StageError
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args) or 0
     except (ConfigError, PreflightError, PretrainError, SweepError, TransferError,
-            ExportError, ImageFileError, StageError) as e:
+            ExportError, ImageFileError, StageError, ShardError) as e:
         print(f"augment: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - any other failure: its one traceback, exit 1

@@ -90,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"pre-flight ok: {info['dataset']} {info['image_shape']}, device {info['device']}, "
           f"base {info['base_model'] or 'pretrained in this run'}, encoder {info['encoder']}",
           flush=True)
+    if args.redo:
+        _redo(run_dir, args.redo, dry_run=args.dry_run)
     if args.dry_run:
         from pipeline.estimate import dry_run_report
 
@@ -103,6 +105,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"done in {time.perf_counter() - t0:.0f} s\nrun directory: {run_dir}\n"
           f"report: {report}")
     return 0
+
+
+def _redo(run_dir: Path, stages: list[str], dry_run: bool) -> None:
+    """Move the stages' outputs (and their downstream stages') aside, saying where."""
+    from pipeline.stages.redo import redo
+
+    trash, todo, moved = redo(run_dir, stages, dry_run=dry_run)
+    verb = "would move" if dry_run else "moved"
+    print(f"redo {', '.join(todo)}: {verb} {len(moved)} outputs"
+          + (f" to {trash}" if moved else " (none were there)"), flush=True)
+    for path in moved:
+        print(f"  {path.relative_to(run_dir)}")
 
 
 def _one_traceback() -> None:
@@ -176,10 +190,23 @@ def cmd_report(args: argparse.Namespace) -> int:
         out = Path(args.out or "runs/ablation")
         print(f"ablation: {build_ablation_report(dirs, out)}")
         return 0
+    rc = 0
     for d in dirs:
         for p in build_run_report(d):
             print(p)
-    return 0
+        corrupt = _corrupt_files(d)
+        if corrupt:  # the report is written, and says so; the exit code says it too
+            rc = 2
+            print(f"augment: error: {d}: " + "; ".join(corrupt) + f"; redo with `augment run "
+                  f"{d} --redo STAGE` (ssl for a metrics file, shards for a shard set)",
+                  file=sys.stderr)
+    return rc
+
+
+def _corrupt_files(run_dir: Path) -> list[str]:
+    from pipeline.report.data import load_run
+
+    return list(dict.fromkeys(load_run(run_dir).corrupt.values()))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -25,20 +25,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import integrity
 from pipeline.atomic import atomic_write_json
 from pipeline.config import AugmentConfig, config_hash, saved_metadata
+from pipeline.integrity import ROUND_TWO, UNIT_MARKER, IntegrityError, StageError  # noqa: F401
 from pipeline.provenance import Meter, device_label
 from pipeline.stage_graph import STAGE_ORDER
 
 LOCK_NAME = "running.json"
-UNIT_MARKER = "unit.json"
-ROUND_TWO = "round-2"  # the second round's folder inside a run (loop.rounds: 2)
 
 log = logging.getLogger(__name__)
-
-
-class StageError(RuntimeError):
-    """A stage cannot run because an upstream output is missing or inconsistent."""
 
 
 def read_json(path: str | Path) -> dict | None:
@@ -169,9 +165,6 @@ def list_runs(runs_root: str | Path) -> list[RunInfo]:
     return sorted(runs, key=lambda r: r.modified, reverse=True)
 
 
-# --------------------------------------------------------------------------- measuring
-
-
 # --------------------------------------------------------------------------- reuse
 
 
@@ -231,6 +224,11 @@ def adopt_stage(run_dir: Path, stage: str, key: str) -> dict | None:
         outputs = [other / rel for rel in flat_outputs(rec.get("outputs", {}))]
         if not all(p.exists() for p in outputs):
             continue
+        try:  # a hard link shares the bytes: a damaged sibling must not spread
+            integrity.check_record(other, stage, rec, flat_outputs(rec.get("outputs", {})))
+        except IntegrityError as e:
+            log.warning("stage %s: not adopted from run %s: %s", stage, owner_run(other), e)
+            continue
         for p in outputs:
             place(p, run_dir / p.relative_to(other))
         rec = {**rec, "adopted_from": owner_run(other)}
@@ -243,6 +241,10 @@ def adopt_unit(run_dir: Path, rel: str, key: str) -> dict | None:
     for other in sibling_runs(run_dir):
         marker = read_json(other / rel / UNIT_MARKER)
         if marker and marker.get("key") == key:
+            if (problem := integrity.unit_problem(other / rel, marker)) is not None:
+                log.warning("%s: not adopted from run %s: %s: %s", rel, owner_run(other),
+                            *problem)
+                continue
             place(other / rel, run_dir / rel)
             return {**marker, "adopted_from": owner_run(other)}
     return None
@@ -294,6 +296,7 @@ def run_stage(run_dir: Path, config: AugmentConfig, stage: str, key: str,
     run_dir = Path(run_dir)
     rec = finished_record(run_dir, stage, key)
     if rec is not None:
+        integrity.check_record(run_dir, stage, rec, flat_outputs(rec.get("outputs", {})))
         log.info("stage %s: finished before with key %s, skipped", stage, key)
         return {**rec, "skipped": True}
     if adopt and (rec := adopt_stage(run_dir, stage, key)) is not None:
@@ -305,7 +308,8 @@ def run_stage(run_dir: Path, config: AugmentConfig, stage: str, key: str,
         outputs, metrics = body(device)
     rec = {"stage": stage, "key": key, "started": m.started, "finished": m.finished,
            "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
-           "device": device_label(device), "outputs": outputs, "metrics": metrics}
+           "device": device_label(device), "outputs": outputs, "metrics": metrics,
+           "files": integrity.record_hashes(run_dir, stage, flat_outputs(outputs))}
     atomic_write_json(run_dir / "stages" / f"{stage}.json", rec)
     _log_end(f"stage {stage}", rec)
     return rec
@@ -321,6 +325,7 @@ def run_unit(run_dir: Path, rel: str, key: str, config: AugmentConfig,
     unit_dir = Path(run_dir) / rel
     marker = read_json(unit_dir / UNIT_MARKER)
     if marker and marker.get("key") == key:
+        integrity.check_unit(Path(run_dir), rel, marker)  # a unit that fails it is not reused
         # Debug: a mapped stage re-reads every unit its tasks just finished.
         log.debug("%s: finished before with key %s, skipped", rel, key)
         return {**marker, "skipped": True}
@@ -333,7 +338,8 @@ def run_unit(run_dir: Path, rel: str, key: str, config: AugmentConfig,
         metrics = body(unit_dir, device)
     marker = {"unit": rel, "key": key, "started": m.started, "finished": m.finished,
               "wall_s": round(m.wall_s, 3), "peak_mem_mb": round(m.peak_mb, 1),
-              "device": device_label(device), "metrics": metrics}
+              "device": device_label(device), "metrics": metrics,
+              "files": integrity.unit_hashes(unit_dir)}
     atomic_write_json(unit_dir / UNIT_MARKER, marker)
     _log_end(rel, marker)
     return marker
@@ -363,6 +369,7 @@ def run_mapped_stage(root: Path, config: AugmentConfig, stage: str, key: str,
     record the stage with ``summary(units) -> (outputs, metrics)``."""
     rec = finished_record(root, stage, key)
     if rec is not None:
+        integrity.check_record(root, stage, rec, flat_outputs(rec.get("outputs", {})))
         log.info("stage %s: finished before with key %s, skipped", stage, key)
         return {**rec, "skipped": True}
     log.info("stage %s: start (key %s)", stage, key)

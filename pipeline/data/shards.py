@@ -306,12 +306,24 @@ class ShardWriter:
 def verify_shards(shard_dir: str | Path, *, checksum: bool = True) -> dict:
     """Check every shard against the manifest; return the manifest or raise ShardError.
 
-    Checks: file present, byte size, sha256 (skipped with ``checksum=False``), readable
-    Parquet footer and its row count.
+    Checks: the manifest's totals (``num_rows``, ``num_bytes``) are the sums of its shards',
+    then per shard: file present, byte size, sha256 (skipped with ``checksum=False``),
+    readable Parquet footer and its row count. In a run, the stage that finds a bad shard set
+    names the ``augment run RUN_DIR --redo shards`` that rewrites it.
     """
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
-    fix = "rerun the stage that wrote this shard set (with overwrite=True)"
+    fix = "rerun the stage that wrote this shard set"
+    where = manifest_path(shard_dir)
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("rows"), int) for s in shards):
+        raise ShardError(f"{where} lists no valid shards; {fix}")
+    for total, field in (("num_rows", "rows"), ("num_bytes", "bytes")):
+        if total in manifest and manifest[total] != sum(s.get(field, 0) for s in shards):
+            raise ShardError(f"{where} says {total}={manifest[total]!r} but its shards hold "
+                             f"{sum(s.get(field, 0) for s in shards)}; the manifest was edited; "
+                             f"{fix}")
     for s in manifest["shards"]:
         path = shard_dir / s["file"]
         if not path.exists():

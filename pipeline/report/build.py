@@ -136,8 +136,9 @@ def ssl_section(run: RunData) -> dict:
     for arm in report_arms(run):
         res = run.arms.get(arm)
         if res is None:
-            if arm in configured or (not configured and arm != "control"):
-                arms.append({"arm": arm, "n": 0})
+            if arm in configured or (not configured and arm != "control") \
+                    or arm in run.corrupt:
+                arms.append({"arm": arm, "n": 0, "missing": run.corrupt.get(arm, NOT_RUN)})
             continue
         mean, std, n = res.summary
         m0 = res.seeds[0].metrics
@@ -150,7 +151,8 @@ def ssl_section(run: RunData) -> dict:
                      "steps": m0.get("steps"), "net": m0.get("net"),
                      "steps_per_s": float(np.mean(rates)) if rates else None})
     comps = comparison_rows(run)
-    out: dict = {"arms": arms if run.arms else [], "comparisons": comps, "per_class": [],
+    out: dict = {"arms": arms if run.arms or run.corrupt else [], "comparisons": comps,
+                 "per_class": [],
                  "per_class_arms": [], "per_class_delta": False, "per_class_png": None,
                  "per_class_label": "", "confusions": [], "curves": None,
                  "curve_split": "test", "has_val": any(a.get("val_mean") is not None
@@ -314,7 +316,7 @@ def markdown_summary(run: RunData | str | Path) -> str:
     rows = results_table(run)
     has_val = any(r["val_error_pct"] is not None for r in rows)
     results = md_table([{"arm": r["arm"],
-                         "error %": r["error_pct"] if r["status"] == "done" else NOT_RUN,
+                         "error %": r["error_pct"] if r["status"] == "done" else r["status"],
                          "val error %": r["val_error_pct"],
                          "std %": r["std_pct"], "seeds": r["n_seeds"]} for r in rows],
                        ["arm", "error %", *(["val error %"] if has_val else []), "std %", "seeds"])

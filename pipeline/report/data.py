@@ -19,13 +19,15 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import saved_metadata
-from pipeline.data.shard_format import manifest_path
+from pipeline.data.shard_format import ShardError, manifest_path
+from pipeline.data.shards import verify_shards
 from pipeline.evaluate.paired import (
     DoublingCheck,
     PairedDifference,
     doubling_check,
     paired_difference,
 )
+from pipeline.integrity import UNIT_MARKER, unit_problem
 from pipeline.runs import read_json
 from pipeline.stage_graph import STAGE_ORDER
 
@@ -157,6 +159,8 @@ class RunData:
     manifest: dict | None
     tunes: dict[str, dict]
     problems: list[str] = field(default_factory=list)
+    # arm (or "shards") -> "corrupt: FILE (reason)": read but failed its check, not "not run"
+    corrupt: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -248,9 +252,14 @@ def _seed_of(path: Path) -> int | None:
         return None
 
 
-def load_arms(run_dir: Path, problems: list[str] | None = None) -> dict[str, ArmResult]:
-    """Every ``ssl/<arm>/seed-<s>/metrics.json`` (arms in the usual order, then the rest)."""
+def load_arms(run_dir: Path, problems: list[str] | None = None,
+              corrupt: dict[str, str] | None = None) -> dict[str, ArmResult]:
+    """Every ``ssl/<arm>/seed-<s>/metrics.json`` (arms in the usual order, then the rest).
+
+    A metrics file that fails its schema or the sha256 its unit marker recorded is left out
+    and named in ``problems`` and ``corrupt`` (per arm), never read as a result."""
     problems = problems if problems is not None else []
+    corrupt = corrupt if corrupt is not None else {}
     ssl = run_dir / "ssl"
     arms: dict[str, ArmResult] = {}
     names = sorted((p.name for p in ssl.iterdir() if p.is_dir()),
@@ -259,9 +268,16 @@ def load_arms(run_dir: Path, problems: list[str] | None = None) -> dict[str, Arm
     for arm in names:
         seeds = []
         for seed_dir in sorted((ssl / arm).glob("seed-*"), key=lambda p: _seed_of(p) or 0):
-            metrics = read_json(seed_dir / "metrics.json")
-            if metrics is None or "top1_error" not in metrics:
+            if not (seed_dir / "metrics.json").exists():
                 continue  # running or not started: not a result yet
+            bad = unit_problem(seed_dir, read_json(seed_dir / UNIT_MARKER) or {},
+                               only=("metrics.json", "learning_curve.parquet"))
+            if bad is not None:
+                note = f"corrupt: {bad[0]} ({bad[1]})"
+                problems.append(note)
+                corrupt.setdefault(arm, note)
+                continue
+            metrics = read_json(seed_dir / "metrics.json")
             seed = metrics.get("seed", _seed_of(seed_dir))
             # What the stage learned beside the classifier (control: the judge's precision).
             unit = (read_json(seed_dir / "unit.json") or {}).get("metrics") or {}
@@ -301,9 +317,17 @@ def load_run(run_dir: str | Path) -> RunData:
             info = read_json(d / "tune.json")
             if info is not None:
                 tunes[d.name] = info
-    return RunData(run_dir, config, stages, load_arms(run_dir, problems),
-                   read_json(run_dir / "quality" / "quality.json"),
-                   read_json(manifest_path(run_dir / "shards")), tunes, problems)
+    corrupt: dict[str, str] = {}
+    arms = load_arms(run_dir, problems, corrupt)
+    manifest = None
+    if manifest_path(run_dir / "shards").exists():
+        try:  # the report's shard figures come from the manifest: only a verified one
+            manifest = verify_shards(run_dir / "shards")
+        except ShardError as e:
+            corrupt["shards"] = f"corrupt: {manifest_path(run_dir / 'shards')} ({e})"
+            problems.append(corrupt["shards"])
+    return RunData(run_dir, config, stages, arms, read_json(run_dir / "quality" / "quality.json"),
+                   manifest, tunes, problems, corrupt)
 
 
 # --------------------------------------------------------------------------- arms

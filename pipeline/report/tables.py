@@ -83,7 +83,7 @@ def results_table(run: RunData | str | Path) -> list[dict[str, Any]]:
         comp = run.comparison(arm, "baseline")
         delta = paired_columns(comp)
         if res is None:
-            rows.append({"arm": arm, "status": NOT_RUN, "error_pct": None, "std_pct": None,
+            rows.append({"arm": arm, "status": run.corrupt.get(arm, NOT_RUN), "error_pct": None, "std_pct": None,
                          "n_seeds": 0, "val_error_pct": None,
                          "delta_vs_baseline_pp": None, "delta_std_pp": None,
                          "delta_n": 0, "delta_ci_low_pp": None, "delta_ci_high_pp": None,

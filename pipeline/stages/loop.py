@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import AugmentConfig
-from pipeline.runs import ROUND_TWO, aggregate_units, finished_record
+from pipeline.integrity import check_record, check_round
+from pipeline.runs import ROUND_TWO, aggregate_units, finished_record, flat_outputs
 from pipeline.stages.encode import run_encode
 from pipeline.stages.inputs import dataset_for, ssl_rel
 from pipeline.stages.keys import stage_keys
@@ -28,6 +29,8 @@ def run_loop(run_dir: Path, config: AugmentConfig) -> dict | None:
     keys = stage_keys(config)
     rec = finished_record(run_dir, "loop", keys["loop"])
     if rec is not None:
+        check_record(run_dir, "loop", rec, flat_outputs(rec.get("outputs", {})))
+        check_round(run_dir / ROUND_TWO)
         return {**rec, "skipped": True}
     pseudo = run_pseudo(run_dir, config)
     run_encode(run_dir, config, loop_round=2)

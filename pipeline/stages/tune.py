@@ -49,6 +49,7 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
     def body(unit_dir: Path, device: str) -> dict:
         import torch
 
+        from anl_core.inject import WEIGHTS_NAME, AdapterWeightsError, check_adapter_weights
         from pipeline.data.images import to_model_space
         from pipeline.generate.neighbors import tuning_pairs
 
@@ -71,6 +72,12 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
         tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
         remove_tree(tmp)
         model.save_pretrained(tmp)
+        try:  # a diverged tune saves NaN weights, which sample all-black images: stop here
+            check_adapter_weights(tmp / WEIGHTS_NAME)
+        except AdapterWeightsError as e:
+            remove_tree(tmp)
+            raise StageError(f"tuning class {class_idx} diverged: {e}; lower tuning.lr or "
+                             "raise tuning.warmup_steps") from None
         info = {"class": class_idx, "images": len(rows),
                 "pseudo_labeled": int(tok["pseudo"][rows].sum()) if "pseudo" in tok else 0,
                 "warm_start": warm,

@@ -36,7 +36,7 @@ def test_flow_runs_every_stage_and_a_rerun_skips_them(flow_prefect, flow_cfg):
     # the unkeyed ones (pretrain: the base is given; loop: one round) left none.
     keys = stage_keys(cfg)
     ran = [s for s in STAGE_ORDER if keys[s] is not None]
-    assert ran == ["split", "encode", "tune", "sample", "shards", "quality", "ssl", "report"]
+    assert ran == ["split", "fit", "encode", "tune", "sample", "shards", "quality", "ssl", "report"]
     for name in STAGE_ORDER:
         rec = read_json(run_dir / "stages" / f"{name}.json")
         if name not in ran:

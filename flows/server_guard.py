@@ -26,7 +26,7 @@ def watch():
     while os.getppid() == parent:
         time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own graceful shutdown first
-    time.sleep(10)
+    time.sleep(3)  # then no more waiting: nobody is left to talk to it
     os._exit(1)
 threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 sys.argv = ["uvicorn", *sys.argv[2:]]

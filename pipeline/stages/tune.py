@@ -70,7 +70,6 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
         # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
         tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
         remove_tree(tmp)
-        model.save_pretrained(tmp)
         info = {"class": class_idx, "images": len(rows),
                 "pseudo_labeled": int(tok["pseudo"][rows].sum()) if "pseudo" in tok else 0,
                 "warm_start": warm,
@@ -79,7 +78,12 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
                 "wall_s": round(result.seconds, 3), "param_counts": model.param_counts(),
                 "final_loss": float(np.mean(result.loss_history[-50:]))
                 if result.loss_history else None}
-        atomic_write_json(tmp / "tune.json", info)
+        try:
+            model.save_pretrained(tmp)
+            atomic_write_json(tmp / "tune.json", info)
+        except BaseException:
+            remove_tree(tmp)  # a failed save (a full disk) leaves no half folder behind
+            raise
         remove_tree(unit_dir)
         os.replace(tmp, unit_dir)
         return {k: v for k, v in info.items() if k != "loss_history"}

@@ -25,7 +25,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import tasks
 from pipeline.config import AugmentConfig, validate_config, with_overrides
-from pipeline.runs import clear_running, run_name
+from pipeline.run_lock import run_lock
+from pipeline.runs import FAILED, run_dir_for, run_name
 from pipeline.stages.pseudo import ROUND_TWO_ARMS
 from pipeline.stages.ssl import arms_at_once
 from pipeline.stages.tune import adapter_units
@@ -108,33 +109,39 @@ def augment(config: AugmentConfig, overrides: dict[str, Any] | list[str] | None 
     """
     config = with_overrides(config, overrides)
     tasks.preflight_task(config)
-    run_dir = tasks.prepare_run(config)
-    print(f"run directory: {run_dir}")
-    try:
-        split = tasks.split(run_dir, config)
-        if config.pretrains_base:
-            tasks.pretrain(run_dir, config)
-        tasks.fit(run_dir, config)
-        tasks.encode(run_dir, config)
-        classes = list(range(int(split["metrics"]["num_classes"])))
-        runner = make_task_runner(config)
-        adapt_classes.with_options(task_runner=runner)(run_dir, config, classes)
-        tasks.tune(run_dir, config)
-        tasks.sample(run_dir, config)
-        tasks.shards(run_dir, config)
-        tasks.quality(run_dir, config)
-        run_arms(run_dir, config, config.ssl.arms)
-        tasks.ssl(run_dir, config)
-        if config.loop.rounds == 2:
-            second_round(run_dir, config, classes)
-        report = tasks.report(run_dir, config)
-        tasks.publish_report(run_dir, config)
-    finally:
-        clear_running(run_dir)
-    (run_dir / "stages" / "failed.json").unlink(missing_ok=True)
-    path = run_dir / report["outputs"].get("html", "report.html")
+    # One writer per run directory, for the whole run (re-entrant: `augment run` took it
+    # before Prefect started); the per-class and arm tasks on worker processes run under it.
+    with run_lock(run_dir_for(config)):
+        report = _run_stages(config)
+    path = Path(report)
     print(f"report: {path}")
     return str(path)
+
+
+def _run_stages(config: AugmentConfig) -> str:
+    """Every stage of the run in order; returns the report's path."""
+    run_dir = tasks.prepare_run(config)
+    print(f"run directory: {run_dir}")
+    split = tasks.split(run_dir, config)
+    if config.pretrains_base:
+        tasks.pretrain(run_dir, config)
+    tasks.fit(run_dir, config)
+    tasks.encode(run_dir, config)
+    classes = list(range(int(split["metrics"]["num_classes"])))
+    runner = make_task_runner(config)
+    adapt_classes.with_options(task_runner=runner)(run_dir, config, classes)
+    tasks.tune(run_dir, config)
+    tasks.sample(run_dir, config)
+    tasks.shards(run_dir, config)
+    tasks.quality(run_dir, config)
+    run_arms(run_dir, config, config.ssl.arms)
+    tasks.ssl(run_dir, config)
+    if config.loop.rounds == 2:
+        second_round(run_dir, config, classes)
+    report = tasks.report(run_dir, config)
+    tasks.publish_report(run_dir, config)
+    (run_dir / "stages" / FAILED).unlink(missing_ok=True)  # a success: no failure to show
+    return str(run_dir / report["outputs"].get("html", "report.html"))
 
 
 def second_round(run_dir: Path, config: AugmentConfig, classes: list[int]) -> None:

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where run directories go, relative to the working directory (default: "
                         "the preset's runs_dir, runs/ in the repository)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--wait", action="store_true", help="when another process is running this "
+                   "config (its run directory is locked), wait for it instead of exiting 2")
     r.add_argument("--dry-run", action="store_true", help="validate, pre-flight, and print the "
                    "data's counts and each stage's time estimated from rates timed here")
     r.add_argument("--redo", action="append", default=[], metavar="STAGE", choices=STAGE_ORDER,
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.shard_format import ShardError
     from pipeline.generate.pretrain import PretrainError
     from pipeline.preflight import PreflightError
+    from pipeline.run_lock import RunLockedError
     from pipeline.runs import StageError
     from pipeline.ssl.export import ExportError
     from pipeline.sweep.spec import SweepError
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args) or 0
     except (ConfigError, PreflightError, PretrainError, SweepError, TransferError,
-            ExportError, ImageFileError, StageError, ShardError) as e:
+            ExportError, ImageFileError, StageError, ShardError, RunLockedError) as e:
         print(f"augment: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - any other failure: its one traceback, exit 1

@@ -97,11 +97,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print("\n".join(dry_run_report(config)))
         return 0
-    _one_traceback()
-    from flows.augment import augment
+    from pipeline.run_lock import run_lock
 
-    t0 = time.perf_counter()
-    report = augment(config=config)
+    # Before Prefect starts (seconds, not the temporary server's minute): a second run of
+    # this config exits 2 here naming the first, or queues behind it (--wait).
+    with run_lock(run_dir, wait=args.wait):
+        _one_traceback()
+        from flows.augment import augment
+
+        t0 = time.perf_counter()
+        report = augment(config=config)
     print(f"done in {time.perf_counter() - t0:.0f} s\nrun directory: {run_dir}\n"
           f"report: {report}")
     return 0
@@ -120,11 +125,16 @@ def _redo(run_dir: Path, stages: list[str], dry_run: bool) -> None:
 
 
 def _one_traceback() -> None:
-    """Prefect's console lines without the run tracebacks: ``main`` prints the failure's one
-    (or one line for an error it knows) when the flow call raises."""
+    """Called just before a flow starts. Prefect's console lines without the run tracebacks:
+    ``main`` prints the failure's one (or one line for an error it knows) when the flow call
+    raises. And the temporary API server Prefect is about to start dies with this process,
+    even by SIGKILL (flows.server_guard); here, not in ``main``: importing Prefect's server
+    costs seconds that `augment runs` should not pay."""
     from flows.logs import quiet_run_tracebacks
+    from flows.server_guard import install
 
     quiet_run_tracebacks()
+    install()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -190,10 +200,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         out = Path(args.out or "runs/ablation")
         print(f"ablation: {build_ablation_report(dirs, out)}")
         return 0
+    from pipeline.run_lock import run_lock
+
     rc = 0
     for d in dirs:
-        for p in build_run_report(d):
-            print(p)
+        with run_lock(d):  # not while a run writes into it (or another report does)
+            for p in build_run_report(d):
+                print(p)
         corrupt = _corrupt_files(d)
         if corrupt:  # the report is written, and says so; the exit code says it too
             rc = 2
@@ -259,7 +272,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                           "under runs/ (see `augment runs`)")
     config = load_config(run_dir)
     out = Path(args.out) if args.out else None
-    info = export_run_classifier(run_dir, config, arm=args.arm, seed=args.seed, out=out)
+    from pipeline.run_lock import run_lock
+
+    with run_lock(run_dir):  # it writes RUN_DIR/classifier and reads the arms' checkpoints
+        info = export_run_classifier(run_dir, config, arm=args.arm, seed=args.seed, out=out)
     where = out or run_dir / info["path"]
 
     def pct(v):

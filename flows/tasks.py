@@ -17,7 +17,7 @@ from flows.logs import route_logs
 from pipeline import runs, stages
 from pipeline.config import AugmentConfig
 from pipeline.preflight import preflight
-from pipeline.runs import init_run_dir, mark_running
+from pipeline.runs import init_run_dir
 from pipeline.stages.inputs import adapter_rel, round_root, sample_rel, ssl_rel
 from pipeline.stages.pseudo import run_pseudo
 from pipeline.stages.sample import run_sample_class
@@ -37,9 +37,8 @@ def preflight_task(config: AugmentConfig) -> dict:
 
 @task(name="prepare-run", **_opts)
 def prepare_run(config: AugmentConfig) -> Path:
-    run_dir = init_run_dir(config)
-    mark_running(run_dir)
-    return run_dir
+    """The run directory with its config (the flow holds the directory's lock already)."""
+    return init_run_dir(config)
 
 
 def _stage_task(stage: str, fn=None):

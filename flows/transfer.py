@@ -13,6 +13,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.logs import route_logs
+from pipeline.run_lock import run_lock
 from pipeline.runs import stage_failure_recorded
 from pipeline.transfer import TransferConfig
 from pipeline.transfer import run as transfer_run
@@ -56,10 +57,11 @@ report = _step_task("report")
 def transfer(config: TransferConfig) -> str:
     """Run (or resume) one transfer run; returns the path of its report.html."""
     check_inputs(config)
-    run_dir = prepare(config)
-    print(f"run directory: {run_dir}")
-    for step in (target, tune, sample, evaluate):
-        step(run_dir, config)
-    html = Path(run_dir) / report(run_dir, config)["outputs"]["html"]
+    with run_lock(transfer_run.transfer_run_dir(config)):  # one writer per run directory
+        run_dir = prepare(config)
+        print(f"run directory: {run_dir}")
+        for step in (target, tune, sample, evaluate):
+            step(run_dir, config)
+        html = Path(run_dir) / report(run_dir, config)["outputs"]["html"]
     print(f"report: {html}")
     return str(html)

@@ -24,6 +24,12 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def temp_prefix(name: str) -> str:
+    """``.<name>.tmp-<pid>-``: hidden, and naming its writer, so the next run of a killed one
+    removes it (pipeline.run_lock.remove_leftovers) once that pid is gone."""
+    return f".{name}.tmp-{os.getpid()}-"
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None], mode: int | None = None,
                  fsync: bool = False) -> Path:
     """Call ``write(tmp_path)``, then move the temp file onto ``path``.
@@ -33,7 +39,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], mode: int | Non
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
     os.close(fd)
     try:
         write(tmp)
@@ -86,6 +92,59 @@ def save_npz(path: str | Path, **arrays) -> Path:
             np.savez(f, **arrays)
 
     return atomic_write(path, write)
+
+
+RECORD_BYTES = 4096  # a small record's fixed size on disk: rewritable in place (write_record)
+
+
+def write_record(path: str | Path, obj: Any, spare: str | Path | None = None) -> Path:
+    """A small JSON record that must be written even on a full disk (a run's failure record,
+    written as the disk fills up): atomically when there is room, else over the bytes of the
+    record already there, or of ``spare`` (reserved with :func:`reserve_record` while there
+    was room) renamed onto ``path``. Always padded to ``RECORD_BYTES`` with spaces (valid
+    JSON), so a later record fits in its predecessor's blocks; a record that would not fit
+    loses the end of its longest text field, never its structure."""
+    path = Path(path)
+    data = _padded_json(obj)
+    try:
+        return atomic_write_bytes(path, data)
+    except OSError as full:
+        target = path if path.is_file() else Path(spare) if spare and Path(spare).is_file() else None
+        if target is None:
+            raise
+        try:
+            # r+b: overwrite the blocks the file already has (no new space on ext4, xfs,
+            # tmpfs; a copy-on-write filesystem may still refuse).
+            with open(target, "r+b") as f:
+                f.write(data)
+                f.truncate(len(data))
+                f.flush()
+                os.fsync(f.fileno())
+            if target != path:
+                os.replace(target, path)
+        except OSError:
+            raise full from None
+        return path
+
+
+def reserve_record(spare: str | Path) -> None:
+    """Set ``RECORD_BYTES`` aside at ``spare`` for a :func:`write_record` on a full disk."""
+    spare = Path(spare)
+    if not spare.is_file() or spare.stat().st_size < RECORD_BYTES:
+        atomic_write_bytes(spare, b" " * (RECORD_BYTES - 1) + b"\n")
+
+
+def _padded_json(obj: Any) -> bytes:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    while len(text.encode()) >= RECORD_BYTES and isinstance(obj, dict):
+        longest = max((k for k, v in obj.items() if isinstance(v, str)),
+                      key=lambda k: len(obj[k]), default=None)
+        if longest is None or not obj[longest]:
+            break
+        obj = {**obj, longest: obj[longest][: len(obj[longest]) // 2] + "..."}
+        text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+    raw = text.encode()
+    return raw + b" " * max(0, RECORD_BYTES - 1 - len(raw)) + b"\n"
 
 
 def finite(obj):

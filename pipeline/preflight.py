@@ -105,13 +105,86 @@ def check_budget(config: AugmentConfig, device: str) -> None:
             f"{MAX_CPU_SSL_STEPS} on the CPU), or run on a GPU")
 
 
-def estimated_output_bytes(config: AugmentConfig, num_classes: int, image_shape: tuple) -> int:
-    """Synthetic rows x bytes per row, twice (sample chunks + shards), plus adapters."""
-    rows = (num_classes * config.labels_per_class * config.sampling.per_condition
-            * len(config.sampling.mask_ratios))
+# What a run writes besides the synthetic rows, measured on a finished run: the report page,
+# the fit check's sample sheet, records and curves (about 0.3 MB at any size), and the PNG
+# and parquet framing of each synthetic row (shards hold PNG bytes; sample chunks raw pixels).
+FIXED_BYTES = 500_000
+ROW_OVERHEAD = 64
+# A classifier checkpoint holds the weights, their EMA and the optimizer's momentum (three
+# float32 copies); the exported classifier one more.
+CHECKPOINT_COPIES = 3
+# When the run pretrains its own base, the adapter cannot be measured on it before the run:
+# an adapter on the shipped 32-px base with the demo's settings is about 2 MB.
+UNMEASURED_ADAPTER_BYTES = 2_000_000
+ROUND_TWO_UNITS = 2  # the second round's arms per seed (pipeline.stages.pseudo.ROUND_TWO_ARMS)
+
+
+def encoder_tokens(spec: str) -> tuple[int, int]:
+    """(num_tokens, token_dim) of the condition encoder, from its name or its config alone
+    (anl_core.encoders: EfficientNet-Lite0 gives (size/32)^2 tokens of 1280, CLIP its patches
+    plus one of projection_dim)."""
+    if spec.startswith("efficientnet-lite0"):
+        size = int(spec.split("@", 1)[1]) if "@" in spec else 224
+        return (size // 32) ** 2, 1280
+    import json
+
+    name = spec.split(":", 1)[1] if spec.startswith("clip:") else spec
+    cfg = resolve_path(name) / "config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        vision = data.get("vision_config", data)
+        return ((vision.get("image_size", 224) // vision.get("patch_size", 32)) ** 2 + 1,
+                int(data.get("projection_dim", 512)))
+    return 50, 512  # clip-vit-base-patch32
+
+
+def adapter_bytes(config: AugmentConfig, base_dir: Path | None) -> int:
+    """One adapter's weights (float32), counted on the real base with the run's settings:
+    its size follows the base's attention layers and the encoder's token width, which no
+    constant captures (a fixed 50 MB per adapter was 17x too much for the demo)."""
+    if base_dir is None:
+        return UNMEASURED_ADAPTER_BYTES
+    from anl_core.inject import ANLConfig, attach_anl
+    from pipeline.models import load_base_unet
+
+    num_tokens, token_dim = encoder_tokens(config.encoder)
+    model = attach_anl(load_base_unet(base_dir)[0], ANLConfig(
+        token_dim=token_dim, num_tokens=num_tokens, **config.adapter.component().model_dump()))
+    return 4 * int(model.param_counts()["adapter"])
+
+
+def classifier_params(config: AugmentConfig, num_classes: int, image_shape: tuple) -> int:
+    from pipeline.ssl.nets import build_net
+
+    c = image_shape[-1]
+    net = build_net(config.ssl.net, num_classes, tuple(image_shape), [0.5] * c, [0.5] * c, 0,
+                    width=config.ssl.net_width)
+    return sum(p.numel() for p in net.parameters()) + sum(b.numel() for b in net.buffers())
+
+
+def estimated_output_bytes(config: AugmentConfig, num_classes: int, image_shape: tuple,
+                           base_dir: Path | None = None) -> int:
+    """What the run will write, from the config and the data's shape: synthetic rows twice
+    (sample chunks, then shards), the condition tokens, the adapters, a checkpoint per
+    classifier unit plus the exported classifier, and the fixed rest. Within 2x of a
+    finished run's bytes (tests/test_faults.py measures one)."""
     h, w, c = image_shape
+    labeled = num_classes * config.labels_per_class
+    rows = labeled * config.sampling.per_condition * len(config.sampling.mask_ratios)
+    num_tokens, token_dim = encoder_tokens(config.encoder)
     adapters = num_classes if config.adapter.scope == "per-class" else 1
-    return 2 * rows * (h * w * c + 64) + adapters * 50_000_000
+    units = len(config.ssl.arms) * len(config.ssl.seeds)
+    rounds = config.loop.rounds
+    if rounds == 2:  # round 2 samples again (from more conditions) and trains two more arms
+        units += ROUND_TWO_UNITS * len(config.ssl.seeds)
+        rows += num_classes * config.loop.per_class * config.loop.per_condition * \
+            len(config.sampling.mask_ratios)
+    classifier = 4 * classifier_params(config, num_classes, image_shape)
+    return int(2 * rows * (h * w * c + ROW_OVERHEAD)
+               + rounds * labeled * num_tokens * token_dim * 4
+               + rounds * adapters * adapter_bytes(config, base_dir)
+               + (units * CHECKPOINT_COPIES + 1) * classifier
+               + FIXED_BYTES)
 
 
 def check_disk(config: AugmentConfig, need: int) -> int:
@@ -240,7 +313,8 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
     base_images = None if base is None else check_disjoint(config, Path(base))
     check_budget(config, device)
     encoder = check_encoder(config.encoder)
-    need = estimated_output_bytes(config, ds.num_classes, ds.image_shape)
+    need = estimated_output_bytes(config, ds.num_classes, ds.image_shape,
+                                  None if base is None else Path(base))
     free = check_disk(config, need)
     return {"device": device, "dataset": ds.name, "image_shape": list(ds.image_shape),
             "num_classes": ds.num_classes, "unlabeled_images": ds.num_unlabeled,

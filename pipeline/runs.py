@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import integrity
-from pipeline.atomic import atomic_write_json
+from pipeline.atomic import atomic_write_json, reserve_record, write_record
 from pipeline.config import AugmentConfig, config_hash, saved_metadata
 from pipeline.integrity import ROUND_TWO, UNIT_MARKER, IntegrityError, StageError  # noqa: F401
 from pipeline.provenance import Meter, device_label
 from pipeline.stage_graph import STAGE_ORDER
 
-LOCK_NAME = "running.json"
+LOCK_NAME = "running.json"  # who holds the run's lock (pipeline.run_lock)
+FAILED = "failed.json"  # the last failure: its stage and error
+FAILED_SPARE = ".failed.json.spare"  # room set aside to write it on a full disk
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ def init_run_dir(config: AugmentConfig) -> Path:
     run_dir = run_dir_for(config)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     config.save_pretrained(run_dir)
+    reserve_record(run_dir / "stages" / FAILED_SPARE)
     return run_dir
 
 
@@ -93,18 +96,6 @@ def load_run_config(run_dir: str | Path) -> AugmentConfig:
 
 
 # --------------------------------------------------------------------------- liveness
-
-
-def mark_running(run_dir: Path) -> Path:
-    return atomic_write_json(run_dir / "stages" / LOCK_NAME,
-                             {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-
-
-def clear_running(run_dir: Path) -> None:
-    lock = run_dir / "stages" / LOCK_NAME
-    info = read_json(lock)
-    if info and info.get("pid") == os.getpid():
-        lock.unlink(missing_ok=True)
 
 
 def _is_alive(info: dict | None) -> bool:
@@ -132,13 +123,26 @@ class RunInfo:
     error: str | None = None
 
 
+def current_failure(failure: dict | None, records: dict[str, dict | None]) -> dict | None:
+    """``failure`` unless the stage it names has finished since (a rerun that got past it
+    but could not remove the record, or wrote it on a full disk): an old stage shown as the
+    run's failure sends its reader to the wrong place."""
+    if not failure:
+        return None
+    rec = records.get(str(failure.get("stage"))) or {}
+    if float(rec.get("finished", 0) or 0) > float(failure.get("time", 0) or 0):
+        return None
+    return failure
+
+
 def run_status(run_dir: str | Path) -> RunInfo:
     run_dir = Path(run_dir)
     cfg = read_json(run_dir / "config.json") or {}
     stages_dir = run_dir / "stages"
-    records = {p.stem: read_json(p) for p in stages_dir.glob("*.json") if p.name != LOCK_NAME}
+    records = {p.stem: read_json(p) for p in stages_dir.glob("*.json")
+               if p.name not in (LOCK_NAME, FAILED)}
     done = [s for s in STAGE_ORDER if records.get(s)]
-    failure = read_json(stages_dir / "failed.json")
+    failure = current_failure(read_json(stages_dir / FAILED), records)
     if "report" in done:
         status = "complete"
     elif _is_alive(read_json(stages_dir / LOCK_NAME)):
@@ -386,7 +390,11 @@ def stage_failure_recorded(run_dir: Path, stage: str):
     try:
         yield
     except BaseException as e:
-        atomic_write_json(Path(run_dir) / "stages" / "failed.json",
-                          {"stage": stage, "error": f"{type(e).__name__}: {e}"[:2000],
-                           "time": time.time()})
+        stages_dir = Path(run_dir) / "stages"
+        record = {"stage": stage, "error": f"{type(e).__name__}: {e}"[:2000], "time": time.time()}
+        try:  # in place of the last record, or in the room set aside, when the disk is full
+            write_record(stages_dir / FAILED, record, spare=stages_dir / FAILED_SPARE)
+        except OSError as also:
+            log.error("could not record the failure of stage %s in %s: %s", stage,
+                      stages_dir / FAILED, also)
         raise

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_write_text, new_file_mode
+from pipeline.atomic import atomic_write_text, new_file_mode, temp_prefix
 from pipeline.data.shard_format import (
     IMAGE_TYPE,
     LEGACY_MANIFEST,
@@ -268,7 +268,7 @@ class ShardWriter:
 
     def _start_shard(self) -> None:
         name = f"{self.prefix}-{len(self._shards):05d}.parquet"
-        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=temp_prefix(name))
         os.close(fd)
         self._tmp = Path(tmp)
         # PNG bytes are already compressed: storing them raw saves CPU and costs nothing.

@@ -71,13 +71,6 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
         # Write into a temp dir, swap it in: a killed tune leaves no half-saved adapter.
         tmp = unit_dir.with_name(f".{unit_dir.name}.tmp-{os.getpid()}")
         remove_tree(tmp)
-        model.save_pretrained(tmp)
-        try:  # a diverged tune saves NaN weights, which sample all-black images: stop here
-            check_adapter_weights(tmp / WEIGHTS_NAME)
-        except AdapterWeightsError as e:
-            remove_tree(tmp)
-            raise StageError(f"tuning class {class_idx} diverged: {e}; lower tuning.lr or "
-                             "raise tuning.warmup_steps") from None
         info = {"class": class_idx, "images": len(rows),
                 "pseudo_labeled": int(tok["pseudo"][rows].sum()) if "pseudo" in tok else 0,
                 "warm_start": warm,
@@ -86,7 +79,18 @@ def run_tune_class(run_dir: Path, config: AugmentConfig, class_idx: int | None,
                 "wall_s": round(result.seconds, 3), "param_counts": model.param_counts(),
                 "final_loss": float(np.mean(result.loss_history[-50:]))
                 if result.loss_history else None}
-        atomic_write_json(tmp / "tune.json", info)
+        try:
+            model.save_pretrained(tmp)
+            # A diverged tune saves NaN weights, which sample all-black images: stop here.
+            check_adapter_weights(tmp / WEIGHTS_NAME)
+            atomic_write_json(tmp / "tune.json", info)
+        except AdapterWeightsError as e:
+            remove_tree(tmp)
+            raise StageError(f"tuning class {class_idx} diverged: {e}; lower tuning.lr or "
+                             "raise tuning.warmup_steps") from None
+        except BaseException:
+            remove_tree(tmp)  # a failed save (a full disk) leaves no half folder behind
+            raise
         remove_tree(unit_dir)
         os.replace(tmp, unit_dir)
         return {k: v for k, v in info.items() if k != "loss_history"}

@@ -75,6 +75,22 @@ def run_repetition(config: AugmentConfig, log: Callable[[str], None] = print
                    ) -> dict[str, Any]:
     """Stages up to the shards (when an arm reads them), then every arm of ``config.ssl``
     with its one seed; returns {"run_dir", "stages", "arms": {arm: kept metrics}}."""
+    from pipeline.run_lock import run_lock
+    from pipeline.runs import run_dir_for
+
+    if config.pretrains_base:
+        raise ValueError("a sweep tunes on a fixed base_model; this config pretrains one "
+                         "(remove its pretrain: section, or pretrain once with `augment "
+                         "pretrain` and name the folder as base_model)")
+    # Each repetition has its own run directory (the seed is in its config hash), so the
+    # parallel workers never wait on each other's: this lock keeps out a second sweep or an
+    # `augment run` of the same config. It is taken before the synthesis lock, and each
+    # worker holds one run lock at most, so no two workers wait on each other in a circle.
+    with run_lock(run_dir_for(config)):
+        return _run_repetition(config, log)
+
+
+def _run_repetition(config: AugmentConfig, log: Callable[[str], None]) -> dict[str, Any]:
     from pipeline.runs import init_run_dir
     from pipeline.stages import STAGE_FUNCTIONS
     from pipeline.stages.inputs import ssl_rel
@@ -83,10 +99,6 @@ def run_repetition(config: AugmentConfig, log: Callable[[str], None] = print
     from pipeline.stages.pseudo import ROUND_TWO_ARMS
     from pipeline.stages.ssl import run_ssl_arm
 
-    if config.pretrains_base:
-        raise ValueError("a sweep tunes on a fixed base_model; this config pretrains one "
-                         "(remove its pretrain: section, or pretrain once with `augment "
-                         "pretrain` and name the folder as base_model)")
     run_dir = init_run_dir(config)
     arms = list(config.ssl.arms)
     stage_log = {}

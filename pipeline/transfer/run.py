@@ -137,12 +137,16 @@ def _save_model(model: nn.Module, tokens: torch.Tensor | None, out: Path, info: 
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if tokens is None:
-        model.net.save_pretrained(tmp)
-    else:
-        model.save_pretrained(tmp)
-        save_file({"tokens": tokens.contiguous()}, str(tmp / "condition_tokens.safetensors"))
-    atomic_write_json(tmp / "tune.json", info)
+    try:
+        if tokens is None:
+            model.net.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+            save_file({"tokens": tokens.contiguous()}, str(tmp / "condition_tokens.safetensors"))
+        atomic_write_json(tmp / "tune.json", info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (a full disk): no half folder
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 

@@ -7,6 +7,7 @@ with a message naming the parameter and the ways to fix it, not after an hour of
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,38 @@ def check_encoder(spec: str) -> str:
 
 def _has_weights(snap: Path) -> bool:
     return any(snap.glob("*.safetensors")) or any(snap.glob("*.bin"))
+
+
+def check_writable(root: Path, key: str = "runs_dir") -> Path:
+    """Raise unless a folder can be made where the runs go: the run would otherwise fail at
+    its first write, after the data was read. Probed the way a run writes (a folder made and
+    removed again) in the nearest existing folder, so a dry run leaves nothing behind; a
+    read-only mount, a file in the way or a missing permission all fail here (as root,
+    chmod alone does not)."""
+    probe = Path(root)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PreflightError(f"{key}={str(root)!r}: {probe} is a file, not a folder; point "
+                             f"{key} (--runs-dir) at a folder, or move the file")
+    try:
+        Path(tempfile.mkdtemp(prefix=".augment-write-probe-", dir=probe)).rmdir()
+    except OSError as e:
+        raise PreflightError(f"{key}={str(root)!r}: cannot write in {probe} ({e.strerror}); "
+                             f"point {key} (--runs-dir) at a writable folder or fix its "
+                             "permissions") from None
+    return probe
+
+
+def check_algorithm(config: AugmentConfig) -> None:
+    """The config names only registered algorithms (pipeline.ssl.config.ALGORITHM_NAMES);
+    this asks the registry itself, so a name dropped from it fails now, not after every
+    other stage ran."""
+    from pipeline.ssl.algorithms import ALGORITHMS
+
+    if config.ssl.algorithm not in ALGORITHMS:
+        raise PreflightError(f"ssl.algorithm={config.ssl.algorithm!r} is not registered here; "
+                             f"choose one of {', '.join(ALGORITHMS)}")
 
 
 def check_device(config: AugmentConfig) -> str:
@@ -209,6 +242,8 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
     from pipeline.data.datasets import DatasetError, load_dataset_cached
 
     device = check_device(config)
+    check_writable(config.runs_root())
+    check_algorithm(config)
     try:
         ds = load_dataset_cached(config.dataset, config.dataset_root, config.download,
                                  **config.loader_options())
@@ -219,6 +254,10 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
         from pipeline.data.splits import halves
 
         labels = labels[halves(labels, config.half_seed)["task"]]
+    if ds.num_classes < 2:
+        raise PreflightError(f"dataset={config.dataset!r}: {ds.name} has {ds.num_classes} "
+                             "class; a classifier needs at least two (one sub-folder per "
+                             "class, each with labeled images)")
     # Unlabeled images (label UNLABELED) are no class's: they never count towards one.
     counts = [int((labels == c).sum()) for c in range(ds.num_classes)]
     min_count = min(counts)

@@ -6,6 +6,7 @@ with a message naming the parameter and the ways to fix it, not after an hour of
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -165,7 +166,6 @@ def check_disjoint(config: AugmentConfig, base_dir: Path) -> str | None:
     base's ``training.json`` says which they were and either side declares a half. Returns
     what is known: "disjoint", "overlap" (the whole-set regime: the base saw the pool), or
     None (a base made elsewhere)."""
-    import json
 
     record = Path(base_dir) / "training.json"
     pool = json.loads(record.read_text()).get("pool") if record.is_file() else None
@@ -193,7 +193,6 @@ def check_disjoint(config: AugmentConfig, base_dir: Path) -> str | None:
 
 def base_shape(base_dir: Path) -> tuple[int, int]:
     """(in_channels, sample_size) from a diffusers UNet config, without loading weights."""
-    import json
 
     cfg = json.loads((Path(base_dir) / "config.json").read_text())
     size = cfg.get("sample_size", 32)
@@ -237,6 +236,22 @@ def check_fit(config: AugmentConfig, image_shape: tuple, base_dir: Path | None) 
             "smaller image_size with a base made for it (`pretrain:`)")
 
 
+def check_placement(config: AugmentConfig, base_dir: Path | None) -> None:
+    """adapter.placement's block indices against the U-Net's blocks (its config.json, or the
+    pretrain section's levels): a bad index would otherwise fail when tuning attaches."""
+    from anl_core.inject import placement_slots
+
+    if base_dir is None:
+        n_down = n_up = len(config.pretrain.block_out_channels)
+    else:
+        cfg = json.loads((Path(base_dir) / "config.json").read_text())
+        n_down, n_up = len(cfg.get("down_block_types", ())), len(cfg.get("up_block_types", ()))
+    try:
+        placement_slots(config.adapter.placement, n_down, n_up)
+    except ValueError as e:
+        raise PreflightError(f"adapter.placement={config.adapter.placement}: {e}") from None
+
+
 def preflight(config: AugmentConfig) -> dict[str, Any]:
     """Every check, cheapest first. Returns what was resolved (for the run record)."""
     from pipeline.data.datasets import DatasetError, load_dataset_cached
@@ -276,6 +291,7 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
             f"validation_per_class=N) to at most {min_count - config.labels_per_class}")
     base = None if config.pretrains_base else str(resolve_base_model(config.base_model))
     check_fit(config, ds.image_shape, None if base is None else Path(base))
+    check_placement(config, None if base is None else Path(base))
     base_images = None if base is None else check_disjoint(config, Path(base))
     check_budget(config, device)
     encoder = check_encoder(config.encoder)

@@ -123,6 +123,8 @@ SET_CASES = [
     ("arms_at_once=true", "arms_at_once"),
     ("fit.samples=true", "fit.samples=True"),
     ("shards.rows_per_shard=0", "shards.rows_per_shard=0"),
+    ("adapter.placement={down: [7], mid: true}", "adapter.placement", "down"),  # pre-flight
+    ("adapter.placement={sideways: all}", "adapter.placement.sideways"),
     ("pretrain.steps=true", "pretrain.steps=True"),
     ("pretrain.extra.bogus=1", "pretrain.extra"),
     ("preset=/tmp/elsewhere", "preset='/tmp/elsewhere'"),  # would name the run's directory

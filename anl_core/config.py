@@ -6,28 +6,41 @@ by the same bounds ``tune_adapter`` and ``attach_anl`` rely on.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Every settings model of the method and the pipeline validates this way (pipeline.config
+# composes them): an unknown key fails naming it; strict types, so ``true`` is not read as
+# the step count 1 nor ``"8"`` as 8 (an int is still a valid float); and no inf or nan, which
+# would pass every ``ge`` bound and surface hours later as a NaN loss or a hung loop.
+STRICT = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+# Seeds: numpy's generators take 0 <= seed < 2**32, so a negative seed fails only mid-run.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# Step counts are bounded so that a typo (an extra zero or three) fails here, naming the
+# maximum, rather than planning a run that never ends.
+MAX_TUNE_STEPS = 10**6
 
 
 class TuneConfig(BaseModel):
     """Adapter tuning (``anl_core.tuning.tune_adapter``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = STRICT
 
-    steps: int = Field(1000, ge=0)  # 0: the zero-initialised adapter, i.e. the base model
+    # 0: the zero-initialised adapter, i.e. the base model
+    steps: int = Field(1000, ge=0, le=MAX_TUNE_STEPS)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, le=MAX_TUNE_STEPS)
     grad_clip: float = Field(1.0, ge=0)
     ema_decay: float = Field(0.999, ge=0, le=1)  # with the usual (1 + n) / (10 + n) warm-up
     use_ema: bool = True  # load the EMA weights into the model when tuning ends
     cond_dropout: float = Field(0.1, ge=0, le=1)  # probability a sample trains the null condition
     train_mask_ratio: float = Field(0.0, ge=0, le=1)  # masks a uniform [0, this] share of tokens
     hflip: bool = True
-    seed: int = 0
+    seed: Seed = 0
     log_every: int = Field(1, ge=1)  # loss_history keeps every n-th step's loss
 
 
@@ -39,7 +52,7 @@ class AdapterShape(BaseModel):
     width of the condition tokens.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = STRICT
 
     placement: dict[Literal["down", "mid", "up"], bool | Literal["all"] | list[int]] = Field(
         default_factory=lambda: {"down": "all", "mid": True, "up": "all"})

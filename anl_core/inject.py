@@ -99,22 +99,30 @@ def _out_channels(block: nn.Module) -> int:
     return block.resnets[-1].out_channels
 
 
-def _placed_blocks(unet: UNet2DModel, placement: dict[str, Any]) -> dict[str, nn.Module]:
-    """Map adapter slot name ('down.0', 'mid', 'up.2', ...) -> the U-Net block it follows."""
+def placement_slots(placement: dict[str, Any], n_down: int, n_up: int,
+                    has_mid: bool = True) -> list[str]:
+    """The adapter slots ('down.0', 'mid', 'up.2', ...) ``placement`` selects on a U-Net with
+    these block counts; ValueError naming the bad index. Needs only the counts (a U-Net's
+    config.json has them), so a run checks its placement before loading any weights."""
     unknown = set(placement) - {"down", "mid", "up"}
     if unknown:
         raise ValueError(f"placement keys must be 'down', 'mid', 'up'; got {sorted(unknown)}")
-    slots: dict[str, nn.Module] = {}
-    for i in _resolve_indices(placement.get("down"), len(unet.down_blocks), "down"):
-        slots[f"down.{i}"] = unet.down_blocks[i]
-    if placement.get("mid") and unet.mid_block is not None:
-        slots["mid"] = unet.mid_block
-    for i in _resolve_indices(placement.get("up"), len(unet.up_blocks), "up"):
-        slots[f"up.{i}"] = unet.up_blocks[i]
+    slots = [f"down.{i}" for i in _resolve_indices(placement.get("down"), n_down, "down")]
+    slots += ["mid"] if placement.get("mid") and has_mid else []
+    slots += [f"up.{i}" for i in _resolve_indices(placement.get("up"), n_up, "up")]
     if not slots:
         raise ValueError("placement selects no U-Net blocks; use e.g. "
                          "{'down': 'all', 'mid': True, 'up': 'all'}")
     return slots
+
+
+def _placed_blocks(unet: UNet2DModel, placement: dict[str, Any]) -> dict[str, nn.Module]:
+    """Map adapter slot name ('down.0', 'mid', 'up.2', ...) -> the U-Net block it follows."""
+    blocks = {"mid": unet.mid_block,
+              **{f"down.{i}": b for i, b in enumerate(unet.down_blocks)},
+              **{f"up.{i}": b for i, b in enumerate(unet.up_blocks)}}
+    return {slot: blocks[slot] for slot in placement_slots(
+        placement, len(unet.down_blocks), len(unet.up_blocks), unet.mid_block is not None)}
 
 
 def _module_key(slot: str) -> str:

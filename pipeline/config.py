@@ -23,10 +23,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from anl_core.config import TuneConfig
+from anl_core.config import Seed, TuneConfig
 from pipeline.config_sections import (
     AdapterSection,
     ExportSection,
@@ -46,7 +45,7 @@ from pipeline.digest import digest
 from pipeline.paths import PRESETS_DIR, resolve_path
 from pipeline.ssl.config import BUDGETS, RECIPES
 from pipeline.stage_graph import STAGE_PARTS, stage_key_of
-from pipeline.validation import explain
+from pipeline.validation import YAMLTextError, explain, load_yaml
 
 
 class ConfigError(ValueError):
@@ -82,12 +81,12 @@ class AugmentConfig(Section):
     # Held-out validation images per class (labels read only to choose settings; never
     # trained on, removed from the unlabeled pool); 0: none, the curve points use test images.
     validation_per_class: int = Field(0, ge=0)
-    split_seed: int = 0
+    split_seed: Seed = 0
     # "task-half": labels, pool and validation come from the task half of the training set,
     # cut once by half_seed (pipeline.data.splits.halves); the other half is the base
     # model's (`augment pretrain --half base`), so the base never saw a task image.
     task_images: Literal["all", "task-half"] = "all"
-    half_seed: int = 0
+    half_seed: Seed = 0
     image_size: int = Field(32, ge=8)
     base_model: str = "data/models/fashion-mnist-ddpm-32"
     pretrain: PretrainSection | None = None
@@ -113,6 +112,16 @@ class AugmentConfig(Section):
     arms_at_once: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     runs_dir: str = "runs"
     progress: bool = True
+
+    @field_validator("preset")
+    @classmethod
+    def _a_name_not_a_path(cls, name: str) -> str:
+        # The run directory is named after it (pipeline.runs.run_name slugs it, so it stays
+        # inside runs_dir anyway): a path here is a mistake to name, not to flatten silently.
+        if not name.strip() or any(c in name for c in "/\\\0") or name.strip(".") == "":
+            raise ValueError("a preset's name names its run directory, not a folder: use a "
+                             "name such as 'my-data' and set runs_dir for where runs go")
+        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> AugmentConfig:
@@ -194,11 +203,11 @@ class AugmentConfig(Section):
 # --------------------------------------------------------------------------- errors
 
 
-def validate_config(data: dict[str, Any]) -> AugmentConfig:
+def validate_config(data: dict[str, Any], where: str = "configuration") -> AugmentConfig:
     try:
         return AugmentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(explain(e)) from None
+        raise ConfigError(explain(e, where)) from None
 
 
 # --------------------------------------------------------------------------- presets
@@ -239,7 +248,10 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key=value (e.g. sampling.guidance=3)")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
+        except YAMLTextError as e:
+            raise ConfigError(f"{e}; quote it as a string, or write a list as [a, b]") from None
     return out
 
 
@@ -259,18 +271,40 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return data
 
 
+def read_preset(path: Path) -> dict[str, Any]:
+    """A preset file's mapping; every way it can be unreadable is one line naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"preset {path} cannot be read ({e})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text, str(path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON at line {e.lineno}: {e.msg}") from None
+    except YAMLTextError as e:
+        raise ConfigError(str(e)) from None
+    if data is None:
+        # Not all defaults: those are USB's GPU budget (2^20 classifier steps); an empty file
+        # is far more often a mistake than that choice.
+        raise ConfigError(f"preset {path} is empty; write its parameters (`augment init DIR` "
+                          "writes one for a folder of images) or name a shipped preset "
+                          f"({', '.join(available_presets())})")
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path} must be a YAML mapping of parameters (key: value "
+                          f"lines), not a {type(data).__name__}")
+    return data
+
+
 def load_config(preset: str | Path, overrides: list[str] | dict[str, Any] | None = None
                 ) -> AugmentConfig:
     """Read a preset (name or YAML path), apply ``key=value`` overrides, validate."""
     path = preset_path(preset)
-    with open(path) as f:
-        data = (json.load(f) if path.suffix == ".json" else yaml.safe_load(f)) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"preset {path} must be a YAML mapping of parameters")
+    data = read_preset(path)
     for key in (META_KEY, *LEGACY_META_KEYS):  # a saved config's metadata: not a field
         data.pop(key, None)
     data.setdefault("preset", path.stem)
-    return validate_config(apply_overrides(data, parse_overrides(overrides)))
+    data = apply_overrides(data, parse_overrides(overrides))
+    return validate_config(data, f"configuration ({path}{' with --set' if overrides else ''})")
 
 
 def with_overrides(config: AugmentConfig, overrides: list[str] | dict[str, Any] | None

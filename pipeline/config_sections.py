@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from anl_core.config import AdapterShape
+from anl_core.config import STRICT, AdapterShape, Seed
 from pipeline.evaluate.quality_config import QualityConfig
 from pipeline.generate.pretrain_config import PretrainConfig
 from pipeline.ssl.arm_names import SUPERVISED_ARMS, base_arm
@@ -25,8 +25,9 @@ Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 class Section(BaseModel):
     """A part of the run's configuration (and the whole, ``AugmentConfig``)."""
 
-    # extra="forbid": a misspelt key must fail, naming the key, rather than be ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A misspelt key must fail, naming the key, rather than be ignored; strict types, no inf
+    # or nan (anl_core.config.STRICT, shared by the components' own models).
+    model_config = STRICT
 
 
 class _ComponentSection:
@@ -81,7 +82,7 @@ class NeighborsSection(Section):
     per_image: int = Field(0, ge=0)
     pool: int = Field(5000, ge=1)
     self_share: Ratio = 0.5
-    seed: int = 0
+    seed: Seed = 0
 
 
 class FilterSection(Section):
@@ -98,7 +99,7 @@ class FilterSection(Section):
     # share of ``copy_pool`` real unlabeled images are; 0 = keep them.
     copy_quantile: float = Field(0.0, ge=0, lt=1)
     copy_pool: int = Field(2000, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @property
     def enabled(self) -> bool:
@@ -109,15 +110,17 @@ class SamplingSection(Section):
     """Masked, guided sampling: ``per_condition`` images per labeled image and mask ratio."""
 
     per_condition: int = Field(8, ge=1)
-    mask_ratios: list[Ratio] = Field(default_factory=lambda: [0.3], min_length=1)
+    # strict=False on lists: a tuple from Python code is a list (their items stay strict).
+    mask_ratios: list[Ratio] = Field(default_factory=lambda: [0.3], min_length=1, strict=False)
     guidance: float = Field(2.0, ge=0)
-    num_inference_steps: int = Field(50, ge=1)
+    # DDIM takes at most the base's training timesteps (1000 for every shipped base).
+    num_inference_steps: int = Field(50, ge=1, le=1000)
     scheduler: Literal["ddim"] = "ddim"
     eta: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
     # Conditions per chunk file: a killed sampling stage loses at most one chunk.
     chunk_conditions: int = Field(4, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     compile: bool = False
 
 
@@ -143,8 +146,9 @@ class SSLSection(_ComponentSection, SSLConfig):
     arms: list[Literal["supervised", "supervised+synthetic", "baseline", "augmented", "replay",
                        "control", "pool-oracle", "baseline-2x", "augmented-2x",
                        "supervised-2x", "supervised+synthetic-2x"]] = Field(
-        default_factory=lambda: ["supervised", "baseline", "augmented", "control"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+        default_factory=lambda: ["supervised", "baseline", "augmented", "control"], min_length=1,
+        strict=False)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, strict=False)
     budget: str | None = None
     recipe: str | None = None
     # The control arm draws its judged real rows from this many unlabeled images.
@@ -235,7 +239,7 @@ class FitSection(Section):
     pool: int = Field(256, ge=16, le=20000)
     k: int = Field(3, ge=1, le=50)
     min_relative_coverage: Ratio = 0.5
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
 
 
 class ExportSection(Section):
@@ -250,4 +254,4 @@ class ExportSection(Section):
 
     enabled: bool = True
     arm: str = "best"
-    seed: int | None = None
+    seed: Seed | None = None

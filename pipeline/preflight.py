@@ -6,7 +6,9 @@ with a message naming the parameter and the ways to fix it, not after an hour of
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,38 @@ def check_encoder(spec: str) -> str:
 
 def _has_weights(snap: Path) -> bool:
     return any(snap.glob("*.safetensors")) or any(snap.glob("*.bin"))
+
+
+def check_writable(root: Path, key: str = "runs_dir") -> Path:
+    """Raise unless a folder can be made where the runs go: the run would otherwise fail at
+    its first write, after the data was read. Probed the way a run writes (a folder made and
+    removed again) in the nearest existing folder, so a dry run leaves nothing behind; a
+    read-only mount, a file in the way or a missing permission all fail here (as root,
+    chmod alone does not)."""
+    probe = Path(root)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PreflightError(f"{key}={str(root)!r}: {probe} is a file, not a folder; point "
+                             f"{key} (--runs-dir) at a folder, or move the file")
+    try:
+        Path(tempfile.mkdtemp(prefix=".augment-write-probe-", dir=probe)).rmdir()
+    except OSError as e:
+        raise PreflightError(f"{key}={str(root)!r}: cannot write in {probe} ({e.strerror}); "
+                             f"point {key} (--runs-dir) at a writable folder or fix its "
+                             "permissions") from None
+    return probe
+
+
+def check_algorithm(config: AugmentConfig) -> None:
+    """The config names only registered algorithms (pipeline.ssl.config.ALGORITHM_NAMES);
+    this asks the registry itself, so a name dropped from it fails now, not after every
+    other stage ran."""
+    from pipeline.ssl.algorithms import ALGORITHMS
+
+    if config.ssl.algorithm not in ALGORITHMS:
+        raise PreflightError(f"ssl.algorithm={config.ssl.algorithm!r} is not registered here; "
+                             f"choose one of {', '.join(ALGORITHMS)}")
 
 
 def check_device(config: AugmentConfig) -> str:
@@ -205,7 +239,6 @@ def check_disjoint(config: AugmentConfig, base_dir: Path) -> str | None:
     base's ``training.json`` says which they were and either side declares a half. Returns
     what is known: "disjoint", "overlap" (the whole-set regime: the base saw the pool), or
     None (a base made elsewhere)."""
-    import json
 
     record = Path(base_dir) / "training.json"
     pool = json.loads(record.read_text()).get("pool") if record.is_file() else None
@@ -233,7 +266,6 @@ def check_disjoint(config: AugmentConfig, base_dir: Path) -> str | None:
 
 def base_shape(base_dir: Path) -> tuple[int, int]:
     """(in_channels, sample_size) from a diffusers UNet config, without loading weights."""
-    import json
 
     cfg = json.loads((Path(base_dir) / "config.json").read_text())
     size = cfg.get("sample_size", 32)
@@ -277,11 +309,29 @@ def check_fit(config: AugmentConfig, image_shape: tuple, base_dir: Path | None) 
             "smaller image_size with a base made for it (`pretrain:`)")
 
 
+def check_placement(config: AugmentConfig, base_dir: Path | None) -> None:
+    """adapter.placement's block indices against the U-Net's blocks (its config.json, or the
+    pretrain section's levels): a bad index would otherwise fail when tuning attaches."""
+    from anl_core.inject import placement_slots
+
+    if base_dir is None:
+        n_down = n_up = len(config.pretrain.block_out_channels)
+    else:
+        cfg = json.loads((Path(base_dir) / "config.json").read_text())
+        n_down, n_up = len(cfg.get("down_block_types", ())), len(cfg.get("up_block_types", ()))
+    try:
+        placement_slots(config.adapter.placement, n_down, n_up)
+    except ValueError as e:
+        raise PreflightError(f"adapter.placement={config.adapter.placement}: {e}") from None
+
+
 def preflight(config: AugmentConfig) -> dict[str, Any]:
     """Every check, cheapest first. Returns what was resolved (for the run record)."""
     from pipeline.data.datasets import DatasetError, load_dataset_cached
 
     device = check_device(config)
+    check_writable(config.runs_root())
+    check_algorithm(config)
     try:
         ds = load_dataset_cached(config.dataset, config.dataset_root, config.download,
                                  **config.loader_options())
@@ -292,6 +342,10 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
         from pipeline.data.splits import halves
 
         labels = labels[halves(labels, config.half_seed)["task"]]
+    if ds.num_classes < 2:
+        raise PreflightError(f"dataset={config.dataset!r}: {ds.name} has {ds.num_classes} "
+                             "class; a classifier needs at least two (one sub-folder per "
+                             "class, each with labeled images)")
     # Unlabeled images (label UNLABELED) are no class's: they never count towards one.
     counts = [int((labels == c).sum()) for c in range(ds.num_classes)]
     min_count = min(counts)
@@ -310,6 +364,7 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
             f"validation_per_class=N) to at most {min_count - config.labels_per_class}")
     base = None if config.pretrains_base else str(resolve_base_model(config.base_model))
     check_fit(config, ds.image_shape, None if base is None else Path(base))
+    check_placement(config, None if base is None else Path(base))
     base_images = None if base is None else check_disjoint(config, Path(base))
     check_budget(config, device)
     encoder = check_encoder(config.encoder)

@@ -217,3 +217,31 @@ def test_a_saved_config_keeps_its_metadata_apart_and_old_records_still_load(tmp_
     record["_meta"] = {"config_hash": "tampered"}  # metadata never reaches a field or a hash
     (tmp_path / "meta.json").write_text(json.dumps(record))
     assert config_hash(AugmentConfig.from_pretrained(tmp_path / "meta.json")) == config_hash(config)
+
+
+def test_strict_values_still_read_as_written():
+    """Strict fields refuse true for a count and inf for a rate, but read what a preset or a
+    --set means: an int where a float goes, 1e-4 without a dot (YAML 1.1 made it a string),
+    a tuple from Python code where a list goes."""
+    cfg = load_config("demo", ["tuning.lr=1e-4", "sampling.guidance=3", "ssl.lr=2E-2"])
+    assert (cfg.tuning.lr, cfg.sampling.guidance, cfg.ssl.lr) == (1e-4, 3.0, 0.02)
+    assert validate_config({"sampling": {"mask_ratios": (0.2, 0.4)}}).sampling.mask_ratios == [0.2, 0.4]
+    with pytest.raises(ConfigError, match=r"tuning.steps=True"):
+        load_config("demo", ["tuning.steps=true"])
+    with pytest.raises(ConfigError, match=r"ssl.steps=16777217: .*less than or equal to 16777216"):
+        load_config("demo", ["ssl.steps=16777217"])
+
+
+def test_config_time_names_match_the_registries():
+    """Names checked when a preset is read (no torch) are the registries' own."""
+    import dataclasses
+
+    from pipeline.evaluate.quality_config import ReferenceSettings
+    from pipeline.evaluate.reference import ReferenceConfig
+    from pipeline.ssl.algorithms import ALGORITHMS
+    from pipeline.ssl.config import ALGORITHM_NAMES, NET_NAMES
+    from pipeline.ssl.nets import NETS
+
+    assert set(ALGORITHM_NAMES) == set(ALGORITHMS) and set(NET_NAMES) == set(NETS)
+    assert [f.name for f in dataclasses.fields(ReferenceConfig)] == list(ReferenceSettings.model_fields)
+    assert ReferenceSettings() == ReferenceSettings(**dataclasses.asdict(ReferenceConfig()))

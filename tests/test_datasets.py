@@ -1,6 +1,7 @@
 """Dataset registry: real Fashion-MNIST, a CIFAR-10 archive built from real images, folders."""
 
 import gzip
+import os
 import pickle
 
 import numpy as np
@@ -86,7 +87,13 @@ def test_fashion_mnist_truncated_file_is_refused(tmp_path, monkeypatch, data_fas
 # --------------------------------------------------------------------------- CIFAR-10
 
 
-def test_cifar10_reads_the_pickle_layout(data_cifar10_root):
+@pytest.fixture()
+def cifar_fabricated(monkeypatch):
+    """The fixture's archive is fabricated: its batches cannot have the published md5s."""
+    monkeypatch.setenv("CIFAR10_SKIP_MD5", "1")
+
+
+def test_cifar10_reads_the_pickle_layout(data_cifar10_root, cifar_fabricated):
     root, train_x, train_y, test_x, test_y = data_cifar10_root
     ds = load_dataset("cifar10", root=root)
     assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
@@ -98,7 +105,7 @@ def test_cifar10_reads_the_pickle_layout(data_cifar10_root):
     np.testing.assert_array_equal(ds.test_labels, test_y)
 
 
-def test_cifar10_layout_is_the_documented_one(data_cifar10_root):
+def test_cifar10_layout_is_the_documented_one(data_cifar10_root, cifar_fabricated):
     """The CIFAR page's layout: each row is 1024 red, then green, then blue bytes, row-major."""
     root = data_cifar10_root[0]
     with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
@@ -125,7 +132,7 @@ def test_cifar10_missing_batch_is_named(tmp_path, data_cifar10_root):
         load_dataset("cifar10", root=tmp_path)
 
 
-def test_cifar10_corrupt_batch_is_refused(tmp_path, data_cifar10_root):
+def test_cifar10_corrupt_batch_is_refused(tmp_path, data_cifar10_root, cifar_fabricated):
     import shutil
 
     base = tmp_path / "cifar-10-batches-py"
@@ -137,6 +144,58 @@ def test_cifar10_corrupt_batch_is_refused(tmp_path, data_cifar10_root):
         pickle.dump({"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4}, f)
     with pytest.raises(DatasetError, match="CIFAR layout"):
         load_dataset("cifar10", root=tmp_path)
+
+
+def test_cifar10_batches_without_the_published_md5_are_not_unpickled(tmp_path, monkeypatch,
+                                                                      data_cifar10_root):
+    """Before any file is unpickled: each batch against its published md5, and the archive
+    when it lies beside the folder; the error names the file and how to get a good copy."""
+    import shutil
+
+    from pipeline.data import cifar
+
+    monkeypatch.delenv("CIFAR10_SKIP_MD5", raising=False)
+    base = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(data_cifar10_root[0] / "cifar-10-batches-py", base)
+    unpickled = []
+    with monkeypatch.context() as m:
+        m.setattr(cifar, "_unpickle", lambda path: unpickled.append(path))
+        with pytest.raises(DatasetError, match=r"data_batch_1 does not have the published md5 "
+                                               r"c99cafc152244af753f735de768cd75f.*unpack "
+                                               r"cifar-10-python.tar.gz"):
+            load_dataset("cifar10", root=tmp_path)
+        (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"half a download")
+        with pytest.raises(DatasetError, match=r"cifar-10-python.tar.gz does not have "
+                                               r"CIFAR-10's published md5 c58f30108f718f92"):
+            load_dataset("cifar10", root=tmp_path)
+    assert not unpickled
+    # Files with the listed md5s are read: the check is the md5 itself, not a size or a name.
+    monkeypatch.setattr(cifar, "FILE_MD5", {name: cifar._md5(base / name)
+                                            for name in cifar.FILE_MD5 if (base / name).exists()})
+    monkeypatch.setattr(cifar, "ARCHIVE_MD5", cifar._md5(tmp_path / "cifar-10-python.tar.gz"))
+    assert load_dataset("cifar10", root=tmp_path).num_classes == 10
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (os.system, ("touch hostile-pickle-ran",))
+
+
+def test_cifar10_pickle_naming_other_objects_is_refused_not_built(tmp_path, monkeypatch,
+                                                                  data_cifar10_root,
+                                                                  cifar_fabricated):
+    """Even with the checksums skipped (a fabricated archive), a batch is unpickled with
+    numpy arrays, lists, dicts and strings only: anything else is refused, never called."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(data_cifar10_root[0] / "cifar-10-batches-py", base)
+    with open(base / "test_batch", "wb") as f:
+        pickle.dump({"data": _Hostile(), "labels": [0]}, f)
+    with pytest.raises(DatasetError, match=r"test_batch.*asks for posix.system"):
+        load_dataset("cifar10", root=tmp_path)
+    assert not (tmp_path / "hostile-pickle-ran").exists()
 
 
 # --------------------------------------------------------------------------- image folder

@@ -431,3 +431,22 @@ def test_augment_pretrain_command_writes_a_diffusers_base(flow_image_folder, tmp
     err = capsys.readouterr().err
     assert "trained differently (steps: 3 -> 4)" in err and "another --out" in err
     assert (out / "training.json").read_bytes() == record
+
+
+def test_a_pretrain_checkpoint_resumes_with_a_weights_only_load(tmp_path, monkeypatch):
+    """The resume checkpoint (U-Net, EMA, optimiser, schedule, generator, losses) is tensors
+    and plain numbers: read back with weights_only=True, so the file can never run code."""
+
+    from pipeline.generate.pretrain import pretrain
+    from pipeline.generate.pretrain_config import PretrainConfig
+
+    images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
+    cfg = {**TINY_PRETRAIN, "sample_size": 8, "checkpoint_every": 1, "device": "cpu"}
+    out = pretrain(images, tmp_path / "base", PretrainConfig(**cfg), progress=False, fp16=False)
+    (out / "training.json").unlink()  # as if killed after its last checkpoint
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    pretrain(images, out, PretrainConfig(**{**cfg, "steps": 3}), progress=False, fp16=False)
+    assert loads and all(k.get("weights_only") is True for k in loads)
+    assert json.loads((out / "training.json").read_text())["steps"] == 3  # 2 resumed + 1

@@ -32,7 +32,7 @@ def test_a_preset_that_names_its_data_is_not_repeated():
 
 
 def test_a_non_ascii_preset_name_gives_an_ascii_key():
-    cfg = validate_config({"preset": "Zahlen_Ü bung/ç 数字"})
+    cfg = validate_config({"preset": "Zahlen_Ü bung+ç 数字"})  # a path is refused: test_bad_inputs
     name = run_name(cfg)
     assert KEY.match(name) and name.startswith("zahlen-u-bung-c-fashion-mnist-")
     assert KEY.match(artifact_key("report", cfg))

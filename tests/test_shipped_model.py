@@ -257,16 +257,18 @@ def test_pretrain_time_limit_stops_early_and_exports(tmp_path, data_fashion_mnis
 
 
 def test_pretrain_config_reads_exponent_numbers_from_set():
-    """`--set lr=2e-4` arrives as the string '2e-4' from YAML 1.1: it must become a float."""
-    import yaml
-
+    """`--set lr=2e-4` is the string '2e-4' to YAML 1.1: the --set parser reads it as a float
+    (YAML 1.2's rule), and the strict config refuses a number given as text."""
+    from pipeline.config import parse_overrides
     from pipeline.generate.pretrain import PretrainConfig
 
-    config = PretrainConfig(lr=yaml.safe_load("2e-4"), steps="10", time_limit_s="1e2")
+    config = PretrainConfig(**parse_overrides(["lr=2e-4", "steps=10", "time_limit_s=1e2"]))
     assert config.lr == pytest.approx(2e-4) and isinstance(config.lr, float)
     assert config.steps == 10 and config.time_limit_s == pytest.approx(100.0)
     with pytest.raises(ValueError, match=r"lr\n.*valid number"):
         PretrainConfig(lr="fast")
+    with pytest.raises(ValueError, match=r"steps\n.*valid integer"):
+        PretrainConfig(steps="10")
 
 
 def test_the_disjoint_base_never_saw_a_task_half_image():

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import functools
 import gzip
-import os
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.cifar import CIFAR10_CLASSES, load_cifar10  # noqa: F401 - re-exported
 from pipeline.data.hf_dataset import hf_contents, load_hf_dataset
 from pipeline.data.image_dataset import (  # noqa: F401 - re-exported: the names loaders share
     IMAGE_MODES,
@@ -38,10 +37,6 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
 )
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -100,66 +95,6 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = False) -
         "(with download=True to fetch it when online). "
         f"Looked in: {', '.join(str(c) for c in candidates)}"
     )
-
-
-# --------------------------------------------------------------------------- CIFAR-10
-
-
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except Exception as e:  # corrupt pickle
-        raise DatasetError(f"cannot read CIFAR-10 batch {path}: {e}; re-download the archive") from e
-    raw_labels = entry.get("labels", entry.get("fine_labels")) if isinstance(entry, dict) else None
-    if raw_labels is None or "data" not in entry:
-        raise DatasetError(f"{path} is not a CIFAR batch (needs 'data' and 'labels'); "
-                           "re-download the archive")
-    data = np.asarray(entry["data"], dtype=np.uint8)
-    labels = np.asarray(raw_labels, dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise DatasetError(f"{path}: data {data.shape} / {len(labels)} labels do not match the "
-                           "CIFAR layout (N, 3072); re-download the archive")
-    data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(data), labels
-
-
-def load_cifar10(root: str | Path | None = None, download: bool = False) -> ImageDataset:
-    """CIFAR-10 in torchvision's ``cifar-10-batches-py`` pickle layout under ``root``."""
-    if root is None:
-        root = os.environ.get("CIFAR10_ROOT")
-    if root is None:
-        raise DatasetError(
-            "CIFAR-10 needs a root directory: pass root=DIR (or set CIFAR10_ROOT) holding "
-            "cifar-10-batches-py/, or pass download=True on a machine that is online."
-        )
-    base = Path(root) / "cifar-10-batches-py"
-    if not base.exists() and download:
-        from torchvision.datasets import CIFAR10
-
-        try:
-            CIFAR10(str(root), train=True, download=True)
-        except OSError as e:  # URLError is an OSError: offline, or the server refused
-            raise DatasetError(f"CIFAR-10 download into {root} failed ({e}); unpack "
-                               "cifar-10-python.tar.gz there by hand on an offline machine") from e
-    train_files = [base / f"data_batch_{i}" for i in range(1, 6)]
-    missing = [p.name for p in [*train_files, base / "test_batch"] if not p.exists()]
-    if missing:
-        raise DatasetError(
-            f"CIFAR-10 not found under {base} (missing {', '.join(missing)}). Unpack "
-            "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html there, "
-            "or pass download=True when online."
-        )
-    parts = [_read_cifar_batch(p) for p in train_files]
-    xte, yte = _read_cifar_batch(base / "test_batch")
-    names = CIFAR10_CLASSES
-    meta = base / "batches.meta"
-    if meta.exists():
-        with open(meta, "rb") as f:
-            names = tuple(pickle.load(f, encoding="latin1")["label_names"])
-    return ImageDataset("cifar10", names,
-                        np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                        xte, yte)
 
 
 # --------------------------------------------------------------------------- registry

@@ -214,8 +214,8 @@ def evaluate_run_quality(run_dir: str | Path, dataset: ImageDataset,
                            "pass the dataset this run was made from")
     if reference is None:
         cache_dir = Path(cache_dir) if cache_dir else run_dir.parent / "_cache" / "reference"
-        reference = load_or_train_reference(dataset, cache_dir,
-                                            ReferenceConfig(**config.reference), device, progress,
+        settings = ReferenceConfig(**config.reference.model_dump())
+        reference = load_or_train_reference(dataset, cache_dir, settings, device, progress,
                                             exclude=split.val_idx)
     space, features = resolve_features(encoder, device, reference)
     # Label consistency needs a judge trained on more than the few labeled images: with a

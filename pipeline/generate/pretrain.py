@@ -100,12 +100,14 @@ def pretrain(images: np.ndarray, out_dir: str | Path, config: PretrainConfig | N
 
     ckpt_path = ckpt_dir / "last.pt"
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # Tensors and plain numbers only (the EMA, optimiser and schedule states are dicts of
+        # them): a checkpoint file can never run code when it is read.
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         lr_sched.load_state_dict(state["lr_sched"])
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())  # a CPU generator, whatever map_location moved
         step, losses, wall = state["step"], state["losses"], state["wall_s"]
 
     unet.train()

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from anl_core.config import STRICT, Seed
 from pipeline.digest import digest
+
+# The registry's names (pipeline.ssl.algorithms.ALGORITHMS, pipeline.ssl.nets.NETS), repeated
+# here because those modules import torch and a preset is checked without it; a test keeps
+# the lists equal, and pre-flight asks the registry itself.
+ALGORITHM_NAMES = ("supervised", "fixmatch")
+NET_NAMES = ("wrn-28-2", "wrn-28-8", "cnn-small", "cnn-tiny")
+# 16 x USB's 2^20: above it a step count is a typo, not a budget.
+MAX_SSL_STEPS = 2**24
 
 # name -> (steps, eval_every, checkpoint_every). The full USB budget is 2^20 steps.
 BUDGETS: dict[str, dict[str, int]] = {
@@ -68,13 +77,13 @@ class SSLConfig(BaseModel):
     composes it as the ``ssl:`` section (adding arms and seeds), so a preset is validated here
     too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = STRICT
 
     algorithm: str = "fixmatch"
     net: str = "auto"  # "auto": wrn-28-2 for colour, cnn-small for grey; see nets.NETS
     # Base width of the cnn nets (cnn-small: 32, cnn-tiny: 8 when None); WRN has its own.
     net_width: int | None = Field(None, ge=1)
-    steps: int = Field(2**20, ge=1)
+    steps: int = Field(2**20, ge=1, le=MAX_SSL_STEPS)
     batch_size: int = Field(64, ge=1)
     mu: int = Field(7, ge=1)  # unlabeled batch = mu * batch_size
     tau: float = Field(0.95, gt=0, le=1)  # confidence threshold for pseudo-labels
@@ -108,10 +117,10 @@ class SSLConfig(BaseModel):
     # Clean training images (labeled + unlabeled, never validation; no labels read) on which
     # the EMA model's BatchNorm statistics are recomputed before every evaluation.
     bn_calibration: int = Field(1024, ge=1)
-    eval_every: int = Field(5000, ge=1)
+    eval_every: int = Field(5000, ge=1, le=MAX_SSL_STEPS)
     eval_size: int | None = Field(None, ge=1)  # test images per curve point (None: all)
-    checkpoint_every: int = Field(5000, ge=1)
-    seed: int = 0
+    checkpoint_every: int = Field(5000, ge=1, le=MAX_SSL_STEPS)
+    seed: Seed = 0
     device: str = "auto"
     synthetic_as: Literal["labeled", "unlabeled"] = "labeled"
     synthetic_weight: float = Field(1.0, ge=0)  # loss weight of a synthetic row (real: 1)
@@ -129,7 +138,9 @@ class SSLConfig(BaseModel):
     channels_last: bool = True
     compile: bool = False  # torch.compile of the training forward, CUDA only
     progress_every: int = Field(50, ge=1)  # steps between progress-bar updates (host syncs)
-    extra: dict[str, Any] = Field(default_factory=dict)  # algorithm-specific knobs
+    # Algorithm-specific knobs. No registered algorithm takes any yet, so a key here would be
+    # silently ignored: refused until an algorithm declares it.
+    extra: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def from_budget(cls, budget: str, **overrides: Any) -> SSLConfig:
@@ -137,6 +148,28 @@ class SSLConfig(BaseModel):
         if budget not in BUDGETS:
             raise SSLConfigError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
         return cls(**{**BUDGETS[budget], **overrides})
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, name: str) -> str:
+        if name not in ALGORITHM_NAMES:
+            raise ValueError(f"unknown SSL algorithm; choose one of {', '.join(ALGORITHM_NAMES)}")
+        return name
+
+    @field_validator("net")
+    @classmethod
+    def _known_net(cls, name: str) -> str:
+        if name != "auto" and name not in NET_NAMES:
+            raise ValueError(f"unknown net; choose auto or one of {', '.join(NET_NAMES)}")
+        return name
+
+    @field_validator("extra")
+    @classmethod
+    def _no_unread_knobs(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        if extra:
+            raise ValueError(f"no algorithm reads {', '.join(map(repr, extra))} (none takes "
+                             "extra knobs); remove it")
+        return extra
 
     @model_validator(mode="after")
     def _warmup_needs_its_schedule(self) -> SSLConfig:

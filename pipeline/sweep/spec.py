@@ -28,14 +28,13 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.config import AugmentConfig, ConfigError, load_config, parse_overrides
 from pipeline.digest import digest
-from pipeline.validation import explain
+from pipeline.validation import YAMLTextError, explain, load_yaml
 
 # (arm, against): positive = arm has the lower error. The order is the report's.
 DEFAULT_PAIRS = (("augmented", "baseline"), ("supervised+synthetic", "supervised"),
@@ -68,13 +67,15 @@ class SweepSpec(BaseModel):
     set: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
-    repetitions: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
-    rep_offset: int = 0
+    # Strict ints (no true as 1), never negative: a repetition's seeds are rep_offset + r.
+    repetitions: list[Annotated[int, Field(strict=True, ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    rep_offset: int = Field(0, strict=True, ge=0)
     pairs: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_PAIRS))
     # Repetitions run at once (worker processes when > 1: flows.sweep.task_runner), each with
     # ``threads`` torch threads. On 2 CPU cores: 2 of 1 thread.
-    parallel: int = Field(1, ge=1)
-    threads: int = Field(1, ge=1)
+    parallel: int = Field(1, ge=1, strict=True)
+    threads: int = Field(1, ge=1, strict=True)
     runs_dir: str | None = None  # default: <runs_dir>/sweeps/<name>
 
     @field_validator("grid")
@@ -154,9 +155,9 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise SweepError(f"sweep spec {path} not found; give the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep spec {path} is not valid YAML: {e}") from None
+        data = load_yaml(path.read_text(encoding="utf-8"), f"sweep spec {path}") or {}
+    except (YAMLTextError, UnicodeDecodeError) as e:
+        raise SweepError(str(e)) from None
     if not isinstance(data, dict):
         raise SweepError(f"sweep spec {path} must be a YAML mapping (name, preset, grid, ...)")
     data.setdefault("name", re.sub(r"[^a-z0-9_-]+", "-", path.stem.lower()).strip("-"))

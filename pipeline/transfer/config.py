@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from anl_core.config import MAX_TUNE_STEPS, STRICT, Seed
 from pipeline.config import apply_overrides, parse_overrides
 from pipeline.digest import digest
 from pipeline.validation import explain
@@ -37,7 +38,8 @@ class TransferError(ValueError):
 class TransferConfig(BaseModel):
     """Everything one transfer run depends on; validated strictly (unknown keys are errors)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # The run config's strictness (no bool-as-int, no inf or nan), frozen: one run's identity.
+    model_config = ConfigDict(**{**STRICT, "frozen": True, "validate_assignment": False})
 
     base_model: str = "data/models/fashion-mnist-ddpm-32"
     # A folder of images, a built-in target (BUILTIN_TARGETS) or a registered dataset name.
@@ -46,10 +48,10 @@ class TransferConfig(BaseModel):
     target_root: str | None = None  # root= of a registered dataset
     shots: int = Field(10, ge=1)
     max_held_out: int = Field(500, ge=2)  # held-out images evaluated against (KID cost)
-    seed: int = 0
+    seed: Seed = 0
     encoder: str = "efficientnet-lite0@64"
     mode: Literal["anl", "full", "scratch"] = "anl"
-    steps: int = Field(300, ge=0)
+    steps: int = Field(300, ge=0, le=MAX_TUNE_STEPS)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     hflip: bool = False  # off: digits and text are not mirror-symmetric
@@ -60,7 +62,7 @@ class TransferConfig(BaseModel):
     samples: int = Field(100, ge=1)
     mask_ratio: Ratio = 0.3  # anl: tokens replaced by the null token per sample
     guidance: float = Field(2.0, ge=0)
-    num_inference_steps: int = Field(25, ge=1)
+    num_inference_steps: int = Field(25, ge=1, le=1000)
     unconditional: bool = False  # anl: sample through the null token only
     kid_subsets: int = Field(20, ge=1)
     kid_subset_size: int = Field(1000, ge=2)

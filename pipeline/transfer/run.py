@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from torch import nn
 from pipeline.atomic import atomic_write, atomic_write_json, atomic_write_text, finite
 from pipeline.models import load_base_unet, resolve_base_model
 from pipeline.paths import resolve_path
-from pipeline.runs import read_json
+from pipeline.runs import read_json, slug
 from pipeline.transfer.config import TransferConfig, TransferError, transfer_hash
 from pipeline.transfer.metrics import transfer_metrics
 from pipeline.transfer.model import (
@@ -42,8 +41,10 @@ from pipeline.transfer.target import draw_shots, target_name, target_pool
 
 
 def transfer_run_dir(config: TransferConfig) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", target_name(config)).strip("-").lower() or "target"
-    return resolve_path(config.runs_dir) / f"{config.mode}-{slug}-{transfer_hash(config)[:8]}"
+    # The run store's slug (ASCII, no separators): the folder stays inside runs_dir whatever
+    # the target is called.
+    name = slug(target_name(config)) or "target"
+    return resolve_path(config.runs_dir) / f"{config.mode}-{name}-{transfer_hash(config)[:8]}"
 
 
 def _record(run_dir: Path, step: str) -> dict | None:
@@ -77,10 +78,14 @@ def _require(run_dir: Path, config: TransferConfig, step: str) -> dict:
 
 def check_transfer(config: TransferConfig) -> dict[str, Any]:
     """Every input, before any work: base model, target (enough images), encoder, device."""
-    from pipeline.preflight import PreflightError, check_encoder
+    from pipeline.preflight import PreflightError, check_encoder, check_writable
 
     if config.device == "cuda" and not torch.cuda.is_available():
         raise TransferError("device='cuda' but no CUDA GPU is visible; use device=auto or cpu")
+    try:
+        check_writable(resolve_path(config.runs_dir))
+    except PreflightError as e:
+        raise TransferError(str(e)) from None
     unet_dir = base_dir(config)
     try:
         check_encoder(config.encoder)

@@ -366,8 +366,9 @@ def preflight(config: AugmentConfig) -> dict[str, Any]:
     check_fit(config, ds.image_shape, None if base is None else Path(base))
     check_placement(config, None if base is None else Path(base))
     base_images = None if base is None else check_disjoint(config, Path(base))
-    check_budget(config, device)
     encoder = check_encoder(config.encoder)
+    # After the models: a missing model is the first thing to fix, the budget the next.
+    check_budget(config, device)
     need = estimated_output_bytes(config, ds.num_classes, ds.image_shape,
                                   None if base is None else Path(base))
     free = check_disk(config, need)

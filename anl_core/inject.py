@@ -25,31 +25,30 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import UNet2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from anl_core.adapter_files import (  # noqa: F401 - re-exported: the adapter's public names
+    CONFIG_NAME,
+    LEGACY_CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    AdapterWeightsError,
+    adapter_files,
+    atomic_write,
+    check_adapter_weights,
+)
 from anl_core.anl import ANLBlock
 from anl_core.config import ANLConfig
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-# The layout before PEFT's names: finished runs hold hundreds of adapters saved this way.
-LEGACY_CONFIG_NAME = "anl_config.json"
-LEGACY_WEIGHTS_NAME = "adapter.safetensors"
 
 
 class AdapterMismatchError(ValueError):
     """An adapter was loaded onto a base model or encoder it was not trained for."""
-
-
-class AdapterWeightsError(ValueError):
-    """Saved adapter weights are damaged: unreadable, non-finite, or of the wrong shape."""
 
 
 def base_fingerprint(unet: nn.Module, samples_per_tensor: int = 1024) -> str:
@@ -289,8 +288,8 @@ class ANLUNet(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         return out
 
     @classmethod
@@ -303,7 +302,7 @@ class ANLUNet(nn.Module):
         encoder. The recorded base id or path is not compared: the same weights may live
         anywhere, and the fingerprint is what identifies them.
         """
-        config_file, weights_file = _adapter_files(Path(directory))
+        config_file, weights_file = adapter_files(Path(directory))
         model = cls._attached(unet, _checked_config(config_file, unet, encoder_id))
         model.adapter.load_state_dict(_checked_weights(weights_file, model))
         return model
@@ -339,16 +338,6 @@ def attach_anl(unet: UNet2DModel, config: ANLConfig, *,
     return ANLUNet._attached(unet, config)
 
 
-def _adapter_files(src: Path) -> tuple[Path, Path]:
-    """(config, weights) of the adapter saved in ``src``: PEFT's names, else the legacy ones."""
-    for config_name, weights_name in ((CONFIG_NAME, WEIGHTS_NAME),
-                                      (LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME)):
-        if (src / config_name).is_file() and (src / weights_name).is_file():
-            return src / config_name, src / weights_name
-    raise FileNotFoundError(f"{src} is not a saved ANL adapter (needs {CONFIG_NAME} and "
-                            f"{WEIGHTS_NAME}); save one with model.save_pretrained(dir)")
-
-
 def _checked_config(path: Path, unet: UNet2DModel, encoder_id: str | None) -> ANLConfig:
     """The saved config, refused for another encoder or another base (by fingerprint)."""
     config = ANLConfig.from_json(path.read_text())
@@ -368,28 +357,6 @@ def _checked_config(path: Path, unet: UNet2DModel, encoder_id: str | None) -> AN
     return config
 
 
-def check_adapter_weights(path: str | os.PathLike,
-                          shapes: dict[str, tuple[int, ...]] | None = None,
-                          device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors saved in ``path``, refused (``AdapterWeightsError``, naming the file and
-    tensor) when unreadable, not finite (a NaN adapter samples all-black images), or, given
-    ``shapes``, of another shape than the config builds."""
-    try:
-        state = load_file(path, device=device)
-    except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise AdapterWeightsError(f"adapter weights {path} are unreadable ({e})") from e
-    for name, tensor in state.items():
-        if shapes is not None and name in shapes and tuple(tensor.shape) != tuple(shapes[name]):
-            raise AdapterWeightsError(f"adapter weights {path}: {name} is "
-                                      f"{tuple(tensor.shape)}, its config builds "
-                                      f"{tuple(shapes[name])}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise AdapterWeightsError(f"adapter weights {path}: {name} holds {bad} NaN or "
-                                      "infinite values")
-    return state
-
-
 def _checked_weights(path: Path, model: ANLUNet) -> dict[str, torch.Tensor]:
     expected = {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
     state = check_adapter_weights(path, expected, device=str(model.device))
@@ -399,22 +366,3 @@ def _checked_weights(path: Path, model: ANLUNet) -> dict[str, torch.Tensor]:
             f"{sorted(set(expected) - set(state))[:5]}, "
             f"unexpected {sorted(set(state) - set(expected))[:5]}")
     return state
-
-
-def _new_file_mode() -> int:
-    """0o666 less the umask, as ``open()`` would give (anl_core cannot use pipeline.atomic)."""
-    umask = os.umask(0o022)  # the only way to read it; 022 (not 0) while another thread looks
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; adapters are shared files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -194,3 +194,23 @@ def anl_tuned(data_fashion_mnist):
         tuned_loss = denoising_loss(model, scheduler, conds, tokens, draws=16)
     return {"model": model, "scheduler": scheduler, "conds": conds, "tokens": tokens,
             "base_loss": base_loss, "tuned_loss": tuned_loss, "result": result}
+
+
+@_data_pytest.fixture
+def caplog_pipeline(caplog):
+    """``caplog`` that sees the ``pipeline`` and ``anl_core`` loggers whatever ran before:
+    once a flow has run in this process, Prefect's logging setup stops those loggers
+    propagating to the root logger, where ``caplog`` listens by default."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("pipeline", "anl_core")]
+    propagate = [logger.propagate for logger in loggers]
+    for logger in loggers:  # one path to the handler, whichever state logging is in
+        logger.addHandler(caplog.handler)
+        logger.propagate = False
+    try:
+        yield caplog
+    finally:
+        for logger, before in zip(loggers, propagate, strict=True):
+            logger.removeHandler(caplog.handler)
+            logger.propagate = before

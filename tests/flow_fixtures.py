@@ -85,3 +85,17 @@ def flow_prefect(tmp_path_factory):
     with temporary_settings({PREFECT_HOME: str(home)}), \
             prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def rerecord_unit(unit_dir: Path) -> None:
+    """A test that edits a finished unit's files on purpose (to plant a case) records the edit
+    as the unit's own, as if the unit had written it: else the integrity check on reuse
+    (pipeline.integrity) rightly refuses the altered files."""
+    import json
+
+    from pipeline.integrity import unit_hashes
+
+    marker_path = unit_dir / "unit.json"
+    marker = json.loads(marker_path.read_text())
+    marker["files"] = unit_hashes(unit_dir)
+    marker_path.write_text(json.dumps(marker))

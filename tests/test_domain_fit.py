@@ -37,7 +37,8 @@ def test_manifold_coverage_counts_queries_inside_the_knn_balls():
         domain_fit(np.zeros((4, 2)), np.zeros((5, 2)), k=3)
 
 
-def test_fit_stage_warns_on_a_base_that_knows_nothing_and_reports_it(flow_cfg, caplog):
+def test_fit_stage_warns_on_a_base_that_knows_nothing_and_reports_it(flow_cfg, caplog_pipeline):
+    caplog = caplog_pipeline
     from pipeline.stages.fit import STRIP
 
     cfg = flow_cfg.model_copy(update={"fit": flow_cfg.fit.model_copy(

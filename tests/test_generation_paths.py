@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from flow_fixtures import rerecord_unit
 from safetensors.torch import load_file, save_file
 from torch_helpers import anl_make_unet, anl_one_thread
 
@@ -112,6 +113,7 @@ def test_shared_adapter_samples_every_class(flow_cfg, flow_tiny_base):
         if k.endswith(("to_out.weight", "proj_out.weight")):
             state[k] = 0.3 * torch.randn(state[k].shape, generator=gen)
     save_file(state, weights, metadata={"format": "pt"})
+    rerecord_unit(weights.parent)
     stages.run_all(run_dir, cfg, until="shards")
 
     s = cfg.sampling

@@ -36,7 +36,8 @@ def test_a_bar_only_on_a_terminal_and_when_wanted(monkeypatch):
     assert isinstance(progress_bar(range(3), desc="x"), LogProgress)
 
 
-def test_log_progress_lines_carry_done_total_rate_and_eta(caplog):
+def test_log_progress_lines_carry_done_total_rate_and_eta(caplog_pipeline):
+    caplog = caplog_pipeline
     bar = LogProgress(total=100, desc="fixmatch seed 0", unit="step", initial=20,
                       logger="pipeline.test", every_s=0.0)
     with caplog.at_level(logging.INFO, logger="pipeline.test"):
@@ -53,7 +54,8 @@ def test_log_progress_lines_carry_done_total_rate_and_eta(caplog):
     assert lines[0].endswith("loss=0.123, validation_error=0.4000")
 
 
-def test_log_progress_waits_for_its_interval(caplog):
+def test_log_progress_waits_for_its_interval(caplog_pipeline):
+    caplog = caplog_pipeline
     bar = LogProgress(range(50), desc="encode", logger="pipeline.test", every_s=3600.0)
     with caplog.at_level(logging.INFO, logger="pipeline.test"):
         assert sum(1 for _ in bar) == 50

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flow_fixtures import rerecord_unit
 
 from pipeline import stages
 from pipeline.config import config_hash, with_overrides
@@ -101,6 +102,7 @@ def _plant(run_dir, labeled, lab):
     arrays["images"] = np.stack([labeled[lab == 0][0], labeled[lab == 0][1], labeled[lab == 1][0]])
     with open(part, "wb") as f:
         np.savez(f, **arrays)
+    rerecord_unit(part.parent)
 
 
 def _rmse_to_nearest(images, pool):

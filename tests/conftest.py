@@ -199,18 +199,17 @@ def anl_tuned(data_fashion_mnist):
 @_data_pytest.fixture
 def caplog_pipeline(caplog):
     """``caplog`` that sees the ``pipeline`` and ``anl_core`` loggers whatever ran before:
-    once a flow has run in this process, Prefect's logging setup stops those loggers
-    propagating to the root logger, where ``caplog`` listens by default."""
+    once Prefect has set its logging up in this process those loggers stop propagating to the
+    root logger, where ``caplog`` listens (with a new handler for each test phase, so the
+    handler cannot simply be attached to them here). They propagate again for the test."""
     import logging
 
     loggers = [logging.getLogger(name) for name in ("pipeline", "anl_core")]
-    propagate = [logger.propagate for logger in loggers]
-    for logger in loggers:  # one path to the handler, whichever state logging is in
-        logger.addHandler(caplog.handler)
-        logger.propagate = False
+    before = [logger.propagate for logger in loggers]
+    for logger in loggers:
+        logger.propagate = True
     try:
         yield caplog
     finally:
-        for logger, before in zip(loggers, propagate, strict=True):
-            logger.removeHandler(caplog.handler)
-            logger.propagate = before
+        for logger, propagate in zip(loggers, before, strict=True):
+            logger.propagate = propagate

@@ -197,19 +197,34 @@ def anl_tuned(data_fashion_mnist):
 
 
 @_data_pytest.fixture
-def caplog_pipeline(caplog):
-    """``caplog`` that sees the ``pipeline`` and ``anl_core`` loggers whatever ran before:
-    once Prefect has set its logging up in this process those loggers stop propagating to the
-    root logger, where ``caplog`` listens (with a new handler for each test phase, so the
-    handler cannot simply be attached to them here). They propagate again for the test."""
+def log_records():
+    """``with log_records("pipeline.x") as records:`` the records that logger emits (INFO and
+    up), caught by a handler on that very logger: neither propagation to the root logger nor
+    Prefect's logging setup, which an earlier test in the process may have run, can hide one.
+    """
+    import contextlib
     import logging
 
-    loggers = [logging.getLogger(name) for name in ("pipeline", "anl_core")]
-    before = [logger.propagate for logger in loggers]
-    for logger in loggers:
-        logger.propagate = True
-    try:
-        yield caplog
-    finally:
-        for logger, propagate in zip(loggers, before, strict=True):
-            logger.propagate = propagate
+    class _Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    @contextlib.contextmanager
+    def catch(name: str):
+        logger, handler = logging.getLogger(name), _Keep()
+        level, disabled = logger.level, logger.disabled
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.disabled = False
+        try:
+            yield handler.records
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.disabled = disabled
+
+    return catch

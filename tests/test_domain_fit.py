@@ -37,17 +37,16 @@ def test_manifold_coverage_counts_queries_inside_the_knn_balls():
         domain_fit(np.zeros((4, 2)), np.zeros((5, 2)), k=3)
 
 
-def test_fit_stage_warns_on_a_base_that_knows_nothing_and_reports_it(flow_cfg, caplog_pipeline):
-    caplog = caplog_pipeline
+def test_fit_stage_warns_on_a_base_that_knows_nothing_and_reports_it(flow_cfg, log_records):
     from pipeline.stages.fit import STRIP
 
     cfg = flow_cfg.model_copy(update={"fit": flow_cfg.fit.model_copy(
         update={"samples": 16, "steps": 2, "pool": 16})})
     run_dir = init_run_dir(cfg)
     stages.run_split(run_dir, cfg)
-    with caplog.at_level("WARNING", logger="pipeline.stages.fit"):
+    with log_records("pipeline.stages.fit") as records:
         rec = stages.STAGE_FUNCTIONS["fit"](run_dir, cfg)
-    warned = [r for r in caplog.records if r.name == "pipeline.stages.fit"]
+    warned = [r for r in records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "pretrain:" in warned[0].getMessage()
     m = rec["metrics"]  # an untrained tiny base: noise, not T-shirts
     assert m["fits"] is False and m["coverage"] < m["pool_coverage"]

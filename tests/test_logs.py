@@ -36,17 +36,16 @@ def test_a_bar_only_on_a_terminal_and_when_wanted(monkeypatch):
     assert isinstance(progress_bar(range(3), desc="x"), LogProgress)
 
 
-def test_log_progress_lines_carry_done_total_rate_and_eta(caplog_pipeline):
-    caplog = caplog_pipeline
-    bar = LogProgress(total=100, desc="fixmatch seed 0", unit="step", initial=20,
-                      logger="pipeline.test", every_s=0.0)
-    with caplog.at_level(logging.INFO, logger="pipeline.test"):
+def test_log_progress_lines_carry_done_total_rate_and_eta(log_records):
+    with log_records("pipeline.test") as records:
+        bar = LogProgress(total=100, desc="fixmatch seed 0", unit="step", initial=20,
+                          logger="pipeline.test", every_s=0.0)
         for _ in range(5):
             bar.update(1)
         bar.set_postfix(loss="0.123", validation_error="0.4000")
         bar.update(10)
         bar.close()
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in records]
     # 5 single steps are 5% of the work: under the 10% a line waits for.
     assert len(lines) == 1, lines
     assert lines[0].startswith("fixmatch seed 0: 35/100 (35%); ")
@@ -54,12 +53,11 @@ def test_log_progress_lines_carry_done_total_rate_and_eta(caplog_pipeline):
     assert lines[0].endswith("loss=0.123, validation_error=0.4000")
 
 
-def test_log_progress_waits_for_its_interval(caplog_pipeline):
-    caplog = caplog_pipeline
-    bar = LogProgress(range(50), desc="encode", logger="pipeline.test", every_s=3600.0)
-    with caplog.at_level(logging.INFO, logger="pipeline.test"):
+def test_log_progress_waits_for_its_interval(log_records):
+    with log_records("pipeline.test") as records:
+        bar = LogProgress(range(50), desc="encode", logger="pipeline.test", every_s=3600.0)
         assert sum(1 for _ in bar) == 50
-    assert not caplog.records  # a loop shorter than the interval says nothing
+    assert not records  # a loop shorter than the interval says nothing
 
 
 def test_stages_piped_to_a_file_log_lines_not_bars(flow_cfg, capfd, monkeypatch):

@@ -211,7 +211,8 @@ def estimated_output_bytes(config: AugmentConfig, num_classes: int, image_shape:
     rounds = config.loop.rounds
     if rounds == 2:  # round 2 samples again (from more conditions) and trains two more arms
         units += ROUND_TWO_UNITS * len(config.ssl.seeds)
-        rows += num_classes * config.loop.per_class * config.loop.per_condition * \
+        per_condition = config.loop.per_condition or config.sampling.per_condition  # None: same
+        rows += num_classes * config.loop.per_class * per_condition * \
             len(config.sampling.mask_ratios)
     classifier = 4 * classifier_params(config, num_classes, image_shape)
     return int(2 * rows * (h * w * c + ROW_OVERHEAD)

@@ -11,6 +11,7 @@ import pytest
 from flow_fixtures import flow_config
 from safetensors.numpy import load_file
 
+from pipeline.config import with_overrides
 from pipeline.data.shard_format import MANIFEST
 from pipeline.runs import init_run_dir, list_runs, read_json
 from pipeline.stage_graph import STAGE_ORDER
@@ -26,9 +27,8 @@ pytestmark = pytest.mark.slow
 def test_flow_runs_every_stage_and_a_rerun_skips_them(flow_prefect, flow_cfg):
     from flows.augment import augment
 
-    cfg = flow_cfg.model_copy(update={"quality": flow_cfg.quality.model_copy(
-        update={"enabled": True, "reference": {"epochs": 1}, "kid_subset_size": 4,
-                "kid_subsets": 2})})
+    cfg = with_overrides(flow_cfg, {"quality.enabled": True, "quality.reference": {"epochs": 1},
+                                    "quality.kid_subset_size": 4, "quality.kid_subsets": 2})
     report = augment(config=cfg, overrides={"ssl.seeds": [0]})  # the default: same run
     run_dir = init_run_dir(cfg)
     assert report == str(run_dir / "report.html")

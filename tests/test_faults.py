@@ -248,6 +248,6 @@ def test_disk_estimate_counts_a_second_round_with_its_default_per_condition():
     from pipeline.preflight import estimated_output_bytes
 
     one = estimated_output_bytes(load_config("demo"), 10, (28, 28, 1))
-    two = load_config("demo", ["loop.rounds=2"])
+    two = load_config("demo", ["loop.rounds=2", "loop.per_condition=null"])
     assert two.loop.per_condition is None
     assert estimated_output_bytes(two, 10, (28, 28, 1)) > one

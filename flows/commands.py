@@ -90,18 +90,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"pre-flight ok: {info['dataset']} {info['image_shape']}, device {info['device']}, "
           f"base {info['base_model'] or 'pretrained in this run'}, encoder {info['encoder']}",
           flush=True)
-    if args.redo:
-        _redo(run_dir, args.redo, dry_run=args.dry_run)
     if args.dry_run:
         from pipeline.estimate import dry_run_report
 
+        if args.redo:
+            _redo(run_dir, args.redo, dry_run=True)  # lists what would move; moves nothing
         print("\n".join(dry_run_report(config)))
         return 0
     from pipeline.run_lock import run_lock
 
     # Before Prefect starts (seconds, not the temporary server's minute): a second run of
-    # this config exits 2 here naming the first, or queues behind it (--wait).
+    # this config exits 2 here naming the first, or queues behind it (--wait). --redo moves
+    # files only under the lock, never from under a run that is writing them.
     with run_lock(run_dir, wait=args.wait):
+        if args.redo:
+            _redo(run_dir, args.redo, dry_run=False)
         _one_traceback()
         from flows.augment import augment
 

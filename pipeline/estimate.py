@@ -194,7 +194,8 @@ def dry_run_report(config: AugmentConfig) -> list[str]:
     stage's estimated time on this machine (a few seconds of timing)."""
     from pipeline.data.datasets import load_dataset_cached
 
-    ds = load_dataset_cached(config.dataset, config.dataset_root, config.download)
+    ds = load_dataset_cached(config.dataset, config.dataset_root, config.download,
+                             **config.loader_options())
     counts = data_counts(config, ds)
     device = config.resolved_device()
     return [*format_counts(counts),

@@ -56,6 +56,24 @@ def _pow2_at_most(x: float, lo: int, hi: int) -> int:
     return max(lo, min(hi, 2 ** int(math.log2(max(x, 1)))))
 
 
+def _load_fitting(kind: str, root: Path, size: int):
+    """(the dataset as the run will read it, whether it needs ``resize: true``): images of
+    mixed sizes, larger than the base's ``size`` or smaller than half of it are resized to
+    it, as pre-flight would otherwise refuse them."""
+    try:
+        ds = load_dataset(kind, root)
+        h, w = ds.image_shape[:2]
+        if size / 2 <= min(h, w) and max(h, w) <= size:
+            return ds, False
+    except DatasetError as e:
+        if "resize" not in str(e):  # not a size problem: nothing init can choose fixes it
+            raise ConfigError(f"{root}: {e}") from None
+    try:
+        return load_dataset(kind, root, image_size=size), True
+    except DatasetError as e:
+        raise ConfigError(f"{root}: {e}") from None
+
+
 def preset_text(root: str | Path, gpu: bool = False) -> str:
     """The preset YAML (with comments) for the data in ``root``."""
     root = Path(root).expanduser().resolve()
@@ -63,10 +81,10 @@ def preset_text(root: str | Path, gpu: bool = False) -> str:
         raise ConfigError(f"{root} is not a folder; pass the folder holding one sub-folder "
                           "per class (and unlabeled/ for unlabeled images)")
     kind = _dataset_kind(root)
-    try:
-        ds = load_dataset(kind, root)
-    except DatasetError as e:
-        raise ConfigError(f"{root}: {e}") from None
+    unet_dir = resolve_base_model(SHIPPED_BASE)
+    base = yaml.safe_load((unet_dir / "config.json").read_text())
+    size, base_ch = int(base["sample_size"]), int(base["in_channels"])
+    ds, resize = _load_fitting(kind, root, size)
     labels = np.asarray(ds.train_labels)
     per_class = [int((labels == c).sum()) for c in range(ds.num_classes)]
     if not per_class or min(per_class) == 0:
@@ -76,9 +94,6 @@ def preset_text(root: str | Path, gpu: bool = False) -> str:
     n_unlabeled = int((labels < 0).sum())
     lpc, vpc, split_why = _split_sizes(per_class, n_unlabeled > 0)
     h, w, c = ds.image_shape
-    unet_dir = resolve_base_model(SHIPPED_BASE)
-    base = yaml.safe_load((unet_dir / "config.json").read_text())
-    size, base_ch = int(base["sample_size"]), int(base["in_channels"])
     lines = [(f"# Written by `augment init {root}` for {len(per_class)} classes "
              f"({', '.join(f'{n} {k}' for n, k in zip(ds.class_names, per_class))}), "
              f"{n_unlabeled} unlabeled images, {len(ds.test_labels)} test images, {h}x{w}x{c}."),
@@ -92,6 +107,9 @@ def preset_text(root: str | Path, gpu: bool = False) -> str:
              "split_seed: 0",
              (f"image_size: {size}   # the base model's size (images are padded or resized "
              "to it)")]
+    if resize:
+        lines.append(f"resize: true   # the images are not {size}x{size} (or not all one size): "
+                     "each is resized to it as it is read")
     if c != base_ch:
         lines += [(f"# The shipped base model is {base_ch}-channel and the data {c}-channel: "
                   "pretrain a base on the pool in the run (below, hours on a CPU and not in "

@@ -78,3 +78,25 @@ def test_dry_run_prints_counts_and_a_time_per_stage(folder, tmp_path, capsys):
     for stage in ("tune", "sample", "ssl", "total"):
         assert f"  {stage} " in printed
     assert "measured" in printed
+
+
+@pytest.mark.parametrize("sizes", [(64, 64), (48, 64)], ids=["larger", "mixed"])
+def test_init_resizes_images_that_do_not_fit_and_the_dry_run_reads_them_so(
+        tmp_path, capsys, sizes):
+    """Images larger than the base (or of several sizes) get `resize: true` in the preset,
+    so pre-flight passes, and the dry run reads them with the preset's loader options."""
+    root = tmp_path / "big"
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            side = sizes[i % 2]
+            Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(
+                root / c / f"{i}.png")
+    out = tmp_path / "big.yaml"
+    assert main(["init", str(root), "--out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text())["resize"] is True
+    capsys.readouterr()
+    assert main(["run", str(out), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "[32, 32, 1]" in printed and "total" in printed

@@ -20,6 +20,7 @@ from pipeline.config import AugmentConfig, ConfigError, validate_config
 from pipeline.data.datasets import DatasetError, available_datasets, load_dataset
 from pipeline.estimate import OTHER_STAGES_S, ssl_rate, unet_rates
 from pipeline.models import resolve_base_model
+from pipeline.preflight import fits_without_resize
 
 CPU_BUDGET_S = 15 * 60  # the issue's aim: report and classifier in 15 min on 2 cores
 SHIPPED_BASE = "data/models/fashion-mnist-ddpm-32"  # grey, 32x32 (28x28 images padded)
@@ -62,8 +63,7 @@ def _load_fitting(kind: str, root: Path, size: int):
     it, as pre-flight would otherwise refuse them."""
     try:
         ds = load_dataset(kind, root)
-        h, w = ds.image_shape[:2]
-        if size / 2 <= min(h, w) and max(h, w) <= size:
+        if fits_without_resize(*ds.image_shape[:2], size):
             return ds, False
     except DatasetError as e:
         if "resize" not in str(e):  # not a size problem: nothing init can choose fixes it

@@ -273,6 +273,12 @@ def base_shape(base_dir: Path) -> tuple[int, int]:
     return int(cfg.get("in_channels", 3)), int(size[0] if isinstance(size, list) else size)
 
 
+def fits_without_resize(h: int, w: int, size: int) -> bool:
+    """Images of h x w go to a U-Net of ``size`` as they are: no larger (they would be shrunk
+    and the samples blurred back up), no smaller than half (a small corner of the canvas)."""
+    return max(h, w) <= size and 2 * min(h, w) >= size
+
+
 def check_fit(config: AugmentConfig, image_shape: tuple, base_dir: Path | None) -> None:
     """Refuse data the U-Net cannot take, naming the config key that fixes it, before work:
     a channel mismatch would otherwise fail inside tuning with a raw torch error, and
@@ -296,13 +302,13 @@ def check_fit(config: AugmentConfig, image_shape: tuple, base_dir: Path | None) 
                 f"base_model={config.base_model!r} takes {kind.get(channels, channels)}; set "
                 f"`image_mode: {mode}` (--set image_mode={mode}) to convert every image, use a "
                 f"base_model made for {kind.get(c, c)} images, or {pretrain}")
-    if h > size or w > size:
+    if not fits_without_resize(h, w, size) and max(h, w) > size:
         raise PreflightError(
             f"the images of {config.dataset} are {h}x{w}, larger than image_size={size} the "
             f"U-Net works at (they would be shrunk and the synthetic images blurred back up); "
             f"set `resize: true` (--set resize=true) to resize every image to {size}x{size} "
             "as it is read, or set a larger image_size with a base made for it (`pretrain:`)")
-    if 2 * h < size or 2 * w < size:
+    if not fits_without_resize(h, w, size):
         raise PreflightError(
             f"the images of {config.dataset} are {h}x{w}, less than half of image_size={size}: "
             f"padded to {size}x{size} they would fill a small corner of the U-Net's canvas; set "

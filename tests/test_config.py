@@ -40,7 +40,8 @@ def test_cifar_preset_matches_the_issue():
 
 def test_overrides_parse_yaml_values_and_nest():
     cfg = load_config("demo", ["sampling.mask_ratios=[0.1, 0.9]", "tuning.steps=7",
-                               "ssl.arms=[baseline]", "dataset_root=null"])
+                               "ssl.arms=[baseline]", "ssl.unlabeled_pool=null",
+                               "dataset_root=null"])
     assert cfg.sampling.mask_ratios == [0.1, 0.9]
     assert cfg.tuning.steps == 7 and cfg.ssl.arms == ["baseline"]
     assert parse_overrides(["a.b=1", "c=x"]) == {"a.b": 1, "c": "x"}
@@ -151,9 +152,19 @@ def test_pretrain_architecture_diffusers_cannot_build_is_a_config_error():
 
 # Every preset's config hash. Re-pinned when the trainer gained fields (net_width, schedule,
 # warmup, final_points, bn_calibration, the ssl.recipe name), which are in every preset's ssl
-# section at their defaults; a change that should leave results alone keeps these.
+# section at their defaults; a change that should leave results alone keeps these. demo was
+# re-pinned on purpose when it moved to the gain map's 1-label cell (issue 29); its old
+# content, tests/pinned/demo.yaml, keeps its old hash (test_frozen_demo_keeps_its_hash).
 PINNED_HASHES = {"benchmark-nightly": "7ba5afee5bb2", "cifar10-250labels": "ad4c76439e97",
-                 "demo": "a029c043b2f8", "fashion-mnist-40labels": "13f46c80d0cd"}
+                 "demo": "8a8b6b5a353d", "fashion-mnist-40labels": "13f46c80d0cd"}
+
+
+def test_frozen_demo_keeps_its_hash():
+    from pinned_presets import FROZEN_DEMO
+
+    from pipeline.config import config_hash, load_config
+
+    assert config_hash(load_config(FROZEN_DEMO))[:12] == "a029c043b2f8"
 
 
 def test_preset_hashes_are_pinned():

@@ -153,16 +153,15 @@ def test_served_demo_deployment_runs_end_to_end(tmp_path, flow_tiny_base,
     assert sum(u["rows"] for u in sample_units.values()) == shards["rows_sampled"] == 2 * 2 * 2
     # The demo preset filters its samples (filter:): the shards hold the ones it kept.
     assert shards["filter"] == "prototype+copies" and 0 < shard_rows == shards["rows"] <= 8
-    augmented = read_json(run_dir / "ssl/augmented/seed-0/metrics.json")
-    assert augmented["num_synthetic"] == shard_rows
-    for arm in ("supervised", "baseline"):
-        m = read_json(run_dir / f"ssl/{arm}/seed-0/metrics.json")
-        assert m["num_synthetic"] == 0 and 0.0 <= m["top1_accuracy"] <= 1.0
-    # The control arm: judged real rows, at most as many as synthetic ones (a small pool).
-    control = read_json(run_dir / "ssl/control/seed-0/metrics.json")
-    assert 0 < control["num_synthetic"] <= shard_rows
-    assert control["num_validation"] == 4 and augmented["num_validation"] == 4
+    # The demo's arms (the gain map's no-pool cell): the labeled images with and without the
+    # synthetic rows.
+    synthetic = read_json(run_dir / "ssl/supervised+synthetic/seed-0/metrics.json")
+    assert synthetic["num_synthetic"] == shard_rows
+    supervised = read_json(run_dir / "ssl/supervised/seed-0/metrics.json")
+    assert supervised["num_synthetic"] == 0 and 0.0 <= supervised["top1_accuracy"] <= 1.0
+    assert supervised["num_validation"] == 4 and synthetic["num_validation"] == 4
     quality = read_json(run_dir / "quality" / "quality.json")
     assert quality["overall"]["n_synthetic"] == shard_rows
     report = (run_dir / "report.md").read_text()
-    assert (run_dir / "report.html").exists() and "augmented" in report
+    assert (run_dir / "report.html").exists() and \
+        "Supervised+synthetic vs supervised, 1 paired run" in report

@@ -244,10 +244,12 @@ def alive(pid: int) -> bool:
 def test_disk_estimate_counts_a_second_round_with_its_default_per_condition():
     """loop.per_condition None means sampling.per_condition: the estimate must read it so (it
     multiplied by None and failed every two-round run's pre-flight)."""
+    from pinned_presets import FROZEN_DEMO  # round 2 needs the baseline arm
+
     from pipeline.config import load_config
     from pipeline.preflight import estimated_output_bytes
 
-    one = estimated_output_bytes(load_config("demo"), 10, (28, 28, 1))
-    two = load_config("demo", ["loop.rounds=2", "loop.per_condition=null"])
+    one = estimated_output_bytes(load_config(FROZEN_DEMO), 10, (28, 28, 1))
+    two = load_config(FROZEN_DEMO, ["loop.rounds=2", "loop.per_condition=null"])
     assert two.loop.per_condition is None
     assert estimated_output_bytes(two, 10, (28, 28, 1)) > one

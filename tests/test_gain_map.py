@@ -128,17 +128,22 @@ def test_pool_oracle_adds_the_base_half_to_the_pool_only(ssl_fm_subset, tmp_path
 
 
 def test_config_refuses_ssl_arms_without_a_pool_and_keeps_old_hashes():
+    from pinned_presets import FROZEN_DEMO
+
     with pytest.raises(ConfigError, match="unlabeled_pool=0 leaves no unlabeled images"):
-        load_config("demo", {"ssl.unlabeled_pool": 0})
-    ok = load_config("demo", {"ssl.unlabeled_pool": 0,
-                              "ssl.arms": ["supervised", "supervised+synthetic"]})
+        load_config(FROZEN_DEMO, {"ssl.unlabeled_pool": 0})
+    with pytest.raises(ConfigError, match="unlabeled_pool=0 leaves no unlabeled images"):
+        load_config("demo", {"ssl.arms": ["supervised", "baseline"]})
+    ok = load_config(FROZEN_DEMO, {"ssl.unlabeled_pool": 0,
+                                   "ssl.arms": ["supervised", "supervised+synthetic"]})
     assert ok.ssl.arms == ["supervised", "supervised+synthetic"]
     from pipeline.config import config_hash
 
-    plain = load_config("demo")
-    assert config_hash(load_config("demo", {"task_images": "all", "half_seed": 0})) == \
+    plain = load_config(FROZEN_DEMO)
+    assert config_hash(load_config(FROZEN_DEMO, {"task_images": "all", "half_seed": 0})) == \
         config_hash(plain)
-    assert config_hash(load_config("demo", {"ssl.unlabeled_pool": 2000})) != config_hash(plain)
+    assert config_hash(load_config(FROZEN_DEMO, {"ssl.unlabeled_pool": 2000})) != \
+        config_hash(plain)
 
 
 # --------------------------------------------------------------------------- pre-flight
@@ -153,21 +158,23 @@ def _base_record(tmp_path, pool: dict):
 
 
 def test_preflight_refuses_task_images_the_base_was_pretrained_on(tmp_path):
+    from pinned_presets import FROZEN_DEMO  # whole-set task images
+
     from pipeline.models import PreflightError
     from pipeline.preflight import check_disjoint
 
     half = _base_record(tmp_path, {"half": "base", "half_seed": 0})
-    assert check_disjoint(load_config("demo", {"task_images": "task-half"}), half) == "disjoint"
+    assert check_disjoint(load_config("demo"), half) == "disjoint"  # the shipped demo
     with pytest.raises(PreflightError, match="set task_images=task-half and half_seed=0"):
-        check_disjoint(load_config("demo"), half)
+        check_disjoint(load_config(FROZEN_DEMO), half)
     with pytest.raises(PreflightError, match="half_seed=0"):
-        check_disjoint(load_config("demo", {"task_images": "task-half", "half_seed": 1}), half)
+        check_disjoint(load_config("demo", {"half_seed": 1}), half)
     whole = _base_record(tmp_path / "w", {"labels_per_class": 4, "split_seed": 0}) \
         if (tmp_path / "w").mkdir() is None else None
     with pytest.raises(PreflightError, match="augment pretrain --half base"):
-        check_disjoint(load_config("demo", {"task_images": "task-half"}), whole)
-    assert check_disjoint(load_config("demo"), whole) == "overlap"  # the whole-set regime
-    assert check_disjoint(load_config("demo"), tmp_path / "nowhere") is None
+        check_disjoint(load_config("demo"), whole)
+    assert check_disjoint(load_config(FROZEN_DEMO), whole) == "overlap"  # the whole-set regime
+    assert check_disjoint(load_config(FROZEN_DEMO), tmp_path / "nowhere") is None
 
 
 def test_no_shipped_preset_runs_the_oracle():
@@ -342,7 +349,7 @@ def test_run_without_a_pool_leads_with_supervised_synthetic_and_names_its_map_ce
     supervised, the doubling rule reads supervised-2x, and the shipped gain map places it."""
     from report_fixtures import fabricated_run
 
-    from pipeline.report import verdict as verdict_mod
+    from pipeline.report import gain_map as gain_map_mod
     from pipeline.report.build import build_run_report
 
     errors = {"supervised": [0.40, 0.41, 0.42], "supervised+synthetic": [0.35, 0.355, 0.37],
@@ -361,7 +368,7 @@ def test_run_without_a_pool_leads_with_supervised_synthetic_and_names_its_map_ce
     gain_map = tmp_path / "map.json"
     gain_map.write_text(json.dumps({"spec": {"set": {"task_images": "task-half"}},
                                     "cells": {"a": cell, "b": other}}))
-    monkeypatch.setattr(verdict_mod, "GAIN_MAP", gain_map)
+    monkeypatch.setattr(gain_map_mod, "GAIN_MAP", gain_map)
     md = build_run_report(run)[1].read_text()
     assert "Supervised+synthetic minus supervised error over 3 paired runs" in md
     assert "moved the supervised's test error" in md

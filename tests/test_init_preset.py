@@ -61,7 +61,8 @@ def test_counts_by_role_with_unlabeled_images():
     labels = np.array([0] * 6 + [1] * 9 + [-1] * 50)
     ds = ImageDataset("t", ("cat", "dog"), np.repeat(img, len(labels), 0), labels,
                       np.repeat(img, 7, 0), np.zeros(7, np.int64))
-    cfg = load_config("demo", ["labels_per_class=4", "validation_per_class=3"])
+    cfg = load_config("demo", ["labels_per_class=4", "validation_per_class=3",
+                               "ssl.unlabeled_pool=null"])
     c = data_counts(cfg, ds)
     assert c.per_class == [6, 9] and c.labeled == [4, 4]
     assert c.validation == 2 + 3 and c.unlabeled == 50 + 0 + 2 and c.test == 7

@@ -94,7 +94,8 @@ def test_a_wheel_installed_elsewhere_runs_the_demo_dry_run(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"code {target}" in run.stdout  # the installed copy, not the checkout
-    assert f"base {target / DATA_PACKAGE / 'models' / 'fashion-mnist-ddpm-32'}" in run.stdout
+    base = target / DATA_PACKAGE / "models" / "fashion-mnist-ddpm-32-disjoint"  # the demo's
+    assert f"base {base}" in run.stdout
     assert f"run directory {cwd / 'runs'}" in run.stdout  # the working directory's runs/
     presets = subprocess.run([sys.executable, "-c", code, "presets"], check=False, cwd=cwd, env=env,
                              capture_output=True, text=True, timeout=300)

@@ -112,7 +112,12 @@ def test_card_readme_states_provenance_and_quality(shipped, card):
     sweeps = [p.name for p in (PRESETS_DIR.parent / "sweeps").glob("*.yaml")
               if (yaml.safe_load(p.read_text()).get("set") or {}).get("base_model")
               == f"data/models/{shipped.name}"]
-    assert users or sweeps, f"no preset or sweep uses {shipped.name}: why ship it?"
+    from pipeline.config import AugmentConfig
+
+    default = AugmentConfig.model_fields["base_model"].default == f"data/models/{shipped.name}"
+    assert users or sweeps or default, f"no preset or sweep uses {shipped.name}: why ship it?"
+    if default:
+        assert "It is the default `base_model`" in text
     for name in users:
         assert f"`{name}`" in text, f"README.md does not name the {name} preset"
     for name in sweeps:
@@ -285,5 +290,5 @@ def test_the_disjoint_base_never_saw_a_task_half_image():
     assert check_disjoint(load_config("demo", {"base_model": base,
                                                "task_images": "task-half"}), model) == "disjoint"
     with pytest.raises(PreflightError, match="overlap"):
-        check_disjoint(load_config("demo", {"base_model": base}), model)
+        check_disjoint(load_config("demo", {"base_model": base, "task_images": "all"}), model)
 

@@ -93,9 +93,11 @@ def test_load_split_refuses_missing_and_corrupt_files(tmp_path, labels):
 def test_preflight_names_a_validation_split_the_data_cannot_hold():
     """Fashion-MNIST has 6,000 training images per class: 4 labels + 5,997 held out do not fit,
     and pre-flight says so (naming the field and the largest value that fits) in seconds."""
+    from pinned_presets import FROZEN_DEMO  # the whole training set, 4 labels per class
+
     from pipeline.config import load_config
     from pipeline.preflight import PreflightError, preflight
 
-    cfg = load_config("demo", {"validation_per_class": 5997, "device": "cpu"})
+    cfg = load_config(FROZEN_DEMO, {"validation_per_class": 5997, "device": "cpu"})
     with pytest.raises(PreflightError, match=r"validation_per_class=5997.*at most 5996"):
         preflight(cfg)

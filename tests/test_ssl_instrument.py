@@ -245,9 +245,11 @@ def test_doubled_arm_runs_twice_the_steps(ssl_fm_subset, tmp_path):
 def test_recipe_and_budget_named_in_an_override_fill_their_fields():
     """with_overrides (the flows' --set path) dumps every field; a recipe or budget named there
     must still set its fields, and a field given beside it still wins."""
+    from pinned_presets import FROZEN_DEMO  # names no recipe
+
     from pipeline.config import load_config, with_overrides
 
-    demo = load_config("demo")
+    demo = load_config(FROZEN_DEMO)
     c = with_overrides(demo, {"ssl.recipe": "cpu-short"}).ssl
     assert (c.schedule, c.lr, c.net_width, c.final_points) == ("warmup-cosine", 0.1, 16, 3)
     assert with_overrides(demo, ["ssl.recipe=cpu-short", "ssl.lr=0.01"]).ssl.lr == 0.01

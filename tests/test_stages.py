@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flow_fixtures import REPO
+from pinned_presets import FROZEN_DEMO
 
 from pipeline import stages
 from pipeline.config import with_overrides
@@ -372,6 +373,8 @@ def test_crash_inside_a_chunk_write_leaves_no_partial_chunk(flow_cfg, monkeypatc
 # generation stages (split .. shards, quality) kept theirs: their finished work is reused.
 # The fit stage (issue 31) added its key and moved the report's (report folds fit in); every
 # other key is unchanged.
+# The keys of the demo preset up to b0fb373 (tests/pinned/demo.yaml): code changes must not
+# rename them; the shipped demo's own keys are the gain map's (tests/test_demo_regime.py).
 DEMO_KEYS = {"split": "73054915575ea91f", "pretrain": None, "fit": "7c3ae34bc0886fb1",
              "encode": "17a09fdda5f70922",
              "tune": "9f9f45dea10b937e", "sample": "7aae4600183810cf",
@@ -382,8 +385,8 @@ DEMO_KEYS = {"split": "73054915575ea91f", "pretrain": None, "fit": "7c3ae34bc088
 def test_stage_keys_are_pinned():
     from pipeline.config import load_config
 
-    assert stage_keys(load_config("demo")) == DEMO_KEYS
-    two = stage_keys(load_config("demo", ["loop.rounds=2"]))
+    assert stage_keys(load_config(FROZEN_DEMO)) == DEMO_KEYS
+    two = stage_keys(load_config(FROZEN_DEMO, ["loop.rounds=2"]))
     assert {k: two[k] for k in DEMO_KEYS if k not in ("loop", "report")} == \
         {k: v for k, v in DEMO_KEYS.items() if k not in ("loop", "report")}
     assert two["pseudo"] == "4f3c9c2004bd038a" and two["loop"] == "05fb6966c4c57dbc"
@@ -395,7 +398,7 @@ def test_unit_keys_and_ssl_fingerprints_are_pinned():
     from pipeline.config import load_config
     from pipeline.stages.keys import ssl_unit_key
 
-    config = load_config("demo")
+    config = load_config(FROZEN_DEMO)
     keys = stage_keys(config)
     assert {a: ssl_unit_key(config, keys, a, 0)
             for a in ("supervised", "baseline", "augmented", "control")} == {

@@ -67,6 +67,7 @@ class SeedResult:
     metrics: dict
     path: Path
     curve: pd.DataFrame | None = None
+    unit_key: str | None = None  # the unit's key (unit.json): what its result depends on
 
     @property
     def top1_error(self) -> float:
@@ -270,8 +271,8 @@ def load_arms(run_dir: Path, problems: list[str] | None = None,
         for seed_dir in sorted((ssl / arm).glob("seed-*"), key=lambda p: _seed_of(p) or 0):
             if not (seed_dir / "metrics.json").exists():
                 continue  # running or not started: not a result yet
-            bad = unit_problem(seed_dir, read_json(seed_dir / UNIT_MARKER) or {},
-                               only=("metrics.json", "learning_curve.parquet"))
+            marker = read_json(seed_dir / UNIT_MARKER) or {}
+            bad = unit_problem(seed_dir, marker, only=("metrics.json", "learning_curve.parquet"))
             if bad is not None:
                 note = f"corrupt: {bad[0]} ({bad[1]})"
                 problems.append(note)
@@ -280,7 +281,7 @@ def load_arms(run_dir: Path, problems: list[str] | None = None,
             metrics = read_json(seed_dir / "metrics.json")
             seed = metrics.get("seed", _seed_of(seed_dir))
             # What the stage learned beside the classifier (control: the judge's precision).
-            unit = (read_json(seed_dir / "unit.json") or {}).get("metrics") or {}
+            unit = marker.get("metrics") or {}
             metrics = {**{k: v for k, v in unit.items() if k.startswith(("control_",
                                                                           "selftrain_"))},
                        **metrics}
@@ -290,7 +291,7 @@ def load_arms(run_dir: Path, problems: list[str] | None = None,
                     curve = pd.read_parquet(seed_dir / "learning_curve.parquet")
                 except (OSError, ValueError) as e:
                     problems.append(f"{seed_dir / 'learning_curve.parquet'} unreadable: {e}")
-            seeds.append(SeedResult(int(seed), metrics, seed_dir, curve))
+            seeds.append(SeedResult(int(seed), metrics, seed_dir, curve, marker.get("key")))
         if seeds:
             arms[arm] = ArmResult(arm, seeds)
     return arms

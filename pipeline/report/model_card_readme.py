@@ -129,6 +129,11 @@ def _used_by(location: str) -> str:
         said.append(f"It is the base model of the {presets} preset{'s' if len(names) > 1 else ''}.")
     if sweeps:
         said.append(f"The sweep {' and '.join(sweeps)} uses it.")
+    from pipeline.config import AugmentConfig
+
+    if resolve_path(AugmentConfig.model_fields["base_model"].default).resolve() == here:
+        said.append("It is the default `base_model`: `augment init` and a preset of one's own "
+                    "use it unless they name another.")
     return " ".join(said) or "No shipped preset uses it as its base model."
 
 

@@ -11,13 +11,10 @@ is.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from pipeline.data.pool_labels import NOT_COMPUTED
 from pipeline.evaluate.paired import MIN_REPETITIONS, POWER
-from pipeline.paths import SWEEPS_DIR
 from pipeline.report.data import NOT_RUN, RunData, budget_short
+from pipeline.report.gain_map import map_doubling, map_note
 from pipeline.report.render import NEEDS_LABELS, ci_pp, pct, pp, pval
 
 ALGORITHM_NAMES = {"fixmatch": "FixMatch", "flexmatch": "FlexMatch", "mixmatch": "MixMatch"}
@@ -124,9 +121,10 @@ def convergence_sentence(run: RunData) -> str | None:
         return None
     d = run.doubling(arm, against)
     if d is None:
-        return (f"Convergence was not checked: add {against}-2x (and {arm}-2x) to ssl.arms "
-                "to train the same arms at twice the steps. Gains before convergence are not "
-                "gains at convergence.")
+        return map_doubling(run, arm, against) or (
+            f"Convergence was not checked: add {against}-2x (and {arm}-2x) to ssl.arms "
+            "to train the same arms at twice the steps. Gains before convergence are not "
+            "gains at convergence.")
     moved = (f"Doubling the budget moved the {against}'s test error from {d.baseline_k:.2f}% "
              f"to {d.baseline_2k:.2f}% ({d.baseline_moved:+.2f} points, "
              f"{'under' if d.baseline_converged else 'not under'} {d.tolerance})")
@@ -223,59 +221,3 @@ def verdict(run: RunData) -> dict:
     if regime:
         notes.append({"id": "map-note", "text": regime})
     return {"cls": cls, "text": text, "notes": notes, "budget": budget}
-
-
-# The gain map shipped with the repository (`augment sweep data/sweeps/gain-map.yaml`, its
-# summary.json copied here): where a run sits on it, and what it says about the other cells.
-GAIN_MAP = SWEEPS_DIR / "gain-map.summary.json"  # installed too: pipeline.paths
-MAP_PAIRS = ("augmented - baseline", "supervised+synthetic - supervised")
-
-
-def _cell_sentence(cell: dict) -> str | None:
-    parts = []
-    for name in MAP_PAIRS:
-        e = (cell.get("pairs", {}).get(name) or {}).get("test")
-        if not e:
-            continue
-        d = e["diff"]
-        ci = (f" (95% CI {d['ci_low']:+.2f} to {d['ci_high']:+.2f})"
-              if d.get("ci_low") is not None else "")
-        conv = (e.get("doubling") or {}).get("converged")
-        conv = {True: "converged", False: "not converged"}.get(conv, "convergence unchecked")
-        reps = f"{d['n']} repetition{'s' if d['n'] != 1 else ''}"
-        parts.append(f"{name} {d['mean']:+.2f} points{ci} over {reps}, {conv}")
-    return f"{cell['label']}: " + "; ".join(parts) if parts else None
-
-
-def map_note(run: RunData, path: Path | None = None) -> str | None:
-    """Which regime the run is in and what the shipped gain map says there and elsewhere;
-    None when no map ships."""
-    path = path or GAIN_MAP
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    cells = list(summary.get("cells", {}).values())
-    config = run.config or {}
-    mine = {"labels_per_class": config.get("labels_per_class"),
-            "ssl.unlabeled_pool": (config.get("ssl") or {}).get("unlabeled_pool")}
-    spec_set = (summary.get("spec") or {}).get("set") or {}
-    regime = {"dataset": spec_set.get("dataset", "fashion-mnist"),
-              "task_images": spec_set.get("task_images", "all"),
-              "half_seed": spec_set.get("half_seed", 0)}
-    ours = {"dataset": config.get("dataset"), "task_images": config.get("task_images", "all"),
-            "half_seed": config.get("half_seed", 0)}
-    same_regime = ours == regime
-    here = next((c for c in cells if same_regime and all(
-        c["point"].get(k, mine[k]) == mine[k] for k in mine)), None)
-    lines = [s for c in cells if (s := _cell_sentence(c))]
-    if not lines:
-        return None
-    differs = ", ".join(f"{k} {ours[k]!r} (the map's: {regime[k]!r})" for k in regime
-                        if ours[k] != regime[k])
-    where = (f"This run sits in the gain map's cell {here['label']} (data/sweeps/gain-map.yaml, "
-             "measured over independent repetitions)." if here else
-             "This run is in none of the gain map's cells (data/sweeps/gain-map.yaml)" +
-             (f": its {differs}." if differs else
-              ": its labels per class or unlabeled pool is not on the map's grid."))
-    return (f"{where} Test error differences in accuracy points, positive where the "
-            "synthetic rows helped: " + " | ".join(lines) + ".")

@@ -115,8 +115,11 @@ def build_sweep_report(spec: SweepSpec, folder: Path) -> dict[str, Path]:
     records = load_records(folder, spec)
     pairs = [tuple(p) for p in spec.pairs]
     points = {c.slug: c for c in spec.cells()}
+    # unit_keys: what each repetition's arms computed, so a run report can tell when one of
+    # its units *is* a map repetition (pipeline.report.gain_map.map_doubling).
     by_cell = {slug: {"point": points[slug].point, "label": points[slug].label,
-                      **cell_summary(recs, pairs)}
+                      **cell_summary(recs, pairs),
+                      "unit_keys": {str(r): rec.get("unit_keys", {}) for r, rec in recs.items()}}
                for slug, recs in records.items() if recs}
     pair_names = [f"{a} - {b}" for a, b in pairs
                   if any(f"{a} - {b}" in s["pairs"] for s in by_cell.values())]

@@ -39,11 +39,13 @@ def test_the_map_cell_behind_the_demo_is_converged_with_five_repetitions():
     assert set(cell["unit_keys"]) == {str(r) for r in cell["reps"]}
 
 
-def _map(tmp_path, doubling: dict | None, unit_key: str = "k-sup-0"):
+def _map(tmp_path, doubling: dict | None, unit_key: str = "k-sup-0",
+         synthetic_key: str = "k-syn-0"):
     from pipeline.report import gain_map
 
     cell = {"point": CELL, "label": "labels_per_class=1, ssl.unlabeled_pool=0", "reps": [0, 1],
-            "unit_keys": {"0": {"supervised": "k-other"}, "1": {"supervised": unit_key}},
+            "unit_keys": {"0": {"supervised": "k-other"},
+                          "1": {"supervised": unit_key, "supervised+synthetic": synthetic_key}},
             "pairs": {"supervised+synthetic - supervised": {"test": {
                 "diff": {"mean": 10.9, "ci_low": 3.7, "ci_high": 18.0, "n": 5},
                 "doubling": doubling}}}}
@@ -104,3 +106,22 @@ def test_the_map_is_cited_only_for_the_same_unit_and_as_it_found(tmp_path, no_2x
     assert expected in md
     if expected.startswith("Convergence"):
         assert "did not double its budget, but" not in md
+
+
+@pytest.mark.parametrize("synthetic_key, cited", [("k-syn-0", True), ("k-syn-other", False)])
+def test_the_arm_must_be_the_maps_too_where_it_is_keyed(tmp_path, no_2x_run, monkeypatch,
+                                                        synthetic_key, cited):
+    """The same supervised unit beside other synthetic rows is another comparison: the map's
+    gain check is cited only when the run's supervised+synthetic unit is the map's as well."""
+    from report_fixtures import write_json
+
+    from pipeline.report.build import build_run_report
+
+    write_json(no_2x_run / "ssl" / "supervised+synthetic" / "seed-0" / "unit.json",
+               {"key": "k-syn-0"})
+    path, gain_map = _map(tmp_path, DOUBLED, synthetic_key=synthetic_key)
+    monkeypatch.setattr(gain_map, "GAIN_MAP", path)
+    md = build_run_report(no_2x_run)[1].read_text()
+    assert ("its supervised and supervised+synthetic units for seed 0 are repetition 1"
+            in md) is cited
+    assert ("Convergence was not checked" in md) is not cited

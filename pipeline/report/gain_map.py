@@ -75,15 +75,24 @@ def map_note(run: RunData, path: Path | None = None) -> str | None:
             "synthetic rows helped: " + " | ".join(lines) + ".")
 
 
-def matching_repetitions(run: RunData, against: str, summary: dict
+def _keys(run: RunData, arm: str) -> dict[int, str]:
+    found = run.arms.get(arm)
+    return {s.seed: s.unit_key for s in (found.seeds if found else []) if s.unit_key}
+
+
+def matching_repetitions(run: RunData, arm: str, against: str, summary: dict
                          ) -> tuple[dict, list[tuple[int, str]]] | None:
     """(map cell, [(this run's seed, map repetition)]) for the first cell with a repetition
-    whose ``against`` unit has the same unit key as one of this run's; None for none."""
-    arm = run.arms.get(against)
-    mine = {s.unit_key: s.seed for s in (arm.seeds if arm else []) if s.unit_key}
+    whose ``against`` unit has the same unit key as this run's for that seed, and whose
+    ``arm`` unit does too where this run's is keyed (an arm the map's cell ran with other
+    synthetic rows is another comparison, even beside the same ``against`` unit); None for
+    none."""
+    ours, theirs = _keys(run, against), _keys(run, arm)
     for cell in summary.get("cells", {}).values():
-        reps = {keys.get(against): rep for rep, keys in (cell.get("unit_keys") or {}).items()}
-        matched = sorted((seed, reps[key]) for key, seed in mine.items() if key in reps)
+        matched = sorted((seed, rep) for seed, key in ours.items()
+                         for rep, keys in (cell.get("unit_keys") or {}).items()
+                         if keys.get(against) == key
+                         and (seed not in theirs or keys.get(arm) == theirs[seed]))
         if matched:
             return cell, matched
     return None
@@ -94,7 +103,7 @@ def map_doubling(run: RunData, arm: str, against: str, path: Path | None = None)
     are map repetitions: the map's doubling check at this very budget. None when no map ships,
     no unit matches, or the map did not double that cell either."""
     summary = load_map(path)
-    found = matching_repetitions(run, against, summary) if summary else None
+    found = matching_repetitions(run, arm, against, summary) if summary else None
     if found is None:
         return None
     cell, matched = found
@@ -105,11 +114,15 @@ def map_doubling(run: RunData, arm: str, against: str, path: Path | None = None)
     seeds = ", ".join(str(s) for s, _ in matched)
     reps = ", ".join(r for _, r in matched)
     n = entry["diff"]["n"]
-    ours = (f"This run did not double its budget, but its {against} unit for seed {seeds} "
-            f"{'is' if len(matched) == 1 else 'are'} repetition {reps} of the gain map's cell "
-            f"{cell['label']}: the same unit key, so the same labeled split, base model, "
-            "settings and steps (the run's other seeds differ from it only in the training "
-            "seed).")
+    both = all(s in _keys(run, arm) for s, _ in matched)
+    many = both or len(matched) > 1
+    units = f"{against} and {arm} units" if both else f"{against} unit{'s' if many else ''}"
+    ours = (f"This run did not double its budget, but its {units} for seed"
+            f"{'s' if len(matched) > 1 else ''} {seeds} {'are' if many else 'is'} "
+            f"repetition{'s' if len(matched) > 1 else ''} {reps} of the gain map's cell "
+            f"{cell['label']}: the same unit key{'s' if many else ''}, so the same labeled "
+            "split, base model, synthetic rows, settings and steps (the run's other seeds "
+            "differ only in the training seed).")
     moved = (f" There, over {n} independent repetitions, doubling the steps moved the "
              f"{against}'s test error from {d['baseline_k']:.2f}% to {d['baseline_2k']:.2f}% "
              f"({d['baseline_moved']:+.2f} points, "

@@ -302,7 +302,7 @@ def check_fit(config: AugmentConfig, image_shape: tuple, base_dir: Path | None) 
                 f"base_model={config.base_model!r} takes {kind.get(channels, channels)}; set "
                 f"`image_mode: {mode}` (--set image_mode={mode}) to convert every image, use a "
                 f"base_model made for {kind.get(c, c)} images, or {pretrain}")
-    if not fits_without_resize(h, w, size) and max(h, w) > size:
+    if max(h, w) > size:  # the first way not to fit (fits_without_resize), named apart
         raise PreflightError(
             f"the images of {config.dataset} are {h}x{w}, larger than image_size={size} the "
             f"U-Net works at (they would be shrunk and the synthetic images blurred back up); "
